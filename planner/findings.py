@@ -1,0 +1,51 @@
+"""Validation findings: errors and warnings that name the service, the field and a fix."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+
+class Severity(StrEnum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+class Finding(BaseModel):
+    """One problem in a manifest, precise enough to fix without reading code."""
+
+    severity: Severity
+    code: str
+    message: str
+    service: str | None = None
+    field: str | None = None
+    hint: str | None = None
+    file: str | None = None
+
+    def render(self) -> str:
+        """One line: `file: field: message (hint)`."""
+        where = ": ".join(part for part in (self.file, self.field) if part)
+        text = f"{where}: {self.message}" if where else self.message
+        return f"{text}. Fix: {self.hint}" if self.hint else text
+
+
+def error(code: str, message: str, *, service: str | None = None, field: str | None = None,
+          hint: str | None = None) -> Finding:
+    return Finding(severity=Severity.ERROR, code=code, message=message, service=service,
+                   field=field, hint=hint)
+
+
+def warning(code: str, message: str, *, service: str | None = None, field: str | None = None,
+            hint: str | None = None) -> Finding:
+    return Finding(severity=Severity.WARNING, code=code, message=message, service=service,
+                   field=field, hint=hint)
+
+
+class ManifestError(Exception):
+    """The manifest could not be loaded or is invalid; carries every finding."""
+
+    def __init__(self, findings: list[Finding], *, evaluation_failed: bool = False) -> None:
+        self.findings = findings
+        self.evaluation_failed = evaluation_failed
+        super().__init__("\n".join(f.render() for f in findings))
