@@ -23,8 +23,13 @@ def main() -> None:
 
 
 def _eval_options(func):  # type: ignore[no-untyped-def]
-    func = click.option("--eval-timeout", type=float, default=30.0, show_default=True,
-                        help="Seconds before Nix evaluation is stopped.")(func)
+    func = click.option(
+        "--eval-timeout",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Seconds before Nix evaluation is stopped.",
+    )(func)
     return func
 
 

@@ -30,16 +30,35 @@ class Finding(BaseModel):
         return f"{text}. Fix: {self.hint}" if self.hint else text
 
 
-def error(code: str, message: str, *, service: str | None = None, field: str | None = None,
-          hint: str | None = None) -> Finding:
-    return Finding(severity=Severity.ERROR, code=code, message=message, service=service,
-                   field=field, hint=hint)
+def error(
+    code: str,
+    message: str,
+    *,
+    service: str | None = None,
+    field: str | None = None,
+    hint: str | None = None,
+) -> Finding:
+    return Finding(
+        severity=Severity.ERROR, code=code, message=message, service=service, field=field, hint=hint
+    )
 
 
-def warning(code: str, message: str, *, service: str | None = None, field: str | None = None,
-            hint: str | None = None) -> Finding:
-    return Finding(severity=Severity.WARNING, code=code, message=message, service=service,
-                   field=field, hint=hint)
+def warning(
+    code: str,
+    message: str,
+    *,
+    service: str | None = None,
+    field: str | None = None,
+    hint: str | None = None,
+) -> Finding:
+    return Finding(
+        severity=Severity.WARNING,
+        code=code,
+        message=message,
+        service=service,
+        field=field,
+        hint=hint,
+    )
 
 
 class ManifestError(Exception):

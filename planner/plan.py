@@ -31,8 +31,15 @@ class Phase(StrEnum):
 
 GLOBAL_PHASES = frozenset({Phase.TF_INFRA, Phase.TF_AUTH_CORE})
 NIX_PHASES = frozenset({Phase.NIX_CORE, Phase.NIX_SERVICE_CONFIG})
-TF_PHASES = frozenset({Phase.TF_INFRA, Phase.TF_AUTH_CORE, Phase.TF_SERVICE_INFRA,
-                       Phase.TF_SERVICE_CONFIG, Phase.TF_DESTROY})
+TF_PHASES = frozenset(
+    {
+        Phase.TF_INFRA,
+        Phase.TF_AUTH_CORE,
+        Phase.TF_SERVICE_INFRA,
+        Phase.TF_SERVICE_CONFIG,
+        Phase.TF_DESTROY,
+    }
+)
 
 
 class ChangeKind(StrEnum):
@@ -130,12 +137,20 @@ def canonical_digest(steps: Iterable[Step], base: str | None, head: str | None) 
             key=lambda item: item[0],
         ),
     }
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
-def finalize(steps: dict[str, Step], *, base: str | None = None, head: str | None = None,
-             changes: list[Change] | None = None, warnings: list[Finding] | None = None,
-             note: str | None = None) -> Plan:
+def finalize(
+    steps: dict[str, Step],
+    *,
+    base: str | None = None,
+    head: str | None = None,
+    changes: list[Change] | None = None,
+    warnings: list[Finding] | None = None,
+    note: str | None = None,
+) -> Plan:
     """Order steps into stable waves (topological generations, sorted) and seal the digest."""
     graph = nx.DiGraph()
     graph.add_nodes_from(steps)
@@ -145,18 +160,27 @@ def finalize(steps: dict[str, Step], *, base: str | None = None, head: str | Non
     waves = [sorted(generation) for generation in nx.topological_generations(graph)]
     ordered = [steps[sid] for wave in waves for sid in wave]
     return Plan(
-        steps=ordered, waves=waves, warnings=warnings or [], base=base, head=head,
-        changes=changes or [], note=note, digest=canonical_digest(ordered, base, head),
+        steps=ordered,
+        waves=waves,
+        warnings=warnings or [],
+        base=base,
+        head=head,
+        changes=changes or [],
+        note=note,
+        digest=canonical_digest(ordered, base, head),
     )
 
 
-def invalid_plan(findings: list[Finding], *, base: str | None = None,
-                 head: str | None = None) -> Plan:
+def invalid_plan(
+    findings: list[Finding], *, base: str | None = None, head: str | None = None
+) -> Plan:
     """A plan that carries validation errors instead of steps."""
     return Plan(
         errors=[f for f in findings if f.severity is Severity.ERROR],
         warnings=[f for f in findings if f.severity is Severity.WARNING],
-        base=base, head=head, note="the manifest is invalid; nothing can be deployed",
+        base=base,
+        head=head,
+        note="the manifest is invalid; nothing can be deployed",
     )
 
 
@@ -196,8 +220,14 @@ def auth_provider(manifest: Manifest, options: PlanOptions) -> str | None:
     enabled = manifest.enabled()
     if options.auth_service in enabled:
         return options.auth_service
-    named = sorted({auth.provider for svc in enabled.values()
-                    for auth in svc.interface.auths().values() if auth.provider in enabled})
+    named = sorted(
+        {
+            auth.provider
+            for svc in enabled.values()
+            for auth in svc.interface.auths().values()
+            if auth.provider in enabled
+        }
+    )
     return named[0] if named else None
 
 
@@ -215,20 +245,29 @@ def service_chain(manifest: Manifest, name: str) -> list[Phase]:
     return chain
 
 
-def full_steps(analysis: Analysis, services: Iterable[str], options: PlanOptions) -> dict[str, Step]:
+def full_steps(
+    analysis: Analysis, services: Iterable[str], options: PlanOptions
+) -> dict[str, Step]:
     """Every step of deploying `services` from nothing, with the full plan's needs."""
     manifest, graph = analysis.manifest, analysis.graph
     planned = sorted(services)
     steps: dict[str, Step] = {}
-    infra = Step(id=step_id(Phase.TF_INFRA), phase=Phase.TF_INFRA, targets=planned,
-                 reasons=[f"containers of {len(planned)} services"])
+    infra = Step(
+        id=step_id(Phase.TF_INFRA),
+        phase=Phase.TF_INFRA,
+        targets=planned,
+        reasons=[f"containers of {len(planned)} services"],
+    )
     steps[infra.id] = infra
     provider = auth_provider(manifest, options)
     auth_core = None
     if provider in planned:
-        auth_core = Step(id=step_id(Phase.TF_AUTH_CORE), phase=Phase.TF_AUTH_CORE,
-                         needs=[step_id(Phase.VERIFY, provider)],
-                         reasons=[f"identity provider {provider}: outposts and core apps"])
+        auth_core = Step(
+            id=step_id(Phase.TF_AUTH_CORE),
+            phase=Phase.TF_AUTH_CORE,
+            needs=[step_id(Phase.VERIFY, provider)],
+            reasons=[f"identity provider {provider}: outposts and core apps"],
+        )
         steps[auth_core.id] = auth_core
     planned_set = set(planned)
     for name in planned:
@@ -236,8 +275,9 @@ def full_steps(analysis: Analysis, services: Iterable[str], options: PlanOptions
         waits = [step_id(Phase.VERIFY, dep) for dep in graph.successors(name) if dep in planned_set]
         previous: str | None = None
         for phase in service_chain(manifest, name):
-            step = Step(id=step_id(phase, name), phase=phase, service=name,
-                        reasons=[f"{prefix}.{name}"])
+            step = Step(
+                id=step_id(phase, name), phase=phase, service=name, reasons=[f"{prefix}.{name}"]
+            )
             if previous is None:
                 step.needs = [*waits] or [infra.id]
             else:
@@ -260,9 +300,14 @@ class UnknownService(ValueError):
     """`--service` names a service that is not planned."""
 
 
-def plan_full(manifest: Manifest, *, service: str | None = None,
-              options: PlanOptions | None = None, base: str | None = None,
-              head: str | None = None) -> Plan:
+def plan_full(
+    manifest: Manifest,
+    *,
+    service: str | None = None,
+    options: PlanOptions | None = None,
+    base: str | None = None,
+    head: str | None = None,
+) -> Plan:
     """The plan of a full deployment (no previous state), optionally of one service's closure."""
     options = options or PlanOptions()
     analysis = analyse(manifest)

@@ -16,8 +16,10 @@ def summary(plan: Plan) -> str:
     if not plan.steps:
         return f"{NO_DEPLOYMENT}: {plan.note}" if plan.note else NO_DEPLOYMENT
     services = len(plan.services())
-    return (f"{services} service{'s' if services != 1 else ''} change, "
-            f"{len(plan.steps)} steps in {len(plan.waves)} waves")
+    return (
+        f"{services} service{'s' if services != 1 else ''} change, "
+        f"{len(plan.steps)} steps in {len(plan.waves)} waves"
+    )
 
 
 def render_text(plan: Plan) -> str:

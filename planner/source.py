@@ -34,10 +34,18 @@ class EvalLimits:
 def nix_command(path: Path, include_dir: Path) -> list[str]:
     """The restricted, no-build evaluation command for a manifest."""
     return [
-        "nix-instantiate", "--eval", "--strict", "--json",
-        "--option", "restrict-eval", "true",
-        "--option", "allow-import-from-derivation", "false",
-        "-I", str(include_dir),
+        "nix-instantiate",
+        "--eval",
+        "--strict",
+        "--json",
+        "--option",
+        "restrict-eval",
+        "true",
+        "--option",
+        "allow-import-from-derivation",
+        "false",
+        "-I",
+        str(include_dir),
         str(path),
     ]
 
@@ -63,8 +71,9 @@ def _nix_error(stderr: str, path: Path) -> str:
     return "\n".join(lines[:NIX_ERROR_LINES])
 
 
-def evaluate_nix(path: Path, include_dir: Path | None = None,
-                 limits: EvalLimits | None = None) -> Any:
+def evaluate_nix(
+    path: Path, include_dir: Path | None = None, limits: EvalLimits | None = None
+) -> Any:
     """Evaluate a `.nix` manifest to JSON in restricted mode; never parse partial output."""
     limits = limits or EvalLimits()
     path = path.resolve()
@@ -74,9 +83,15 @@ def evaluate_nix(path: Path, include_dir: Path | None = None,
         with out_path.open("wb") as out, err_path.open("wb") as err:
             try:
                 proc = subprocess.run(
-                    nix_command(path, include_dir), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                    env=_scrubbed_env(tmp), cwd=tmp, timeout=limits.timeout,
-                    preexec_fn=lambda: _limit_child(limits), check=False,
+                    nix_command(path, include_dir),
+                    stdout=out,
+                    stderr=err,
+                    stdin=subprocess.DEVNULL,
+                    env=_scrubbed_env(tmp),
+                    cwd=tmp,
+                    timeout=limits.timeout,
+                    preexec_fn=lambda: _limit_child(limits),
+                    check=False,
                 )
             except FileNotFoundError as exc:
                 raise _eval_failure(
@@ -103,8 +118,9 @@ def _eval_failure(message: str, hint: str) -> ManifestError:
     return ManifestError([error("evaluation", message, hint=hint)], evaluation_failed=True)
 
 
-def read_manifest_data(path: Path, include_dir: Path | None = None,
-                       limits: EvalLimits | None = None) -> Any:
+def read_manifest_data(
+    path: Path, include_dir: Path | None = None, limits: EvalLimits | None = None
+) -> Any:
     """Raw manifest data from a `.nix` (evaluated) or `.json` file."""
     if not path.exists():
         raise _eval_failure(f"{path} does not exist", "check the manifest path")
@@ -112,24 +128,33 @@ def read_manifest_data(path: Path, include_dir: Path | None = None,
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise _eval_failure(f"{path.name}:{exc.lineno}:{exc.colno}: {exc.msg}",
-                                "fix the JSON syntax") from exc
+            raise _eval_failure(
+                f"{path.name}:{exc.lineno}:{exc.colno}: {exc.msg}", "fix the JSON syntax"
+            ) from exc
     return evaluate_nix(path, include_dir, limits)
 
 
 def parse_manifest(data: Any, file: str | None = None) -> Manifest:
     """Validate raw data against the schema; type errors become findings with their paths."""
     if not isinstance(data, dict):
-        raise ManifestError([error(
-            "not-an-attrset", f"the manifest evaluates to {type(data).__name__}, not an attribute set",
-            hint="the file must evaluate to { network = ...; core_services = ...; services = ...; }",
-        ).model_copy(update={"file": file})])
+        raise ManifestError(
+            [
+                error(
+                    "not-an-attrset",
+                    f"the manifest evaluates to {type(data).__name__}, not an attribute set",
+                    hint="the file must evaluate to { network = ...; core_services = ...; services = ...; }",
+                ).model_copy(update={"file": file})
+            ]
+        )
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError([
-            _type_finding(item, file) for item in exc.errors(include_url=False, include_input=False)
-        ]) from None
+        raise ManifestError(
+            [
+                _type_finding(item, file)
+                for item in exc.errors(include_url=False, include_input=False)
+            ]
+        ) from None
 
 
 def _type_finding(item: Any, file: str | None) -> Any:
@@ -137,13 +162,17 @@ def _type_finding(item: Any, file: str | None) -> Any:
     service = loc[1] if len(loc) > 1 and loc[0] in ("services", "core_services") else None
     field = ".".join(loc)
     return error(
-        "type", item["msg"], service=service, field=field,
+        "type",
+        item["msg"],
+        service=service,
+        field=field,
         hint=f"give {field} a value of the right type",
     ).model_copy(update={"file": file})
 
 
-def load_manifest(path: Path | str, include_dir: Path | None = None,
-                  limits: EvalLimits | None = None) -> Manifest:
+def load_manifest(
+    path: Path | str, include_dir: Path | None = None, limits: EvalLimits | None = None
+) -> Manifest:
     """Read, evaluate and parse a manifest file."""
     path = Path(path)
     try:

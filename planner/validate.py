@@ -40,28 +40,40 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
         field = _field(manifest, dep.service, dep.field)
         target = known.get(dep.target)
         if target is None:
-            found.append(error(
-                "unknown-dependency",
-                f'{dep.service} depends on "{dep.target}", which is not a service in this manifest',
-                service=dep.service, field=field,
-                hint=f"{_suggest(dep.target, known)}name a service from core_services or services",
-            ))
+            found.append(
+                error(
+                    "unknown-dependency",
+                    f'{dep.service} depends on "{dep.target}", which is not a service in this manifest',
+                    service=dep.service,
+                    field=field,
+                    hint=f"{_suggest(dep.target, known)}name a service from core_services or services",
+                )
+            )
         elif not target.enable:
-            found.append(error(
-                "disabled-dependency",
-                f'{dep.service} depends on "{dep.target}", which is disabled (enable = false)',
-                service=dep.service, field=field,
-                hint=f"enable {dep.target} or remove the dependency from {dep.service}",
-            ))
-        elif (manifest.is_core(dep.service) and not manifest.is_core(dep.target)
-              and orders_deployment(manifest, dep)):
-            found.append(error(
-                "core-depends-on-app",
-                f"core service {dep.service} depends on application service {dep.target}",
-                service=dep.service, field=field,
-                hint=f"core services deploy first: move {dep.target} to core_services "
-                f"or drop it from {dep.service}.depends_on",
-            ))
+            found.append(
+                error(
+                    "disabled-dependency",
+                    f'{dep.service} depends on "{dep.target}", which is disabled (enable = false)',
+                    service=dep.service,
+                    field=field,
+                    hint=f"enable {dep.target} or remove the dependency from {dep.service}",
+                )
+            )
+        elif (
+            manifest.is_core(dep.service)
+            and not manifest.is_core(dep.target)
+            and orders_deployment(manifest, dep)
+        ):
+            found.append(
+                error(
+                    "core-depends-on-app",
+                    f"core service {dep.service} depends on application service {dep.target}",
+                    service=dep.service,
+                    field=field,
+                    hint=f"core services deploy first: move {dep.target} to core_services "
+                    f"or drop it from {dep.service}.depends_on",
+                )
+            )
     return found
 
 
@@ -71,15 +83,20 @@ def check_cycles(manifest: Manifest, deps: list[Dependency]) -> list[Finding]:
     if cycle is None:
         return []
     first = cycle[0]
-    return [error(
-        "cycle", f"dependency cycle: {' → '.join(cycle)}", service=first,
-        field=_field(manifest, first, "depends_on"),
-        hint="remove one of these dependencies so that the services can be ordered",
-    )]
+    return [
+        error(
+            "cycle",
+            f"dependency cycle: {' → '.join(cycle)}",
+            service=first,
+            field=_field(manifest, first, "depends_on"),
+            hint="remove one of these dependencies so that the services can be ordered",
+        )
+    ]
 
 
-def _duplicates(manifest: Manifest, key: str,
-                values: Callable[[Service], Iterable[tuple[str, object]]]) -> list[Finding]:
+def _duplicates(
+    manifest: Manifest, key: str, values: Callable[[Service], Iterable[tuple[str, object]]]
+) -> list[Finding]:
     seen: dict[object, str] = {}
     found: list[Finding] = []
     for name, svc in manifest.enabled().items():
@@ -88,11 +105,15 @@ def _duplicates(manifest: Manifest, key: str,
                 continue
             owner = seen.setdefault(value, name)
             if owner != name:
-                found.append(error(
-                    f"duplicate-{key}", f"{key} {value} is also used by {owner}", service=name,
-                    field=_field(manifest, name, field),
-                    hint=f"give {name} a {key} that no other service uses",
-                ))
+                found.append(
+                    error(
+                        f"duplicate-{key}",
+                        f"{key} {value} is also used by {owner}",
+                        service=name,
+                        field=_field(manifest, name, field),
+                        hint=f"give {name} a {key} that no other service uses",
+                    )
+                )
     return found
 
 
@@ -118,7 +139,8 @@ def check_addresses(manifest: Manifest) -> list[Finding]:
     if net is None:
         return []
     reserved: dict[IPv4Address, str] = {
-        net.network_address: "the network address", net.broadcast_address: "the broadcast address",
+        net.network_address: "the network address",
+        net.broadcast_address: "the broadcast address",
     }
     if manifest.network.gateway is not None:
         reserved[manifest.network.gateway] = "the gateway (network.gateway)"
@@ -128,35 +150,53 @@ def check_addresses(manifest: Manifest) -> list[Finding]:
             continue
         field = _field(manifest, name, "ip")
         if svc.ip not in net:
-            found.append(error(
-                "ip-outside-network", f"ip {svc.ip} is outside network_cidr {net}", service=name,
-                field=field, hint=f"pick an address inside {net} or change network.network_cidr",
-            ))
+            found.append(
+                error(
+                    "ip-outside-network",
+                    f"ip {svc.ip} is outside network_cidr {net}",
+                    service=name,
+                    field=field,
+                    hint=f"pick an address inside {net} or change network.network_cidr",
+                )
+            )
         elif svc.ip in reserved:
-            found.append(error(
-                "ip-reserved", f"ip {svc.ip} is {reserved[svc.ip]} of {net}", service=name,
-                field=field, hint=f"pick a host address of {net} that is not reserved",
-            ))
+            found.append(
+                error(
+                    "ip-reserved",
+                    f"ip {svc.ip} is {reserved[svc.ip]} of {net}",
+                    service=name,
+                    field=field,
+                    hint=f"pick a host address of {net} that is not reserved",
+                )
+            )
     return found
 
 
 def check_warnings(manifest: Manifest) -> list[Finding]:
     """Unknown keys (kept, maybe a typo) and services nobody can health-check."""
     found = [
-        warning("unknown-key", f"unknown key {path} (kept, but nixmox does not use it)",
-                field=path, service=_service_of(path),
-                hint="check the spelling against the manifest schema in the README")
+        warning(
+            "unknown-key",
+            f"unknown key {path} (kept, but nixmox does not use it)",
+            field=path,
+            service=_service_of(path),
+            hint="check the spelling against the manifest schema in the README",
+        )
         for path in unknown_keys(manifest)
     ]
     for name, svc in manifest.enabled().items():
         health = svc.interface.health
         if health is None or not (health.startup or health.liveness):
-            found.append(warning(
-                "no-health-check", f"{name} has no health check; verify:{name} can only "
-                "check that the host answers", service=name,
-                field=_field(manifest, name, "interface.health"),
-                hint="add interface.health.startup and interface.health.liveness commands",
-            ))
+            found.append(
+                warning(
+                    "no-health-check",
+                    f"{name} has no health check; verify:{name} can only "
+                    "check that the host answers",
+                    service=name,
+                    field=_field(manifest, name, "interface.health"),
+                    hint="add interface.health.startup and interface.health.liveness commands",
+                )
+            )
     return found
 
 

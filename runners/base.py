@@ -48,8 +48,15 @@ class Trigger(StrEnum):
     SLACK = "slack"
 
 
-FINAL_STEP_STATES = frozenset({StepState.SUCCEEDED, StepState.FAILED, StepState.SKIPPED,
-                               StepState.ROLLED_BACK, StepState.INTERRUPTED})
+FINAL_STEP_STATES = frozenset(
+    {
+        StepState.SUCCEEDED,
+        StepState.FAILED,
+        StepState.SKIPPED,
+        StepState.ROLLED_BACK,
+        StepState.INTERRUPTED,
+    }
+)
 
 
 @dataclass
