@@ -63,6 +63,16 @@ class Step(BaseModel):
     targets: list[str] = Field(default_factory=list)
 
 
+class DependencyInfo(BaseModel):
+    """A service dependency as the plan shows it (inferred ones say from which field)."""
+
+    service: str
+    target: str
+    kind: str
+    field: str
+    inferred: bool
+
+
 class Change(BaseModel):
     """What changed for one service (`service=None`: a global change such as `network.*`)."""
 
@@ -91,6 +101,7 @@ class Plan(BaseModel):
     head: str | None = None
     changes: list[Change] = Field(default_factory=list)
     note: str | None = None
+    dependencies: list[DependencyInfo] = Field(default_factory=list)
     digest: str = ""
 
     @property
@@ -124,6 +135,7 @@ class Plan(BaseModel):
             "warnings": [finding.render() for finding in self.warnings],
             "errors": [finding.render() for finding in self.errors],
             "note": self.note,
+            "dependencies": [dep.model_dump(mode="json") for dep in self.dependencies],
         }
 
 
@@ -321,7 +333,24 @@ def plan_full(
             raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
         services = required_services(analysis, service)
     steps = full_steps(analysis, services, options)
-    return finalize(steps, base=base, head=head, warnings=analysis.warnings)
+    plan = finalize(steps, base=base, head=head, warnings=analysis.warnings)
+    plan.dependencies = dependency_infos(analysis, set(services))
+    return plan
+
+
+def dependency_infos(analysis: Analysis, services: set[str]) -> list[DependencyInfo]:
+    """The dependencies among planned services, explicit and inferred, for display."""
+    return [
+        DependencyInfo(
+            service=dep.service,
+            target=dep.target,
+            kind=dep.kind.value,
+            field=dep.field,
+            inferred=dep.inferred,
+        )
+        for dep in analysis.deps
+        if dep.service in services and dep.target in services
+    ]
 
 
 def restrict(full: dict[str, Step], selected: dict[str, list[str]]) -> dict[str, Step]:

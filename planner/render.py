@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from planner.plan import Plan
+from planner.plan import DependencyInfo, Plan
 
 NO_DEPLOYMENT = "No deployment needed"
 
@@ -36,9 +36,18 @@ def render_text(plan: Plan) -> str:
             lines.append(f"  {sid}{needs}")
             for reason in step.reasons:
                 lines.append(f"      because {reason}")
+    if plan.dependencies:
+        lines.append("dependencies:")
+        lines.extend(f"  {dependency_line(dep)}" for dep in plan.dependencies)
     for finding in plan.warnings:
         lines.append(f"warning: {finding.render()}")
     return "\n".join(lines)
+
+
+def dependency_line(dep: DependencyInfo) -> str:
+    """`a → b (inferred from interface.db.host)` or `a → b (depends_on)`."""
+    origin = f"inferred from {dep.field}" if dep.inferred else "depends_on"
+    return f"{dep.service} → {dep.target} ({origin})"
 
 
 def render_json(plan: Plan) -> str:
