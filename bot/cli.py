@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from planner.findings import ManifestError
+from planner.findings import ManifestError, attribute
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_json, render_text
 from planner.source import EvalLimits, load_manifest
@@ -50,6 +50,7 @@ def validate(path: Path, eval_timeout: float) -> None:
     """Check a manifest: exit 0 valid, 1 invalid, 2 could not evaluate."""
     manifest = load_or_exit(path, eval_timeout)
     plan = plan_full(manifest)  # type: ignore[arg-type]
+    attribute([*plan.errors, *plan.warnings], path.name)
     for finding in plan.errors:
         click.echo(f"error: {finding.render()}", err=True)
     for finding in plan.warnings:
@@ -95,6 +96,7 @@ def plan(path: Path | None, service: str | None, fmt: str, eval_timeout: float) 
         result = plan_full(manifest, service=service)  # type: ignore[arg-type]
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
+    attribute([*result.errors, *result.warnings], path.name)
     emit_plan(result, fmt)
 
 

@@ -27,7 +27,9 @@ class Finding(BaseModel):
         """One line: `file: field: message (hint)`."""
         where = ": ".join(part for part in (self.file, self.field) if part)
         text = f"{where}: {self.message}" if where else self.message
-        return f"{text}. Fix: {self.hint}" if self.hint else text
+        if not self.hint:
+            return text
+        return f"{text}\n  Fix: {self.hint}" if "\n" in text else f"{text}. Fix: {self.hint}"
 
 
 def error(
@@ -68,3 +70,9 @@ class ManifestError(Exception):
         self.findings = findings
         self.evaluation_failed = evaluation_failed
         super().__init__("\n".join(f.render() for f in findings))
+
+
+def attribute(findings: list[Finding], file: str) -> None:
+    """Name the file in every finding that does not name one yet."""
+    for finding in findings:
+        finding.file = finding.file or file

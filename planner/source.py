@@ -66,6 +66,9 @@ def _nix_error(stderr: str, path: Path) -> str:
     """Nix's own message (with file:line:column), trimmed to something readable."""
     lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith("warning: ")]
+    lines = [line for line in lines if "--show-trace" not in line]
+    if lines and lines[0].startswith("error: "):
+        lines[0] = lines[0].removeprefix("error: ")
     if not lines:
         return f"nix-instantiate failed on {path} without a message"
     return "\n".join(lines[:NIX_ERROR_LINES])
@@ -160,7 +163,8 @@ def parse_manifest(data: Any, file: str | None = None) -> Manifest:
 def _type_finding(item: Any, file: str | None) -> Any:
     loc = [str(part) for part in item["loc"]]
     service = loc[1] if len(loc) > 1 and loc[0] in ("services", "core_services") else None
-    field = ".".join(loc)
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"])
+    field = field.removeprefix(".")
     return error(
         "type",
         item["msg"],

@@ -111,10 +111,14 @@ def _duplicates(
                         f"{key} {value} is also used by {owner}",
                         service=name,
                         field=_field(manifest, name, field),
-                        hint=f"give {name} a {key} that no other service uses",
+                        hint=f"give {name} {_article(key)} {key} that no other service uses",
                     )
                 )
     return found
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _proxy_domains(svc: Service) -> Iterable[tuple[str, object]]:

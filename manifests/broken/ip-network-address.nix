@@ -1,0 +1,3 @@
+# The network address itself.
+let base = import ./base.nix; in
+base // { services.gitea = base.services.gitea // { ip = "10.30.0.0"; }; }

@@ -1,0 +1,5 @@
+# A missing semicolon.
+{
+  network = { domain = "lab.lan" }
+  services = { };
+}
