@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -156,9 +157,13 @@ class Manifest(Open):
                 raise ValueError(f"{key} must be true or false, got {type(value).__name__}")
         return self
 
+    @cached_property
+    def _all(self) -> dict[str, Service]:
+        return {**self.core_services, **self.services}
+
     def all_services(self) -> dict[str, Service]:
         """Core and application services together, core first."""
-        return {**self.core_services, **self.services}
+        return self._all
 
     def is_core(self, name: str) -> bool:
         return name in self.core_services
@@ -176,22 +181,19 @@ class Manifest(Open):
 def unknown_keys(model: BaseModel, path: str = "") -> list[str]:
     """Paths of every key the schema does not know, anywhere in the model."""
     found: list[str] = []
-    for key in model.model_extra or {}:
-        if isinstance(model, Manifest) and key.startswith("enable_"):
-            continue
-        found.append(f"{path}{key}")
-    for name in type(model).model_fields:
-        found.extend(_unknown_in(getattr(model, name), f"{path}{name}."))
-    return found
-
-
-def _unknown_in(value: Any, path: str) -> list[str]:
-    if isinstance(value, Open):
-        return unknown_keys(value, path)
-    if isinstance(value, dict):
-        found: list[str] = []
-        for key, item in value.items():
-            if isinstance(item, Open):
-                found.extend(unknown_keys(item, f"{path}{key}."))
-        return found
-    return []
+    stack: list[tuple[BaseModel, str]] = [(model, path)]
+    while stack:
+        current, prefix = stack.pop()
+        for key in current.__pydantic_extra__ or {}:
+            if not (isinstance(current, Manifest) and key.startswith("enable_")):
+                found.append(f"{prefix}{key}")
+        for name, value in current.__dict__.items():
+            if isinstance(value, Open):
+                stack.append((value, f"{prefix}{name}."))
+            elif isinstance(value, dict) and value:
+                stack.extend(
+                    (item, f"{prefix}{name}.{key}.")
+                    for key, item in value.items()
+                    if isinstance(item, Open)
+                )
+    return sorted(found)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from planner.findings import ManifestError, error
 from planner.models import Manifest
+from planner.plan import gc_paused
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
@@ -100,11 +101,13 @@ def evaluate_nix(
                 raise _eval_failure(
                     "nix-instantiate is not installed",
                     "install Nix (Debian: apt-get install nix-bin) or run ./dev run",
+                    EvaluatorMissing,
                 ) from exc
             except subprocess.TimeoutExpired as exc:
                 raise _eval_failure(
                     f"evaluating {path.name} took longer than {limits.timeout:g} s",
                     "look for infinite recursion or very large generated lists",
+                    EvaluationTimeout,
                 ) from exc
         if out_path.stat().st_size > limits.max_output:
             raise _eval_failure(
@@ -117,8 +120,10 @@ def evaluate_nix(
         return json.loads(out_path.read_bytes())
 
 
-def _eval_failure(message: str, hint: str) -> ManifestError:
-    return ManifestError([error("evaluation", message, hint=hint)], evaluation_failed=True)
+def _eval_failure(
+    message: str, hint: str, kind: type[ManifestError] = ManifestError
+) -> ManifestError:
+    return kind([error("evaluation", message, hint=hint)], evaluation_failed=True)
 
 
 def read_manifest_data(
@@ -150,7 +155,8 @@ def parse_manifest(data: Any, file: str | None = None) -> Manifest:
             ]
         )
     try:
-        return Manifest.model_validate(data)
+        with gc_paused():
+            return Manifest.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(
             [
@@ -185,3 +191,223 @@ def load_manifest(
         for finding in exc.findings:
             finding.file = finding.file or path.name
         raise
+
+
+# --- Git revisions ------------------------------------------------------------------------
+
+DEFAULT_MANIFEST_PATH = "nixos/service-manifest.nix"
+REPO_CONFIG_FILE = ".nixmox.toml"
+DEFAULT_CACHE_SIZE = 32
+GIT_MODE_SYMLINK = 0o120000
+GIT_MODE_EXECUTABLE = 0o100755
+GIT_MODE_SUBMODULE = 0o160000
+
+
+class PlanningError(Exception):
+    """The bot itself could not plan (Git failure, unknown revision, evaluation timeout).
+
+    Problems in the manifest are not planning errors: they become findings on the Plan.
+    """
+
+
+class UnknownRevision(PlanningError):
+    """A ref or commit id that the repository does not have."""
+
+
+class EvaluationTimeout(ManifestError, PlanningError):
+    """Nix ran out of time: the bot's failure (exit 2 in the CLI), not a manifest finding."""
+
+
+class EvaluatorMissing(ManifestError, PlanningError):
+    """nix-instantiate is not installed on the bot's machine."""
+
+
+def _open_repo(repo_dir: Path | str) -> Any:
+    """The gitpython Repo at `repo_dir` (bare or not); a planning error when it is not one."""
+    import git
+
+    try:
+        return git.Repo(repo_dir)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+        raise PlanningError(f"{repo_dir} is not a Git repository") from exc
+
+
+def _commit(repo: Any, ref: str) -> Any:
+    """The commit a ref, tag or (abbreviated) commit id names."""
+    import git
+
+    if not ref or ref.startswith("-"):
+        raise UnknownRevision(f"not a revision: {ref!r}")
+    try:
+        obj = repo.rev_parse(ref)
+        while obj.type == "tag":
+            obj = obj.object
+    except (git.BadName, git.BadObject, ValueError, git.GitCommandError) as exc:
+        raise UnknownRevision(f"unknown revision {ref!r} in {repo.git_dir}") from exc
+    if obj.type != "commit":
+        raise UnknownRevision(f"{ref!r} names a {obj.type}, not a commit")
+    return obj
+
+
+def resolve_revision(repo_dir: Path | str, ref: str) -> str:
+    """The full commit id that `ref` names (branch, tag, abbreviated id, `HEAD~1`, ...)."""
+    return str(_commit(_open_repo(repo_dir), ref).hexsha)
+
+
+def tree_id(repo_dir: Path | str, rev: str) -> str:
+    """The id of a revision's root tree: equal trees evaluate to equal manifests."""
+    return str(_commit(_open_repo(repo_dir), rev).tree.hexsha)
+
+
+def changed_files(repo_dir: Path | str, base: str, head: str) -> list[str]:
+    """Paths added, removed, modified or renamed (both names) between two revisions, sorted."""
+    import git
+
+    repo = _open_repo(repo_dir)
+    base_commit, head_commit = _commit(repo, base), _commit(repo, head)
+    try:
+        diffs = base_commit.diff(head_commit)
+    except git.GitCommandError as exc:
+        raise PlanningError(f"git diff {base}..{head} failed: {exc.stderr.strip()}") from exc
+    paths = {path for item in diffs for path in (item.a_path, item.b_path) if path}
+    return sorted(paths)
+
+
+def _safe_target(dest: Path, rel: str) -> Path:
+    """Where a tree entry goes; refuses paths that would leave `dest` (crafted trees)."""
+    parts = Path(rel).parts
+    if not parts or any(part in ("", ".", "..") for part in parts) or Path(rel).is_absolute():
+        raise PlanningError(f"refusing to export the tree entry {rel!r}")
+    target = dest.joinpath(*parts)
+    parent = target.parent
+    if parent.resolve() != parent.absolute() and dest.resolve() not in parent.resolve().parents:
+        raise PlanningError(f"refusing to write {rel!r} through a symlinked directory")
+    return target
+
+
+def export_tree(repo_dir: Path | str, rev: str, dest: Path) -> Path:
+    """Write a revision's whole tree (files, executable bits, symlinks) into `dest`.
+
+    Reads Git objects only: the working copy and the index are never touched.
+    """
+    repo = _open_repo(repo_dir)
+    commit = _commit(repo, rev)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in commit.tree.traverse():
+        target = _safe_target(dest, item.path)
+        if item.type == "tree":
+            target.mkdir(exist_ok=True)
+        elif item.type == "commit" or item.mode == GIT_MODE_SUBMODULE:
+            target.mkdir(exist_ok=True)  # a submodule: its content is not in this repository
+        elif item.mode == GIT_MODE_SYMLINK:
+            os.symlink(item.data_stream.read().decode("utf-8", "surrogateescape"), target)
+        else:
+            target.write_bytes(item.data_stream.read())
+            if item.mode == GIT_MODE_EXECUTABLE:
+                target.chmod(0o755)
+    return dest
+
+
+def read_file_at(repo_dir: Path | str, rev: str, path: str) -> bytes | None:
+    """One file's content at a revision, or None when the revision has no such file."""
+    commit = _commit(_open_repo(repo_dir), rev)
+    try:
+        blob = commit.tree / path
+    except KeyError:
+        return None
+    if blob.type != "blob":
+        return None
+    return bytes(blob.data_stream.read())
+
+
+class EvalCache:
+    """Evaluated manifests by (root tree id, manifest path): re-planning a seen tree is free.
+
+    In-memory and least-recently-used; a bot process shares one across requests. Failed
+    evaluations are kept too (the same tree fails the same way), timeouts are not.
+    """
+
+    def __init__(self, size: int = DEFAULT_CACHE_SIZE) -> None:
+        from collections import OrderedDict
+
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], Manifest | ManifestError] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> Manifest | ManifestError | None:
+        found = self._items.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[str, str], value: Manifest | ManifestError) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _check_manifest_path(manifest_path: str) -> str:
+    """A relative path inside the repository (no `..`, not absolute)."""
+    parts = Path(manifest_path).parts
+    if not parts or Path(manifest_path).is_absolute() or ".." in parts:
+        raise PlanningError(f"the manifest path {manifest_path!r} must be relative to the repo")
+    return Path(manifest_path).as_posix()
+
+
+def load_manifest_at(
+    repo_dir: Path | str,
+    rev: str,
+    manifest_path: str = DEFAULT_MANIFEST_PATH,
+    *,
+    limits: EvalLimits | None = None,
+    cache: EvalCache | None = None,
+) -> Manifest:
+    """The manifest as it is at `rev`, evaluated from an exported copy of that revision's tree.
+
+    Raises ManifestError for problems in the manifest (missing, Nix error, wrong types) and
+    PlanningError for failures of the bot (unknown revision, Git, evaluation timeout).
+    """
+    manifest_path = _check_manifest_path(manifest_path)
+    repo = _open_repo(repo_dir)
+    commit = _commit(repo, rev)
+    key = (str(commit.tree.hexsha), manifest_path)
+    cached = cache.get(key) if cache is not None else None
+    if cached is None:
+        cached = _evaluate_at(repo_dir, commit.hexsha, manifest_path, limits)
+        if cache is not None:
+            cache.put(key, cached)
+    if isinstance(cached, ManifestError):
+        raise ManifestError(cached.findings, evaluation_failed=cached.evaluation_failed)
+    return cached
+
+
+def _evaluate_at(
+    repo_dir: Path | str, rev: str, manifest_path: str, limits: EvalLimits | None
+) -> Manifest | ManifestError:
+    """Export the tree to a temporary directory and evaluate the manifest there."""
+    with tempfile.TemporaryDirectory(prefix="nixmox-tree-") as tmp:
+        root = export_tree(repo_dir, rev, Path(tmp))
+        path = root / manifest_path
+        if not path.is_file():
+            return _eval_failure(
+                f"{manifest_path} does not exist at revision {rev[:12]}",
+                "check the manifest path (--manifest, NIXMOX_MANIFEST_PATH)",
+            )
+        try:
+            return load_manifest(path, include_dir=root, limits=limits)
+        except PlanningError:
+            raise
+        except ManifestError as exc:
+            for finding in exc.findings:
+                if finding.file == path.name:
+                    finding.file = manifest_path
+            return exc

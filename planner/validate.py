@@ -6,16 +6,20 @@ import difflib
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 
+import networkx as nx
+
 from planner.findings import Finding, error, warning
 from planner.graph import Dependency, find_cycle, orders_deployment, section, service_graph
 from planner.models import Manifest, Service, unknown_keys
 
 
-def validate(manifest: Manifest, deps: list[Dependency]) -> list[Finding]:
+def validate(
+    manifest: Manifest, deps: list[Dependency], graph: nx.DiGraph | None = None
+) -> list[Finding]:
     """All errors and warnings of a parsed manifest, errors first, in a stable order."""
     findings = [
         *check_dependencies(manifest, deps),
-        *check_cycles(manifest, deps),
+        *check_cycles(manifest, deps, graph),
         *check_duplicates(manifest),
         *check_addresses(manifest),
         *check_warnings(manifest),
@@ -77,9 +81,11 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
     return found
 
 
-def check_cycles(manifest: Manifest, deps: list[Dependency]) -> list[Finding]:
+def check_cycles(
+    manifest: Manifest, deps: list[Dependency], graph: nx.DiGraph | None = None
+) -> list[Finding]:
     """One error naming the whole cycle, if the services' dependencies loop."""
-    cycle = find_cycle(service_graph(manifest, deps))
+    cycle = find_cycle(graph if graph is not None else service_graph(manifest, deps))
     if cycle is None:
         return []
     first = cycle[0]
