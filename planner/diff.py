@@ -1,0 +1,312 @@
+"""Semantic diff of two manifests, and which services a changed file belongs to.
+
+Everything here names field paths and file paths, never values: the manifest holds secrets
+(`network.outposts.radius.shared_secret`), and diffs end up in PR comments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import PurePosixPath
+from typing import Any
+
+from planner.models import Manifest, Service
+
+SERVICE_SECTIONS = ("core_services", "services")
+DEFAULT_GLOBAL_GLOBS = ("flake.lock", "flake.nix")
+NIXOS_DIR = "nixos"
+
+
+class DiffKind(StrEnum):
+    ADDED = "added"
+    REMOVED = "removed"
+    CHANGED = "changed"
+
+
+class Effect(StrEnum):
+    """What a changed field asks of the deployment."""
+
+    VERIFY = "verify"  # re-run the service's health checks
+    NIX = "nix"  # rebuild the service's NixOS configuration
+    INFRA = "infra"  # tf:infra for the service's container
+    DNS = "dns"  # the DNS service's records
+    PROXY = "proxy"  # the proxy service's routes
+    DATABASE = "db"  # the database service's databases and roles
+    AUTH = "auth"  # Authentik application/provider of the service
+    TERRAFORM = "terraform"  # the service's own terraform steps
+
+
+INFRA_FIELDS = frozenset({"vmid", "resources", "onboot", "start"})
+ADDRESS_FIELDS = frozenset({"ip", "hostname"})
+CONFIG_FIELDS = frozenset({"depends_on", "ports", "version"})
+# Top-level options that only change how the bot verifies: re-verify every service.
+VERIFY_ALL_FIELDS = frozenset(
+    {"health_check_timeout", "retry_attempts", "retry_delay", "deployment_phases"}
+)
+
+
+@dataclass(frozen=True)
+class ServiceDiff:
+    """How one service differs between base and head."""
+
+    service: str
+    kind: DiffKind
+    fields: tuple[str, ...] = ()
+    section: str = "services"
+    enabled_in_head: bool = True
+    enabled_in_base: bool = True
+
+    def path(self, field_path: str | None = None) -> str:
+        """`services.vaultwarden` or `services.vaultwarden.interface.proxy.upstream`."""
+        base = f"{self.section}.{self.service}"
+        return f"{base}.{field_path}" if field_path else base
+
+
+@dataclass(frozen=True)
+class ManifestDiff:
+    """Every service difference, and changed global fields (`network.domain`, ...)."""
+
+    services: tuple[ServiceDiff, ...] = ()
+    global_fields: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.services and not self.global_fields
+
+    def network_fields(self) -> list[str]:
+        return [f for f in self.global_fields if f == "network" or f.startswith("network.")]
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ; lists and scalars are leaves."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old or key not in new:
+                found.append(path)
+            elif old[key] != new[key]:
+                found.extend(changed_paths(old[key], new[key], path))
+        return found
+    return [] if old == new else [prefix]
+
+
+def _dump(svc: Service) -> dict[str, Any]:
+    return svc.model_dump(mode="json")
+
+
+def _sections(manifest: Manifest) -> dict[str, tuple[str, Service]]:
+    found: dict[str, tuple[str, Service]] = {}
+    for section in SERVICE_SECTIONS:
+        for name, svc in getattr(manifest, section).items():
+            found[name] = (section, svc)
+    return found
+
+
+def diff_service(name: str, old: tuple[str, Service], new: tuple[str, Service]) -> ServiceDiff:
+    """One service present in both manifests: added/removed by `enable`, else changed fields."""
+    (old_section, old_svc), (new_section, new_svc) = old, new
+    if old_svc.enable and not new_svc.enable:
+        return ServiceDiff(name, DiffKind.REMOVED, ("enable",), new_section, False, True)
+    if new_svc.enable and not old_svc.enable:
+        return ServiceDiff(name, DiffKind.ADDED, ("enable",), new_section, True, False)
+    if old_section != new_section and new_svc.enable:
+        # moved between core_services and services: a different chain, deploy it afresh
+        return ServiceDiff(name, DiffKind.ADDED, ("section",), new_section, True, True)
+    fields = changed_paths(_dump(old_svc), _dump(new_svc)) if old_svc != new_svc else []
+    return ServiceDiff(
+        name, DiffKind.CHANGED, tuple(fields), new_section, new_svc.enable, old_svc.enable
+    )
+
+
+def diff_manifests(base: Manifest, head: Manifest) -> ManifestDiff:
+    """Per service added / removed (or `enable` true → false) / changed, plus global fields."""
+    old, new = _sections(base), _sections(head)
+    services: list[ServiceDiff] = []
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            section, svc = old[name]
+            if svc.enable:
+                services.append(ServiceDiff(name, DiffKind.REMOVED, (), section, False, True))
+        elif name not in old:
+            section, svc = new[name]
+            if svc.enable:
+                services.append(ServiceDiff(name, DiffKind.ADDED, (), section, True, False))
+        else:
+            found = diff_service(name, old[name], new[name])
+            if found.kind is not DiffKind.CHANGED or found.fields:
+                services.append(found)
+    return ManifestDiff(tuple(services), tuple(global_paths(base, head)))
+
+
+def global_paths(base: Manifest, head: Manifest) -> list[str]:
+    """Changed paths outside the service sections (`network.*`, top-level options)."""
+    skip = set(SERVICE_SECTIONS)
+    old = {k: v for k, v in base.model_dump(mode="json", exclude=skip).items()}
+    new = {k: v for k, v in head.model_dump(mode="json", exclude=skip).items()}
+    return changed_paths(old, new)
+
+
+def field_effects(path: str) -> frozenset[Effect]:
+    """What a changed service field (relative path, e.g. `interface.proxy.upstream`) causes."""
+    parts = path.split(".")
+    top = parts[0]
+    if top in ADDRESS_FIELDS:
+        return frozenset({Effect.INFRA, Effect.NIX, Effect.VERIFY, Effect.DNS})
+    if top in INFRA_FIELDS:
+        return frozenset({Effect.INFRA, Effect.NIX, Effect.VERIFY})
+    if top in CONFIG_FIELDS:
+        return frozenset({Effect.NIX, Effect.VERIFY})
+    if top != "interface" or len(parts) < 2:
+        return frozenset({Effect.NIX, Effect.VERIFY})  # unknown keys: rebuild to be safe
+    section = parts[1]
+    if section == "health":
+        return frozenset({Effect.VERIFY})
+    if section == "proxy":
+        if "auth" in parts[2:4]:
+            # per-proxy auth: the Authentik app and the proxy's forward_auth directive
+            return frozenset({Effect.AUTH, Effect.PROXY, Effect.NIX, Effect.VERIFY})
+        return frozenset({Effect.PROXY, Effect.VERIFY})
+    if section in ("db", "dbs"):
+        return frozenset({Effect.DATABASE, Effect.NIX, Effect.VERIFY})
+    if section == "auth":
+        return frozenset({Effect.AUTH, Effect.NIX, Effect.VERIFY})
+    if section == "terraform":
+        return frozenset({Effect.TERRAFORM, Effect.VERIFY})
+    return frozenset({Effect.NIX, Effect.VERIFY})
+
+
+# --- changed files -> services -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """`[paths]` of `.nixmox.toml`: extra globs per service, and globs that touch every host.
+
+    `global` replaces the default (`flake.lock`, `flake.nix`) when given.
+    """
+
+    global_globs: tuple[str, ...] = DEFAULT_GLOBAL_GLOBS
+    services: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, data: Mapping[str, Any]) -> PathsConfig:
+        """Build from parsed `.nixmox.toml` data; raises ValueError naming the bad key."""
+        paths = data.get("paths", {})
+        if not isinstance(paths, Mapping):
+            raise ValueError("[paths] must be a table")
+        global_globs = paths.get("global", list(DEFAULT_GLOBAL_GLOBS))
+        services: dict[str, tuple[str, ...]] = {}
+        for key, value in paths.items():
+            if not _is_glob_list(value):
+                raise ValueError(f"paths.{key} must be a list of glob strings")
+            if key != "global":
+                services[str(key)] = tuple(value)
+        return cls(tuple(global_globs), services)
+
+
+def _is_glob_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) and item for item in value)
+
+
+@lru_cache(maxsize=1024)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A path glob: `**` spans directories (also none), `*` and `?` stay within one."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def glob_match(path: str, pattern: str) -> bool:
+    return glob_regex(pattern.lstrip("/")).match(path) is not None
+
+
+@dataclass(frozen=True)
+class FileHit:
+    """A changed file that belongs to a service (or to every service, `service=None`)."""
+
+    path: str
+    service: str | None
+    effects: frozenset[Effect]
+
+
+def _under(path: str, directory: str) -> bool:
+    directory = directory.strip("/")
+    if directory.startswith("./"):
+        directory = directory[2:]
+    return bool(directory) and (path == directory or path.startswith(directory + "/"))
+
+
+def nixos_candidates(path: str) -> set[str]:
+    """Service names a path under `nixos/` can belong to by the default globs.
+
+    `nixos/**/<svc>.nix` gives the file's stem; `nixos/**/<svc>/**` every directory below nixos/.
+    """
+    parts = PurePosixPath(path).parts
+    if len(parts) < 2 or parts[0] != NIXOS_DIR:
+        return set()
+    found = set(parts[1:-1])
+    if parts[-1].endswith(".nix"):
+        found.add(parts[-1][: -len(".nix")])
+    return found
+
+
+def match_files(
+    files: Iterable[str],
+    manifest: Manifest,
+    config: PathsConfig | None = None,
+    *,
+    ignore: Iterable[str] = (),
+) -> list[FileHit]:
+    """Which enabled services each changed file counts for, and what it causes there.
+
+    Terraform module directories cause the service's tf steps; `nixos/**/<svc>.nix`,
+    `nixos/**/<svc>/**` and the service's configured globs its nix step; global globs the nix
+    step of every service. Every one of them is verified afterwards.
+    """
+    config = config or PathsConfig()
+    enabled = manifest.enabled()
+    skip = set(ignore)
+    tf_dirs = {
+        name: [module for module in svc.interface.terraform.modules]
+        for name, svc in enabled.items()
+        if svc.interface.terraform is not None
+    }
+    nix_effects = frozenset({Effect.NIX, Effect.VERIFY})
+    tf_effects = frozenset({Effect.TERRAFORM, Effect.VERIFY})
+    hits: list[FileHit] = []
+    for path in sorted(set(files)):
+        if path in skip:
+            continue
+        if any(glob_match(path, pattern) for pattern in config.global_globs):
+            hits.append(FileHit(path, None, nix_effects))
+            continue
+        for name in sorted(nixos_candidates(path) & set(enabled)):
+            hits.append(FileHit(path, name, nix_effects))
+        for name, patterns in config.services.items():
+            if name in enabled and any(glob_match(path, pattern) for pattern in patterns):
+                hits.append(FileHit(path, name, nix_effects))
+        for name, dirs in tf_dirs.items():
+            if any(_under(path, directory) for directory in dirs):
+                hits.append(FileHit(path, name, tf_effects))
+    return hits
