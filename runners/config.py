@@ -1,0 +1,210 @@
+"""Runner configuration: command templates, terraform roots, transports, simulation.
+
+One pydantic model, `RunnerConfig`, built once at start-up (from the bot's settings or a TOML
+file's `[runners]` table) and handed to `runners.registry.build_runners`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Configuration sections refuse unknown keys: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TransportKind(StrEnum):
+    SSH = "ssh"
+    LOCAL = "local"
+
+
+class Where(StrEnum):
+    """Where a command template runs: on this machine, or on the service's host."""
+
+    LOCAL = "local"
+    HOST = "host"
+
+
+class CommandTemplate(Strict):
+    """One command line with `{placeholders}` (values are shell-quoted when substituted).
+
+    `capture` names a placeholder set from the command's last stdout line, for later commands
+    (e.g. a build that prints the new system path).
+    """
+
+    run: str
+    on: Where = Where.LOCAL
+    capture: str | None = None
+
+
+class SshConfig(Strict):
+    """OpenSSH client settings (always `BatchMode=yes`: never wait for a password prompt)."""
+
+    binary: str = "ssh"
+    user: str = "root"
+    port: int | None = None
+    identity_file: Path | None = None
+    # extra `-o` options, e.g. ["StrictHostKeyChecking=accept-new"]
+    options: list[str] = Field(default_factory=list)
+    config_file: Path | None = None
+    connect_timeout: int = 10
+    # connection reuse: one master connection per host, kept this long after the last use
+    control_persist: str = "60s"
+    control_dir: Path | None = None
+
+
+class TransportConfig(Strict):
+    kind: TransportKind = TransportKind.SSH
+    ssh: SshConfig = Field(default_factory=SshConfig)
+    # how a service's host is reached: its manifest `ip` unless overridden here
+    addresses: dict[str, str] = Field(default_factory=dict)
+    default_address: str | None = None
+
+
+class TerraformTemplates(Strict):
+    """The terraform command lines; `{tf}` is `<binary> -chdir=<dir>`."""
+
+    init: str = "{tf} init -input=false -no-color"
+    workspace: str = "{tf} workspace select -or-create -no-color {workspace}"
+    plan: str = "{tf} plan -input=false -no-color -out={planfile}{targets}"
+    apply: str = "{tf} apply -input=false -no-color {planfile}"
+    destroy: str = "{tf} destroy -input=false -no-color -auto-approve{targets}"
+    show: str = "{tf} show -json {planfile}"
+    output: str = "{tf} output -json"
+
+
+DEFAULT_ROOTS: dict[str, str | None] = {
+    "tf:infra": "terraform/infrastructure",
+    "tf:auth-core": "terraform/authentik",
+}
+
+
+class TerraformConfig(Strict):
+    binary: str = "terraform"
+    # global roots, relative to the exported revision; `null` means "not managed here" (the
+    # step succeeds with a note), a configured root missing from the revision is a failure
+    roots: dict[str, str | None] = Field(default_factory=lambda: dict(DEFAULT_ROOTS))
+    # `-target` address of one service's container in the tf:infra root (diff plans only)
+    infra_target: str = 'module.lxc.proxmox_lxc.container["{service}"]'
+    # the global roots' workspace (`null`: the root's current/default workspace)
+    global_workspace: str | None = None
+    workspace_prefix: str = "nixmox"
+    tfvars_file: str = "nixmox.auto.tfvars.json"
+    # states of per-service workspaces, data dirs, plan files (kept between deployments)
+    state_dir: Path = Path(".nixmox/terraform")
+    # write a local backend (state under state_dir) into modules that declare no backend
+    manage_backend: bool = True
+    templates: TerraformTemplates = Field(default_factory=TerraformTemplates)
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: float = 3600.0
+
+
+class NixosPreset(StrEnum):
+    NIXOS_REBUILD = "nixos-rebuild"
+    COPY_CLOSURE = "copy-closure"
+    COLMENA = "colmena"
+    DEPLOY_RS = "deploy-rs"
+
+
+PRESETS: dict[NixosPreset, list[CommandTemplate]] = {
+    NixosPreset.NIXOS_REBUILD: [
+        CommandTemplate(
+            run="nixos-rebuild switch --flake {export}#{service} --target-host {target}"
+        )
+    ],
+    NixosPreset.COPY_CLOSURE: [
+        CommandTemplate(
+            run="nix build --no-link --print-out-paths "
+            "{export}#nixosConfigurations.{service}.config.system.build.toplevel",
+            capture="new",
+        ),
+        CommandTemplate(run="nix-copy-closure --to {target} {new}"),
+        CommandTemplate(run="nix-env -p {system_profile} --set {new}", on=Where.HOST),
+        CommandTemplate(run="{new}/bin/switch-to-configuration switch", on=Where.HOST),
+    ],
+    NixosPreset.COLMENA: [CommandTemplate(run="colmena apply --on {service} switch")],
+    NixosPreset.DEPLOY_RS: [CommandTemplate(run="deploy --skip-checks {export}#{service}")],
+}
+
+DEFAULT_ROLLBACK = [
+    CommandTemplate(run="nix-env -p {system_profile} --set {prev}", on=Where.HOST),
+    CommandTemplate(run="{prev}/bin/switch-to-configuration switch", on=Where.HOST),
+]
+
+
+class NixosConfig(Strict):
+    preset: NixosPreset = NixosPreset.NIXOS_REBUILD
+    # replaces the preset's commands when given
+    deploy: list[CommandTemplate] | None = None
+    rollback: list[CommandTemplate] = Field(default_factory=lambda: list(DEFAULT_ROLLBACK))
+    record: str = "readlink -e {current_system}"
+    system_profile: str = "/nix/var/nix/profiles/system"
+    current_system: str = "/run/current-system"
+    # the user in `{target}` (`root@<ip>`)
+    user: str = "root"
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: float = 3600.0
+
+    def deploy_commands(self) -> list[CommandTemplate]:
+        return self.deploy if self.deploy is not None else PRESETS[self.preset]
+
+
+class HealthConfig(Strict):
+    """Fallbacks when neither the service nor the manifest's top level says otherwise."""
+
+    timeout: float = 30.0
+    retries: int = 3
+    interval: float = 5.0
+
+
+DEFAULT_SIMULATED_SECONDS: dict[str, float] = {
+    "tf:infra": 2.0,
+    "nix:core": 3.0,
+    "tf:auth-core": 1.5,
+    "tf:service-infra": 1.0,
+    "nix:service-config": 3.0,
+    "tf:service-config": 1.0,
+    "verify": 1.0,
+    "tf:destroy": 1.0,
+}
+
+
+class SimulateConfig(Strict):
+    durations: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SIMULATED_SECONDS))
+    default_duration: float = 1.0
+    # multiplies every duration (0.01 for benchmarks and tests)
+    scale: float = 1.0
+    # step ids that fail (verify failures stop once the service is rolled back)
+    fail: list[str] = Field(default_factory=list)
+    # services whose rollback fails
+    fail_rollback: list[str] = Field(default_factory=list)
+
+
+class RedactConfig(Strict):
+    # regular expressions; every match in any output becomes `<redacted>`
+    patterns: list[str] = Field(default_factory=list)
+
+
+class RunnerConfig(Strict):
+    """Everything `build_runners` needs."""
+
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    terraform: TerraformConfig = Field(default_factory=TerraformConfig)
+    nixos: NixosConfig = Field(default_factory=NixosConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
+    redact: RedactConfig = Field(default_factory=RedactConfig)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> RunnerConfig:
+        """The `[runners]` table of a TOML file (an empty config when it has none)."""
+        with path.open("rb") as handle:
+            data: dict[str, Any] = tomllib.load(handle)
+        return cls.model_validate(data.get("runners", {}))

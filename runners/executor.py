@@ -1,0 +1,479 @@
+"""The executor: walks a Plan's DAG with asyncio, in parallel, with failure skips and rollback.
+
+A step starts as soon as every step it needs has succeeded, up to `parallel` at once; among
+ready steps, the one heading the longest remaining chain goes first, so long chains are not
+starved by wide waves. When a step fails, every step that needs it (transitively) is skipped;
+unrelated branches finish. When a `nix:*` or `verify` step of a service fails and auto-rollback
+is on, the service is rolled back to the system recorded before this deployment touched it and
+re-verified; the step then ends `rolled_back`. Every transition is an Event, delivered to each
+subscriber in order through its own queue: a slow, hanging or failing subscriber never slows
+or breaks the deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import networkx as nx
+
+from planner.plan import NIX_PHASES, Phase, Plan, Step, finalize, step_id
+from runners.base import (
+    Context,
+    DeploymentFinished,
+    DeploymentKind,
+    DeploymentStarted,
+    DeploymentState,
+    Event,
+    RollbackFinished,
+    RollbackStarted,
+    Runner,
+    StepFinished,
+    StepOutput,
+    StepResult,
+    StepStarted,
+    StepState,
+    Subscriber,
+    utcnow,
+)
+from runners.registry import RunnerSet
+
+log = logging.getLogger(__name__)
+
+ROLLBACK_PHASES = frozenset({*NIX_PHASES, Phase.VERIFY})
+NO_PREVIOUS_SYSTEM = "no recorded previous system for {service}: cannot roll back"
+SKIP_REASON = "needs {step}, which {state}"
+ROLLBACK_REASON = "{service} rolled back to {system} after {step} failed"
+ROLLBACK_FAILED = "rollback of {service} failed: {detail}"
+REVERIFY_FAILED = "{service} was rolled back to {system}, but re-verification failed: {detail}"
+RUNNER_CRASHED = "runner error: {error}"
+INTERRUPTED = "the deployment was interrupted"
+
+
+@dataclass
+class StepOutcome:
+    """Where one step ended up."""
+
+    step: Step
+    state: StepState = StepState.PENDING
+    attempt: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: StepResult | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.step.id,
+            "state": self.state.value,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+@dataclass
+class ExecutionResult:
+    """The outcome of one execution: per-step outcomes (plan order) and the overall state."""
+
+    deployment_id: str
+    kind: DeploymentKind
+    state: DeploymentState
+    steps: dict[str, StepOutcome]
+    started_at: datetime
+    finished_at: datetime
+    rollbacks: dict[str, StepResult] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def states(self) -> dict[str, StepState]:
+        return {sid: outcome.state for sid, outcome in self.steps.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented `--json` record of `deploy` and `rollback`."""
+        return {
+            "id": self.deployment_id,
+            "kind": self.kind.value,
+            "state": self.state.value,
+            "steps": [outcome.to_json() for outcome in self.steps.values()],
+        }
+
+
+def overall_state(outcomes: Iterable[StepOutcome]) -> DeploymentState:
+    """failed beats interrupted beats rolled_back beats succeeded."""
+    states = {outcome.state for outcome in outcomes}
+    if StepState.FAILED in states:
+        return DeploymentState.FAILED
+    if states & {StepState.INTERRUPTED, StepState.PENDING, StepState.RUNNING}:
+        return DeploymentState.INTERRUPTED
+    if StepState.ROLLED_BACK in states:
+        return DeploymentState.ROLLED_BACK
+    return DeploymentState.SUCCEEDED
+
+
+def remaining_path(plan: Plan, weight: Callable[[Step], float]) -> dict[str, float]:
+    """For each step, the weight of the longest chain from it to the end of the plan."""
+    graph = plan.graph()
+    by_id = plan.by_id()
+    longest: dict[str, float] = {}
+    for sid in reversed(list(nx.topological_sort(graph))):
+        own = weight(by_id[sid]) if sid in by_id else 0.0
+        longest[sid] = own + max((longest[d] for d in graph.successors(sid)), default=0.0)
+    return longest
+
+
+def critical_path(plan: Plan, weight: Callable[[Step], float]) -> float:
+    """The plan's shortest possible duration with unlimited parallelism."""
+    return max(remaining_path(plan, weight).values(), default=0.0)
+
+
+class EventBus:
+    """Delivers events to each subscriber in order, through one queue and worker per subscriber."""
+
+    def __init__(self, subscribers: Iterable[Subscriber], *, timeout: float) -> None:
+        self.subscribers = list(subscribers)
+        self.timeout = timeout
+        self.queues: list[asyncio.Queue[Event | None]] = []
+        self.workers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for subscriber in self.subscribers:
+            queue: asyncio.Queue[Event | None] = asyncio.Queue()
+            self.queues.append(queue)
+            self.workers.append(asyncio.create_task(self._deliver(subscriber, queue)))
+
+    def publish(self, event: Event) -> None:
+        for queue in self.queues:
+            queue.put_nowait(event)
+
+    async def _deliver(self, subscriber: Subscriber, queue: asyncio.Queue[Event | None]) -> None:
+        name = getattr(subscriber, "__qualname__", repr(subscriber))
+        while (event := await queue.get()) is not None:
+            try:
+                await asyncio.wait_for(subscriber(event), self.timeout)
+            except TimeoutError:
+                log.warning("subscriber %s took over %gs on %s; skipped", name, self.timeout, event)
+            except Exception:
+                log.exception("subscriber %s failed on %s; the deployment goes on", name, event)
+
+    async def close(self, drain_timeout: float) -> None:
+        """Let every subscriber finish its queue (bounded), then stop the workers."""
+        for queue in self.queues:
+            queue.put_nowait(None)
+        if not self.workers:
+            return
+        _, pending = await asyncio.wait(self.workers, timeout=drain_timeout)
+        for task in pending:
+            log.warning("a subscriber did not finish its events in %gs; dropped", drain_timeout)
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _RollbackRunner:
+    """Runs the steps of an explicit rollback: activate a target system, then re-verify."""
+
+    def __init__(self, runners: RunnerSet, targets: Mapping[str, str]) -> None:
+        self.runners = runners
+        self.targets = targets
+
+    async def run(self, step: Step, ctx: Context) -> StepResult:
+        if step.phase is Phase.VERIFY:
+            return await self.runners.verify.run(step, ctx)
+        service = step.service or ""
+        if self.runners.rollback is None:
+            return StepResult(False, f"the {self.runners.kind} runners cannot roll back")
+        ctx.previous_systems[service] = self.targets[service]
+        return await self.runners.rollback.rollback(service, ctx)
+
+    def commands(self, step: Step, ctx: Context) -> list[str]:
+        if step.phase is Phase.VERIFY:
+            return self.runners.commands(step, ctx)
+        rollback = self.runners.rollback
+        describe = getattr(rollback, "rollback_commands", None)
+        if describe is None or step.service is None:
+            return [f"# roll {step.service} back to {self.targets.get(step.service or '')}"]
+        return list(describe(step.service, ctx, self.targets[step.service]))
+
+
+class Executor:
+    """Runs plans with a runner set; see the module docstring for the semantics."""
+
+    def __init__(
+        self,
+        runners: RunnerSet,
+        *,
+        parallel: int = 4,
+        auto_rollback: bool = True,
+        subscribers: Iterable[Subscriber] = (),
+        subscriber_timeout: float = 30.0,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        self.runners = runners
+        self.parallel = parallel
+        self.auto_rollback = auto_rollback
+        self.subscribers = list(subscribers)
+        self.subscriber_timeout = subscriber_timeout
+        self.drain_timeout = drain_timeout
+
+    def dry_run(self, plan: Plan, ctx: Context) -> list[tuple[str, list[str]]]:
+        """Each step (wave order) with the exact command lines it would run."""
+        by_id = plan.by_id()
+        return [
+            (sid, self.runners.commands(by_id[sid], ctx)) for wave in plan.waves for sid in wave
+        ]
+
+    async def execute(self, plan: Plan, ctx: Context) -> ExecutionResult:
+        """Run every step of the plan; returns when all are final."""
+        run = _Run(self, plan, ctx, DeploymentKind.DEPLOY, self.runners.runner_for)
+        return await run.go(self.auto_rollback)
+
+    def rollback_plan(
+        self, services: Iterable[str], ctx: Context, targets: Mapping[str, str]
+    ) -> Plan:
+        """An explicit rollback as a plan: per service, activate its target, then verify."""
+        steps: dict[str, Step] = {}
+        for service in sorted(set(services)):
+            phase = Phase.NIX_CORE if ctx.manifest.is_core(service) else Phase.NIX_SERVICE_CONFIG
+            activate = Step(
+                id=step_id(phase, service),
+                phase=phase,
+                service=service,
+                reasons=[f"roll back to {targets[service]}"],
+            )
+            verify = Step(
+                id=step_id(Phase.VERIFY, service),
+                phase=Phase.VERIFY,
+                service=service,
+                needs=[activate.id],
+                reasons=[f"re-verify {service} after its rollback"],
+            )
+            steps[activate.id], steps[verify.id] = activate, verify
+        return finalize(steps, base=ctx.plan.base, head=ctx.plan.head, note="rollback")
+
+    async def rollback_services(
+        self, services: Iterable[str], ctx: Context, targets: Mapping[str, str]
+    ) -> ExecutionResult:
+        """Activate each service's recorded system (`targets`: service -> system path) and
+        re-verify it; a rollback is a deployment of kind `rollback`."""
+        services = list(services)
+        missing = [service for service in services if service not in targets]
+        if missing:
+            raise ValueError(f"no system to roll back to for: {', '.join(sorted(missing))}")
+        plan = self.rollback_plan(services, ctx, targets)
+        runner = _RollbackRunner(self.runners, targets)
+        run = _Run(self, plan, ctx, DeploymentKind.ROLLBACK, lambda step: runner)
+        return await run.go(auto_rollback=False)
+
+    def rollback_dry_run(
+        self, services: Iterable[str], ctx: Context, targets: Mapping[str, str]
+    ) -> list[tuple[str, list[str]]]:
+        plan = self.rollback_plan(services, ctx, targets)
+        runner = _RollbackRunner(self.runners, targets)
+        by_id = plan.by_id()
+        return [(sid, runner.commands(by_id[sid], ctx)) for wave in plan.waves for sid in wave]
+
+
+class _Run:
+    """The state of one execution."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        plan: Plan,
+        ctx: Context,
+        kind: DeploymentKind,
+        runner_for: Callable[[Step], Runner],
+    ) -> None:
+        self.executor = executor
+        self.runners = executor.runners
+        self.plan = plan
+        self.ctx = ctx
+        self.kind = kind
+        self.runner_for = runner_for
+        self.by_id = plan.by_id()
+        self.outcomes = {step.id: StepOutcome(step) for step in plan.steps}
+        self.graph = plan.graph()
+        self.bus = EventBus(executor.subscribers, timeout=executor.subscriber_timeout)
+        self.rollbacks: dict[str, StepResult] = {}
+        self.auto_rollback = True
+
+    def emit(self, event: Event) -> None:
+        self.bus.publish(event)
+
+    async def go(self, auto_rollback: bool) -> ExecutionResult:
+        self.auto_rollback = auto_rollback
+        started = utcnow()
+        self.bus.start()
+        self.emit(DeploymentStarted(self.ctx.deployment_id, self.plan, self.kind))
+        try:
+            await self._schedule()
+        except asyncio.CancelledError:
+            self._interrupt()
+            await self._finish(started, drain=False)
+            raise
+        return await self._finish(started)
+
+    async def _finish(self, started: datetime, *, drain: bool = True) -> ExecutionResult:
+        state = overall_state(self.outcomes.values())
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes.values():
+            counts[outcome.state.value] = counts.get(outcome.state.value, 0) + 1
+        self.emit(DeploymentFinished(self.ctx.deployment_id, state, {"steps": counts}))
+        await self.bus.close(self.executor.drain_timeout if drain else 1.0)
+        return ExecutionResult(
+            self.ctx.deployment_id,
+            self.kind,
+            state,
+            self.outcomes,
+            started,
+            utcnow(),
+            self.rollbacks,
+        )
+
+    def _interrupt(self) -> None:
+        now = utcnow()
+        for outcome in self.outcomes.values():
+            if outcome.state in (StepState.PENDING, StepState.RUNNING):
+                outcome.state, outcome.reason = StepState.INTERRUPTED, INTERRUPTED
+                outcome.finished_at = now
+                self.emit(
+                    StepFinished(
+                        self.ctx.deployment_id, outcome.step, outcome.state, None, INTERRUPTED
+                    )
+                )
+
+    async def _schedule(self) -> None:
+        priority = remaining_path(self.plan, self.runners.estimate)
+        order = {sid: index for index, sid in enumerate(sid for w in self.plan.waves for sid in w)}
+        waiting = {
+            sid: {need for need in step.needs if need in self.by_id}
+            for sid, step in self.by_id.items()
+        }
+        ready: list[tuple[float, int, str]] = []
+        for sid, needs in waiting.items():
+            if not needs:
+                heapq.heappush(ready, (-priority[sid], order.get(sid, 0), sid))
+        running: dict[asyncio.Task[StepState], str] = {}
+        try:
+            while ready or running:
+                while ready and len(running) < self.executor.parallel:
+                    _, _, sid = heapq.heappop(ready)
+                    if self.outcomes[sid].state is not StepState.PENDING:
+                        continue
+                    running[asyncio.create_task(self._run_step(self.by_id[sid]))] = sid
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    sid = running.pop(task)
+                    if task.result() is StepState.SUCCEEDED:
+                        for dependent in self.graph.successors(sid):
+                            waiting[dependent].discard(sid)
+                            if not waiting[dependent]:
+                                item = (-priority[dependent], order.get(dependent, 0), dependent)
+                                heapq.heappush(ready, item)
+                    else:
+                        self._skip_dependents(sid)
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    def _skip_dependents(self, sid: str) -> None:
+        state = self.outcomes[sid].state
+        reason = SKIP_REASON.format(step=sid, state=state.value.replace("_", " "))
+        for dependent in nx.lexicographical_topological_sort(
+            self.graph.subgraph(nx.descendants(self.graph, sid))
+        ):
+            outcome = self.outcomes[dependent]
+            if outcome.state is not StepState.PENDING:
+                continue
+            outcome.state, outcome.reason, outcome.finished_at = StepState.SKIPPED, reason, utcnow()
+            self.emit(
+                StepFinished(self.ctx.deployment_id, outcome.step, StepState.SKIPPED, None, reason)
+            )
+
+    async def _run_step(self, step: Step) -> StepState:
+        outcome = self.outcomes[step.id]
+        outcome.state, outcome.attempt, outcome.started_at = StepState.RUNNING, 1, utcnow()
+        self.emit(StepStarted(self.ctx.deployment_id, step, outcome.attempt))
+        result = await self._call(self.runner_for(step), step)
+        if result.output:
+            self.emit(StepOutput(self.ctx.deployment_id, step.id, result.output))
+        state, reason = (StepState.SUCCEEDED, None) if result.ok else (StepState.FAILED, None)
+        if not result.ok:
+            reason = _last_line(result.output) or f"{step.id} failed"
+            if self._should_roll_back(step):
+                state, reason = await self._roll_back(step)
+        outcome.state, outcome.result, outcome.reason = state, result, reason
+        outcome.finished_at = utcnow()
+        self.emit(StepFinished(self.ctx.deployment_id, step, state, result, reason))
+        return state
+
+    async def _call(self, runner: Runner, step: Step) -> StepResult:
+        """Run one step; an exception in a runner is that step's failure, never the executor's."""
+        try:
+            result = await runner.run(step, self.ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("runner failed on %s", step.id)
+            result = StepResult(False, RUNNER_CRASHED.format(error=exc))
+        return self.runners.redact(result)
+
+    def _should_roll_back(self, step: Step) -> bool:
+        return (
+            self.auto_rollback
+            and step.phase in ROLLBACK_PHASES
+            and step.service is not None
+            and self.runners.rollback is not None
+        )
+
+    async def _roll_back(self, step: Step) -> tuple[StepState, str]:
+        """Roll the step's service back to its recorded system and re-verify it."""
+        service = step.service or ""
+        deployment = self.ctx.deployment_id
+        target = self.ctx.previous_systems.get(service)
+        if target is None:
+            return StepState.FAILED, NO_PREVIOUS_SYSTEM.format(service=service)
+        self.emit(RollbackStarted(deployment, service, step.id))
+        rollback = self.runners.rollback
+        assert rollback is not None  # checked by _should_roll_back
+        try:
+            result = self.runners.redact(await rollback.rollback(service, self.ctx))
+        except Exception as exc:
+            log.exception("rollback of %s failed", service)
+            result = StepResult(False, RUNNER_CRASHED.format(error=exc))
+        self.rollbacks[service] = result
+        self.emit(RollbackFinished(deployment, service, result.ok, result))
+        if not result.ok:
+            detail = _last_line(result.output) or "no output"
+            return StepState.FAILED, ROLLBACK_FAILED.format(service=service, detail=detail)
+        verify = self.by_id.get(step_id(Phase.VERIFY, service)) or Step(
+            id=step_id(Phase.VERIFY, service), phase=Phase.VERIFY, service=service
+        )
+        check = await self._call(self.runners.verify, verify)
+        if check.output:
+            self.emit(StepOutput(deployment, step.id, check.output))
+        if not check.ok:
+            detail = _last_line(check.output) or "no output"
+            return StepState.FAILED, REVERIFY_FAILED.format(
+                service=service, system=target, detail=detail
+            )
+        return StepState.ROLLED_BACK, ROLLBACK_REASON.format(
+            service=service, system=target, step=step.id
+        )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

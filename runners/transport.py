@@ -1,0 +1,225 @@
+"""Transports: how a command reaches a host (OpenSSH, or this machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from runners.config import SshConfig
+
+log = logging.getLogger(__name__)
+
+Command = str | Sequence[str]
+# output kept per stream; a runaway command must not fill the bot's memory
+MAX_OUTPUT_BYTES = 1_000_000
+TIMEOUT_RC = 124
+NOT_FOUND_RC = 127
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    rc: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def combined(self) -> str:
+        """stdout then stderr, as one text for logs."""
+        parts = [part.rstrip("\n") for part in (self.stdout, self.stderr) if part.strip()]
+        return "\n".join(parts)
+
+
+class Transport(Protocol):
+    """Runs a command on a host and says how it would run it."""
+
+    async def run(
+        self,
+        host: str | None,
+        command: Command,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> CommandResult: ...
+
+    def describe(self, host: str | None, command: Command) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+def as_shell(command: Command) -> str:
+    """A command as one shell line (argv lists are quoted)."""
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+def _decode(data: bytes) -> str:
+    if len(data) > MAX_OUTPUT_BYTES:
+        data = b"[output truncated]\n" + data[-MAX_OUTPUT_BYTES:]
+    return data.decode("utf-8", errors="replace")
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> CommandResult:
+    """Run argv locally in its own process group; on timeout the whole group is killed."""
+    full_env = {**os.environ, **(env or {})}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        return CommandResult(NOT_FOUND_RC, "", f"{argv[0]}: command not found")
+    except PermissionError as exc:
+        return CommandResult(NOT_FOUND_RC, "", f"{argv[0]}: {exc.strerror}")
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        _kill_group(proc)
+        stdout, stderr = await proc.communicate()
+        message = f"timed out after {timeout:g}s"
+        return CommandResult(TIMEOUT_RC, _decode(stdout), _decode(stderr) + message, True)
+    except asyncio.CancelledError:
+        _kill_group(proc)
+        with contextlib.suppress(Exception):
+            await asyncio.shield(proc.wait())
+        raise
+    return CommandResult(proc.returncode or 0, _decode(stdout), _decode(stderr))
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+class LocalTransport:
+    """Runs commands on this machine (tests, and a bot running on the host itself)."""
+
+    async def run(
+        self,
+        host: str | None,
+        command: Command,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> CommandResult:
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        return await run_process(argv, timeout=timeout, env=env, cwd=cwd)
+
+    def describe(self, host: str | None, command: Command) -> str:
+        return as_shell(command)
+
+    async def close(self) -> None:
+        return None
+
+
+class SshTransport:
+    """OpenSSH in batch mode, one reused master connection per host (ControlMaster)."""
+
+    def __init__(self, config: SshConfig | None = None) -> None:
+        self.config = config or SshConfig()
+        self._control_dir: Path | None = self.config.control_dir
+        self._own_control_dir = False
+        self._hosts: set[str] = set()
+
+    @property
+    def control_dir(self) -> Path:
+        if self._control_dir is None:
+            # short path: a unix socket path must stay under ~100 bytes
+            self._control_dir = Path(tempfile.mkdtemp(prefix="nixmox-ssh-"))
+            self._own_control_dir = True
+        return self._control_dir
+
+    def base_argv(self) -> list[str]:
+        """ssh and its options, without the destination."""
+        cfg = self.config
+        argv = [cfg.binary]
+        if cfg.config_file is not None:
+            argv += ["-F", str(cfg.config_file)]
+        argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={cfg.connect_timeout}"]
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_dir}/%C"]
+        argv += ["-o", f"ControlPersist={cfg.control_persist}"]
+        if cfg.identity_file is not None:
+            argv += ["-i", str(cfg.identity_file)]
+        if cfg.port is not None:
+            argv += ["-p", str(cfg.port)]
+        for option in cfg.options:
+            argv += ["-o", option]
+        return argv
+
+    def destination(self, host: str) -> str:
+        return f"{self.config.user}@{host}" if self.config.user else host
+
+    def argv(
+        self,
+        host: str,
+        command: Command,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> list[str]:
+        remote = as_shell(command)
+        if env:
+            remote = f"env {' '.join(shlex.quote(f'{k}={v}') for k, v in env.items())} {remote}"
+        if cwd is not None:
+            remote = f"cd {shlex.quote(str(cwd))} && {remote}"
+        return [*self.base_argv(), self.destination(host), "--", remote]
+
+    def ssh_options(self) -> str:
+        """The options as one string, for tools that take them so (`NIX_SSHOPTS`)."""
+        return shlex.join(self.base_argv()[1:])
+
+    async def run(
+        self,
+        host: str | None,
+        command: Command,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> CommandResult:
+        if not host:
+            return CommandResult(2, "", "ssh transport: no host to connect to")
+        self._hosts.add(host)
+        result = await run_process(self.argv(host, command, env, cwd), timeout=timeout)
+        if result.rc == 255:
+            # ssh's own failure (connection, authentication), not the remote command's
+            detail = result.stderr.strip() or "connection failed"
+            return CommandResult(255, result.stdout, f"ssh {self.destination(host)}: {detail}")
+        return result
+
+    def describe(self, host: str | None, command: Command) -> str:
+        return shlex.join(self.argv(host or "<host>", command))
+
+    async def close(self) -> None:
+        """Stop the master connections and remove their sockets."""
+        for host in sorted(self._hosts):
+            await run_process([*self.base_argv(), "-O", "exit", self.destination(host)], timeout=10)
+        self._hosts.clear()
+        if self._own_control_dir and self._control_dir is not None:
+            shutil.rmtree(self._control_dir, ignore_errors=True)
+            self._control_dir = None
+            self._own_control_dir = False

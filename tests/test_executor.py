@@ -1,0 +1,286 @@
+"""Executor semantics with the simulated runner: waves, parallelism, skips, rollback, events."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from planner.models import Manifest
+from planner.plan import Phase, Plan, Step, finalize, plan_full
+from runners.base import (
+    Context,
+    DeploymentFinished,
+    DeploymentKind,
+    DeploymentStarted,
+    DeploymentState,
+    Event,
+    RollbackFinished,
+    RollbackStarted,
+    StepFinished,
+    StepStarted,
+    StepState,
+)
+from runners.config import RunnerConfig, SimulateConfig
+from runners.executor import Executor, critical_path
+from runners.registry import build_runners
+from runners.simulate import SimulatedRunner, system_path
+
+HEALTH = {"health": {"startup": "true"}}
+
+
+def small_manifest() -> Manifest:
+    """postgresql <- a <- b, and c on its own."""
+    return Manifest.model_validate(
+        {
+            "network": {
+                "domain": "lab.lan",
+                "gateway": "10.20.0.1",
+                "network_cidr": "10.20.0.0/24",
+            },
+            "core_services": {"postgresql": {"ip": "10.20.0.2", "interface": HEALTH}},
+            "services": {
+                "a": {"ip": "10.20.0.3", "depends_on": ["postgresql"], "interface": HEALTH},
+                "b": {"ip": "10.20.0.4", "depends_on": ["a"], "interface": HEALTH},
+                "c": {"ip": "10.20.0.5", "interface": HEALTH},
+            },
+        }
+    )
+
+
+def context(plan: Plan, manifest: Manifest, tmp_path: Path, rev: str = "rev1") -> Context:
+    return Context("dep-1", manifest, plan, tmp_path, revision=rev)
+
+
+def simulated(seconds: float = 0.02, fail: list[str] | None = None, **extra: Any):
+    config = RunnerConfig(
+        simulate=SimulateConfig(durations={}, default_duration=seconds, fail=fail or [], **extra)
+    )
+    return build_runners("simulate", config)
+
+
+class Recorder:
+    """A subscriber that keeps every event it receives."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def finished(self) -> dict[str, StepFinished]:
+        return {e.step.id: e for e in self.events if isinstance(e, StepFinished)}
+
+
+async def test_all_steps_succeed_in_dependency_order(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    recorder = Recorder()
+    executor = Executor(simulated(), parallel=4, subscribers=[recorder])
+    result = await executor.execute(plan, context(plan, manifest, tmp_path))
+
+    assert result.state is DeploymentState.SUCCEEDED
+    assert set(result.states().values()) == {StepState.SUCCEEDED}
+    for step in plan.steps:
+        outcome = result.steps[step.id]
+        for need in step.needs:
+            assert result.steps[need].finished_at <= outcome.started_at, (need, step.id)
+    assert isinstance(recorder.events[0], DeploymentStarted)
+    assert isinstance(recorder.events[-1], DeploymentFinished)
+    assert recorder.events[-1].state is DeploymentState.SUCCEEDED
+    started = [e.step.id for e in recorder.events if isinstance(e, StepStarted)]
+    assert sorted(started) == sorted(step.id for step in plan.steps)
+    assert result.to_json()["steps"][0] == {
+        "id": "tf:infra",
+        "state": "succeeded",
+        "started_at": result.steps["tf:infra"].started_at.isoformat(),
+        "finished_at": result.steps["tf:infra"].finished_at.isoformat(),
+    }
+
+
+async def test_independent_steps_run_in_parallel_up_to_the_limit(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    for parallel, expected_max in ((1, 1), (4, 2)):
+        executor = Executor(simulated(0.05), parallel=parallel)
+        result = await executor.execute(plan, context(plan, manifest, tmp_path))
+        spans = [(o.started_at, o.finished_at) for o in result.steps.values()]
+        most = max(sum(1 for s, f in spans if s <= start < f) for start, _ in spans)
+        assert most == expected_max, parallel
+    # the second wave (postgresql and c) overlapped when allowed
+    pg, c = result.steps["nix:core:postgresql"], result.steps["nix:service-config:c"]
+    assert pg.started_at < c.finished_at and c.started_at < pg.finished_at
+
+
+async def test_a_failure_skips_its_dependents_and_unrelated_branches_finish(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    recorder = Recorder()
+    runners = simulated(fail=["nix:service-config:a"])
+    executor = Executor(runners, auto_rollback=False, subscribers=[recorder])
+    result = await executor.execute(plan, context(plan, manifest, tmp_path))
+
+    states = result.states()
+    assert states["nix:service-config:a"] is StepState.FAILED
+    for skipped in ("verify:a", "nix:service-config:b", "verify:b"):
+        assert states[skipped] is StepState.SKIPPED
+        assert result.steps[skipped].reason == "needs nix:service-config:a, which failed"
+        assert result.steps[skipped].started_at is None
+    for ok in ("tf:infra", "nix:core:postgresql", "verify:postgresql", "verify:c"):
+        assert states[ok] is StepState.SUCCEEDED
+    assert result.state is DeploymentState.FAILED
+    assert recorder.finished()["verify:b"].state is StepState.SKIPPED
+    assert not [e for e in recorder.events if isinstance(e, RollbackStarted)]
+
+
+async def test_failed_verify_rolls_the_service_back_and_re_verifies(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    recorder = Recorder()
+    runners = simulated(fail=["verify:a"])
+    sim = runners.rollback
+    assert isinstance(sim, SimulatedRunner)
+    ctx = context(plan, manifest, tmp_path)
+    result = await Executor(runners, subscribers=[recorder]).execute(plan, ctx)
+
+    before, deployed = system_path("a", "initial"), system_path("a", "rev1")
+    assert result.steps["verify:a"].state is StepState.ROLLED_BACK
+    assert result.steps["verify:a"].reason == f"a rolled back to {before} after verify:a failed"
+    assert result.steps["nix:service-config:a"].result.previous_system == before
+    assert result.steps["nix:service-config:a"].result.new_system == deployed
+    assert ctx.previous_systems["a"] == before
+    # activated the new system, then the recorded one again
+    assert [path for svc, path in sim.hosts.activations if svc == "a"] == [deployed, before]
+    assert sim.hosts.running["a"] == before
+    assert result.states()["nix:service-config:b"] is StepState.SKIPPED
+    assert result.states()["verify:c"] is StepState.SUCCEEDED
+    assert result.state is DeploymentState.ROLLED_BACK
+    assert result.rollbacks["a"].ok
+    kinds = [type(e) for e in recorder.events if isinstance(e, RollbackStarted | RollbackFinished)]
+    assert kinds == [RollbackStarted, RollbackFinished]
+    rollback_at = next(i for i, e in enumerate(recorder.events) if isinstance(e, RollbackStarted))
+    verify_done = next(
+        i
+        for i, e in enumerate(recorder.events)
+        if isinstance(e, StepFinished) and e.step.id == "verify:a"
+    )
+    assert rollback_at < verify_done
+
+
+async def test_failed_nix_step_rolls_back_to_the_recorded_system(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    runners = simulated(fail=["nix:service-config:c"])
+    result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
+    assert result.steps["nix:service-config:c"].state is StepState.ROLLED_BACK
+    assert result.rollbacks["c"].new_system == system_path("c", "initial")
+    assert result.steps["verify:c"].state is StepState.SKIPPED
+
+
+async def test_a_failed_rollback_leaves_the_step_failed(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    runners = simulated(fail=["verify:a"], fail_rollback=["a"])
+    result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
+    assert result.steps["verify:a"].state is StepState.FAILED
+    assert result.steps["verify:a"].reason == (
+        "rollback of a failed: simulated rollback failure of a"
+    )
+    assert result.state is DeploymentState.FAILED
+
+
+async def test_verify_without_a_recorded_system_cannot_roll_back(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    full = plan_full(manifest)
+    verify_only = finalize({"verify:c": full.by_id()["verify:c"].model_copy(update={"needs": []})})
+    runners = simulated(fail=["verify:c"])
+    result = await Executor(runners).execute(verify_only, context(verify_only, manifest, tmp_path))
+    assert result.steps["verify:c"].state is StepState.FAILED
+    assert result.steps["verify:c"].reason == (
+        "no recorded previous system for c: cannot roll back"
+    )
+
+
+async def test_subscribers_that_raise_or_hang_do_not_break_the_deployment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+
+    async def raises(event: Event) -> None:
+        raise RuntimeError("notifier down")
+
+    async def hangs(event: Event) -> None:
+        await asyncio.sleep(3600)
+
+    recorder = Recorder()
+    executor = Executor(
+        simulated(0.005),
+        subscribers=[raises, hangs, recorder],
+        subscriber_timeout=0.05,
+        drain_timeout=0.3,
+    )
+    result = await asyncio.wait_for(
+        executor.execute(plan, context(plan, manifest, tmp_path)), timeout=10
+    )
+    assert result.state is DeploymentState.SUCCEEDED
+    # the healthy subscriber got every event, in order, ending with the deployment's end
+    assert isinstance(recorder.events[-1], DeploymentFinished)
+    assert len(recorder.finished()) == len(plan.steps)
+    assert "notifier down" in caplog.text
+
+
+async def test_longest_remaining_chain_goes_first(tmp_path: Path) -> None:
+    """With one slot, the head of the long chain starts before the short independent steps."""
+    steps = {
+        "a:short": Step(id="a:short", phase=Phase.VERIFY, service="a"),
+        "b:short": Step(id="b:short", phase=Phase.VERIFY, service="b"),
+        "z:1": Step(id="z:1", phase=Phase.VERIFY, service="z"),
+        "z:2": Step(id="z:2", phase=Phase.VERIFY, service="z", needs=["z:1"]),
+        "z:3": Step(id="z:3", phase=Phase.VERIFY, service="z", needs=["z:2"]),
+    }
+    plan = finalize(steps)
+    result = await Executor(simulated(0.01), parallel=1).execute(
+        plan, context(plan, small_manifest(), tmp_path)
+    )
+    first = min(result.steps.values(), key=lambda o: o.started_at)
+    assert first.step.id == "z:1"
+
+
+async def test_explicit_rollback_activates_targets_and_re_verifies(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    runners = simulated()
+    sim = runners.rollback
+    executor = Executor(runners)
+    await executor.execute(plan, context(plan, manifest, tmp_path))
+    target = system_path("a", "older")
+    ctx = context(plan, manifest, tmp_path)
+    assert executor.rollback_dry_run(["a"], ctx, {"a": target}) == [
+        ("nix:service-config:a", [f"simulate rollback a to {target}"]),
+        ("verify:a", ["simulate verify:a (0.02s)"]),
+    ]
+    result = await executor.rollback_services(["a"], ctx, {"a": target})
+    assert result.kind is DeploymentKind.ROLLBACK
+    assert result.state is DeploymentState.SUCCEEDED
+    assert list(result.states()) == ["nix:service-config:a", "verify:a"]
+    assert sim.hosts.running["a"] == target
+    assert result.steps["nix:service-config:a"].result.previous_system == system_path("a", "rev1")
+    with pytest.raises(ValueError, match="no system to roll back to for: b"):
+        await executor.rollback_services(["b"], ctx, {})
+
+
+def test_dry_run_lists_every_step_with_its_commands(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    lines = Executor(simulated(0.5)).dry_run(plan, context(plan, manifest, tmp_path))
+    assert [sid for sid, _ in lines] == [sid for wave in plan.waves for sid in wave]
+    assert lines[0] == ("tf:infra", ["simulate tf:infra (0.5s)"])
+
+
+def test_critical_path_is_the_longest_weighted_chain() -> None:
+    plan = plan_full(small_manifest())
+    # tf:infra -> nix pg -> verify pg -> nix a -> verify a -> nix b -> verify b
+    assert critical_path(plan, lambda step: 1.0) == 7.0
