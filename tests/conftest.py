@@ -10,7 +10,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 UPSTREAM = SHARED / "fixtures" / "nixmox-upstream"
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures_pg"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,497 @@
+"""The state store against both backends: real SQLite files and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from planner.plan import Phase, Plan, Step, finalize
+from runners.base import (
+    DeploymentFinished,
+    DeploymentKind,
+    DeploymentStarted,
+    DeploymentState,
+    RollbackFinished,
+    StepFinished,
+    StepOutput,
+    StepResult,
+    StepStarted,
+    StepState,
+    Trigger,
+)
+from runners.store import (
+    SCHEMA_VERSION,
+    ApprovalState,
+    JobState,
+    LockBusy,
+    Store,
+    StoreError,
+)
+
+LEASE = timedelta(seconds=30)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database URL of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/state/state.db"
+    return request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(store_url)
+    yield opened
+    await opened.close()
+
+
+def small_plan(head: str = "rev-b", base: str | None = "rev-a") -> Plan:
+    """tf:infra -> nix:core:postgresql -> verify:postgresql -> nix:service-config:gitea -> verify."""
+    steps = {
+        "tf:infra": Step(id="tf:infra", phase=Phase.TF_INFRA),
+        "nix:core:postgresql": Step(
+            id="nix:core:postgresql",
+            phase=Phase.NIX_CORE,
+            service="postgresql",
+            needs=["tf:infra"],
+        ),
+        "verify:postgresql": Step(
+            id="verify:postgresql",
+            phase=Phase.VERIFY,
+            service="postgresql",
+            needs=["nix:core:postgresql"],
+        ),
+        "nix:service-config:gitea": Step(
+            id="nix:service-config:gitea",
+            phase=Phase.NIX_SERVICE_CONFIG,
+            service="gitea",
+            needs=["verify:postgresql"],
+        ),
+        "verify:gitea": Step(
+            id="verify:gitea",
+            phase=Phase.VERIFY,
+            service="gitea",
+            needs=["nix:service-config:gitea"],
+        ),
+    }
+    return finalize(steps, base=base, head=head)
+
+
+async def run_all(store: Store, deployment_id: str, plan: Plan, fail: str | None = None) -> None:
+    """Feed the store the events of a deployment in which every step (but `fail`) succeeds."""
+    await store.record_event(DeploymentStarted(deployment_id, plan))
+    state = DeploymentState.SUCCEEDED
+    for step in plan.steps:
+        await store.record_event(StepStarted(deployment_id, step))
+        await store.record_event(StepOutput(deployment_id, step.id, f"running {step.id}\n"))
+        ok = step.id != fail
+        nix = step.phase in (Phase.NIX_CORE, Phase.NIX_SERVICE_CONFIG)
+        result = StepResult(
+            ok=ok,
+            output=f"output of {step.id}",
+            previous_system=f"/nix/store/old-{step.service}" if nix else None,
+            new_system=f"/nix/store/new-{step.service}" if nix and ok else None,
+        )
+        final = StepState.SUCCEEDED if ok else StepState.FAILED
+        if not ok:
+            state = DeploymentState.FAILED
+        await store.record_event(StepFinished(deployment_id, step, final, result))
+    await store.record_event(DeploymentFinished(deployment_id, state))
+
+
+async def test_schema_is_created_and_versioned(store_url: str, tmp_path: Path) -> None:
+    store = await Store.open(store_url)
+    assert await store.schema_version() == SCHEMA_VERSION
+    await store.close()
+    # opening again keeps the data and the version (no second row, no error)
+    again = await Store.open(store_url)
+    assert await again.schema_version() == SCHEMA_VERSION
+    await again.close()
+    if store_url.startswith("sqlite"):
+        assert (tmp_path / "state" / "state.db").is_file()
+
+
+async def test_a_newer_schema_is_refused(store: Store, store_url: str) -> None:
+    from runners.store import schema_version
+
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            schema_version.insert().values(version=SCHEMA_VERSION + 1, applied_at=_now())
+        )
+    with pytest.raises(StoreError, match="newer than this nixmox"):
+        await Store.open(store_url)
+
+
+async def test_unsupported_url_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="unsupported database 'mysql'"):
+        await Store.open("mysql://root@127.0.0.1/x")
+
+
+async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> None:
+    plan = small_plan()
+    dep = await store.create_deployment(
+        kind=DeploymentKind.DEPLOY,
+        trigger=Trigger.SLACK,
+        plan=plan,
+        requested_by="alice",
+        approved_by="bob",
+    )
+    created = await store.get_deployment(dep)
+    assert created is not None
+    assert created.state is DeploymentState.QUEUED
+    assert [s.id for s in created.steps] == [s.id for s in plan.steps]
+    assert {s.state for s in created.steps} == {StepState.PENDING}
+    assert (created.base, created.head, created.digest) == ("rev-a", "rev-b", plan.digest)
+    assert created.plan == plan
+
+    await run_all(store, dep, plan)
+    done = await store.get_deployment(dep)
+    assert done is not None
+    assert done.state is DeploymentState.SUCCEEDED
+    assert (done.requested_by, done.approved_by, done.trigger) == ("alice", "bob", "slack")
+    assert done.started_at is not None and done.finished_at is not None
+    nix = done.step("nix:service-config:gitea")
+    assert nix is not None
+    assert nix.state is StepState.SUCCEEDED
+    assert nix.attempt == 1
+    assert nix.output == "output of nix:service-config:gitea"
+    assert (nix.previous_system, nix.new_system) == ("/nix/store/old-gitea", "/nix/store/new-gitea")
+    assert nix.started_at is not None and nix.finished_at >= nix.started_at
+
+    services = await store.services()
+    assert set(services) == {"postgresql", "gitea"}
+    gitea = services["gitea"]
+    assert (gitea.revision, gitea.system_path, gitea.previous_system) == (
+        "rev-b",
+        "/nix/store/new-gitea",
+        "/nix/store/old-gitea",
+    )
+    assert gitea.last_deployment_id == dep
+    assert gitea.last_health == "healthy"
+    assert await store.last_deployed_revision() == "rev-b"
+    assert done.to_json() == {
+        "id": dep,
+        "kind": "deploy",
+        "state": "succeeded",
+        "steps": [
+            {
+                "id": s.id,
+                "state": "succeeded",
+                "started_at": s.started_at.isoformat(),
+                "finished_at": s.finished_at.isoformat(),
+            }
+            for s in done.steps
+        ],
+    }
+
+
+async def test_failed_service_keeps_its_revision(store: Store) -> None:
+    first = small_plan(head="rev-a", base=None)
+    one = await store.create_deployment(kind="deploy", trigger="cli", plan=first)
+    await run_all(store, one, first)
+    second = small_plan(head="rev-b")
+    two = await store.create_deployment(kind="deploy", trigger="cli", plan=second)
+    await run_all(store, two, second, fail="verify:gitea")
+    services = await store.services()
+    # postgresql finished everything: it runs rev-b; gitea failed: still recorded at rev-a
+    assert services["postgresql"].revision == "rev-b"
+    assert services["gitea"].revision == "rev-a"
+    assert services["gitea"].last_deployment_id == two
+    assert services["gitea"].last_health == "unhealthy"
+    # the failed deployment does not count as deployed
+    assert await store.last_deployed_revision() == "rev-a"
+
+
+async def test_rollback_finished_records_the_system_it_went_back_to(store: Store) -> None:
+    plan = small_plan()
+    dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    await run_all(store, dep, plan, fail="verify:gitea")
+    await store.record_event(RollbackFinished(dep, "gitea", True))
+    assert (await store.services())["gitea"].system_path == "/nix/store/old-gitea"
+
+
+async def test_steps_not_in_the_plan_are_added(store: Store) -> None:
+    plan = small_plan()
+    dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    extra = Step(id="rollback:gitea", phase=Phase.NIX_SERVICE_CONFIG, service="gitea")
+    await store.record_event(StepStarted(dep, extra))
+    await store.record_event(StepFinished(dep, extra, StepState.SUCCEEDED, StepResult(ok=True)))
+    record = await store.get_deployment(dep)
+    assert record is not None
+    assert record.steps[-1].id == "rollback:gitea"
+    assert record.steps[-1].state is StepState.SUCCEEDED
+
+
+async def test_history_newest_first_and_per_service(store: Store) -> None:
+    plan = small_plan()
+    only_pg = finalize(
+        {
+            "nix:core:postgresql": Step(
+                id="nix:core:postgresql", phase=Phase.NIX_CORE, service="postgresql"
+            )
+        },
+        head="rev-c",
+    )
+    first = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    await asyncio.sleep(0.01)
+    second = await store.create_deployment(kind="deploy", trigger="merge", plan=only_pg)
+    assert [d.id for d in await store.history()] == [second, first]
+    assert [d.id for d in await store.history("gitea")] == [first]
+    assert [d.id for d in await store.history(limit=1)] == [second]
+    assert await store.get_deployment("nope") is None
+
+
+async def test_lock_refuses_a_second_holder_naming_it(store: Store) -> None:
+    await store.acquire_locks(
+        ["gitea", "postgresql"], "deploy-1@host:1", lease=LEASE, reason="deployment 1"
+    )
+    with pytest.raises(LockBusy) as busy:
+        await store.acquire_locks(["caddy", "gitea"], "deploy-2@host:2", lease=LEASE)
+    assert busy.value.service == "gitea"
+    assert busy.value.holder == "deploy-1@host:1"
+    assert "gitea is locked by deploy-1@host:1 (deployment 1)" in str(busy.value)
+    # all or nothing: caddy was not taken by the refused attempt
+    assert [lock.service for lock in await store.locks()] == ["gitea", "postgresql"]
+    # the same holder may take its locks again (renewal)
+    await store.acquire_locks(["gitea"], "deploy-1@host:1", lease=LEASE)
+    await store.release_locks("deploy-1@host:1")
+    await store.acquire_locks(["caddy", "gitea"], "deploy-2@host:2", lease=LEASE)
+    assert {lock.holder for lock in await store.locks()} == {"deploy-2@host:2"}
+
+
+async def test_a_second_deployment_waits_for_the_lock(store: Store) -> None:
+    await store.acquire_locks(["gitea"], "first", lease=LEASE)
+
+    async def release_soon() -> None:
+        await asyncio.sleep(0.5)
+        await store.release_locks("first")
+
+    releaser = asyncio.create_task(release_soon())
+    await store.acquire_locks(["gitea"], "second", lease=LEASE, wait=10)
+    await releaser
+    assert [(lock.service, lock.holder) for lock in await store.locks()] == [("gitea", "second")]
+    # a wait that is too short still ends with LockBusy
+    with pytest.raises(LockBusy, match="locked by second"):
+        await store.acquire_locks(["gitea"], "third", lease=LEASE, wait=0.3)
+
+
+async def test_expired_lease_is_reclaimed_and_renewal_keeps_it(store: Store) -> None:
+    short = timedelta(seconds=0.5)
+    await store.acquire_locks(["gitea"], "dead", lease=short)
+    await store.acquire_locks(["caddy"], "alive", lease=short)
+    for _ in range(3):
+        await asyncio.sleep(0.3)
+        await store.renew_locks("alive", short)
+    # "dead" stopped renewing: its lease ran out, another holder gets the service
+    await store.acquire_locks(["gitea"], "next", lease=LEASE)
+    with pytest.raises(LockBusy, match="locked by alive"):
+        await store.acquire_locks(["caddy"], "next", lease=LEASE)
+
+
+async def test_concurrent_lockers_exactly_one_wins(store_url: str) -> None:
+    stores = [await Store.open(store_url) for _ in range(4)]
+    try:
+        results = await asyncio.gather(
+            *(
+                s.acquire_locks(["gitea", "postgresql"], f"holder-{i}", lease=LEASE)
+                for i, s in enumerate(stores)
+            ),
+            return_exceptions=True,
+        )
+        winners = [r for r in results if r is None]
+        assert len(winners) == 1
+        assert all(isinstance(r, LockBusy) for r in results if r is not None)
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_manual_lock_and_unlock(store: Store) -> None:
+    await store.lock("vaultwarden", "alice", "maintenance")
+    with pytest.raises(LockBusy, match=r"vaultwarden is locked by alice \(maintenance\)"):
+        await store.acquire_locks(["vaultwarden"], "deploy", lease=LEASE)
+    [held] = await store.locks()
+    assert held.expires_at is None  # a manual lock has no lease: it never expires by itself
+    await store.release_locks("alice")  # releasing leases does not drop a manual lock
+    assert await store.locks()
+    assert await store.unlock("vaultwarden") is True
+    assert await store.unlock("vaultwarden") is False
+    await store.acquire_locks(["vaultwarden"], "deploy", lease=LEASE)
+
+
+async def test_recover_interrupted_after_lease(store: Store) -> None:
+    plan = small_plan()
+    short = timedelta(seconds=0.4)
+    holder = "deploy@host:999"
+    await store.acquire_locks(plan.services(), holder, lease=short)
+    dep = await store.create_deployment(
+        kind="deploy", trigger="cli", plan=plan, holder=holder, lease=short
+    )
+    await store.record_event(DeploymentStarted(dep, plan))
+    for step in plan.steps[:2]:
+        await store.record_event(StepStarted(dep, step))
+    await store.record_event(
+        StepFinished(dep, plan.steps[0], StepState.SUCCEEDED, StepResult(ok=True))
+    )
+    # while the lease runs, nothing is recovered
+    assert await store.recover_interrupted() == []
+    await asyncio.sleep(0.6)
+    [record] = await store.recover_interrupted()
+    assert record.id == dep
+    assert record.state is DeploymentState.INTERRUPTED
+    assert "it stopped during nix:core:postgresql" in (record.note or "")
+    states = {s.id: s.state for s in record.steps}
+    assert states == {
+        "tf:infra": StepState.SUCCEEDED,
+        "nix:core:postgresql": StepState.INTERRUPTED,
+        "verify:postgresql": StepState.SKIPPED,
+        "nix:service-config:gitea": StepState.SKIPPED,
+        "verify:gitea": StepState.SKIPPED,
+    }
+    stopped = record.step("nix:core:postgresql")
+    assert stopped is not None and "stopped while running (attempt 1" in (stopped.reason or "")
+    assert await store.locks() == []  # the dead holder's locks are reclaimed
+    assert await store.recover_interrupted() == []  # only once
+
+
+async def test_renewed_deployment_is_not_recovered(store: Store) -> None:
+    plan = small_plan()
+    short = timedelta(seconds=0.4)
+    dep = await store.create_deployment(
+        kind="deploy", trigger="cli", plan=plan, holder="me", lease=short
+    )
+    await store.set_deployment_state(dep, DeploymentState.RUNNING)
+    for _ in range(3):
+        await asyncio.sleep(0.25)
+        await store.renew_locks("me", short)
+    assert await store.recover_interrupted() == []
+    record = await store.get_deployment(dep)
+    assert record is not None and record.state is DeploymentState.RUNNING
+
+
+async def test_redelivered_webhook_is_recorded_once(store_url: str) -> None:
+    stores = [await Store.open(store_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(s.record_delivery("abc-123") for s in stores))
+        assert sorted(results) == [False, False, True]
+        assert await stores[0].record_delivery("abc-123") is False
+        assert await stores[0].record_delivery("abc-124") is True
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_job_queue_claim_lease_and_finish(store: Store) -> None:
+    first = await store.enqueue_job("github.pull_request", {"number": 7})
+    second = await store.enqueue_job("slack.deploy", {"service": "gitea"})
+    job = await store.claim_job("worker-a", lease=timedelta(seconds=0.4))
+    assert job is not None
+    assert (job.id, job.kind, job.payload, job.attempts) == (
+        first,
+        "github.pull_request",
+        {"number": 7},
+        1,
+    )
+    assert job.state is JobState.RUNNING
+    other = await store.claim_job("worker-b", lease=LEASE)
+    assert other is not None and other.id == second
+    assert await store.claim_job("worker-b", lease=LEASE) is None
+    # worker-a died: after its lease the job is claimed again, attempt 2
+    await asyncio.sleep(0.5)
+    again = await store.claim_job("worker-c", lease=LEASE)
+    assert again is not None
+    assert (again.id, again.worker, again.attempts) == (first, "worker-c", 2)
+    assert await store.renew_job(first, "worker-a", LEASE) is False
+    assert await store.renew_job(first, "worker-c", LEASE) is True
+    await store.finish_job(first)
+    await store.finish_job(second, error="boom")
+    done, failed = await store.get_job(first), await store.get_job(second)
+    assert done is not None and done.state is JobState.DONE
+    assert failed is not None and (failed.state, failed.error) == (JobState.FAILED, "boom")
+    assert await store.claim_job("worker-a", lease=LEASE) is None
+
+
+async def test_jobs_survive_reopening(store_url: str) -> None:
+    store = await Store.open(store_url)
+    job_id = await store.enqueue_job("github.push", {"after": "abc"})
+    await store.close()
+    reopened = await Store.open(store_url)
+    try:
+        job = await reopened.claim_job("w", lease=LEASE)
+        assert job is not None and job.id == job_id and job.payload == {"after": "abc"}
+    finally:
+        await reopened.close()
+
+
+async def test_concurrent_claims_never_share_a_job(store_url: str) -> None:
+    stores = [await Store.open(store_url) for _ in range(3)]
+    try:
+        ids = [await stores[0].enqueue_job("k", {"n": n}) for n in range(6)]
+        claimed = await asyncio.gather(
+            *(s.claim_job(f"w{i}", lease=LEASE) for i, s in enumerate(stores * 2))
+        )
+        assert sorted(job.id for job in claimed if job is not None) == ids
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_approvals_resolve_once(store: Store) -> None:
+    plan = small_plan()
+    approval = await store.create_approval(
+        kind="deploy",
+        requested_by="U_ALICE",
+        digest=plan.digest,
+        ttl=timedelta(minutes=15),
+        plan=plan,
+        service="gitea",
+        args={"ref": "main"},
+    )
+    await store.set_approval_message(approval, "C1", "1700000000.0001")
+    record = await store.get_approval(approval)
+    assert record is not None
+    assert record.state is ApprovalState.PENDING
+    assert (record.plan, record.args, record.channel, record.ts) == (
+        plan,
+        {"ref": "main"},
+        "C1",
+        "1700000000.0001",
+    )
+    results = await asyncio.gather(
+        store.resolve_approval(approval, ApprovalState.APPROVED, "U_BOB"),
+        store.resolve_approval(approval, ApprovalState.CANCELLED, "U_ALICE"),
+    )
+    assert sorted(results) == [False, True]
+    final = await store.get_approval(approval)
+    assert final is not None and final.resolved_by in {"U_BOB", "U_ALICE"}
+    assert await store.get_approval("missing") is None
+
+
+async def test_expired_approval_cannot_be_approved(store: Store) -> None:
+    approval = await store.create_approval(
+        kind="rollback", requested_by="U_A", digest="d", ttl=timedelta(seconds=0.2)
+    )
+    await asyncio.sleep(0.3)
+    assert await store.resolve_approval(approval, ApprovalState.APPROVED, "U_B") is False
+    [expired] = await store.expire_approvals()
+    assert expired.id == approval and expired.state is ApprovalState.EXPIRED
+    assert await store.expire_approvals() == []
+
+
+async def test_audit_log(store: Store) -> None:
+    await store.audit("alice", "unlock", {"service": "gitea", "state": DeploymentState.FAILED})
+    await store.audit("bob", "deploy", {"ref": "main"})
+    entries = await store.audit_log()
+    assert [(e.actor, e.action) for e in entries] == [("bob", "deploy"), ("alice", "unlock")]
+    assert entries[1].detail == {"service": "gitea", "state": "failed"}
+
+
+def _now():  # type: ignore[no-untyped-def]
+    from runners.base import utcnow
+
+    return utcnow()
