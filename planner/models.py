@@ -188,6 +188,8 @@ def unknown_keys(model: BaseModel, path: str = "") -> list[str]:
             if not (isinstance(current, Manifest) and key.startswith("enable_")):
                 found.append(f"{prefix}{key}")
         for name, value in current.__dict__.items():
+            if name.startswith("_"):  # cached properties, not manifest keys
+                continue
             if isinstance(value, Open):
                 stack.append((value, f"{prefix}{name}."))
             elif isinstance(value, dict) and value:

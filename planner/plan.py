@@ -26,7 +26,13 @@ from planner.diff import (
     match_files,
 )
 from planner.findings import Finding, Severity, warning
-from planner.graph import Dependency, dependencies, host_index, service_graph
+from planner.graph import (
+    Dependency,
+    dependencies,
+    host_index,
+    orders_deployment,
+    service_graph,
+)
 from planner.models import Manifest
 from planner.validate import validate
 
@@ -88,6 +94,7 @@ class DependencyInfo(BaseModel):
     kind: str
     field: str
     inferred: bool
+    orders: bool = True  # False: set up later by tf:auth-core, does not order the steps
 
 
 class Change(BaseModel):
@@ -415,6 +422,7 @@ def dependency_infos(analysis: Analysis, services: set[str]) -> list[DependencyI
             kind=dep.kind.value,
             field=dep.field,
             inferred=dep.inferred,
+            orders=orders_deployment(analysis.manifest, dep),
         )
         for dep in analysis.deps
         if dep.service in services and dep.target in services
@@ -463,43 +471,116 @@ def _nearest_selected(
 
 # --- diff-aware planning -------------------------------------------------------------------
 #
-# A change selects steps of the head's full plan (with the reasons that caused them); `restrict`
-# then keeps the full plan's order among the selected steps. Removals add `tf:destroy` steps,
-# which the full plan of the head cannot contain.
+# A change selects steps of the head's full plan, each with the reasons that caused it; the
+# full plan of the selected services' closure is then built and `restrict` keeps its order among
+# the selected steps. Removals add `tf:destroy` steps, which no plan of the head contains.
 
 NOTE_SAME_MANIFEST = "the manifest evaluates to the same services and settings"
 NOTE_NO_FILES = "no changed file belongs to a service"
 NOTE_DISABLED_ONLY = "only disabled services changed ({names})"
 NOTE_BASE_INVALID = "the base manifest could not be used ({why}); this is the full plan of head"
+ANALYSIS_MEMO_SIZE = 8
+
+
+class AnalysisMemo:
+    """Analyses of manifest objects already seen (a bot re-plans the same revisions).
+
+    Keyed by object identity, so only hand it manifests that are not mutated afterwards, such
+    as those `planner.source.EvalCache` returns (it owns one of these for that reason).
+    """
+
+    def __init__(self, size: int = ANALYSIS_MEMO_SIZE) -> None:
+        self.size = size
+        self._items: dict[int, tuple[Manifest, Analysis]] = {}
+
+    def analyse(self, manifest: Manifest, *, warnings: bool = True) -> Analysis:
+        """The manifest's analysis; `warnings=False` may skip the warning checks (base)."""
+        found = self._items.pop(id(manifest), None)
+        if found is None or found[0] is not manifest:
+            analysis = analyse(manifest) if warnings else analyse_errors(manifest)
+            found = (manifest, analysis)
+        elif warnings and found[1].partial:
+            found = (manifest, analyse(manifest))
+        self._items[id(manifest)] = found
+        while len(self._items) > self.size:
+            self._items.pop(next(iter(self._items)))
+        return found[1]
+
+
+def analyse_errors(manifest: Manifest) -> Analysis:
+    """Dependencies, graph and validation errors only (a base manifest needs no warnings)."""
+    from planner.validate import check_addresses, check_cycles, check_dependencies, check_duplicates
+
+    deps = dependencies(manifest)
+    findings = [
+        *check_dependencies(manifest, deps),
+        *check_cycles(manifest, deps),
+        *check_duplicates(manifest),
+        *check_addresses(manifest),
+    ]
+    analysis = Analysis(manifest, deps, service_graph(manifest, deps), findings)
+    analysis.partial = True
+    return analysis
 
 
 class Selection:
-    """Selected step ids with their reasons (ordered, unique) and tf:infra's targets."""
+    """Selected steps of the head's plan, with their reasons, and tf:infra's targets."""
 
-    def __init__(self, full: dict[str, Step]) -> None:
-        self.full = full
+    def __init__(self, head: Manifest, provider: str | None) -> None:
+        self.head = head
+        self.enabled = head.enabled()
+        self.provider = provider
         self.reasons: dict[str, list[str]] = {}
         self.infra_targets: set[str] = set()
         self.redeployed_core: dict[str, list[str]] = {}
+        self._chains: dict[str, list[Phase]] = {}
 
-    def add(self, sid: str, reason: str) -> bool:
-        """Select a step of the full plan; False when the head's plan has no such step."""
-        if sid not in self.full:
+    def chain(self, service: str) -> list[Phase]:
+        if service not in self._chains:
+            self._chains[service] = service_chain(self.head, service)
+        return self._chains[service]
+
+    def exists(self, phase: Phase, service: str | None) -> bool:
+        """Whether the head's full plan has this step."""
+        if phase is Phase.TF_INFRA:
+            return True
+        if phase is Phase.TF_AUTH_CORE:
+            return self.provider is not None
+        return service in self.enabled and phase in self.chain(service)
+
+    def add(self, phase: Phase, service: str | None, reason: str) -> bool:
+        """Select a step; False (nothing selected) when the head's plan has no such step."""
+        if not self.exists(phase, service):
             return False
-        reasons = self.reasons.setdefault(sid, [])
+        reasons = self.reasons.setdefault(step_id(phase, service), [])
         if reason not in reasons:
             reasons.append(reason)
         return True
 
+    def add_all(self, reason: str) -> None:
+        """Every step of the head's full plan (a `network.*` change)."""
+        self.add(Phase.TF_INFRA, None, reason)
+        self.add(Phase.TF_AUTH_CORE, None, reason)
+        for name in self.enabled:
+            for phase in self.chain(name):
+                self.add(phase, name, reason)
+        self.infra_targets.update(self.enabled)
+
     def add_infra(self, service: str, reason: str) -> None:
-        if self.add(step_id(Phase.TF_INFRA), reason):
-            self.infra_targets.add(service)
+        self.add(Phase.TF_INFRA, None, reason)
+        self.infra_targets.add(service)
+
+    def services(self) -> set[str]:
+        """Services with a selected step, and the provider when tf:auth-core is selected."""
+        found = {sid.rsplit(":", 1)[1] for sid in self.reasons if sid.count(":") == 2}
+        if step_id(Phase.TF_AUTH_CORE) in self.reasons and self.provider is not None:
+            found.add(self.provider)
+        return found
 
 
-def nix_step(manifest: Manifest, service: str) -> str:
-    """The step that builds a service's NixOS configuration."""
-    phase = Phase.NIX_CORE if manifest.is_core(service) else Phase.NIX_SERVICE_CONFIG
-    return step_id(phase, service)
+def nix_phase(manifest: Manifest, service: str) -> Phase:
+    """The phase that builds a service's NixOS configuration."""
+    return Phase.NIX_CORE if manifest.is_core(service) else Phase.NIX_SERVICE_CONFIG
 
 
 @dataclass
@@ -517,6 +598,7 @@ class ChangeContext:
 def _database_services(ctx: ChangeContext, service: str, path: str) -> set[str]:
     """The services hosting the databases a changed `interface.db*` path refers to."""
     parts = path.split(".")
+    enabled = ctx.head.enabled()
     found: set[str] = set()
     for manifest, hosts in ((ctx.head, ctx.head_hosts), (ctx.base, ctx.base_hosts)):
         svc = manifest.all_services().get(service)
@@ -531,7 +613,7 @@ def _database_services(ctx: ChangeContext, service: str, path: str) -> set[str]:
             entries = [db for name, db in dbs.items() if name]
         for db in entries:
             target = hosts.get(db.host or "")
-            if target and target != service and target in ctx.head.enabled():
+            if target and target != service and target in enabled:
                 found.add(target)
     return found
 
@@ -549,51 +631,54 @@ def apply_effects(
     effects = set(effects)
     is_core = head.is_core(service)
     if Effect.TERRAFORM in effects:
-        tf = [step_id(p, service) for p in (Phase.TF_SERVICE_INFRA, Phase.TF_SERVICE_CONFIG)]
-        if not [sid for sid in tf if sel.add(sid, reason)]:
+        fed = [
+            sel.add(phase, service, reason)
+            for phase in (Phase.TF_SERVICE_INFRA, Phase.TF_SERVICE_CONFIG)
+        ]
+        if not any(fed):
             effects.add(Effect.NIX)  # its terraform is gone: at least rebuild the host
     if Effect.AUTH in effects:
         if is_core:
-            sel.add(step_id(Phase.TF_AUTH_CORE), reason)  # core apps live in tf:auth-core
+            sel.add(Phase.TF_AUTH_CORE, None, reason)  # core services' apps: tf:auth-core
         else:
-            sel.add(step_id(Phase.TF_SERVICE_CONFIG, service), reason)
+            sel.add(Phase.TF_SERVICE_CONFIG, service, reason)
     if Effect.INFRA in effects:
         sel.add_infra(service, reason)
     if Effect.DNS in effects:
-        sel.add(step_id(Phase.NIX_CORE, options.dns_service), reason)
+        sel.add(Phase.NIX_CORE, options.dns_service, reason)
     if Effect.PROXY in effects:
-        sel.add(step_id(Phase.NIX_CORE, options.proxy_service), reason)
+        sel.add(Phase.NIX_CORE, options.proxy_service, reason)
     if Effect.DATABASE in effects and field_path:
         for target in sorted(_database_services(ctx, service, field_path)):
-            sel.add(nix_step(head, target), reason)
+            sel.add(nix_phase(head, target), target, reason)
     if Effect.NIX in effects:
-        sel.add(nix_step(head, service), reason)
+        sel.add(nix_phase(head, service), service, reason)
         if is_core:
             sel.redeployed_core.setdefault(service, []).append(reason)
         if service == ctx.provider:
-            sel.add(step_id(Phase.TF_AUTH_CORE), reason)  # the provider's own config changed
+            sel.add(Phase.TF_AUTH_CORE, None, reason)  # the provider's own config changed
     if Effect.VERIFY in effects:
-        sel.add(step_id(Phase.VERIFY, service), reason)
+        sel.add(Phase.VERIFY, service, reason)
 
 
 def select_added(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> None:
     """A new (or re-enabled, or moved) service: its whole chain and the core services it uses."""
     head, name = ctx.head, change.service
     reason = change.path(change.fields[0] if change.fields else None)
-    for phase in service_chain(head, name):
-        sel.add(step_id(phase, name), reason)
+    for phase in sel.chain(name):
+        sel.add(phase, name, reason)
     sel.add_infra(name, reason)
     svc = head.all_services()[name]
     if svc.hostname or svc.ip is not None:
-        sel.add(step_id(Phase.NIX_CORE, ctx.options.dns_service), reason)
+        sel.add(Phase.NIX_CORE, ctx.options.dns_service, reason)
     if svc.interface.proxies():
-        sel.add(step_id(Phase.NIX_CORE, ctx.options.proxy_service), reason)
-    for path in svc.interface.databases():
-        field_path = f"interface.dbs.{path}" if path else "interface.db"
+        sel.add(Phase.NIX_CORE, ctx.options.proxy_service, reason)
+    for entry in svc.interface.databases():
+        field_path = f"interface.dbs.{entry}" if entry else "interface.db"
         for target in sorted(_database_services(ctx, name, field_path)):
-            sel.add(nix_step(head, target), reason)
+            sel.add(nix_phase(head, target), target, reason)
     if name == ctx.provider or (head.is_core(name) and svc.interface.auths()):
-        sel.add(step_id(Phase.TF_AUTH_CORE), reason)
+        sel.add(Phase.TF_AUTH_CORE, None, reason)
 
 
 def select_removed(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> None:
@@ -601,38 +686,41 @@ def select_removed(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> N
     old = ctx.base.all_services()[change.service]
     reason = change.path(change.fields[0] if change.fields else None)
     if old.hostname or old.ip is not None:
-        sel.add(step_id(Phase.NIX_CORE, ctx.options.dns_service), reason)
+        sel.add(Phase.NIX_CORE, ctx.options.dns_service, reason)
     if old.interface.proxies():
-        sel.add(step_id(Phase.NIX_CORE, ctx.options.proxy_service), reason)
+        sel.add(Phase.NIX_CORE, ctx.options.proxy_service, reason)
     if old.interface.auths() and ctx.base.is_core(change.service):
-        sel.add(step_id(Phase.TF_AUTH_CORE), reason)
+        sel.add(Phase.TF_AUTH_CORE, None, reason)
 
 
 def select_global(sel: Selection, ctx: ChangeContext, fields: Iterable[str]) -> bool:
-    """Top-level changes; True when they need the full plan (`network.*`)."""
+    """Top-level changes; True when they need the full plan (`network.*`).
+
+    `network.*` → everything; options that only tune verification (`health_check_timeout`,
+    `retry_*`, `deployment_phases`, `enable_*`) → verify of every service; any other top-level
+    key (host configurations may read it) → nix and verify of every service.
+    """
     needs_full = False
     for path in fields:
         top = path.split(".")[0]
         if top == "network":
             needs_full = True
-            for sid in sel.full:
-                sel.add(sid, path)
-            sel.infra_targets.update(ctx.head.enabled())
+            sel.add_all(path)
         elif top in VERIFY_ALL_FIELDS or top.startswith("enable_"):
-            for name in ctx.head.enabled():
-                sel.add(step_id(Phase.VERIFY, name), path)
+            for name in sel.enabled:
+                sel.add(Phase.VERIFY, name, path)
         else:
-            for name in ctx.head.enabled():
+            for name in sel.enabled:
                 apply_effects(sel, ctx, name, {Effect.NIX, Effect.VERIFY}, path)
     return needs_full
 
 
-def reverify_dependents(sel: Selection, analysis: Analysis) -> None:
+def reverify_dependents(sel: Selection, graph: nx.DiGraph) -> None:
     """A redeployed core service: re-verify every service that depends on it, transitively."""
     for core, reasons in sorted(sel.redeployed_core.items()):
-        for dependent in sorted(nx.ancestors(analysis.graph, core)):
+        for dependent in sorted(nx.ancestors(graph, core)):
             for reason in reasons:
-                sel.add(step_id(Phase.VERIFY, dependent), reason)
+                sel.add(Phase.VERIFY, dependent, reason)
 
 
 def destroy_steps(
@@ -640,8 +728,8 @@ def destroy_steps(
 ) -> dict[str, Step]:
     """`tf:destroy:<svc>` for removed services, after every dependent is gone or reconfigured.
 
-    Routes and records (DNS, proxy reconfiguration) go first, so nothing points at a container
-    that no longer exists.
+    Core reconfiguration (DNS records, proxy routes) goes first, so nothing points at a
+    container that no longer exists.
     """
     gone = {change.service for change in removed}
     by_service: dict[str, list[str]] = {}
@@ -712,6 +800,7 @@ def plan_changes(
     base_rev: str | None = None,
     head_rev: str | None = None,
     manifest_path: str | None = None,
+    memo: AnalysisMemo | None = None,
 ) -> Plan:
     """The plan of exactly what going from `base` to `head` needs (pure; no base: full plan).
 
@@ -719,34 +808,50 @@ def plan_changes(
     manifest file itself) is left to the semantic diff. An invalid head gives a plan carrying
     the errors; an invalid base gives the full plan of head, with a warning saying so.
     """
-    options = options or PlanOptions()
-    head_id = head_rev or manifest_digest(head)
+    with gc_paused():
+        return _plan_changes(
+            base,
+            head,
+            files=[path for path in dict.fromkeys(changed_files) if path != manifest_path],
+            paths_config=paths_config,
+            service=service,
+            options=options or PlanOptions(),
+            base_rev=base_rev,
+            head_rev=head_rev or manifest_digest(head),
+            memo=memo or AnalysisMemo(),
+        )
+
+
+def _plan_changes(
+    base: Manifest | None,
+    head: Manifest,
+    *,
+    files: list[str],
+    paths_config: PathsConfig | None,
+    service: str | None,
+    options: PlanOptions,
+    base_rev: str | None,
+    head_rev: str,
+    memo: AnalysisMemo,
+) -> Plan:
     if base is None:
-        return full_plan_as_change(head, service, options, base_rev, head_id)
-    analysis = analyse(head)
+        return full_plan_as_change(head, service, options, base_rev, head_rev)
+    analysis = memo.analyse(head)
     if analysis.errors:
-        return invalid_plan(analysis.findings, base=base_rev, head=head_id)
-    base_analysis = analyse(base)
+        return invalid_plan(analysis.findings, base=base_rev, head=head_rev)
+    base_analysis = memo.analyse(base, warnings=False)
     if base_analysis.errors:
         why = f"{len(base_analysis.errors)} validation error(s), first: "
         why += base_analysis.errors[0].render()
-        return full_plan_as_change(head, service, options, base_rev, head_id, base_problem=why)
+        return full_plan_as_change(head, service, options, base_rev, head_rev, base_problem=why)
     if service is not None and service not in analysis.graph:
         known = ", ".join(sorted(analysis.graph.nodes))
         raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
 
     diff = diff_manifests(base, head)
-    files = [path for path in dict.fromkeys(changed_files) if path != manifest_path]
-    full = full_steps(analysis, analysis.graph.nodes, options)
-    sel = Selection(full)
-    ctx = ChangeContext(
-        base=base,
-        head=head,
-        options=options,
-        provider=auth_provider(head, options),
-        head_hosts=host_index(head),
-        base_hosts=host_index(base),
-    )
+    provider = auth_provider(head, options)
+    sel = Selection(head, provider)
+    ctx = ChangeContext(base, head, options, provider, host_index(head), host_index(base))
     needs_full = select_global(sel, ctx, diff.global_fields)
     removed: list[ServiceDiff] = []
     for change in diff.services:
@@ -757,41 +862,56 @@ def plan_changes(
             select_added(sel, ctx, change)
         elif change.enabled_in_head:
             for path in change.fields:
-                apply_effects(
-                    sel, ctx, change.service, field_effects(path), change.path(path), path
-                )
+                apply_effects(sel, ctx, change.service, field_effects(path), change.path(path), path)
     for hit in match_files(files, head, paths_config):
-        targets = [hit.service] if hit.service else sorted(head.enabled())
-        for name in targets:
+        for name in [hit.service] if hit.service else sorted(sel.enabled):
             apply_effects(sel, ctx, name, hit.effects, hit.path)
-    reverify_dependents(sel, analysis)
-
+    reverify_dependents(sel, analysis.graph)
     if service is not None:
-        keep = required_services(analysis, service)
-        sel.reasons = {
-            sid: reasons
-            for sid, reasons in sel.reasons.items()
-            if full[sid].service is None or full[sid].service in keep
-        }
-        sel.infra_targets &= keep
-        removed = []
-        if not sel.infra_targets:
-            sel.reasons.pop(step_id(Phase.TF_INFRA), None)
-    steps = restrict(full, sel.reasons)
-    infra = steps.get(step_id(Phase.TF_INFRA))
-    if infra is not None and not needs_full:
-        infra.targets = sorted(sel.infra_targets)
+        removed = []  # a one-service plan never destroys other services
+        keep_only(sel, required_services(analysis, service))
+
+    steps = selected_steps(sel, analysis, options, needs_full)
     steps.update(destroy_steps(steps, removed, base_analysis.graph))
     plan = finalize(
         steps,
         base=base_rev,
-        head=head_id,
+        head=head_rev,
         changes=changes_of(diff),
         warnings=analysis.warnings,
         note=None if steps else empty_note(diff, files, service),
     )
     plan.dependencies = dependency_infos(analysis, set(plan.services()))
     return plan
+
+
+def keep_only(sel: Selection, services: set[str]) -> None:
+    """Drop selected steps of services outside `services` (`--service`)."""
+    for sid in list(sel.reasons):
+        owner = sid.rsplit(":", 1)[1] if sid.count(":") == 2 else None
+        if owner is not None and owner not in services:
+            del sel.reasons[sid]
+    sel.infra_targets &= services
+    if not sel.infra_targets:
+        sel.reasons.pop(step_id(Phase.TF_INFRA), None)
+
+
+def selected_steps(
+    sel: Selection, analysis: Analysis, options: PlanOptions, needs_full: bool
+) -> dict[str, Step]:
+    """The selected steps, ordered as in the full plan of everything they depend on."""
+    if not sel.reasons:
+        return {}
+    closure: set[str] = set()
+    for name in sel.services():
+        if name not in closure:
+            closure |= required_services(analysis, name)
+    full = full_steps(analysis, closure, options)
+    steps = restrict(full, sel.reasons)
+    infra = steps.get(step_id(Phase.TF_INFRA))
+    if infra is not None and not needs_full:
+        infra.targets = sorted(sel.infra_targets)
+    return steps
 
 
 def full_plan_as_change(

@@ -47,6 +47,8 @@ def render_text(plan: Plan) -> str:
 def dependency_line(dep: DependencyInfo) -> str:
     """`a → b (inferred from interface.db.host)` or `a → b (depends_on)`."""
     origin = f"inferred from {dep.field}" if dep.inferred else "depends_on"
+    if not dep.orders:
+        origin += "; set up by tf:auth-core"
     return f"{dep.service} → {dep.target} ({origin})"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def evaluate_nix(
                     "look for infinite recursion or very large generated lists",
                     EvaluationTimeout,
                 ) from exc
-        if out_path.stat().st_size > limits.max_output:
+        # the kernel stops a write past RLIMIT_FSIZE with SIGXFSZ before anything is written
+        if out_path.stat().st_size > limits.max_output or proc.returncode == -signal.SIGXFSZ:
             raise _eval_failure(
                 f"evaluating {path.name} printed more than {limits.max_output} bytes",
                 "a manifest should describe services, not generate huge data",
