@@ -34,7 +34,13 @@ from planner.graph import (
     service_graph,
 )
 from planner.models import Manifest
-from planner.validate import validate
+from planner.validate import (
+    check_addresses,
+    check_cycles,
+    check_dependencies,
+    check_duplicates,
+    validate,
+)
 
 
 class Phase(StrEnum):
@@ -491,16 +497,15 @@ class AnalysisMemo:
 
     def __init__(self, size: int = ANALYSIS_MEMO_SIZE) -> None:
         self.size = size
-        self._items: dict[int, tuple[Manifest, Analysis]] = {}
+        # id -> (the manifest, kept alive so its id stays its own; analysis; errors only?)
+        self._items: dict[int, tuple[Manifest, Analysis, bool]] = {}
 
     def analyse(self, manifest: Manifest, *, warnings: bool = True) -> Analysis:
         """The manifest's analysis; `warnings=False` may skip the warning checks (base)."""
         found = self._items.pop(id(manifest), None)
-        if found is None or found[0] is not manifest:
+        if found is None or found[0] is not manifest or (warnings and found[2]):
             analysis = analyse(manifest) if warnings else analyse_errors(manifest)
-            found = (manifest, analysis)
-        elif warnings and found[1].partial:
-            found = (manifest, analyse(manifest))
+            found = (manifest, analysis, not warnings)
         self._items[id(manifest)] = found
         while len(self._items) > self.size:
             self._items.pop(next(iter(self._items)))
@@ -509,8 +514,6 @@ class AnalysisMemo:
 
 def analyse_errors(manifest: Manifest) -> Analysis:
     """Dependencies, graph and validation errors only (a base manifest needs no warnings)."""
-    from planner.validate import check_addresses, check_cycles, check_dependencies, check_duplicates
-
     deps = dependencies(manifest)
     findings = [
         *check_dependencies(manifest, deps),
@@ -518,9 +521,7 @@ def analyse_errors(manifest: Manifest) -> Analysis:
         *check_duplicates(manifest),
         *check_addresses(manifest),
     ]
-    analysis = Analysis(manifest, deps, service_graph(manifest, deps), findings)
-    analysis.partial = True
-    return analysis
+    return Analysis(manifest, deps, service_graph(manifest, deps), findings)
 
 
 class Selection:
@@ -533,6 +534,7 @@ class Selection:
         self.reasons: dict[str, list[str]] = {}
         self.infra_targets: set[str] = set()
         self.redeployed_core: dict[str, list[str]] = {}
+        self.owner: dict[str, str | None] = {}  # step id -> its service
         self._chains: dict[str, list[Phase]] = {}
 
     def chain(self, service: str) -> list[Phase]:
@@ -552,7 +554,9 @@ class Selection:
         """Select a step; False (nothing selected) when the head's plan has no such step."""
         if not self.exists(phase, service):
             return False
-        reasons = self.reasons.setdefault(step_id(phase, service), [])
+        sid = step_id(phase, service)
+        self.owner[sid] = service
+        reasons = self.reasons.setdefault(sid, [])
         if reason not in reasons:
             reasons.append(reason)
         return True
@@ -572,7 +576,7 @@ class Selection:
 
     def services(self) -> set[str]:
         """Services with a selected step, and the provider when tf:auth-core is selected."""
-        found = {sid.rsplit(":", 1)[1] for sid in self.reasons if sid.count(":") == 2}
+        found = {self.owner[sid] for sid in self.reasons} - {None}
         if step_id(Phase.TF_AUTH_CORE) in self.reasons and self.provider is not None:
             found.add(self.provider)
         return found
@@ -862,7 +866,9 @@ def _plan_changes(
             select_added(sel, ctx, change)
         elif change.enabled_in_head:
             for path in change.fields:
-                apply_effects(sel, ctx, change.service, field_effects(path), change.path(path), path)
+                apply_effects(
+                    sel, ctx, change.service, field_effects(path), change.path(path), path
+                )
     for hit in match_files(files, head, paths_config):
         for name in [hit.service] if hit.service else sorted(sel.enabled):
             apply_effects(sel, ctx, name, hit.effects, hit.path)
@@ -888,7 +894,7 @@ def _plan_changes(
 def keep_only(sel: Selection, services: set[str]) -> None:
     """Drop selected steps of services outside `services` (`--service`)."""
     for sid in list(sel.reasons):
-        owner = sid.rsplit(":", 1)[1] if sid.count(":") == 2 else None
+        owner = sel.owner[sid]
         if owner is not None and owner not in services:
             del sel.reasons[sid]
     sel.infra_targets &= services

@@ -103,6 +103,7 @@ def plan_revisions(
         base_rev=base_rev,
         head_rev=head_rev,
         manifest_path=manifest_path,
+        memo=cache.analyses if cache is not None else None,
     )
     if base_problem is not None and plan.ok:
         plan = mark_base_unusable(plan, base_problem)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from planner.findings import ManifestError, error
 from planner.models import Manifest
-from planner.plan import gc_paused
+from planner.plan import AnalysisMemo, gc_paused
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
@@ -335,6 +335,8 @@ class EvalCache:
 
         self.size = size
         self._items: OrderedDict[tuple[str, str], Manifest | ManifestError] = OrderedDict()
+        # analyses of the manifests handed out (never mutate a cached manifest)
+        self.analyses = AnalysisMemo(size)
         self.hits = 0
         self.misses = 0
 
