@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,11 +10,12 @@ import click
 
 from planner.findings import ManifestError, attribute
 from planner.plan import Plan, UnknownService, plan_full
-from planner.render import render_json, render_text
-from planner.source import EvalLimits, load_manifest
+from planner.render import render_json, render_markdown, render_slack, render_text
+from planner.revisions import plan_revisions
+from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError, load_manifest
 
 EXIT_OK, EXIT_INVALID, EXIT_EVAL = 0, 1, 2
-FORMATS = ("text", "json", "markdown")
+FORMATS = ("text", "json", "markdown", "slack")
 
 
 @click.group()
@@ -65,14 +67,8 @@ def emit_plan(plan: Plan, fmt: str) -> None:
     if fmt == "json":
         click.echo(render_json(plan))
     elif fmt == "markdown":
-        from planner.render import render_markdown  # type: ignore[attr-defined]
-
-        click.echo("\n".join(render_markdown(plan)))
+        click.echo("\n\n".join(render_markdown(plan)))
     elif fmt == "slack":
-        import json
-
-        from planner.render import render_slack  # type: ignore[attr-defined]
-
         click.echo(json.dumps(render_slack(plan), indent=2))
     else:
         click.echo(render_text(plan))
@@ -84,13 +80,43 @@ def emit_plan(plan: Plan, fmt: str) -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path), required=False)
+@click.option(
+    "--repo",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Plan from this Git repository's revisions instead of a manifest PATH.",
+)
+@click.option("--base", help="Base revision (--repo): plan only what base..head changes.")
+@click.option("--head", default="HEAD", show_default=True, help="Head revision (--repo).")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    default=DEFAULT_MANIFEST_PATH,
+    show_default=True,
+    help="The manifest's path inside the repository (--repo).",
+)
 @click.option("--service", help="Plan only this service and everything it needs.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
 @_eval_options
-def plan(path: Path | None, service: str | None, fmt: str, eval_timeout: float) -> None:
-    """Print the deployment plan of a manifest file."""
+def plan(
+    path: Path | None,
+    repo: Path | None,
+    base: str | None,
+    head: str,
+    manifest_path: str,
+    service: str | None,
+    fmt: str,
+    eval_timeout: float,
+) -> None:
+    """Print the deployment plan of a manifest file, or of a Git change (--repo, --base)."""
+    if repo is not None:
+        if path is not None:
+            raise click.UsageError("give either a manifest PATH or --repo, not both")
+        emit_plan(plan_repo(repo, base, head, manifest_path, service, eval_timeout), fmt)
+        return
     if path is None:
-        raise click.UsageError("give a manifest PATH")
+        raise click.UsageError("give a manifest PATH, or --repo DIR [--base REF] [--head REF]")
+    if base is not None:
+        raise click.UsageError("--base needs --repo")
     manifest = load_or_exit(path, eval_timeout)
     try:
         result = plan_full(manifest, service=service)  # type: ignore[arg-type]
@@ -98,6 +124,26 @@ def plan(path: Path | None, service: str | None, fmt: str, eval_timeout: float) 
         raise click.BadParameter(str(exc), param_hint="--service") from None
     attribute([*result.errors, *result.warnings], path.name)
     emit_plan(result, fmt)
+
+
+def plan_repo(
+    repo: Path, base: str | None, head: str, manifest_path: str, service: str | None, timeout: float
+) -> Plan:
+    """Plan base..head of a repository; the bot's own failures exit 2 with the reason."""
+    try:
+        return plan_revisions(
+            repo,
+            base,
+            head,
+            manifest_path=manifest_path,
+            service=service,
+            limits=EvalLimits(timeout=timeout),
+        )
+    except UnknownService as exc:
+        raise click.BadParameter(str(exc), param_hint="--service") from None
+    except PlanningError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_EVAL)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,36 @@
-"""Renderings of a Plan: terminal text, JSON (Markdown and Slack join later)."""
+"""Renderings of one Plan: terminal text, JSON, Markdown PR comments, Slack Block Kit."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
-from planner.plan import DependencyInfo, Plan
+from planner.plan import Change, ChangeKind, DependencyInfo, Plan, Step
 
 NO_DEPLOYMENT = "No deployment needed"
 
 
 def summary(plan: Plan) -> str:
     """One line: how much work the plan is."""
-    if not plan.ok:
-        return f"Invalid manifest: {len(plan.errors)} error(s)"
-    if not plan.steps:
-        return f"{NO_DEPLOYMENT}: {plan.note}" if plan.note else NO_DEPLOYMENT
-    services = len(plan.services())
-    return (
-        f"{services} service{'s' if services != 1 else ''} change, "
-        f"{len(plan.steps)} steps in {len(plan.waves)} waves"
-    )
+    return plan_summary(plan)
 
 
 def render_text(plan: Plan) -> str:
     """The plan for a terminal: summary, then each wave with its steps and reasons."""
     lines = [summary(plan)]
+    if plan.base is not None:
+        lines.append(f"base {short_rev(plan.base)} → head {short_rev(plan.head)}")
+    if plan.note and plan.steps:
+        lines.append(f"note: {plan.note}")
     for finding in plan.errors:
         lines.append(f"  error: {finding.render()}")
+    if plan.changes and plan.base is not None:
+        lines.append("changes:")
+        lines.extend(
+            f"  {change.service or GLOBAL_ROW}: {change_text(change)}" for change in plan.changes
+        )
     by_id = plan.by_id()
     for number, wave in enumerate(plan.waves, 1):
         lines.append(f"wave {number}:")
@@ -54,3 +58,376 @@ def dependency_line(dep: DependencyInfo) -> str:
 
 def render_json(plan: Plan) -> str:
     return json.dumps(plan.to_json(), indent=2)
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+PLAN_MARKER = "<!-- nixmox:plan -->"
+GITHUB_COMMENT_LIMIT = 65_536
+DEFAULT_APPLY_COMMANDS = (
+    "Comment `/nixmox apply` on this pull request to deploy this plan (digest {digest}).",
+    "Or merge it: the default branch deploys on merge when apply-on-merge is on.",
+)
+MAX_FIELDS_SHOWN = 6
+MAX_REASONS_SHOWN = 8
+MERMAID_MAX_EDGES = 400  # Mermaid refuses more than 500 edges by default
+MERMAID_MAX_CHARS = 40_000  # and text over 50,000 characters
+SLACK_MAX_BLOCKS = 50
+SLACK_SECTION_TEXT = 3000
+SLACK_FIELD_TEXT = 2000
+SLACK_FIELDS_PER_SECTION = 10
+SLACK_HEADER_TEXT = 150
+SLACK_FALLBACK_TEXT = 3000
+GLOBAL_ROW = "(global)"
+
+
+def short_rev(rev: str | None) -> str:
+    """A commit id's first 12 characters; content digests stay recognisable."""
+    if rev is None:
+        return "none"
+    return rev[:19] if rev.startswith("sha256:") else rev[:12]
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def plan_summary(plan: Plan) -> str:
+    """One line: `3 services change, 7 steps in 4 waves` (or why nothing or no plan)."""
+    if not plan.ok:
+        return f"Invalid manifest: {plural(len(plan.errors), 'error')}"
+    if not plan.steps:
+        return f"{NO_DEPLOYMENT}: {plan.note}" if plan.note else NO_DEPLOYMENT
+    services = len(plan.services())
+    verb = "changes" if services == 1 else "change"
+    return (
+        f"{plural(services, 'service')} {verb}, "
+        f"{plural(len(plan.steps), 'step')} in {plural(len(plan.waves), 'wave')}"
+    )
+
+
+def shown(items: list[str], limit: int) -> tuple[list[str], int]:
+    """At most `limit` items, and how many were left out."""
+    return items[:limit], max(0, len(items) - limit)
+
+
+@dataclass
+class ServiceRow:
+    """One service (or the global row) as the tables show it."""
+
+    name: str
+    change: str
+    steps: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def change_text(change: Change) -> str:
+    """`changed: interface.proxy.upstream, ...`, `added`, `removed`."""
+    if not change.fields or change.kind is not ChangeKind.CHANGED:
+        extra = f" ({', '.join(change.fields)})" if change.fields else ""
+        return f"{change.kind.value}{extra}"
+    fields, more = shown(change.fields, MAX_FIELDS_SHOWN)
+    tail = f" (+{more} more)" if more else ""
+    return f"changed: {', '.join(fields)}{tail}"
+
+
+def service_rows(plan: Plan) -> list[ServiceRow]:
+    """Rows for every service that changed or has steps, global first, then by name."""
+    rows: dict[str, ServiceRow] = {}
+    for change in plan.changes:
+        name = change.service or GLOBAL_ROW
+        rows[name] = ServiceRow(name, change_text(change))
+    for step in plan.steps:
+        name = step.service or GLOBAL_ROW
+        row = rows.setdefault(name, ServiceRow(name, ""))
+        phase = str(step.phase)
+        if step.service is None and step.targets:
+            phase += f" ({plural(len(step.targets), 'container')})"
+        row.steps.append(phase)
+        row.reasons.extend(r for r in step.reasons if r not in row.reasons)
+    for row in rows.values():
+        if not row.change:
+            reasons, more = shown(row.reasons, 3)
+            row.change = "because " + ", ".join(reasons) + (f" (+{more} more)" if more else "")
+    return sorted(rows.values(), key=lambda row: (row.name != GLOBAL_ROW, row.name))
+
+
+# --- Markdown (GitHub PR comments) -----------------------------------------------------------
+
+
+def md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (and free of raw HTML)."""
+    return (
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("|", "\\|")
+        .replace("\n", " ")
+    )
+
+
+def md_code(text: str) -> str:
+    """Inline code that no backtick in `text` can break."""
+    return "`" + text.replace("`", "'") + "`"
+
+
+def _md_header(plan: Plan) -> list[str]:
+    lines = [f"### NixMox plan: {md_cell(plan_summary(plan))}"]
+    revs = f"base {md_code(short_rev(plan.base))} → head {md_code(short_rev(plan.head))}"
+    if plan.digest:
+        revs += f" · digest {md_code(plan.digest[:12])}"
+    lines.append(revs)
+    if plan.note and plan.steps:
+        lines.append("")
+        lines.append(f"> {md_cell(plan.note)}")
+    return lines
+
+
+def _md_errors(plan: Plan) -> list[str]:
+    if not plan.errors:
+        return []
+    lines = ["", f"**{plural(len(plan.errors), 'error')}** (nothing can be deployed):", ""]
+    lines.extend(f"- :x: {md_cell(finding.render())}" for finding in plan.errors)
+    return ["\n".join(lines)]
+
+
+def _md_table_blocks(plan: Plan, rows_per_block: int) -> list[str]:
+    rows = service_rows(plan)
+    if not rows:
+        return []
+    head = "| Service | Change | Steps |\n| --- | --- | --- |"
+    lines = [
+        f"| {md_code(row.name)} | {md_cell(row.change)} | "
+        f"{md_cell(' → '.join(row.steps)) if row.steps else '—'} |"
+        for row in rows
+    ]
+    return [
+        head + "\n" + "\n".join(lines[i : i + rows_per_block])
+        for i in range(0, len(lines), rows_per_block)
+    ]
+
+
+def _md_step_line(step: Step) -> str:
+    line = f"- {md_code(step.id)}"
+    if step.needs:
+        needs, more = shown(step.needs, MAX_REASONS_SHOWN)
+        line += " after " + ", ".join(md_code(n) for n in needs) + (f" +{more}" if more else "")
+    if step.targets and step.service is None:
+        targets, more = shown(step.targets, MAX_REASONS_SHOWN)
+        line += " on " + ", ".join(md_code(t) for t in targets) + (f" +{more}" if more else "")
+    if step.reasons:
+        reasons, more = shown(step.reasons, MAX_REASONS_SHOWN)
+        line += " — because " + ", ".join(md_code(r) for r in reasons)
+        line += f" (+{more} more)" if more else ""
+    return line
+
+
+def _md_wave_blocks(plan: Plan, steps_per_block: int) -> list[str]:
+    by_id = plan.by_id()
+    blocks: list[str] = []
+    for number, wave in enumerate(plan.waves, 1):
+        chunks = [wave[i : i + steps_per_block] for i in range(0, len(wave), steps_per_block)]
+        for index, chunk in enumerate(chunks):
+            title = f"Wave {number}: {plural(len(wave), 'step')}"
+            if len(chunks) > 1:
+                title += f" (part {index + 1} of {len(chunks)})"
+            body = "\n".join(_md_step_line(by_id[sid]) for sid in chunk)
+            blocks.append(f"<details><summary>{title}</summary>\n\n{body}\n\n</details>")
+    return blocks
+
+
+def mermaid_graph(plan: Plan) -> str | None:
+    """A Mermaid `graph TD` of the step DAG, or None when Mermaid could not draw it."""
+    edges = sum(len(step.needs) for step in plan.steps)
+    if not plan.steps or edges > MERMAID_MAX_EDGES:
+        return None
+    ids = {step.id: f"s{index}" for index, step in enumerate(plan.steps)}
+    lines = ["```mermaid", "graph TD"]
+    for step in plan.steps:
+        label = step.id.replace('"', "'")
+        lines.append(f'  {ids[step.id]}["{label}"]')
+    for step in plan.steps:
+        lines.extend(f"  {ids[need]} --> {ids[step.id]}" for need in step.needs)
+    lines.append("```")
+    text = "\n".join(lines)
+    return text if len(text) <= MERMAID_MAX_CHARS else None
+
+
+def _md_graph_block(plan: Plan) -> list[str]:
+    if not plan.steps:
+        return []
+    graph = mermaid_graph(plan)
+    if graph is None:
+        edges = sum(len(step.needs) for step in plan.steps)
+        return [
+            f"_Step graph not drawn: {plural(len(plan.steps), 'step')} and "
+            f"{plural(edges, 'dependency')} are more than Mermaid draws; the waves above "
+            "give the order._"
+        ]
+    return [f"<details><summary>Step graph</summary>\n\n{graph}\n\n</details>"]
+
+
+def _md_warning_blocks(plan: Plan, per_block: int) -> list[str]:
+    lines = [f"- :warning: {md_cell(finding.render())}" for finding in plan.warnings]
+    return [
+        f"**{plural(len(plan.warnings), 'warning')}**:\n\n" + "\n".join(lines[i : i + per_block])
+        for i in range(0, len(lines), per_block)
+    ]
+
+
+def _md_footer(plan: Plan, commands: Iterable[str]) -> str:
+    if not plan.ok or not plan.steps:
+        return "---\n_Nothing to apply._"
+    digest = md_code(plan.digest[:12])
+    return "---\n" + "\n".join(f"- {line.format(digest=digest)}" for line in commands)
+
+
+def render_markdown(
+    plan: Plan,
+    *,
+    limit: int = GITHUB_COMMENT_LIMIT,
+    commands: Iterable[str] = DEFAULT_APPLY_COMMANDS,
+) -> list[str]:
+    """The PR comment(s): one string, or several when the plan is longer than `limit`.
+
+    Every comment starts with the hidden marker (so the bot finds and edits its own comments),
+    is valid Markdown on its own (no table, list or `<details>` is cut), and fits `limit` bytes
+    of UTF-8 (GitHub counts characters; bytes are never fewer).
+    """
+    commands = list(commands)
+    head = _md_header(plan)
+    blocks = [
+        *_md_errors(plan),
+        *_md_table_blocks(plan, rows_per_block=200),
+        *_md_wave_blocks(plan, steps_per_block=150),
+        *_md_graph_block(plan),
+        *_md_warning_blocks(plan, per_block=100),
+    ]
+    footer = _md_footer(plan, commands)
+    single = "\n\n".join([PLAN_MARKER + "\n" + "\n".join(head), *blocks, footer])
+    if _size(single) <= limit:
+        return [single]
+    return _split_comments(plan, head, blocks, footer, limit)
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _split_comments(
+    plan: Plan, head: list[str], blocks: list[str], footer: str, limit: int
+) -> list[str]:
+    """Pack whole blocks into comments; each gets the marker and a part header."""
+    title = f"### NixMox plan: {md_cell(plan_summary(plan))}"
+    reserve = _size(PLAN_MARKER) + _size(title) + 64  # marker, part line, separators
+    budget = limit - reserve
+    parts: list[list[str]] = [["\n".join(head[1:])]]
+    for block in [*_fit(blocks, budget), footer]:
+        current = parts[-1]
+        if _size("\n\n".join([*current, block])) > budget:
+            parts.append([block])
+        else:
+            current.append(block)
+    total = len(parts)
+    return [
+        "\n\n".join([f"{PLAN_MARKER}\n{title} (part {index} of {total})", *[b for b in part if b]])
+        for index, part in enumerate(parts, 1)
+    ]
+
+
+def _fit(blocks: list[str], budget: int) -> list[str]:
+    """Blocks no longer than `budget`; an oversized one is cut at line ends, never mid-line."""
+    fitted: list[str] = []
+    for block in blocks:
+        if _size(block) <= budget:
+            fitted.append(block)
+            continue
+        lines = block.splitlines()
+        current: list[str] = []
+        for line in lines:
+            if current and _size("\n".join([*current, line])) > budget:
+                fitted.append("\n".join(current))
+                current = []
+            current.append(line[: budget // 4])
+        fitted.append("\n".join(current))
+    return fitted
+
+
+# --- Slack Block Kit -------------------------------------------------------------------------
+
+
+def slack_escape(text: str) -> str:
+    """Slack mrkdwn control characters (`&`, `<`, `>`) escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _mrkdwn(text: str, limit: int = SLACK_SECTION_TEXT) -> dict[str, Any]:
+    return {"type": "mrkdwn", "text": _clip(text, limit)}
+
+
+def render_slack(
+    plan: Plan, *, title: str = "NixMox plan", max_blocks: int = SLACK_MAX_BLOCKS
+) -> dict[str, Any]:
+    """A Slack message (`text` fallback and `blocks`) within Block Kit's limits.
+
+    At most `max_blocks` blocks (pass fewer to leave room for buttons), section text at most
+    3,000 characters, at most 10 fields of at most 2,000 characters per section.
+    """
+    summary_line = plan_summary(plan)
+    revs = f"base `{short_rev(plan.base)}` → head `{short_rev(plan.head)}`"
+    if plan.digest:
+        revs += f" · digest `{plan.digest[:12]}`"
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": _clip(title, SLACK_HEADER_TEXT)}},
+        {"type": "section", "text": _mrkdwn(f"*{slack_escape(summary_line)}*\n{revs}")},
+    ]
+    if plan.errors:
+        lines = [f"• {slack_escape(f.render())}" for f in plan.errors]
+        blocks.append({"type": "section", "text": _mrkdwn("*Errors*\n" + "\n".join(lines))})
+    elif plan.note and plan.steps:
+        blocks.append({"type": "context", "elements": [_mrkdwn(slack_escape(plan.note))]})
+    tail = _slack_tail(plan)
+    room = max_blocks - len(blocks) - len(tail)
+    blocks.extend(_slack_service_sections(plan, max(room, 1)))
+    blocks.extend(tail)
+    return {"text": _clip(summary_line, SLACK_FALLBACK_TEXT), "blocks": blocks[:max_blocks]}
+
+
+def _slack_field(row: ServiceRow) -> dict[str, Any]:
+    steps = " → ".join(row.steps) if row.steps else "—"
+    text = f"*{slack_escape(row.name)}*\n{slack_escape(row.change)}\n_{slack_escape(steps)}_"
+    return _mrkdwn(text, SLACK_FIELD_TEXT)
+
+
+def _slack_service_sections(plan: Plan, room: int) -> list[dict[str, Any]]:
+    """Sections of up to 10 service fields; the last one says how many did not fit."""
+    rows = service_rows(plan)
+    per = SLACK_FIELDS_PER_SECTION
+    sections = [rows[i : i + per] for i in range(0, len(rows), per)]
+    blocks = [
+        {"type": "section", "fields": [_slack_field(row) for row in chunk]}
+        for chunk in sections[:room]
+    ]
+    if len(sections) > room:
+        left = len(rows) - per * (room - 1)
+        blocks[-1] = {
+            "type": "section",
+            "text": _mrkdwn(
+                f"…and {plural(left, 'more service')}: see the pull request comment "
+                "or `nixmox plan` for the whole plan."
+            ),
+        }
+    return blocks
+
+
+def _slack_tail(plan: Plan) -> list[dict[str, Any]]:
+    if not plan.warnings:
+        return []
+    lines = [f"• {slack_escape(f.render())}" for f in plan.warnings[:10]]
+    if len(plan.warnings) > 10:
+        lines.append(f"…and {plural(len(plan.warnings) - 10, 'more warning')}")
+    return [{"type": "context", "elements": [_mrkdwn("\n".join(lines))]}]
