@@ -73,8 +73,8 @@ class TerraformTemplates(Strict):
 
     init: str = "{tf} init -input=false -no-color"
     workspace: str = "{tf} workspace select -or-create -no-color {workspace}"
-    plan: str = "{tf} plan -input=false -no-color -out={planfile}{targets}"
-    apply: str = "{tf} apply -input=false -no-color {planfile}"
+    plan: str = "{tf} plan -input=false -no-color -compact-warnings -out={planfile}{targets}"
+    apply: str = "{tf} apply -input=false -no-color -compact-warnings {planfile}"
     destroy: str = "{tf} destroy -input=false -no-color -auto-approve{targets}"
     show: str = "{tf} show -json {planfile}"
     output: str = "{tf} output -json"
