@@ -114,7 +114,7 @@ def service_variables(service: str, manifest: Manifest) -> dict[str, Any]:
     `interface.terraform.variables`, which win.
     """
     svc: Service = manifest.all_services()[service]
-    dump = lambda model: _drop_none(model.model_dump(mode="json"))  # noqa: E731
+    dump = lambda model: _drop_none(model.model_dump(mode="json", exclude_unset=True))  # noqa: E731
     values: dict[str, Any] = {"service": service}
     if svc.ip is not None:
         values["ip"] = str(svc.ip)
