@@ -659,8 +659,9 @@ def apply_effects(
         sel.add(nix_phase(head, service), service, reason)
         if is_core:
             sel.redeployed_core.setdefault(service, []).append(reason)
-        if service == ctx.provider:
-            sel.add(Phase.TF_AUTH_CORE, None, reason)  # the provider's own config changed
+        if service == ctx.provider and field_path:
+            # the provider's own manifest entry changed (a rebuild alone does not need it)
+            sel.add(Phase.TF_AUTH_CORE, None, reason)
     if Effect.VERIFY in effects:
         sel.add(Phase.VERIFY, service, reason)
 

@@ -242,6 +242,7 @@ def _commit(repo: Any, ref: str) -> Any:
         raise UnknownRevision(f"not a revision: {ref!r}")
     try:
         obj = repo.rev_parse(ref)
+        repo.odb.info(obj.binsha)  # a full-length id parses without existing: look it up
         while obj.type == "tag":
             obj = obj.object
     except (git.BadName, git.BadObject, ValueError, git.GitCommandError) as exc:
