@@ -146,5 +146,16 @@ def plan_repo(
         sys.exit(EXIT_EVAL)
 
 
+from bot import cli_deploy  # noqa: E402
+
+main.add_command(cli_deploy.deploy)
+main.add_command(cli_deploy.rollback)
+main.add_command(cli_deploy.status)
+main.add_command(cli_deploy.history)
+main.add_command(cli_deploy.unlock)
+from bot.cli_serve import serve  # noqa: E402
+
+main.add_command(serve)
+
 if __name__ == "__main__":
     main()

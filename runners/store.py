@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan
 from runners.base import (
     DeploymentFinished,
@@ -34,6 +35,7 @@ from runners.base import (
     DeploymentState,
     Event,
     RollbackFinished,
+    RollbackStarted,
     StepFinished,
     StepOutput,
     StepStarted,
@@ -54,6 +56,7 @@ STOPPED_WHILE_RUNNING = (
     "stopped while running (attempt {attempt}, started {started}): "
     "the process running the deployment died"
 )
+ROLLBACK_NOTE = "--- {cause} failed: rolling {service} back ---\n"
 NEVER_STARTED = "not started: the deployment was interrupted"
 INTERRUPTED_NOTE = "interrupted: the process running it stopped (lease expired {expired}); {where}"
 
@@ -138,6 +141,12 @@ class DeploymentRecord:
     finished_at: datetime | None = None
     lease_until: datetime | None = None
     steps: list[StepRecord] = field(default_factory=list)
+    manifest_json: str | None = field(default=None, repr=False)
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The manifest the deployment ran with, if it was recorded."""
+        return Manifest.model_validate_json(self.manifest_json) if self.manifest_json else None
 
     @property
     def services(self) -> list[str]:
@@ -319,6 +328,8 @@ deployments = sa.Table(
     sa.Column("head", NAME),
     sa.Column("digest", sa.String(128), nullable=False),
     sa.Column("plan", sa.Text, nullable=False),
+    # the manifest the deployment ran with: health checks and rollbacks need it later
+    sa.Column("manifest", sa.Text),
     sa.Column("scope", NAME),
     sa.Column("holder", NAME),
     sa.Column("note", sa.Text),
@@ -572,6 +583,10 @@ class Store:
 
     # --- deployments ---------------------------------------------------------------------------
 
+    def new_deployment_id(self) -> str:
+        """A fresh id to create a deployment with (locks are taken before it is recorded)."""
+        return _new_id()
+
     async def create_deployment(
         self,
         *,
@@ -587,6 +602,7 @@ class Store:
         lease: timedelta | None = None,
         deployment_id: str | None = None,
         note: str | None = None,
+        manifest: Manifest | None = None,
     ) -> str:
         """Record a queued deployment and all its steps (pending); return its id."""
         now = utcnow()
@@ -600,6 +616,7 @@ class Store:
             "head": head if head is not None else plan.head,
             "digest": plan.digest,
             "plan": _plan_json(plan),
+            "manifest": manifest.model_dump_json() if manifest is not None else None,
             "scope": scope,
             "holder": holder,
             "note": note,
@@ -732,6 +749,8 @@ class Store:
             await self._step_output(event)
         elif isinstance(event, StepFinished):
             await self._step_finished(event)
+        elif isinstance(event, RollbackStarted):
+            await self._rollback_started(event)
         elif isinstance(event, RollbackFinished):
             await self._rollback_finished(event)
         elif isinstance(event, DeploymentFinished):
@@ -797,15 +816,8 @@ class Store:
             )
 
     async def _step_output(self, event: StepOutput) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                steps.update()
-                .where(
-                    steps.c.deployment_id == event.deployment_id,
-                    steps.c.step_id == event.step_id,
-                )
-                .values(output=sa.func.coalesce(steps.c.output, "") + event.text)
-            )
+        text = event.text if event.text.endswith("\n") else event.text + "\n"
+        await self._append_output(event.deployment_id, event.step_id, text)
 
     async def _step_finished(self, event: StepFinished) -> None:
         values: dict[str, Any] = {
@@ -815,30 +827,58 @@ class Store:
         }
         result = event.result
         if result is not None:
-            if result.output:
-                values["output"] = _tail(result.output)
             if result.previous_system:
                 values["previous_system"] = result.previous_system
             if result.new_system:
                 values["new_system"] = result.new_system
             if result.commands:
                 values["commands"] = list(result.commands)
+        where = sa.and_(
+            steps.c.deployment_id == event.deployment_id, steps.c.step_id == event.step.id
+        )
         async with self.engine.begin() as conn:
+            streamed = (await conn.execute(sa.select(steps.c.output).where(where))).scalar()
+            # output streamed through StepOutput events is kept (it may hold a rollback's
+            # and a re-verification's output too); otherwise the result's output is stored
+            if streamed:
+                if len(streamed) > MAX_OUTPUT:
+                    values["output"] = _tail(streamed)
+            elif result is not None and result.output:
+                values["output"] = _tail(result.output)
             await self._upsert_step(conn, event, event.step, **values)
-            if (
-                event.step.phase is Phase.VERIFY
-                and event.step.service
-                and event.state
-                in (
-                    StepState.SUCCEEDED,
-                    StepState.FAILED,
-                )
-            ):
+            verified = event.state in (StepState.SUCCEEDED, StepState.FAILED)
+            if event.step.phase is Phase.VERIFY and event.step.service and verified:
                 health = Health.HEALTHY if event.state is StepState.SUCCEEDED else Health.UNHEALTHY
                 await self._set_health(conn, event.step.service, health, event.at)
 
+    async def _append_output(self, deployment_id: str, step_id: str, text: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                steps.update()
+                .where(steps.c.deployment_id == deployment_id, steps.c.step_id == step_id)
+                .values(output=sa.func.coalesce(steps.c.output, "") + text)
+            )
+
+    async def _rollback_started(self, event: RollbackStarted) -> None:
+        """Say in the failed step's output that its service is being rolled back."""
+        note = ROLLBACK_NOTE.format(service=event.service, cause=event.cause)
+        await self._append_output(event.deployment_id, event.cause, note)
+
     async def _rollback_finished(self, event: RollbackFinished) -> None:
         """A service rolled back: its running system is the one recorded before the deploy."""
+        if event.result is not None and event.result.output:
+            async with self.engine.connect() as conn:
+                cause = (
+                    await conn.execute(
+                        sa.select(steps.c.step_id).where(
+                            steps.c.deployment_id == event.deployment_id,
+                            steps.c.service == event.service,
+                            steps.c.state == str(StepState.RUNNING),
+                        )
+                    )
+                ).scalar()
+            if cause is not None:
+                await self._append_output(event.deployment_id, cause, event.result.output + "\n")
         if not event.ok:
             return
         system = event.result.new_system if event.result else None
@@ -1440,6 +1480,7 @@ def _deployment_record(row: Any, step_records: list[StepRecord]) -> DeploymentRe
         finished_at=row.finished_at,
         lease_until=row.lease_until,
         steps=step_records,
+        manifest_json=row.manifest,
     )
 
 

@@ -16,6 +16,7 @@ from runners.base import (
     DeploymentStarted,
     DeploymentState,
     RollbackFinished,
+    RollbackStarted,
     StepFinished,
     StepOutput,
     StepResult,
@@ -88,7 +89,8 @@ async def run_all(store: Store, deployment_id: str, plan: Plan, fail: str | None
     state = DeploymentState.SUCCEEDED
     for step in plan.steps:
         await store.record_event(StepStarted(deployment_id, step))
-        await store.record_event(StepOutput(deployment_id, step.id, f"running {step.id}\n"))
+        if step.phase is Phase.VERIFY:  # streamed output wins over the result's
+            await store.record_event(StepOutput(deployment_id, step.id, f"running {step.id}"))
         ok = step.id != fail
         nix = step.phase in (Phase.NIX_CORE, Phase.NIX_SERVICE_CONFIG)
         result = StepResult(
@@ -160,6 +162,8 @@ async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> 
     assert nix.state is StepState.SUCCEEDED
     assert nix.attempt == 1
     assert nix.output == "output of nix:service-config:gitea"
+    verify = done.step("verify:gitea")
+    assert verify is not None and verify.output == "running verify:gitea\n"
     assert (nix.previous_system, nix.new_system) == ("/nix/store/old-gitea", "/nix/store/new-gitea")
     assert nix.started_at is not None and nix.finished_at >= nix.started_at
 
@@ -212,6 +216,32 @@ async def test_rollback_finished_records_the_system_it_went_back_to(store: Store
     dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
     await run_all(store, dep, plan, fail="verify:gitea")
     await store.record_event(RollbackFinished(dep, "gitea", True))
+    assert (await store.services())["gitea"].system_path == "/nix/store/old-gitea"
+
+
+async def test_rollback_output_goes_to_the_failed_step(store: Store) -> None:
+    plan = small_plan()
+    verify = plan.by_id()["verify:gitea"]
+    dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    await store.record_event(StepStarted(dep, verify))
+    await store.record_event(StepOutput(dep, verify.id, "gitea answers 502"))
+    await store.record_event(RollbackStarted(dep, "gitea", verify.id))
+    rolled = StepResult(True, "switched to /nix/store/old-gitea", new_system="/nix/store/old-gitea")
+    await store.record_event(RollbackFinished(dep, "gitea", True, rolled))
+    await store.record_event(StepOutput(dep, verify.id, "gitea answers 200"))
+    await store.record_event(
+        StepFinished(dep, verify, StepState.ROLLED_BACK, StepResult(False, "gitea answers 502"))
+    )
+    record = await store.get_deployment(dep)
+    assert record is not None
+    step = record.step(verify.id)
+    assert step is not None and step.state is StepState.ROLLED_BACK
+    assert step.output.splitlines() == [
+        "gitea answers 502",
+        "--- verify:gitea failed: rolling gitea back ---",
+        "switched to /nix/store/old-gitea",
+        "gitea answers 200",
+    ]
     assert (await store.services())["gitea"].system_path == "/nix/store/old-gitea"
 
 
