@@ -23,7 +23,10 @@ Command = str | Sequence[str]
 # output kept per stream; a runaway command must not fill the bot's memory
 MAX_OUTPUT_BYTES = 1_000_000
 TIMEOUT_RC = 124
+KILL_GRACE = 2.0
 NOT_FOUND_RC = 127
+# ControlPath `<dir>/%C` (40 characters) plus ssh's temporary suffix must fit a unix socket path
+MAX_CONTROL_DIR = 50
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ async def run_process(
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         _kill_group(proc)
-        stdout, stderr = await proc.communicate()
+        stdout, stderr = await _leftovers(proc)
         message = f"timed out after {timeout:g}s"
         return CommandResult(TIMEOUT_RC, _decode(stdout), _decode(stderr) + message, True)
     except asyncio.CancelledError:
@@ -108,6 +111,19 @@ async def run_process(
             await asyncio.shield(proc.wait())
         raise
     return CommandResult(proc.returncode or 0, _decode(stdout), _decode(stderr))
+
+
+async def _leftovers(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """What a killed command printed. Another process may still hold its pipes (an ssh
+    master connection runs the remote side): read for a moment, then let go."""
+    try:
+        return await asyncio.wait_for(proc.communicate(), KILL_GRACE)
+    except TimeoutError:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.feed_eof()
+        await proc.wait()
+        return b"", b""
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -142,6 +158,14 @@ class SshTransport:
 
     def __init__(self, config: SshConfig | None = None) -> None:
         self.config = config or SshConfig()
+        if (
+            self.config.control_dir is not None
+            and len(str(self.config.control_dir)) > MAX_CONTROL_DIR
+        ):
+            raise ValueError(
+                f"ssh control_dir {self.config.control_dir} is too long for a socket path: "
+                f"use a directory path of at most {MAX_CONTROL_DIR} characters"
+            )
         self._control_dir: Path | None = self.config.control_dir
         self._own_control_dir = False
         self._hosts: set[str] = set()
@@ -183,7 +207,8 @@ class SshTransport:
     ) -> list[str]:
         remote = as_shell(command)
         if env:
-            remote = f"env {' '.join(shlex.quote(f'{k}={v}') for k, v in env.items())} {remote}"
+            assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
+            remote = f"export {assignments}; {remote}"
         if cwd is not None:
             remote = f"cd {shlex.quote(str(cwd))} && {remote}"
         return [*self.base_argv(), self.destination(host), "--", remote]

@@ -10,7 +10,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 UPSTREAM = SHARED / "fixtures" / "nixmox-upstream"
 
-pytest_plugins: list[str] = ["tests.fixtures_pg"]
+pytest_plugins: list[str] = [
+    "tests.fixtures_pg",
+    "tests.fixtures_sshd",
+    "tests.fixtures_github",
+    "tests.fixtures_slack",
+]
 
 
 @pytest.fixture(scope="session")
