@@ -415,4 +415,6 @@ def _evaluate_at(
             for finding in exc.findings:
                 if finding.file == path.name:
                     finding.file = manifest_path
+                # Nix names the temporary copy; say the path in the repository instead
+                finding.message = finding.message.replace(f"{root}/", "")
             return exc
