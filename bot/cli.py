@@ -156,6 +156,9 @@ main.add_command(cli_deploy.unlock)
 from bot.cli_serve import serve  # noqa: E402
 
 main.add_command(serve)
+from bot.cli_render import render  # noqa: E402
+
+main.add_command(render)
 
 if __name__ == "__main__":
     main()

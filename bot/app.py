@@ -1,0 +1,215 @@
+"""The one aiohttp application of `nixmox serve`: GitHub, Slack (when configured), health, metrics.
+
+`build_app(settings)` returns the application; everything that needs the event loop (store,
+HTTP session, GitHub clients, the job worker) is created when it starts and closed when it
+stops. Routes:
+
+- `POST /github/webhook` (when GitHub is enabled), `POST /slack/events` (when Slack is)
+- `GET /healthz`: 200 when the store answers, 503 otherwise
+- `GET /metrics`: Prometheus text format
+- `GET /plans/{key}`: a plan the bot posted (commit status `target_url`), HTML or JSON
+- `GET /deployments/{id}`: a recorded deployment (deploy status `target_url`), HTML or JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bot.config import Settings
+from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
+from bot.jobs import JobWorker
+from planner.render import render_json, render_text
+from runners.config import RunnerConfig
+from runners.store import DeploymentRecord, Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 26 * 1024 * 1024  # GitHub caps webhook payloads at 25 MB
+HTTP_TIMEOUT = ClientTimeout(total=60, connect=10)
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f8fa;padding:1em}}</style>
+</head><body><h1>{title}</h1><pre>{body}</pre></body></html>
+"""
+
+
+def build_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    runner_config: RunnerConfig | None = None,
+    metrics: Metrics | None = None,
+    start_worker: bool = True,
+    github_policy: Any = None,
+    github_sleeper: Any = None,
+) -> web.Application:
+    """The application; `store` is used as given (and not closed), else opened from settings.
+
+    `start_worker=False` leaves queued jobs for the caller (`ctx.jobs.drain()` in tests).
+    `github_policy` / `github_sleeper` tune the GitHub client's retries (tests).
+    """
+    ctx = BotContext(
+        settings=settings,
+        store=store,
+        metrics=metrics or Metrics(),
+        runner_config=runner_config or RunnerConfig(),
+        plans=PlanArchive(settings.workdir / "plans"),
+    )
+    app = web.Application(client_max_size=MAX_BODY)
+    app[CONTEXT] = ctx
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/plans/{key}", plan_page)
+    app.router.add_get("/deployments/{deployment_id}", deployment_page)
+    app.cleanup_ctx.append(
+        _resources(
+            own_store=store is None,
+            start_worker=start_worker,
+            github_policy=github_policy,
+            github_sleeper=github_sleeper,
+        )
+    )
+    if settings.github_enabled:
+        from bot.github import setup_github
+
+        setup_github(app, ctx)
+    if settings.slack_enabled:
+        from bot.slack import setup_slack  # type: ignore[attr-defined]
+
+        setup_slack(app, ctx)
+    return app
+
+
+def _resources(
+    *, own_store: bool, start_worker: bool, github_policy: Any, github_sleeper: Any
+) -> Any:
+    """The cleanup context that opens and closes what needs the running loop."""
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        ctx = app[CONTEXT]
+        settings = ctx.settings
+        if ctx.store is None:
+            ctx.store = await Store.open(settings.database_url)
+        interrupted = await ctx.store.recover_interrupted()
+        for record in interrupted:
+            log.warning("deployment %s was left running by a dead process: interrupted", record.id)
+        ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
+        if settings.github_enabled:
+            from bot.github.client import GitHubClientFactory
+            from bot.github.gitcache import GitCache
+
+            ctx.github = GitHubClientFactory(
+                settings, ctx.session, policy=github_policy, sleeper=github_sleeper
+            )
+            ctx.git = GitCache.for_settings(settings)
+        ctx.jobs = JobWorker(ctx.store, metrics=ctx.metrics)
+        for kind, handler in ctx.job_handlers.items():
+            ctx.jobs.register(kind, handler)
+        if start_worker:
+            ctx.jobs.start()
+        try:
+            yield
+        finally:
+            await ctx.jobs.stop()
+            await ctx.session.close()
+            if own_store:
+                await ctx.store.close()
+
+    return resources
+
+
+def wants_json(request: web.Request) -> bool:
+    return "application/json" in request.headers.get("Accept", "") or (
+        request.query.get("format") == "json"
+    )
+
+
+def page(title: str, body: str) -> web.Response:
+    return web.Response(
+        text=PAGE.format(title=html.escape(title), body=html.escape(body)),
+        content_type="text/html",
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness and readiness: the store must answer."""
+    ctx = request.app[CONTEXT]
+    try:
+        if ctx.store is None:
+            raise RuntimeError("the store is not open")
+        await asyncio.wait_for(ctx.store.schema_version(), 5)
+    except Exception as exc:
+        log.warning("health check: store unavailable: %s", exc)
+        return web.json_response({"status": "unavailable", "store": "down"}, status=503)
+    return web.json_response({"status": "ok", "store": "up"})
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    registry = request.app[CONTEXT].metrics.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def plan_page(request: web.Request) -> web.Response:
+    """A plan the bot posted: text for people, JSON for tools."""
+    ctx = request.app[CONTEXT]
+    key = request.match_info["key"]
+    plan = await asyncio.to_thread(ctx.plans.load, key) if ctx.plans else None
+    if plan is None:
+        raise web.HTTPNotFound(text=f"no plan {key[:100]}")
+    if wants_json(request):
+        return web.Response(text=render_json(plan), content_type="application/json")
+    return page(f"NixMox plan {key[:12]}", render_text(plan))
+
+
+def deployment_text(record: DeploymentRecord) -> str:
+    lines = [
+        f"deployment {record.id}: {record.kind.value}, {record.state.value}",
+        f"trigger {record.trigger}, requested by {record.requested_by or '-'}, "
+        f"approved by {record.approved_by or '-'}",
+        f"revisions {record.base or '-'} → {record.head or '-'}",
+        "",
+    ]
+    for step in record.steps:
+        reason = f"  ({step.reason})" if step.reason else ""
+        lines.append(f"{step.state.value:<12} {step.id}{reason}")
+    return "\n".join(lines)
+
+
+async def deployment_page(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    deployment_id = request.match_info["deployment_id"]
+    record = await ctx.require_store().get_deployment(deployment_id[:100])
+    if record is None:
+        raise web.HTTPNotFound(text=f"no deployment {deployment_id[:100]}")
+    if wants_json(request):
+        data = {
+            "id": record.id,
+            "kind": record.kind.value,
+            "state": record.state.value,
+            "trigger": str(record.trigger),
+            "base": record.base,
+            "head": record.head,
+            "steps": [
+                {"id": s.id, "state": s.state.value, "reason": s.reason} for s in record.steps
+            ],
+        }
+        return web.Response(text=json.dumps(data), content_type="application/json")
+    return page(f"NixMox deployment {record.id}", deployment_text(record))
+
+
+def context_of(app: web.Application) -> BotContext:
+    """The application's shared context (for front ends and tests)."""
+    return app[CONTEXT]
+
+
+__all__ = ["build_app", "context_of"]

@@ -1,0 +1,109 @@
+"""`nixmox serve`: run the bot's web application (GitHub webhooks, Slack, health, metrics)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+from aiohttp import web
+from pydantic import ValidationError
+
+from bot.config import Settings, load_settings
+from runners.config import RunnerConfig
+from runners.registry import RunnerKind
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def startup_problems(settings: Settings) -> list[str]:
+    """Configuration that must stop the bot from starting (each with how to fix it)."""
+    from bot.github.comments import configured_requirements
+
+    problems: list[str] = []
+    if settings.runner not in {kind.value for kind in RunnerKind}:
+        problems.append(f"NIXMOX_RUNNER must be real or simulate, not {settings.runner!r}")
+    if not settings.github_enabled:
+        return problems
+    if (
+        settings.github_webhook_secret is None
+        or not settings.github_webhook_secret.get_secret_value()
+    ):
+        problems.append(
+            "GitHub is enabled but NIXMOX_GITHUB_WEBHOOK_SECRET is not set: without it anyone "
+            "could send forged webhooks. Set the same secret here and in the webhook settings."
+        )
+    if not settings.repo or settings.repo.count("/") != 1:
+        problems.append("NIXMOX_REPO must name the manifest repository as owner/name")
+    if settings.github_app_id is not None:
+        if settings.github_private_key is None and settings.github_private_key_file is None:
+            problems.append(
+                "NIXMOX_GITHUB_APP_ID needs NIXMOX_GITHUB_PRIVATE_KEY or "
+                "NIXMOX_GITHUB_PRIVATE_KEY_FILE"
+            )
+        elif (
+            settings.github_private_key_file is not None
+            and not settings.github_private_key_file.is_file()
+        ):
+            problems.append(f"{settings.github_private_key_file} (the App's key) does not exist")
+    elif settings.github_token is None:
+        problems.append(
+            "GitHub needs credentials: NIXMOX_GITHUB_TOKEN, or NIXMOX_GITHUB_APP_ID with "
+            "NIXMOX_GITHUB_PRIVATE_KEY(_FILE)"
+        )
+    try:
+        configured_requirements(settings.apply_requirements)
+    except ValueError as exc:
+        problems.append(f"NIXMOX_APPLY_REQUIREMENTS: {exc}")
+    return problems
+
+
+def read_configuration(config_file: Path | None) -> tuple[Settings, RunnerConfig]:
+    """Settings (environment over TOML) and the TOML's `[runners]` table, or a click error."""
+    try:
+        settings = load_settings(config_file)
+        runner_config = RunnerConfig.from_toml(config_file) if config_file else RunnerConfig()
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise click.ClickException(f"invalid configuration: {details}") from None
+    except ValueError as exc:  # TOML syntax
+        raise click.ClickException(f"invalid configuration file {config_file}: {exc}") from None
+    return settings, runner_config
+
+
+@click.command()
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML file with settings (NIXMOX_* variables win) and a [runners] table.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def serve(host: str, port: int, config_file: Path | None, log_level: str) -> None:
+    """Run the bot: GitHub webhooks, Slack, /healthz and /metrics in one web server."""
+    settings, runner_config = read_configuration(config_file)
+    problems = startup_problems(settings)
+    if problems:
+        raise click.ClickException("cannot start:\n  " + "\n  ".join(problems))
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    from bot.app import build_app
+
+    try:
+        app = build_app(settings, runner_config=runner_config)
+    except ValueError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+    click.echo(f"nixmox serve: listening on http://{host}:{port}", err=True)
+    web.run_app(app, host=host, port=port, print=None, access_log_format='%a "%r" %s %Tfs')

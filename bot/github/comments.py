@@ -1,0 +1,397 @@
+"""`/nixmox ...` commands in pull request comments: plan, apply, status, history, help.
+
+The `github.command` job reacts with 👀 to a command it accepts (😕 and the help text to one
+it cannot parse), then runs it. `apply` deploys the PR head only when every requirement holds
+(see `check_apply`); a refusal names each requirement that failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import gidgethub
+
+from bot.commands import (
+    HELP_TEXT,
+    ApplyCommand,
+    HelpCommand,
+    HistoryCommand,
+    ParseError,
+    PlanCommand,
+    StatusCommand,
+    parse_command,
+)
+from bot.context import BotContext, DeploymentRequest
+from bot.github.client import GitHubClient
+from bot.github.pulls import (
+    PullRef,
+    comment_parts,
+    compute_plan,
+    digest_in,
+    plan_comments,
+    plan_pull_request,
+)
+from bot.github.statuses import Reaction, Repo, comment, get_pull, react
+from planner.render import render_text
+from planner.source import PlanningError
+from runners.base import DeploymentStarted, Event, Trigger
+from runners.deploy import DeployError
+from runners.store import DeploymentRecord
+
+log = logging.getLogger(__name__)
+
+WRITE_ROLES = frozenset({"admin", "maintain", "write"})
+NOT_IN_COMMENTS = (
+    "`{name}` is not available in pull request comments: here you can use "
+    "`plan`, `apply`, `status`, `history` and `help` (deploy, rollback and locks are in Slack "
+    "and the `nixmox` CLI)."
+)
+REFUSED = "`/nixmox apply` refused for {sha}:\n{reasons}"
+STARTING = "Deploying {sha} ({size}), requested by @{user}; deployment `{id}`."
+NOTHING_TO_APPLY = "Nothing to apply: the plan for {sha} needs no deployment."
+FINISHED = "Deployment `{id}` of {sha} **{state}**.\n\n```\n{steps}\n```"
+
+
+class Requirement(StrEnum):
+    """What `/nixmox apply` checks, by the names NIXMOX_APPLY_REQUIREMENTS uses."""
+
+    NOT_FORK = "not_fork"
+    PERMISSION = "permission"
+    APPROVED = "approved"
+    MERGEABLE = "mergeable"
+    PLAN_CURRENT = "plan_current"
+
+
+CONFIGURABLE = frozenset({Requirement.APPROVED, Requirement.MERGEABLE})
+REQUIREMENT_TITLES = {
+    Requirement.NOT_FORK: "not from a fork",
+    Requirement.PERMISSION: "write permission",
+    Requirement.APPROVED: "approved",
+    Requirement.MERGEABLE: "mergeable",
+    Requirement.PLAN_CURRENT: "plan is current",
+}
+
+
+def configured_requirements(names: list[str]) -> set[Requirement]:
+    """NIXMOX_APPLY_REQUIREMENTS → requirements; unknown names are a configuration error."""
+    chosen: set[Requirement] = set()
+    for name in names:
+        try:
+            requirement = Requirement(name.strip().lower())
+        except ValueError:
+            requirement = None
+        if requirement not in CONFIGURABLE:
+            allowed = ", ".join(sorted(r.value for r in CONFIGURABLE))
+            raise ValueError(f"unknown apply requirement {name!r} (allowed: {allowed})")
+        chosen.add(requirement)
+    return chosen
+
+
+@dataclass
+class ApplyCheck:
+    """The outcome of the apply requirements: failures by requirement, in check order."""
+
+    failures: dict[Requirement, str] = field(default_factory=dict)
+
+    def fail(self, requirement: Requirement, why: str) -> None:
+        self.failures[requirement] = why
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def render(self) -> str:
+        return "\n".join(
+            f"- **{REQUIREMENT_TITLES[r]}** ({r.value}): {why}" for r, why in self.failures.items()
+        )
+
+
+@dataclass(frozen=True)
+class CommandJob:
+    number: int
+    comment_id: int
+    body: str
+    user: str
+    clone_url: str | None
+    installation_id: int | None
+
+    @classmethod
+    def from_job(cls, payload: dict[str, Any]) -> CommandJob:
+        return cls(
+            number=int(payload["number"]),
+            comment_id=int(payload["comment_id"]),
+            body=str(payload.get("body", "")),
+            user=str(payload["user"]),
+            clone_url=payload.get("clone_url"),
+            installation_id=payload.get("installation_id"),
+        )
+
+
+async def permission_of(gh: GitHubClient, repo: Repo, user: str) -> str:
+    """The user's role on the repository (`role_name`, falling back to `permission`)."""
+    try:
+        data = await gh.getitem(
+            "/repos/{owner}/{repo}/collaborators/{username}/permission",
+            url_vars=repo.vars(username=user),
+        )
+    except gidgethub.BadRequest as exc:
+        if int(exc.status_code) == 404:
+            return "none"
+        raise
+    return str(data.get("role_name") or data.get("permission") or "none")
+
+
+async def review_states(gh: GitHubClient, repo: Repo, number: int) -> dict[str, str]:
+    """Each reviewer's latest deciding review (APPROVED, CHANGES_REQUESTED or DISMISSED)."""
+    latest: dict[str, str] = {}
+    async for review in gh.getiter(
+        "/repos/{owner}/{repo}/pulls/{number}/reviews{?per_page}",
+        url_vars=repo.vars(number=number, per_page=100),
+    ):
+        login = (review.get("user") or {}).get("login")
+        state = str(review.get("state", "")).upper()
+        if login and state in ("APPROVED", "CHANGES_REQUESTED", "DISMISSED"):
+            latest[login] = state
+    return latest
+
+
+def check_reviews(
+    check: ApplyCheck,
+    required: set[Requirement],
+    pull: dict[str, Any],
+    reviews: dict[str, str],
+) -> None:
+    author = (pull.get("user") or {}).get("login")
+    if Requirement.APPROVED in required:
+        approvers = sorted(u for u, s in reviews.items() if s == "APPROVED" and u != author)
+        if not approvers:
+            check.fail(
+                Requirement.APPROVED,
+                f"no approving review from someone other than the author (@{author})",
+            )
+    if Requirement.MERGEABLE in required:
+        blockers = sorted(u for u, s in reviews.items() if s == "CHANGES_REQUESTED")
+        problems = []
+        if blockers:
+            problems.append("changes requested by " + ", ".join(f"@{u}" for u in blockers))
+        if pull.get("state") != "open" or pull.get("merged"):
+            problems.append(f"the pull request is {'merged' if pull.get('merged') else 'closed'}")
+        if pull.get("draft"):
+            problems.append("the pull request is a draft")
+        if pull.get("mergeable") is False:
+            problems.append("the pull request has merge conflicts")
+        if problems:
+            check.fail(Requirement.MERGEABLE, "; ".join(problems))
+
+
+def approvers_of(pull: dict[str, Any], reviews: dict[str, str]) -> list[str]:
+    author = (pull.get("user") or {}).get("login")
+    return sorted(u for u, s in reviews.items() if s == "APPROVED" and u != author)
+
+
+async def check_apply(
+    ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJob, pull: dict[str, Any]
+) -> tuple[ApplyCheck, Any]:
+    """Every apply requirement, cheapest first; returns the check and the fresh plan (if made)."""
+    check = ApplyCheck()
+    ref = PullRef.from_api(pull, job.installation_id)
+    if ref.fork:
+        check.fail(Requirement.NOT_FORK, "pull requests from forks are never applied")
+    role = await permission_of(gh, repo, job.user)
+    if role not in WRITE_ROLES:
+        check.fail(
+            Requirement.PERMISSION,
+            f"@{job.user} has `{role}` access to {repo}; apply needs write, maintain or admin",
+        )
+    if not check.ok:
+        return check, None  # no planning on behalf of someone who may not apply anyway
+    required = configured_requirements(ctx.settings.apply_requirements)
+    reviews = await review_states(gh, repo, job.number) if required else {}
+    check_reviews(check, required, pull, reviews)
+    if not check.ok:
+        return check, None
+    comments = await plan_comments(gh, repo, job.number)
+    posted = digest_in(comments[0]["body"]) if comments else None
+    if posted is None:
+        check.fail(Requirement.PLAN_CURRENT, "there is no plan comment yet; run `/nixmox plan`")
+        return check, None
+    fresh = await compute_plan(ctx, ref)
+    digest, head = posted
+    if fresh.digest != digest or head != ref.head_sha:
+        check.fail(
+            Requirement.PLAN_CURRENT,
+            f"the plan comment is for {head[:12] or 'another commit'} (digest `{digest[:12]}`), "
+            f"but {ref.head_sha[:12]} now plans to digest `{fresh.digest[:12]}`; "
+            "run `/nixmox plan`, review the new plan, then apply again",
+        )
+    elif not fresh.ok:
+        check.fail(Requirement.PLAN_CURRENT, "the plan carries validation errors")
+    return check, fresh
+
+
+async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJob) -> None:
+    pull = await get_pull(gh, repo, job.number)
+    sha = str(pull["head"]["sha"])
+    try:
+        check, plan = await check_apply(ctx, gh, repo, job, pull)
+    except PlanningError as exc:
+        await comment(gh, repo, job.number, f"Could not plan {sha[:12]} to check it: {exc}")
+        return
+    await ctx.require_store().audit(
+        f"github:{job.user}",
+        "apply.refused" if not check.ok else "apply.accepted",
+        {"pr": job.number, "head": sha, "failed": [r.value for r in check.failures]},
+    )
+    if not check.ok:
+        await comment(gh, repo, job.number, REFUSED.format(sha=sha[:12], reasons=check.render()))
+        return
+    if not plan.steps:
+        await comment(gh, repo, job.number, NOTHING_TO_APPLY.format(sha=sha[:12]))
+        return
+    reviews = await review_states(gh, repo, job.number)
+    request = DeploymentRequest(
+        trigger=Trigger.PR_COMMENT,
+        requested_by=f"github:{job.user}",
+        revision=sha,
+        approved_by=",".join(f"github:{u}" for u in approvers_of(pull, reviews)) or None,
+        pr_number=job.number,
+        installation_id=job.installation_id,
+    )
+
+    async def announce(event: Event) -> None:
+        if isinstance(event, DeploymentStarted):
+            text = STARTING.format(
+                sha=sha[:12], size=_size(plan), user=job.user, id=event.deployment_id
+            )
+            await _safe_comment(gh, repo, job.number, text)
+
+    try:
+        record = await ctx.deploy(request, plan, subscribers=[announce])
+    except DeployError as exc:
+        await _safe_comment(gh, repo, job.number, f"Could not deploy {sha[:12]}: {exc}")
+        return
+    if record is not None:
+        await _safe_comment(gh, repo, job.number, finished_text(record, sha))
+
+
+def finished_text(record: DeploymentRecord, sha: str) -> str:
+    """The reply when an applied deployment ends: its state and each step's."""
+    steps = "\n".join(
+        f"{step.state.value:<12} {step.id}" + (f"  ({step.reason})" if step.reason else "")
+        for step in record.steps
+    )
+    return FINISHED.format(id=record.id, sha=sha[:12], state=record.state.value, steps=steps)
+
+
+def _size(plan: Any) -> str:
+    services, steps = len(plan.services()), len(plan.steps)
+    return f"{services} service{'s' * (services != 1)}, {steps} step{'s' * (steps != 1)}"
+
+
+async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) -> None:
+    """A progress reply: a failure to post is logged, never fails the deployment."""
+    try:
+        await comment(gh, repo, number, text)
+    except Exception:
+        log.warning("could not comment on PR #%d", number, exc_info=True)
+
+
+async def status_text(ctx: BotContext, service: str | None) -> str:
+    store = ctx.require_store()
+    services = await store.services()
+    lines = ["| service | revision | health | last deployment |", "| --- | --- | --- | --- |"]
+    for name, record in sorted(services.items()):
+        if service and name != service:
+            continue
+        lines.append(
+            f"| {name} | {(record.revision or '-')[:12]} | {record.last_health or '-'} "
+            f"| {record.last_deployment_id or '-'} |"
+        )
+    if len(lines) == 2:
+        return (
+            f"No deployment of {service} recorded yet."
+            if service
+            else ("No deployment recorded yet.")
+        )
+    locks = await store.locks()
+    if locks:
+        lines.append("")
+        lines += [
+            f"🔒 {lock.service} locked by {lock.holder}"
+            + (f": {lock.reason}" if lock.reason else "")
+            for lock in locks
+        ]
+    return "\n".join(lines)
+
+
+async def history_text(ctx: BotContext, service: str | None) -> str:
+    records = await ctx.require_store().history(service, limit=10)
+    if not records:
+        return "No deployments yet."
+    lines = [
+        "| deployment | kind | state | revision | requested by |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for record in records:
+        lines.append(
+            f"| {record.id} | {record.kind.value} | {record.state.value} "
+            f"| {(record.head or '-')[:12]} | {record.requested_by or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:
+    """The `github.command` job."""
+    job = CommandJob.from_job(payload)
+    repo = Repo.parse(ctx.settings.repo)
+    gh = await ctx.require_github().client(job.installation_id)
+    command = parse_command(job.body)
+    if isinstance(command, ParseError):
+        await react(gh, repo, job.comment_id, Reaction.CONFUSED)
+        await comment(gh, repo, job.number, command.render())
+        return
+    await react(gh, repo, job.comment_id, Reaction.EYES)
+    match command:
+        case ApplyCommand():
+            await run_apply(ctx, gh, repo, job)
+        case PlanCommand():
+            pull = await get_pull(gh, repo, job.number)
+            ref = PullRef.from_api(pull, job.installation_id)
+            if ref.fork and not ctx.settings.plan_forks:
+                await comment(gh, repo, job.number, "Pull requests from forks are not planned.")
+                return
+            await plan_pull_request(ctx, _plan_payload(ref))
+        case StatusCommand(service=service):
+            await comment(gh, repo, job.number, await status_text(ctx, service))
+        case HistoryCommand(service=service):
+            await comment(gh, repo, job.number, await history_text(ctx, service))
+        case HelpCommand():
+            await comment(gh, repo, job.number, HELP_TEXT)
+        case _:
+            await comment(gh, repo, job.number, NOT_IN_COMMENTS.format(name=command.name.value))
+
+
+def _plan_payload(ref: PullRef) -> dict[str, Any]:
+    return {
+        "number": ref.number,
+        "head_sha": ref.head_sha,
+        "base_sha": ref.base_sha,
+        "base_ref": ref.base_ref,
+        "clone_url": ref.clone_url,
+        "fork": ref.fork,
+        "installation_id": ref.installation_id,
+    }
+
+
+__all__ = [
+    "ApplyCheck",
+    "Requirement",
+    "check_apply",
+    "comment_parts",
+    "configured_requirements",
+    "render_text",
+    "run_command",
+]

@@ -1,0 +1,169 @@
+"""A bare cache clone of the manifest repository, fetched by commit id for each plan.
+
+The bot never checks anything out: the planner reads trees from this bare repository. When the
+remote is GitHub, the token goes in an HTTP header passed through the environment (never on a
+command line or in a URL, where `ps` and error messages would show it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import git
+
+from bot.config import Settings
+
+FETCH_TIMEOUT = 300.0
+SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+ZERO_SHA = "0" * 40
+
+
+class GitFetchError(Exception):
+    """The commits to plan could not be fetched (message safe to show: no credentials)."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where to fetch from, and the token to present to it (HTTPS GitHub remotes only)."""
+
+    url: str
+    token: str | None = None
+
+    def environment(self) -> dict[str, str]:
+        """Git settings for this fetch, passed as GIT_CONFIG_* variables."""
+        env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
+        if self.token:
+            basic = base64.b64encode(f"x-access-token:{self.token}".encode()).decode()
+            env |= {
+                "GIT_CONFIG_COUNT": "1",
+                "GIT_CONFIG_KEY_0": "http.extraHeader",
+                "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
+            }
+        return env
+
+
+def remote_for(settings: Settings, clone_url: str | None, token: str | None) -> Remote:
+    """NIXMOX_GIT_REMOTE wins over the payload's clone URL; tokens only go to HTTPS remotes."""
+    url = settings.git_remote or clone_url
+    if not url:
+        raise GitFetchError("no clone URL in the event and NIXMOX_GIT_REMOTE is not set")
+    authenticate = token is not None and urlparse(url).scheme == "https"
+    return Remote(url=url, token=token if authenticate else None)
+
+
+def is_sha(value: str | None) -> bool:
+    return bool(value) and bool(SHA_PATTERN.match(value or "")) and value != ZERO_SHA
+
+
+class GitCache:
+    """One bare repository under the work directory; fetches are serialised by a lock."""
+
+    def __init__(self, path: Path, *, timeout: float = FETCH_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> GitCache:
+        name = (settings.repo or "repo").replace("/", "__")
+        return cls(settings.workdir / "git" / f"{name}.git")
+
+    def repo(self) -> git.Repo:
+        if not (self.path / "HEAD").exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            return git.Repo.init(self.path, bare=True)
+        return git.Repo(self.path)
+
+    def has_commit(self, sha: str) -> bool:
+        try:
+            return self.repo().commit(sha).type == "commit"
+        except (ValueError, git.BadName, git.GitCommandError):
+            return False
+
+    async def fetch(self, remote: Remote, shas: list[str], refs: list[str] | None = None) -> None:
+        """Make every commit in `shas` present, fetching by id (then by `refs` if needed)."""
+        wanted = sorted({sha for sha in shas if is_sha(sha)})
+        async with self._lock:
+            missing = [sha for sha in wanted if not await asyncio.to_thread(self.has_commit, sha)]
+            if not missing:
+                return
+            error = await self._git_fetch(remote, missing)
+            still = [sha for sha in missing if not await asyncio.to_thread(self.has_commit, sha)]
+            if still and refs:
+                error = await self._git_fetch(remote, refs) or error
+                still = [s for s in still if not await asyncio.to_thread(self.has_commit, s)]
+            if still:
+                raise GitFetchError(
+                    f"could not fetch {', '.join(s[:12] for s in still)} from "
+                    f"{safe_url(remote.url)}" + (f": {error}" if error else "")
+                )
+            # keep fetched commits reachable, so `git gc` never drops a planned revision
+            await asyncio.to_thread(self._pin, missing)
+
+    def _pin(self, shas: list[str]) -> None:
+        repo = self.repo()
+        for sha in shas:
+            repo.git.update_ref(f"refs/nixmox/seen/{sha}", sha)
+
+    async def _git_fetch(self, remote: Remote, what: list[str]) -> str | None:
+        """Run one `git fetch`; return its (credential-free) error text, None on success."""
+        await asyncio.to_thread(self.repo)
+        env = {**os.environ, **remote.environment()}
+        proc = await asyncio.create_subprocess_exec(
+            "git",
+            "-C",
+            str(self.path),
+            "fetch",
+            "--no-tags",
+            "--quiet",
+            "--no-write-fetch-head",
+            remote.url,
+            *what,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            _, stderr = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return f"git fetch took longer than {self.timeout:g} s"
+        if proc.returncode == 0:
+            return None
+        text = stderr.decode(errors="replace").strip().splitlines()
+        message = text[-1] if text else f"git fetch exited {proc.returncode}"
+        return redact(message, remote.token)
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        """Whether `ancestor` is contained in `descendant`'s history (or is it)."""
+        return bool(self.repo().is_ancestor(ancestor, descendant))
+
+    def merge_base(self, a: str, b: str) -> str | None:
+        """The best common ancestor of two commits (what a PR's diff is taken against)."""
+        try:
+            bases = self.repo().merge_base(a, b)
+        except git.GitCommandError:
+            return None
+        return bases[0].hexsha if bases else None
+
+
+def safe_url(url: str) -> str:
+    """A remote URL without any user:password part."""
+    parsed = urlparse(url)
+    if parsed.password or parsed.username:
+        host = parsed.hostname or ""
+        port = f":{parsed.port}" if parsed.port else ""
+        return parsed._replace(netloc=host + port).geturl()
+    return url
+
+
+def redact(text: str, token: str | None) -> str:
+    return text.replace(token, "<redacted>") if token else text

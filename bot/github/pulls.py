@@ -1,0 +1,228 @@
+"""Pull requests: plan base → head, keep one plan comment per PR, set `nixmox/plan`.
+
+The plan comment is found by the renderer's hidden marker (first line `<!-- nixmox:plan...`)
+and edited in place; a plan longer than one comment is split into numbered comments, and the
+extra ones are deleted when it shrinks. The first part also carries a hidden line with the
+plan's digest and head commit, which `/nixmox apply` compares with a fresh plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from bot.context import BotContext
+from bot.github.client import GitHubClient
+from bot.github.gitcache import GitFetchError, remote_for
+from bot.github.statuses import (
+    PLAN_CONTEXT,
+    Repo,
+    StatusState,
+    comment,
+    delete_comment,
+    edit_comment,
+    get_pull,
+    list_comments,
+    set_status,
+)
+from planner.plan import Plan
+from planner.render import render_markdown
+from planner.source import PlanningError
+
+log = logging.getLogger(__name__)
+
+MARKER_PREFIX = "<!-- nixmox:plan"
+META_LINE = "<!-- nixmox:meta digest={digest} head={head} -->"
+META_PATTERN = re.compile(r"<!-- nixmox:meta digest=(?P<digest>[0-9a-f]*) head=(?P<head>\w*) -->")
+COMMENT_LIMIT = 65536
+META_ROOM = 256  # room left in the first comment for the digest line
+
+PLANNING = "planning…"
+NO_DEPLOYMENT = "no deployment needed"
+COULD_NOT_PLAN = "could not plan: {reason}"
+INVALID = "invalid manifest: {count} error{s}"
+
+
+@dataclass(frozen=True)
+class PullRef:
+    """A pull request at one head commit (the payload of a plan job)."""
+
+    number: int
+    head_sha: str
+    base_sha: str
+    base_ref: str
+    clone_url: str | None
+    fork: bool
+    installation_id: int | None = None
+
+    @classmethod
+    def from_job(cls, payload: dict[str, Any]) -> PullRef:
+        return cls(
+            number=int(payload["number"]),
+            head_sha=str(payload["head_sha"]),
+            base_sha=str(payload["base_sha"]),
+            base_ref=str(payload.get("base_ref", "")),
+            clone_url=payload.get("clone_url"),
+            fork=bool(payload.get("fork", False)),
+            installation_id=payload.get("installation_id"),
+        )
+
+    @classmethod
+    def from_api(cls, pull: dict[str, Any], installation_id: int | None) -> PullRef:
+        from bot.github.events import is_fork
+
+        return cls(
+            number=int(pull["number"]),
+            head_sha=str(pull["head"]["sha"]),
+            base_sha=str(pull["base"]["sha"]),
+            base_ref=str(pull["base"]["ref"]),
+            clone_url=(pull["base"].get("repo") or {}).get("clone_url"),
+            fork=is_fork(pull),
+            installation_id=installation_id,
+        )
+
+
+def success_description(plan: Plan) -> str:
+    """ "3 services, 7 steps" or "no deployment needed"."""
+    if not plan.steps:
+        return NO_DEPLOYMENT
+    services = len(plan.services())
+    steps = len(plan.steps)
+    return f"{services} service{'s' * (services != 1)}, {steps} step{'s' * (steps != 1)}"
+
+
+def plan_status(plan: Plan) -> tuple[StatusState, str]:
+    if not plan.ok:
+        count = len(plan.errors)
+        return StatusState.FAILURE, INVALID.format(count=count, s="s" * (count != 1))
+    return StatusState.SUCCESS, success_description(plan)
+
+
+def is_plan_comment(body: str | None) -> bool:
+    return bool(body) and (body or "").lstrip().startswith(MARKER_PREFIX)
+
+
+def comment_parts(plan: Plan) -> list[str]:
+    """The rendered comments, the first one carrying the digest line after its marker."""
+    parts = list(render_markdown(plan, limit=COMMENT_LIMIT - META_ROOM))
+    if not parts:
+        raise PlanningError("the plan renderer returned nothing")
+    meta = META_LINE.format(digest=plan.digest, head=plan.head or "")
+    marker, _, rest = parts[0].partition("\n")
+    parts[0] = f"{marker}\n{meta}\n{rest}" if rest else f"{marker}\n{meta}"
+    return parts
+
+
+def digest_in(body: str) -> tuple[str, str] | None:
+    """(digest, head) from a plan comment, or None when it has no digest line."""
+    found = META_PATTERN.search(body)
+    return (found["digest"], found["head"]) if found else None
+
+
+async def plan_comments(gh: GitHubClient, repo: Repo, number: int) -> list[dict[str, Any]]:
+    """The PR's plan comments, oldest first (part 1, part 2, ...)."""
+    found = [c for c in await list_comments(gh, repo, number) if is_plan_comment(c.get("body"))]
+    return sorted(found, key=lambda c: int(c["id"]))
+
+
+async def upsert_plan_comment(
+    gh: GitHubClient, repo: Repo, number: int, parts: list[str]
+) -> list[int]:
+    """Edit the existing plan comments in place, add missing parts, delete the extra ones."""
+    existing = await plan_comments(gh, repo, number)
+    ids: list[int] = []
+    for index, body in enumerate(parts):
+        if index < len(existing):
+            old = existing[index]
+            if old.get("body") != body:
+                await edit_comment(gh, repo, int(old["id"]), body)
+            ids.append(int(old["id"]))
+        else:
+            created = await comment(gh, repo, number, body)
+            ids.append(int(created["id"]))
+    for extra in existing[len(parts) :]:
+        await delete_comment(gh, repo, int(extra["id"]))
+    return ids
+
+
+async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
+    """Fetch the PR's commits into the cache clone and plan merge-base → head."""
+    git = ctx.git
+    if git is None:
+        raise PlanningError("the Git cache is not set up")
+    token = await ctx.require_github().token(pull.installation_id)
+    remote = remote_for(ctx.settings, pull.clone_url, token)
+    refs = [f"refs/pull/{pull.number}/head"]
+    if pull.base_ref:
+        refs.append(f"refs/heads/{pull.base_ref}")
+    try:
+        await git.fetch(remote, [pull.base_sha, pull.head_sha], refs)
+    except GitFetchError as exc:
+        raise PlanningError(str(exc)) from exc
+    base = await asyncio.to_thread(git.merge_base, pull.base_sha, pull.head_sha)
+    return await plan_between(ctx, base or pull.base_sha, pull.head_sha)
+
+
+async def plan_between(ctx: BotContext, base: str | None, head: str) -> Plan:
+    """plan_revisions in a thread (it evaluates Nix), against the cache clone."""
+    from planner.revisions import plan_revisions
+
+    git = ctx.git
+    if git is None:
+        raise PlanningError("the Git cache is not set up")
+    return await asyncio.to_thread(
+        plan_revisions,
+        git.path,
+        base,
+        head,
+        manifest_path=ctx.settings.manifest_path,
+        cache=ctx.eval_cache,
+    )
+
+
+def pull_lock(ctx: BotContext, number: int) -> asyncio.Lock:
+    """One plan at a time per PR in this process (the head check covers other replicas)."""
+    locks: dict[int, asyncio.Lock] = ctx.extras.setdefault("github.pull_locks", {})
+    return locks.setdefault(number, asyncio.Lock())
+
+
+async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:
+    """The `github.plan` job: status pending, plan, comment, final status."""
+    pull = PullRef.from_job(payload)
+    async with pull_lock(ctx, pull.number):
+        await _plan_pull_request(ctx, pull)
+
+
+async def _plan_pull_request(ctx: BotContext, pull: PullRef) -> None:
+    repo = Repo.parse(ctx.settings.repo)
+    gh = await ctx.require_github().client(pull.installation_id)
+    await set_status(gh, repo, pull.head_sha, StatusState.PENDING, PLAN_CONTEXT, PLANNING)
+    try:
+        plan = await compute_plan(ctx, pull)
+    except PlanningError as exc:
+        log.warning("could not plan PR #%d at %s: %s", pull.number, pull.head_sha[:12], exc)
+        await set_status(
+            gh,
+            repo,
+            pull.head_sha,
+            StatusState.ERROR,
+            PLAN_CONTEXT,
+            COULD_NOT_PLAN.format(reason=exc),
+        )
+        return
+    key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
+    target = ctx.plan_url(key) if key else None
+    current = await get_pull(gh, repo, pull.number)
+    if current.get("head", {}).get("sha") == pull.head_sha:
+        await upsert_plan_comment(gh, repo, pull.number, comment_parts(plan))
+    else:
+        log.info(
+            "PR #%d moved on from %s; leaving its comment to the newer plan",
+            pull.number,
+            pull.head_sha[:12],
+        )
+    state, description = plan_status(plan)
+    await set_status(gh, repo, pull.head_sha, state, PLAN_CONTEXT, description, target)

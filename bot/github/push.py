@@ -1,0 +1,111 @@
+"""Deploy on merge: a push to the default branch deploys what changed since the last deployment.
+
+The plan goes from the last successfully deployed revision in the store (the push's `before`
+when nothing was deployed yet) to `after`. Deployments from pushes run one at a time in a
+process, each planned after the previous one finished, and a push whose commit is already
+contained in the deployed revision (a late delivery) deploys nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from bot.context import BotContext, DeploymentRequest
+from bot.github.gitcache import GitFetchError, is_sha, remote_for
+from bot.github.pulls import plan_between, plan_status
+from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState, set_status
+from planner.plan import Plan
+from planner.source import PlanningError
+from runners.base import Trigger
+from runners.deploy import DeployError
+
+log = logging.getLogger(__name__)
+
+PLANNING = "planning the deployment…"
+NO_DEPLOYMENT = "no deployment needed"
+ALREADY_DEPLOYED = "already deployed: the deployed revision contains this commit"
+COULD_NOT_PLAN = "could not plan: {reason}"
+COULD_NOT_START = "could not start: {reason}"
+MERGE_LOCK = "github.merge_lock"
+
+
+def merge_lock(ctx: BotContext) -> asyncio.Lock:
+    lock = ctx.extras.get(MERGE_LOCK)
+    if lock is None:
+        lock = ctx.extras[MERGE_LOCK] = asyncio.Lock()
+    return lock
+
+
+async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
+    """The `github.push` job."""
+    after = str(payload["after"])
+    before = str(payload.get("before", ""))
+    repo = Repo.parse(ctx.settings.repo)
+    installation = payload.get("installation_id")
+    gh = await ctx.require_github().client(installation)
+
+    async def status(state: StatusState, description: str, target: str | None = None) -> None:
+        try:
+            await set_status(gh, repo, after, state, DEPLOY_CONTEXT, description, target)
+        except Exception:
+            ctx.metrics.github_calls_failed.inc()
+            log.warning("could not set %s on %s", DEPLOY_CONTEXT, after[:12], exc_info=True)
+
+    await status(StatusState.PENDING, PLANNING)
+    async with merge_lock(ctx):
+        try:
+            plan = await plan_push(ctx, payload, before, after)
+        except PlanningError as exc:
+            await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=exc))
+            return
+        if plan is None:
+            await status(StatusState.SUCCESS, ALREADY_DEPLOYED)
+            return
+        key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
+        target = ctx.plan_url(key) if key else None
+        if not plan.ok or not plan.steps:
+            state, description = plan_status(plan)  # failure (invalid) or "no deployment needed"
+            await status(state, description, target)
+            return
+        request = DeploymentRequest(
+            trigger=Trigger.MERGE,
+            requested_by=f"github:{payload.get('pusher', 'unknown')}",
+            revision=after,
+            installation_id=installation,
+        )
+        try:
+            await ctx.deploy(request, plan)
+        except DeployError as exc:
+            await status(StatusState.FAILURE, COULD_NOT_START.format(reason=exc), target)
+
+
+async def plan_push(
+    ctx: BotContext, payload: dict[str, Any], before: str, after: str
+) -> Plan | None:
+    """The plan from what is deployed to `after`; None when `after` is already deployed."""
+    git = ctx.git
+    if git is None:
+        raise PlanningError("the Git cache is not set up")
+    deployed = await ctx.require_store().last_deployed_revision()
+    token = await ctx.require_github().token(payload.get("installation_id"))
+    remote = remote_for(ctx.settings, payload.get("clone_url"), token)
+    wanted = [sha for sha in (after, before, deployed) if is_sha(sha)]
+    try:
+        await git.fetch(remote, wanted, [str(payload["ref"])] if payload.get("ref") else None)
+    except GitFetchError as exc:
+        if not await asyncio.to_thread(git.has_commit, after):
+            raise PlanningError(str(exc)) from exc
+        # an old base that the remote no longer has: plan from what we can see
+        log.warning("planning the push without some base commits: %s", exc)
+    if deployed and await asyncio.to_thread(git.has_commit, deployed):
+        if await asyncio.to_thread(git.is_ancestor, after, deployed):
+            log.info("push %s is already contained in deployed %s", after[:12], deployed[:12])
+            return None
+        base: str | None = deployed
+    elif is_sha(before) and await asyncio.to_thread(git.has_commit, before):
+        base = before
+    else:
+        base = None  # a new branch or unknown history: deploy everything
+    return await plan_between(ctx, base, after)

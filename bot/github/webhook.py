@@ -1,0 +1,153 @@
+"""`POST /github/webhook`: verify, parse, deduplicate, enqueue, acknowledge.
+
+Order matters: the signature is checked before anything else is looked at (401, nothing
+recorded); then headers and body (400); then the repository filter; then the delivery id is
+recorded in the store (a redelivery does nothing twice, across restarts and replicas); then
+the jobs are enqueued and the response goes out. No GitHub call and no planning happens here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.parse
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+from gidgethub import ValidationFailure, sansio
+
+from bot.context import CONTEXT, BotContext
+from bot.github.events import BadPayload, Delivery, handles, router
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+SIGNATURE_PREFIX = "sha256="
+EVENT_HEADER = "X-GitHub-Event"
+DELIVERY_HEADER = "X-GitHub-Delivery"
+MAX_HEADER_LENGTH = 200
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+    PONG = "pong"
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad_request"
+
+
+class Rejected(Exception):
+    """A delivery answered with an HTTP error (message safe to show)."""
+
+    def __init__(self, status: int, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.status, self.outcome, self.message = status, outcome, message
+
+
+def verify_signature(body: bytes, signature: str | None, secret: str) -> None:
+    """HMAC-SHA256 of the raw body; only `sha256=<64 hex>` is accepted."""
+    if not signature:
+        raise Rejected(401, Outcome.UNAUTHORIZED, f"missing {SIGNATURE_HEADER}")
+    digest = signature[len(SIGNATURE_PREFIX) :]
+    if (
+        not signature.startswith(SIGNATURE_PREFIX)
+        or len(digest) != 64
+        or any(c not in "0123456789abcdef" for c in digest)
+    ):
+        raise Rejected(401, Outcome.UNAUTHORIZED, f"malformed {SIGNATURE_HEADER}")
+    try:
+        sansio.validate_event(body, signature=signature, secret=secret)
+    except ValidationFailure:
+        raise Rejected(401, Outcome.UNAUTHORIZED, "signature does not match") from None
+
+
+def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
+    """JSON (or GitHub's form-encoded `payload=`) to an object."""
+    try:
+        if content_type == "application/x-www-form-urlencoded":
+            text = urllib.parse.parse_qs(body.decode())["payload"][0]
+        else:
+            text = body.decode()
+        data = json.loads(text)
+    except (UnicodeDecodeError, ValueError, KeyError, IndexError):
+        raise Rejected(400, Outcome.BAD_REQUEST, "the body is not a JSON payload") from None
+    if not isinstance(data, dict):
+        raise Rejected(400, Outcome.BAD_REQUEST, "the payload is not a JSON object")
+    return data
+
+
+def header(request: web.Request, name: str) -> str:
+    value = request.headers.get(name, "").strip()
+    if not value or len(value) > MAX_HEADER_LENGTH:
+        raise Rejected(400, Outcome.BAD_REQUEST, f"missing or invalid {name} header")
+    return value
+
+
+def parse_event(request: web.Request, body: bytes) -> sansio.Event:
+    event = header(request, EVENT_HEADER)
+    delivery_id = header(request, DELIVERY_HEADER)
+    data = decode_body(request.content_type, body)
+    return sansio.Event(data, event=event, delivery_id=delivery_id)
+
+
+def repository_of(data: dict[str, Any]) -> str | None:
+    repository = data.get("repository")
+    if isinstance(repository, dict) and isinstance(repository.get("full_name"), str):
+        return repository["full_name"]
+    return None
+
+
+async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, list[int]]:
+    """Everything after parsing: filter, route, record, enqueue."""
+    if event.event == "ping":
+        return Outcome.PONG, "pong", []
+    if not handles(event.event):
+        return Outcome.IGNORED, f"{event.event} events are not used", []
+    repo = repository_of(event.data)
+    wanted = ctx.settings.repo
+    if repo is None or wanted is None or repo.lower() != wanted.lower():
+        return Outcome.IGNORED, f"repository {repo} is not NIXMOX_REPO", []
+    delivery = Delivery(ctx.settings)
+    try:
+        await router.dispatch(event, delivery)
+    except BadPayload as exc:
+        raise Rejected(400, Outcome.BAD_REQUEST, str(exc)) from None
+    except (TypeError, ValueError, AttributeError):
+        raise Rejected(
+            400, Outcome.BAD_REQUEST, "the payload has fields of the wrong type"
+        ) from None
+    if not delivery.jobs:
+        return Outcome.IGNORED, "; ".join(delivery.ignored) or "nothing to do", []
+    store = ctx.require_store()
+    if not await store.record_delivery(event.delivery_id):
+        return Outcome.DUPLICATE, "delivery already processed", []
+    jobs = ctx.require_jobs()
+    job_ids = [await jobs.enqueue(spec.kind, spec.payload) for spec in delivery.jobs]
+    return Outcome.ACCEPTED, "queued", job_ids
+
+
+async def github_webhook(request: web.Request) -> web.Response:
+    """The aiohttp handler of `POST /github/webhook`."""
+    ctx = request.app[CONTEXT]
+    started = time.perf_counter()
+    secret = ctx.settings.github_webhook_secret
+    try:
+        body = await request.read()
+        if secret is None:  # `nixmox serve` refuses to start like this; be safe anyway
+            raise Rejected(401, Outcome.UNAUTHORIZED, "no webhook secret is configured")
+        verify_signature(body, request.headers.get(SIGNATURE_HEADER), secret.get_secret_value())
+        event = parse_event(request, body)
+        outcome, message, job_ids = await accept(ctx, event)
+    except Rejected as exc:
+        # the event header of an unverified request is not trusted as a metric label
+        ctx.metrics.webhooks.labels("-", exc.outcome.value).inc()
+        log.info("github delivery rejected (%d): %s", exc.status, exc.message)
+        return web.json_response({"error": exc.message}, status=exc.status)
+    ctx.metrics.webhooks.labels(event.event[:50], outcome.value).inc()
+    ctx.metrics.webhook_seconds.observe(time.perf_counter() - started)
+    if outcome is Outcome.ACCEPTED:
+        log.info("github %s %s: queued jobs %s", event.event, event.delivery_id, job_ids)
+    return web.json_response({"status": outcome.value, "message": message, "jobs": job_ids})
