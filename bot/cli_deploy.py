@@ -600,8 +600,7 @@ async def rollback(
                 click.echo(f"rollback: {prepared.description}")
             print_preview(preview, as_json)
             return
-        if not as_json:
-            click.echo(f"rollback: {prepared.description}")
+        click.echo(f"rollback: {prepared.description}", err=as_json)
         with progress_for(prepared.plan, as_json, verbose) as progress:
             record = await guarded(
                 run_rollback(

@@ -1,0 +1,512 @@
+"""Deploy orchestration: exported revisions, locks, leases, recording, rollbacks, live health."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import git
+import pytest
+
+from planner.plan import Phase, Step
+from runners.base import Context, DeploymentKind, DeploymentState, Event, StepResult, StepState
+from runners.config import RunnerConfig, SimulateConfig
+from runners.deploy import (
+    DeployError,
+    DeploymentRefused,
+    RollbackError,
+    check_health,
+    holder_name,
+    lock_names,
+    plan_for_deploy,
+    prepare_rollback,
+    preview_deployment,
+    run_deployment,
+    run_rollback,
+)
+from runners.registry import RunnerKind, RunnerSet
+from runners.store import LockBusy, Store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL = (REPO_ROOT / "manifests" / "small.nix").read_text()
+MANIFEST = "nixos/service-manifest.nix"
+FAST = RunnerConfig(simulate=SimulateConfig(scale=0.005))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/state.db"
+    return request.getfixturevalue("postgres_database")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/state.db")
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> git.Repo:
+    """A Git repository whose manifest is manifests/small.nix, one commit on main."""
+    root = tmp_path / "repo"
+    (root / "nixos").mkdir(parents=True)
+    made = git.Repo.init(root, initial_branch="main")
+    with made.config_writer() as config:
+        config.set_value("user", "name", "test").set_value("user", "email", "t@example.org")
+    (root / MANIFEST).write_text(SMALL)
+    made.index.add([MANIFEST])
+    made.index.commit("first")
+    return made
+
+
+def commit(repo: git.Repo, old: str, new: str, message: str) -> str:
+    path = Path(repo.working_tree_dir) / MANIFEST
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    repo.index.add([MANIFEST])
+    return repo.index.commit(message).hexsha
+
+
+@dataclass
+class Recorder:
+    """A runner for every phase that records what it saw in the work directory."""
+
+    seconds: float = 0.0
+    seen: list[tuple[str, Path, str]] = field(default_factory=list)
+    release: asyncio.Event | None = None
+
+    async def run(self, step: Step, ctx: Context) -> StepResult:
+        manifest = ctx.workdir / MANIFEST
+        text = manifest.read_text() if manifest.exists() else ""
+        self.seen.append((step.id, ctx.workdir, text))
+        if self.release is not None:
+            await self.release.wait()
+        await asyncio.sleep(self.seconds)
+        if step.phase in (Phase.NIX_CORE, Phase.NIX_SERVICE_CONFIG):
+            return StepResult(True, "switched", f"/nix/store/old-{step.service}", "/nix/store/new")
+        return StepResult(True, f"ran {step.id}")
+
+    async def rollback(self, service: str, ctx: Context) -> StepResult:
+        return StepResult(True, "rolled back", None, ctx.previous_systems.get(service))
+
+
+def recording_set(recorder: Recorder) -> RunnerSet:
+    return RunnerSet(RunnerKind.SIMULATE, dict.fromkeys(Phase, recorder), recorder)
+
+
+async def test_deploys_the_exported_revision_not_the_working_copy(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    first = repo.head.commit.hexsha
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    # after planning, main moves on and the working copy gets uncommitted edits
+    commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "second")
+    live = Path(repo.working_tree_dir) / MANIFEST
+    live.write_text(live.read_text() + "\n# live edit, never deployed\n")
+    recorder = Recorder()
+    record = await run_deployment(
+        store,
+        plan,
+        repo_dir=repo.working_tree_dir,
+        manifest_path=MANIFEST,
+        runners=recording_set(recorder),
+        work_root=tmp_path / "work",
+    )
+    assert record is not None and record.state is DeploymentState.SUCCEEDED
+    assert record.head == first
+    assert {text for _, _, text in recorder.seen} == {SMALL}
+    workdirs = {workdir for _, workdir, _ in recorder.seen}
+    assert workdirs == {tmp_path / "work" / record.id}
+    assert not (tmp_path / "work" / record.id).exists()  # the export is removed afterwards
+    assert record.manifest is not None and set(record.manifest.enabled()) == {"gitea", "postgresql"}
+
+
+async def test_a_plain_directory_is_snapshotted(store: Store, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "nixos").mkdir(parents=True)
+    (source / MANIFEST).write_text(SMALL)
+    (source / ".git").mkdir()  # never copied
+    from planner.plan import plan_full
+    from planner.source import load_manifest
+
+    manifest = load_manifest(source / MANIFEST)
+    recorder = Recorder()
+    record = await run_deployment(
+        store,
+        plan_full(manifest),
+        manifest=manifest,
+        workdir=source,
+        runners=recording_set(recorder),
+        work_root=source / ".nixmox" / "work",
+    )
+    assert record is not None and record.state is DeploymentState.SUCCEEDED
+    assert {text for _, _, text in recorder.seen} == {SMALL}
+    assert all(workdir != source for _, workdir, _ in recorder.seen)
+
+
+async def test_second_deploy_of_the_same_revision_has_nothing_to_do(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    assert plan.base is None and len(plan.steps) == 5
+    record = await run_deployment(
+        store,
+        plan,
+        repo_dir=repo.working_tree_dir,
+        manifest_path=MANIFEST,
+        runner_kind="simulate",
+        runner_config=FAST,
+        work_root=tmp_path / "work",
+    )
+    assert record is not None and record.state is DeploymentState.SUCCEEDED
+    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    assert again.steps == []
+    assert await run_deployment(store, again, repo_dir=repo.working_tree_dir) is None
+    # a change plans only what it needs, from the deployed revision
+    second = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
+    change = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    assert change.base == plan.head and change.head == second
+    assert change.services() == ["gitea"]
+
+
+async def test_a_failed_deployment_is_planned_again(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    config = RunnerConfig(simulate=SimulateConfig(scale=0.005, fail=["tf:infra"]))
+    record = await run_deployment(
+        store,
+        plan,
+        repo_dir=repo.working_tree_dir,
+        manifest_path=MANIFEST,
+        runner_kind="simulate",
+        runner_config=config,
+        work_root=tmp_path / "work",
+    )
+    assert record is not None and record.state is DeploymentState.FAILED
+    assert record.step("verify:gitea").state is StepState.SKIPPED  # type: ignore[union-attr]
+    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    assert again.digest == plan.digest
+
+
+async def test_a_locked_service_refuses_the_deployment_naming_the_holder(
+    any_store_url: str, repo: git.Repo, tmp_path: Path
+) -> None:
+    store = await Store.open(any_store_url)
+    try:
+        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        await store.lock("gitea", "alice", "database migration")
+        with pytest.raises(DeploymentRefused) as refused:
+            await run_deployment(store, plan, repo_dir=repo.working_tree_dir, runners=None)
+        assert "gitea is locked by alice (database migration)" in str(refused.value)
+        assert "nixmox unlock gitea" in str(refused.value)
+        assert await store.history() == []  # nothing ran, nothing recorded
+        # postgresql and tf:infra were not left locked by the refused attempt
+        assert [lock.service for lock in await store.locks()] == ["gitea"]
+        [entry] = await store.audit_log()
+        assert entry.action == "deployment refused" and entry.detail["holder"] == "alice"
+    finally:
+        await store.close()
+
+
+async def test_a_second_deployment_is_refused_then_waits(
+    any_store_url: str, repo: git.Repo, tmp_path: Path
+) -> None:
+    store = await Store.open(any_store_url)
+    try:
+        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        recorder = Recorder(release=asyncio.Event())
+        common = {
+            "repo_dir": repo.working_tree_dir,
+            "manifest_path": MANIFEST,
+            "work_root": tmp_path / "work",
+        }
+        first = asyncio.create_task(
+            run_deployment(store, plan, runners=recording_set(recorder), **common)
+        )
+        while not recorder.seen:  # the first deployment holds its locks and runs
+            await asyncio.sleep(0.02)
+        [running] = await store.history()
+        with pytest.raises(DeploymentRefused) as refused:
+            await run_deployment(store, plan, runners=recording_set(Recorder()), **common)
+        assert refused.value.busy.holder == holder_name(running.id)
+        assert f"locked by deployment {running.id}" in str(refused.value)
+        # with --lock-wait, the second one waits for the first and then runs
+        second = asyncio.create_task(
+            run_deployment(store, plan, runners=recording_set(Recorder()), lock_wait=30, **common)
+        )
+        await asyncio.sleep(0.5)
+        assert not second.done()
+        recorder.release.set()  # type: ignore[union-attr]
+        done_first, done_second = await asyncio.gather(first, second)
+        assert done_first is not None and done_second is not None
+        assert done_first.state is done_second.state is DeploymentState.SUCCEEDED
+        assert done_second.started_at >= done_first.finished_at  # type: ignore[operator]
+        assert await store.locks() == []
+    finally:
+        await store.close()
+
+
+async def test_locks_are_renewed_while_running_and_released_after(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    lease = timedelta(seconds=0.3)
+    task = asyncio.create_task(
+        run_deployment(
+            store,
+            plan,
+            repo_dir=repo.working_tree_dir,
+            manifest_path=MANIFEST,
+            runners=recording_set(Recorder(seconds=0.25)),  # 5 steps: well past the lease
+            lock_lease=lease,
+            work_root=tmp_path / "work",
+        )
+    )
+    await asyncio.sleep(0.9)
+    assert not task.done()
+    # three leases have gone by: without renewal another holder would get gitea now
+    with pytest.raises(LockBusy, match="locked by deployment"):
+        await store.acquire_locks(["gitea"], "intruder", lease=lease)
+    assert await store.recover_interrupted() == []
+    record = await task
+    assert record is not None and record.state is DeploymentState.SUCCEEDED
+    assert lock_names(plan) == ["gitea", "postgresql", "tf:infra"]
+    assert await store.locks() == []
+
+
+async def test_cancelled_deployment_is_recorded_interrupted(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    recorder = Recorder(release=asyncio.Event())
+    task = asyncio.create_task(
+        run_deployment(
+            store,
+            plan,
+            repo_dir=repo.working_tree_dir,
+            manifest_path=MANIFEST,
+            runners=recording_set(recorder),
+            work_root=tmp_path / "work",
+        )
+    )
+    while not recorder.seen:
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [record] = await store.history()
+    assert record.state is DeploymentState.INTERRUPTED
+    assert record.step("tf:infra").state is StepState.INTERRUPTED  # type: ignore[union-attr]
+    assert await store.locks() == []
+    assert not (tmp_path / "work" / record.id).exists()
+
+
+async def test_unknown_revision_is_a_deploy_error_and_frees_the_locks(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    with pytest.raises(DeployError, match="cannot prepare the files to deploy"):
+        await run_deployment(
+            store,
+            plan,
+            repo_dir=repo.working_tree_dir,
+            revision="0" * 40,
+            runners=recording_set(Recorder()),
+            work_root=tmp_path / "work",
+        )
+    assert await store.history() == []
+    assert await store.locks() == []
+
+
+async def test_invalid_and_empty_plans(store: Store, repo: git.Repo) -> None:
+    from planner.findings import error
+    from planner.plan import Plan, invalid_plan
+
+    broken = invalid_plan([error("type", "bad", field="services.x.ip")])
+    with pytest.raises(DeployError, match="1 error"):
+        await run_deployment(store, broken, repo_dir=repo.working_tree_dir)
+    assert await run_deployment(store, Plan(), repo_dir=repo.working_tree_dir) is None
+
+
+async def deploy_twice(store: Store, repo: git.Repo, tmp_path: Path) -> tuple[str, str]:
+    """Deploy main, then a gitea change; returns the two deployment ids."""
+    ids = []
+    for change in (None, ("ports = [ 3000 ]", "ports = [ 3001 ]")):
+        if change:
+            commit(repo, *change, "gitea port")
+        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        record = await run_deployment(
+            store,
+            plan,
+            repo_dir=repo.working_tree_dir,
+            manifest_path=MANIFEST,
+            runner_kind="simulate",
+            runner_config=FAST,
+            work_root=tmp_path / "work",
+        )
+        assert record is not None and record.state is DeploymentState.SUCCEEDED
+        ids.append(record.id)
+    return ids[0], ids[1]
+
+
+async def test_rollback_undoes_the_last_deployment(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    first, second = await deploy_twice(store, repo, tmp_path)
+    before = await store.get_deployment(second)
+    assert before is not None
+    nix = before.step("nix:service-config:gitea")
+    assert nix is not None and nix.previous_system and nix.new_system
+    # the simulated hosts of a new process start from what the store says they run
+    first_record = await store.get_deployment(first)
+    assert first_record is not None
+    assert nix.previous_system == first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]
+
+    prepared = await prepare_rollback(store)
+    assert prepared.targets == {"gitea": nix.previous_system}
+    assert prepared.source_deployment == second
+    assert [s.id for s in prepared.plan.steps] == ["nix:service-config:gitea", "verify:gitea"]
+    record = await run_rollback(
+        store,
+        prepared,
+        runner_kind="simulate",
+        runner_config=FAST,
+        requested_by="alice",
+        work_root=tmp_path / "work",
+    )
+    assert record is not None
+    assert (record.kind, record.state) == (DeploymentKind.ROLLBACK, DeploymentState.SUCCEEDED)
+    assert record.requested_by == "alice"
+    assert record.head == before.base  # back at the revision deployed before
+    gitea = (await store.services())["gitea"]
+    assert gitea.system_path == nix.previous_system
+    assert gitea.revision == before.base
+    assert gitea.last_deployment_id == record.id
+    # a full undo moves the deployed revision back too: deploying main again has work to do
+    assert await store.last_deployed_revision() == before.base
+    redo = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    assert redo.services() == ["gitea"]
+
+
+async def test_rollback_to_a_deployment_and_per_service(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    first, _second = await deploy_twice(store, repo, tmp_path)
+    first_record = await store.get_deployment(first)
+    assert first_record is not None
+    prepared = await prepare_rollback(store, to=first, service="gitea")
+    installed = first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]
+    assert prepared.targets == {"gitea": installed}
+    assert prepared.scope == "gitea"
+    everything = await prepare_rollback(store, to=first)
+    assert set(everything.targets) == {"gitea", "postgresql"}
+    with pytest.raises(RollbackError, match="did not touch caddy"):
+        await prepare_rollback(store, to=first, service="caddy")
+    with pytest.raises(RollbackError, match="needs a Git repository"):
+        await prepare_rollback(store, to="no-such-deployment")
+    record = await run_rollback(
+        store, prepared, runner_kind="simulate", runner_config=FAST, work_root=tmp_path / "w"
+    )
+    assert record is not None and record.state is DeploymentState.SUCCEEDED
+    assert (await store.services())["gitea"].system_path == installed
+    # a per-service rollback does not move the revision the whole homelab is at
+    assert await store.last_deployed_revision() == repo.head.commit.hexsha
+
+
+async def test_rollback_to_a_revision_deploys_it(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    first, _ = await deploy_twice(store, repo, tmp_path)
+    prepared = await prepare_rollback(
+        store, to="main~1", repo_dir=repo.working_tree_dir, manifest_path=MANIFEST
+    )
+    assert prepared.by_revision and prepared.plan.services() == ["gitea"]
+    record = await run_rollback(
+        store,
+        prepared,
+        manifest_path=MANIFEST,
+        runner_kind="simulate",
+        runner_config=FAST,
+        work_root=tmp_path / "work",
+    )
+    assert record is not None and record.kind is DeploymentKind.ROLLBACK
+    assert record.state is DeploymentState.SUCCEEDED
+    first_record = await store.get_deployment(first)
+    assert first_record is not None
+    assert await store.last_deployed_revision() == first_record.head
+
+
+async def test_nothing_to_roll_back(store: Store) -> None:
+    with pytest.raises(RollbackError, match="no deployment recorded"):
+        await prepare_rollback(store)
+
+
+async def test_dry_run_lists_exact_commands_and_changes_nothing(
+    store: Store, repo: git.Repo
+) -> None:
+    from planner.source import load_manifest_at
+
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    manifest = load_manifest_at(repo.working_tree_dir, "main", MANIFEST)
+    preview = await preview_deployment(plan, manifest=manifest, runner_kind="real")
+    commands = dict(preview)
+    assert list(commands) == [s for wave in plan.waves for s in wave]
+    assert any(
+        "nixos-rebuild switch" in line and "root@10.20.0.3" in line
+        for line in commands["nix:service-config:gitea"]
+    )
+    assert await store.history() == []
+
+
+async def test_check_health_records_live_results(store: Store) -> None:
+    from planner.source import load_manifest
+
+    manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
+    results = await check_health(
+        store, manifest, ["gitea", "postgresql"], runner_kind="simulate", runner_config=FAST
+    )
+    assert {name: ok for name, (ok, _) in results.items()} == {"gitea": True, "postgresql": True}
+    services = await store.services()
+    assert services["gitea"].last_health == "healthy" and services["gitea"].health_at
+
+
+async def test_subscribers_receive_events_and_a_failing_one_changes_nothing(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    seen: list[Event] = []
+
+    async def listen(event: Event) -> None:
+        seen.append(event)
+
+    async def broken(event: Event) -> None:
+        raise RuntimeError("slack is down")
+
+    record = await run_deployment(
+        store,
+        plan,
+        repo_dir=repo.working_tree_dir,
+        manifest_path=MANIFEST,
+        runner_kind="simulate",
+        runner_config=FAST,
+        subscribers=[broken, listen],
+        trigger="slack",
+        requested_by="U_ALICE",
+        approved_by="U_BOB",
+        work_root=tmp_path / "work",
+    )
+    assert record is not None and record.state is DeploymentState.SUCCEEDED
+    assert (record.trigger, record.requested_by, record.approved_by) == (
+        "slack",
+        "U_ALICE",
+        "U_BOB",
+    )
+    assert seen[0].deployment_id == record.id
+    assert type(seen[-1]).__name__ == "DeploymentFinished"
