@@ -1,0 +1,250 @@
+"""What the Slack bot asks of the rest of NixMox: plan a request, run an approved one.
+
+`RepoBackend` plans against the manifest repository (the default branch head, or `--ref`,
+fetched into the bot's bare Git cache) and the deployed state in the store, and runs approved
+plans through `BotContext.deploy` / `BotContext.rollback`, so every registered notifier
+(Slack progress, GitHub statuses and Deployment) follows the deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot.context import BotContext, DeploymentRequest
+from bot.github.gitcache import GitCache, GitFetchError, Remote, remote_for, safe_url
+from planner.models import Manifest
+from planner.plan import Plan
+from planner.source import PlanningError, UnknownRevision
+from runners.base import DeploymentKind
+from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_rollback
+from runners.store import ApprovalRecord, DeploymentRecord
+
+SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
+LS_REMOTE_TIMEOUT = 60.0
+NO_REMOTE = (
+    "the bot does not know where the manifest repository is: set NIXMOX_GIT_REMOTE "
+    "(or NIXMOX_REPO for a GitHub repository)"
+)
+UNKNOWN_REF = "`{ref}` is not a branch, tag or full commit id of the manifest repository"
+
+
+class PlanFailure(Exception):
+    """The bot could not plan a request (the message is safe to show in Slack)."""
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a Slack user asked for: deploy or roll back a service (None: everything)."""
+
+    kind: DeploymentKind
+    service: str | None = None
+    ref: str | None = None  # deploy --ref
+    to: str | None = None  # rollback --to (a deployment id or a Git ref)
+
+    @property
+    def target(self) -> str:
+        return self.service or "all"
+
+    def args(self) -> dict[str, Any]:
+        return {"ref": self.ref, "to": self.to}
+
+    @classmethod
+    def from_approval(cls, approval: ApprovalRecord) -> Ask:
+        args = approval.args or {}
+        return cls(
+            kind=DeploymentKind(approval.kind),
+            service=approval.service,
+            ref=args.get("ref"),
+            to=args.get("to"),
+        )
+
+
+@dataclass
+class Planned:
+    """A planned request: the plan, the commit it deploys, and for rollbacks how to run it."""
+
+    plan: Plan
+    revision: str | None
+    rollback: RollbackPlan | None = None
+
+    @property
+    def description(self) -> str:
+        return self.rollback.description if self.rollback is not None else ""
+
+    def to_json(self) -> dict[str, Any]:
+        """For the job queue: everything needed to run exactly what was approved."""
+        rollback = None
+        if self.rollback is not None:
+            rb = self.rollback
+            rollback = {
+                "manifest": rb.manifest.model_dump(mode="json"),
+                "targets": rb.targets,
+                "revision": rb.revision,
+                "repo_dir": str(rb.repo_dir) if rb.repo_dir is not None else None,
+                "scope": rb.scope,
+                "source_deployment": rb.source_deployment,
+                "description": rb.description,
+            }
+        return {
+            "plan": self.plan.model_dump(mode="json"),
+            "revision": self.revision,
+            "rollback": rollback,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Planned:
+        plan = Plan.model_validate(data["plan"])
+        rollback = None
+        if data.get("rollback") is not None:
+            rb = data["rollback"]
+            rollback = RollbackPlan(
+                plan=plan,
+                manifest=Manifest.model_validate(rb["manifest"]),
+                targets=dict(rb.get("targets") or {}),
+                revision=rb.get("revision"),
+                repo_dir=Path(rb["repo_dir"]) if rb.get("repo_dir") else None,
+                scope=rb.get("scope"),
+                source_deployment=rb.get("source_deployment"),
+                description=rb.get("description") or "",
+            )
+        return cls(plan=plan, revision=data.get("revision"), rollback=rollback)
+
+
+class Backend(Protocol):
+    """Planning and running, as the Slack flows need them."""
+
+    async def plan(self, ask: Ask) -> Planned: ...
+
+    async def run(
+        self, planned: Planned, request: DeploymentRequest
+    ) -> DeploymentRecord | None: ...
+
+
+class RepoBackend:
+    """Plans from the manifest repository and the store; runs through the BotContext."""
+
+    def __init__(self, ctx: BotContext) -> None:
+        self.ctx = ctx
+        self._git: GitCache | None = None
+
+    @property
+    def git(self) -> GitCache:
+        """The bot's Git cache (GitHub's when it has one, else one of our own)."""
+        if self.ctx.git is not None:
+            return self.ctx.git
+        if self._git is None:
+            self._git = GitCache.for_settings(self.ctx.settings)
+        return self._git
+
+    async def remote(self) -> Remote:
+        settings = self.ctx.settings
+        clone_url = None
+        if settings.repo and not settings.git_remote:
+            clone_url = f"https://github.com/{settings.repo}.git"
+        if not (settings.git_remote or clone_url):
+            raise PlanFailure(NO_REMOTE)
+        token = None
+        if self.ctx.github is not None and clone_url is not None:
+            try:
+                token = await self.ctx.github.token()
+            except Exception as exc:  # the message never carries the credentials
+                raise PlanFailure(f"cannot get a GitHub token to fetch with: {exc}") from None
+        return remote_for(settings, clone_url, token)
+
+    async def fetch(self, ref: str | None) -> str:
+        """The commit `ref` (default: the remote's default branch) names, fetched into the cache."""
+        remote = await self.remote()
+        if ref is not None and SHA_PATTERN.match(ref):
+            sha, names = ref, []
+        else:
+            sha, names = await resolve_remote_ref(remote, ref)
+        try:
+            await self.git.fetch(remote, [sha], refs=names)
+        except GitFetchError as exc:
+            raise PlanFailure(str(exc)) from None
+        return sha
+
+    async def plan(self, ask: Ask) -> Planned:
+        store = self.ctx.require_store()
+        settings = self.ctx.settings
+        try:
+            if ask.kind is DeploymentKind.ROLLBACK:
+                return await self._plan_rollback(ask)
+            sha = await self.fetch(ask.ref)
+            plan = await plan_for_deploy(
+                store,
+                self.git.path,
+                sha,
+                service=ask.service,
+                manifest_path=settings.manifest_path,
+                cache=self.ctx.eval_cache,
+            )
+            return Planned(plan=plan, revision=sha)
+        except (DeployError, PlanningError, UnknownRevision, GitFetchError) as exc:
+            raise PlanFailure(str(exc)) from None
+
+    async def _plan_rollback(self, ask: Ask) -> Planned:
+        store = self.ctx.require_store()
+        to = ask.to
+        repo_dir = None
+        if to is not None and await store.get_deployment(to) is None:
+            to = await self.fetch(to)  # not a deployment id: a Git ref to deploy as a rollback
+            repo_dir = self.git.path
+        rollback = await prepare_rollback(
+            store,
+            service=ask.service,
+            to=to,
+            repo_dir=repo_dir,
+            manifest_path=self.ctx.settings.manifest_path,
+        )
+        return Planned(plan=rollback.plan, revision=rollback.revision, rollback=rollback)
+
+    async def run(self, planned: Planned, request: DeploymentRequest) -> DeploymentRecord | None:
+        if planned.rollback is not None:
+            return await self.ctx.rollback(request, planned.rollback)
+        return await self.ctx.deploy(request, planned.plan, repo_dir=self.git.path)
+
+
+async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
+    """`git ls-remote`: the commit of a branch or tag (None: the default branch, HEAD)."""
+    patterns = ["HEAD"] if ref is None else [ref]
+    args = ["git", "ls-remote", "--symref", remote.url, *patterns]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **remote.environment()},
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), LS_REMOTE_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PlanFailure(f"{safe_url(remote.url)} did not answer in time") from None
+    if proc.returncode != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        detail = lines[-1] if lines else f"git ls-remote exited {proc.returncode}"
+        if remote.token:
+            detail = detail.replace(remote.token, "<redacted>")
+        raise PlanFailure(f"cannot read {safe_url(remote.url)}: {detail}")
+    refs: dict[str, str] = {}
+    for line in stdout.decode(errors="replace").splitlines():
+        value, _, name = line.partition("\t")
+        if not value.startswith("ref:"):
+            refs[name.strip()] = value.strip()
+    wanted = (
+        ["HEAD"]
+        if ref is None
+        else [ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"]
+    )
+    for name in wanted:
+        if name in refs and SHA_PATTERN.match(refs[name]):
+            fetch_name = name.removesuffix("^{}")
+            return refs[name], [fetch_name]
+    raise PlanFailure(UNKNOWN_REF.format(ref=ref or "HEAD"))

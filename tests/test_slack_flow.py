@@ -1,0 +1,391 @@
+"""The Slack bot end to end: signed slash commands and clicks into the real aiohttp app on
+127.0.0.1, the bot talking to the fake Slack Web API over HTTP, plans from a real Git repository
+(real nix-instantiate), deployments by the simulated runner, everything recorded in SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bot.app import build_app
+from bot.context import CONTEXT, BotContext
+from bot.slack import SLACK_BOT, SlackBot
+from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
+from runners.config import RunnerConfig, SimulateConfig
+from runners.store import ApprovalRecord, ApprovalState, Store
+from tests.fakes.slack import FakeSlack, Message
+from tests.fixtures_github import ManifestRepo
+from tests.fixtures_slack import (
+    APPROVER,
+    CHANNEL,
+    PROGRESS_INTERVAL,
+    REQUESTER,
+    STRANGER,
+    SlackDriver,
+    slack_settings,
+)
+
+SCALE = 0.1  # simulated step durations x0.1: a deployment of gitea takes about a second
+
+
+@dataclass
+class Bot:
+    """The app under test and the handles a test needs."""
+
+    app: web.Application
+    driver: SlackDriver
+    fake: FakeSlack
+
+    @property
+    def ctx(self) -> BotContext:
+        return self.app[CONTEXT]
+
+    @property
+    def slack(self) -> SlackBot:
+        return self.app[SLACK_BOT]
+
+    @property
+    def store(self) -> Store:
+        return self.ctx.require_store()
+
+    async def pending_request(self, after: int = 0) -> Message:
+        """The newest message with an Approve button (after `after` earlier versions)."""
+
+        def find() -> Message | None:
+            for message in reversed(self.fake.channel_messages(CHANNEL)):
+                labels = [b["text"]["text"] for b in message.buttons()]
+                if "Approve" in labels and len(message.versions) > after:
+                    return message
+            return None
+
+        return await self.fake.wait_for(find)
+
+    async def approval_of(self, message: Message) -> ApprovalRecord:
+        approve = next(b for b in message.buttons() if b["text"]["text"] == "Approve")
+        approval = await self.store.get_approval(approve["value"].split(" ")[0])
+        assert approval is not None
+        return approval
+
+    async def audit(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [(a.actor, a.action, a.detail) for a in reversed(await self.store.audit_log(200))]
+
+    async def settled(self) -> None:
+        """Every after-the-ack task and queued job has finished."""
+        await self.slack.idle()
+        await self.ctx.require_jobs().drain(timeout=60)
+        await self.slack.idle()
+
+
+async def start_bot(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    fake: FakeSlack,
+    repo: ManifestRepo,
+    *,
+    fail: tuple[str, ...] = (),
+    **settings: Any,
+) -> Bot:
+    config = RunnerConfig(simulate=SimulateConfig(scale=SCALE, fail=list(fail)))
+    app = build_app(slack_settings(tmp_path, fake, repo.path, **settings), runner_config=config)
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
+    client = await aiohttp_client(app)
+    return Bot(app, SlackDriver(client, fake), fake)
+
+
+def ephemerals_to(fake: FakeSlack, user: str) -> list[str]:
+    return [e.all_text() for e in fake.ephemerals if e.user == user]
+
+
+async def deploy_gitea(bot: Bot) -> Message:
+    """`/nixmox deploy gitea`, approved by the approver, waited for until it finishes."""
+    sent = await bot.driver.command("deploy gitea")
+    assert sent.status == 200
+    message = await bot.pending_request()
+    assert (await bot.driver.click(message, "Approve", user=APPROVER)).status == 200
+    await bot.fake.wait_for(lambda: "Succeeded" in message.text or "Failed" in message.text)
+    return message
+
+
+async def test_deploy_approve_progress_success(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    head = manifest_repo.repo.heads.main.commit.hexsha
+
+    sent = await bot.driver.command("deploy gitea")
+    assert sent.status == 200
+    ack = sent.json()
+    assert ack["response_type"] == "ephemeral"
+    assert "Planning a deployment of gitea" in ack["text"]
+
+    message = await bot.pending_request()
+    approval = await bot.approval_of(message)
+    text = message.all_text()
+    assert "Deploy gitea" in text and f"<@{REQUESTER}>" in text
+    assert "*gitea*" in text and "*postgresql*" in text  # a line per service
+    assert f"revision `{head[:10]}`" in text
+    assert approval.state is ApprovalState.PENDING
+    assert approval.requested_by == f"slack:{REQUESTER}"
+    assert approval.plan is not None and approval.digest == approval.plan.digest
+    assert {b["value"] for b in message.buttons()} == {f"{approval.id} {approval.digest}"}
+
+    assert (await bot.driver.click(message, "Approve", user=APPROVER)).status == 200
+    await fake_slack.wait_for(lambda: "Succeeded" in message.text)
+
+    texts = [version["text"] for version in message.versions]
+    approved = next(i for i, t in enumerate(texts) if f"Approved by <@{APPROVER}>" in t)
+    progress = texts[approved + 1 :]
+    assert len(progress) >= 3, texts  # live updates between the approval and the end
+    assert any("steps" in t and "Succeeded" not in t for t in progress[:-1])
+    assert "Succeeded" in progress[-1]
+    final = message.all_text()
+    assert ":white_check_mark: *gitea* — succeeded" in final
+    assert ":white_check_mark: *postgresql* — succeeded" in final
+    assert f"approved by <@{APPROVER}>" in final and "5/5 steps" in final
+    # every edit of the message came at least one coalescing interval after the previous one
+    gaps = [b - a for a, b in zip(message.update_times, message.update_times[1:], strict=False)]
+    assert min(gaps) >= PROGRESS_INTERVAL * 0.95
+
+    await bot.settled()
+    [record] = await bot.store.history()
+    assert record.state is DeploymentState.SUCCEEDED
+    assert record.trigger == Trigger.SLACK and record.kind is DeploymentKind.DEPLOY
+    assert (record.requested_by, record.approved_by) == (f"slack:{REQUESTER}", f"slack:{APPROVER}")
+    assert record.digest == approval.digest and record.head == head
+    stored = await bot.store.get_approval(approval.id)
+    assert stored is not None and stored.state is ApprovalState.APPROVED
+    assert stored.resolved_by == f"slack:{APPROVER}"
+    actions = [(actor, action) for actor, action, _ in await bot.audit()]
+    assert (f"slack:{REQUESTER}", "slack.request") in actions
+    assert (f"slack:{APPROVER}", "slack.approval.approved") in actions
+
+
+async def test_unauthorised_approver_changes_nothing(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    await bot.driver.command("deploy gitea")
+    message = await bot.pending_request()
+    versions = len(message.versions)
+
+    assert (await bot.driver.click(message, "Approve", user=STRANGER)).status == 200
+    await fake_slack.wait_for(lambda: ephemerals_to(fake_slack, STRANGER))
+    await bot.settled()
+
+    assert "Only the configured approvers can approve" in ephemerals_to(fake_slack, STRANGER)[0]
+    assert len(message.versions) == versions  # the message did not change
+    assert "Approve" in [b["text"]["text"] for b in message.buttons()]
+    assert (await bot.approval_of(message)).state is ApprovalState.PENDING
+    assert await bot.store.history() == []
+    refused = [d for _, action, d in await bot.audit() if action == "slack.approval.refused"]
+    assert refused and refused[0]["reason"] == "not_approver"
+
+    # a stranger cannot cancel someone else's request either
+    await bot.driver.click(message, "Cancel", user=STRANGER)
+    await fake_slack.wait_for(lambda: len(ephemerals_to(fake_slack, STRANGER)) == 2)
+    await bot.settled()
+    assert "Only the requester or an approver can cancel" in ephemerals_to(fake_slack, STRANGER)[1]
+    assert (await bot.approval_of(message)).state is ApprovalState.PENDING
+
+
+async def test_self_approval_refused_by_default(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_approvers=[APPROVER, REQUESTER]
+    )
+    await bot.driver.command("deploy gitea", user=REQUESTER)
+    message = await bot.pending_request()
+    versions = len(message.versions)
+
+    await bot.driver.click(message, "Approve", user=REQUESTER)
+    await fake_slack.wait_for(lambda: ephemerals_to(fake_slack, REQUESTER))
+    await bot.settled()
+
+    assert "cannot approve your own request" in ephemerals_to(fake_slack, REQUESTER)[0]
+    assert len(message.versions) == versions
+    assert (await bot.approval_of(message)).state is ApprovalState.PENDING
+    assert await bot.store.history() == []
+    refused = [d for _, action, d in await bot.audit() if action == "slack.approval.refused"]
+    assert refused[0]["reason"] == "self_approval"
+
+    # the requester may still cancel their own request
+    await bot.driver.click(message, "Cancel", user=REQUESTER)
+    await fake_slack.wait_for(lambda: "Cancelled by" in message.text)
+    await bot.settled()
+    assert message.buttons() == []
+    assert f"Cancelled by <@{REQUESTER}>" in message.all_text()
+    actions = [action for _, action, _ in await bot.audit()]
+    assert "slack.approval.cancelled" in actions
+
+
+async def test_self_approval_in_a_single_person_homelab(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(
+        aiohttp_client,
+        tmp_path,
+        fake_slack,
+        manifest_repo,
+        slack_approvers=[REQUESTER],
+        slack_allow_self_approval=True,
+    )
+    await bot.driver.command("deploy gitea", user=REQUESTER)
+    message = await bot.pending_request()
+    await bot.driver.click(message, "Approve", user=REQUESTER)
+    await fake_slack.wait_for(lambda: "Succeeded" in message.text)
+    await bot.settled()
+    [record] = await bot.store.history()
+    assert record.requested_by == record.approved_by == f"slack:{REQUESTER}"
+
+
+async def test_expired_approval_refused(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, approval_ttl=timedelta(seconds=1)
+    )
+    await bot.driver.command("deploy gitea")
+    message = await bot.pending_request()
+    approval = await bot.approval_of(message)
+    while utcnow() < approval.expires_at:
+        await asyncio.sleep(0.05)
+
+    await bot.driver.click(message, "Approve", user=APPROVER)
+    await fake_slack.wait_for(lambda: "Expired" in message.text)
+    await bot.settled()
+
+    assert "expired and cannot be approved" in ephemerals_to(fake_slack, APPROVER)[0]
+    assert [b["text"]["text"] for b in message.buttons()] == ["Re-plan"]
+    stored = await bot.store.get_approval(approval.id)
+    assert stored is not None and stored.state is ApprovalState.EXPIRED
+    assert await bot.store.history() == []
+    refused = [d for _, action, d in await bot.audit() if action == "slack.approval.refused"]
+    assert refused[0]["reason"] == "expired"
+
+    # Re-plan asks again, in the same message, as a new request
+    await bot.driver.click(message, "Re-plan", user=REQUESTER)
+    replanned = await bot.pending_request(after=len(message.versions))
+    assert replanned.ts == message.ts
+    assert (await bot.approval_of(replanned)).id != approval.id
+
+
+async def test_failing_step_reports_in_thread_and_rolls_back(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, fail=("verify:gitea",)
+    )
+    message = await deploy_gitea(bot)
+    await bot.settled()
+
+    final = message.all_text()
+    assert "Failed and rolled back" in final
+    assert "rolled back: gitea" in final
+    assert ":leftwards_arrow_with_hook: *gitea* — rolled back" in final
+    [reply] = fake_slack.replies(CHANNEL, message.ts)
+    text = reply.all_text()
+    assert "`verify:gitea` failed" in text
+    assert "simulated failure of verify:gitea" in text  # the step's last output lines
+    assert "rolled back *gitea* to `/nix/store/" in text
+    [record] = await bot.store.history()
+    assert record.state is DeploymentState.ROLLED_BACK
+
+
+async def test_rollback_from_slack(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    await deploy_gitea(bot)
+    await bot.settled()
+    [deployed] = await bot.store.history()
+
+    sent = await bot.driver.command("rollback gitea")
+    assert "Planning a rollback of gitea" in sent.json()["text"]
+    message = await bot.pending_request()
+    text = message.all_text()
+    assert "Roll back gitea" in text
+    assert f"undo deployment {deployed.id}: gitea back to the systems they ran before it" in text
+    approval = await bot.approval_of(message)
+    assert approval.kind == "rollback"
+
+    await bot.driver.click(message, "Approve", user=APPROVER)
+    await fake_slack.wait_for(lambda: "Succeeded" in message.text)
+    await bot.settled()
+
+    assert "Roll back gitea" in message.all_text()
+    rollback, _ = await bot.store.history()
+    assert rollback.kind is DeploymentKind.ROLLBACK
+    assert rollback.state is DeploymentState.SUCCEEDED
+    assert rollback.trigger == Trigger.SLACK and rollback.approved_by == f"slack:{APPROVER}"
+    previous = {s.service: s.previous_system for s in deployed.steps if s.phase.startswith("nix")}
+    activated = {s.service: s.new_system for s in rollback.steps if s.phase.startswith("nix")}
+    assert activated == {"gitea": previous["gitea"]}
+
+
+async def test_forged_and_stale_requests_get_401(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    driver = bot.driver
+    now = int(driver.clock())
+    forged = await driver.command("deploy gitea", secret="not-the-signing-secret")
+    stale = await driver.command("deploy gitea", timestamp=now - 301)
+    future = await driver.command("deploy gitea", timestamp=now + 301)
+    unsigned = await driver.command("deploy gitea", headers={})
+    garbage = await driver.command(
+        "deploy gitea", headers={"X-Slack-Request-Timestamp": "soon", "X-Slack-Signature": "v0=1"}
+    )
+    for sent in (forged, stale, future, unsigned, garbage):
+        assert sent.status == 401, sent
+    await bot.settled()
+    assert fake_slack.calls == []
+    assert await bot.audit() == []
+    assert await bot.store.history() == []
+
+    # the same request, signed now, is accepted
+    assert (await driver.command("help")).status == 200
+
+
+async def test_help_and_bad_commands_answer_with_the_help_text(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    for text, problem in (
+        ("frobnicate", "unknown command `frobnicate`"),
+        ("deploy", "say which service to deploy"),
+        ("deploy gitea --force", "unknown option `--force`"),
+        ("help", "Usage: `/nixmox <command>`"),
+    ):
+        sent = await bot.driver.command(text)
+        assert sent.status == 200
+        body = sent.json()
+        assert body["response_type"] == "ephemeral"
+        assert problem in body["text"]
+        assert "`/nixmox deploy <service>|all [--ref REF]`" in body["text"]
+    await bot.settled()
+    assert fake_slack.channel_messages(CHANNEL) == []
+
+
+async def test_status_mirrors_the_cli(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    await deploy_gitea(bot)
+    await bot.settled()
+    [record] = await bot.store.history()
+
+    sent = await bot.driver.command("status")
+    assert sent.status == 200 and "Looking that up" in sent.json()["text"]
+    response = await fake_slack.wait_for(lambda: fake_slack.responses)
+    text = response[-1].all_text()
+    assert "NixMox Service Status" in text
+    assert f"Last deployment: `{record.id}` deploy *succeeded*" in text
+    for service in ("gitea", "postgresql"):
+        assert f"*{service}* · revision `{record.head[:12]}`" in text
+    assert response[-1].body["response_type"] == "ephemeral"
