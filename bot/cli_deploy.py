@@ -680,36 +680,37 @@ async def status(
         sys.exit(EXIT_FAILED)
 
 
+def format_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """Plain aligned columns: readable on a terminal, in a log and in a pipe alike."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in (headers, *rows)]  # fmt: skip
+    return "\n".join(lines)
+
+
 def print_status(
     last: DeploymentRecord | None,
     services: dict[str, Any],
     locks: dict[str, Any],
     checked: dict[str, tuple[bool, str]],
 ) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=200)
-    console.print(STATUS_TITLE, style="bold", markup=False)
+    click.echo(STATUS_TITLE)
     if last is None:
-        console.print("No deployment recorded yet.", markup=False)
+        click.echo("No deployment recorded yet.")
     else:
         by = f" by {last.requested_by}" if last.requested_by else ""
-        console.print(
+        click.echo(
             f"Last deployment: {last.id} {last.kind.value} {last.state.value} "
             f"({last.trigger}{by}) at {when(last.started_at or last.created_at)}, "
-            f"revision {short(last.head)}",
-            markup=False,
+            f"revision {short(last.head)}"
         )
-        console.print(f"  plan: {summary(last.plan)}; steps: {step_counts(last)}", markup=False)
+        click.echo(f"  plan: {summary(last.plan)}; steps: {step_counts(last)}")
         if last.note:
-            console.print(f"  {last.note}", markup=False)
+            click.echo(f"  {last.note}")
     names = sorted(set(services) | set(checked))
     if not names:
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("SERVICE", "REVISION", "HEALTH", "SYSTEM", "DEPLOYMENT", "LOCKED BY"):
-        table.add_column(column, no_wrap=True)
+    rows: list[tuple[str, ...]] = []
     for name in names:
         record = services.get(name)
         health = record.last_health if record is not None and record.last_health else "unknown"
@@ -717,15 +718,18 @@ def print_status(
             ok, detail = checked[name]
             health = ("healthy" if ok else f"unhealthy: {detail}") + " (checked now)"
         lock = locks.get(name)
-        table.add_row(
-            name,
-            short(record.revision if record else None),
-            health,
-            (record.system_path or "-") if record else "-",
-            (record.last_deployment_id or "-") if record else "-",
-            lock.holder if lock else "",
+        rows.append(
+            (
+                name,
+                short(record.revision if record else None),
+                health,
+                (record.system_path or "-") if record else "-",
+                (record.last_deployment_id or "-") if record else "-",
+                lock.holder if lock else "",
+            )
         )
-    console.print(table)
+    headers = ("SERVICE", "REVISION", "HEALTH", "SYSTEM", "DEPLOYMENT", "LOCKED BY")
+    click.echo(format_table(headers, rows))
 
 
 @click.command()
@@ -754,14 +758,9 @@ async def history(
     if not records:
         click.echo("No deployments recorded" + (f" for {service}." if service else "."))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for column in ("ID", "KIND", "STATE", "TRIGGER", "BY", "REVISION", "STARTED", "TOOK", "STEPS"):
-        table.add_column(column, no_wrap=True)
-    for record in records:
-        table.add_row(
+    headers = ("ID", "KIND", "STATE", "TRIGGER", "BY", "REVISION", "STARTED", "TOOK", "STEPS")
+    rows = [
+        (
             record.id,
             record.kind.value,
             record.state.value,
@@ -772,7 +771,9 @@ async def history(
             duration(record),
             step_counts(record),
         )
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+        for record in records
+    ]
+    click.echo(format_table(headers, rows))
 
 
 @click.command()

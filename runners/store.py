@@ -846,9 +846,8 @@ class Store:
             elif result is not None and result.output:
                 values["output"] = _tail(result.output)
             await self._upsert_step(conn, event, event.step, **values)
-            verified = event.state in (StepState.SUCCEEDED, StepState.FAILED)
-            if event.step.phase is Phase.VERIFY and event.step.service and verified:
-                health = Health.HEALTHY if event.state is StepState.SUCCEEDED else Health.UNHEALTHY
+            health = _health_after(event)
+            if health is not None and event.step.service:
                 await self._set_health(conn, event.step.service, health, event.at)
 
     async def _append_output(self, deployment_id: str, step_id: str, text: str) -> None:
@@ -1433,6 +1432,17 @@ class Store:
         return [
             AuditRecord(row.id, row.at, row.actor, row.action, row.detail or {}) for row in rows
         ]
+
+
+def _health_after(event: StepFinished) -> Health | None:
+    """What a finished step says about its service's health, if anything."""
+    if event.state is StepState.ROLLED_BACK:
+        return Health.HEALTHY  # rolled back and re-verified
+    if event.step.phase is Phase.VERIFY and event.state is StepState.SUCCEEDED:
+        return Health.HEALTHY
+    if event.step.phase is Phase.VERIFY and event.state is StepState.FAILED:
+        return Health.UNHEALTHY
+    return None
 
 
 # --- row conversion --------------------------------------------------------------------------

@@ -242,7 +242,9 @@ async def test_rollback_output_goes_to_the_failed_step(store: Store) -> None:
         "switched to /nix/store/old-gitea",
         "gitea answers 200",
     ]
-    assert (await store.services())["gitea"].system_path == "/nix/store/old-gitea"
+    gitea = (await store.services())["gitea"]
+    assert gitea.system_path == "/nix/store/old-gitea"
+    assert gitea.last_health == "healthy"  # rolled back and re-verified
 
 
 async def test_steps_not_in_the_plan_are_added(store: Store) -> None:
