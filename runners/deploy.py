@@ -103,20 +103,24 @@ def lock_names(plan: Plan) -> list[str]:
 async def deployed_base(
     store: Store, repo_dir: Path | str, service: str | None = None
 ) -> str | None:
-    """The revision to plan from: what runs now (per service with `--service`), if Git knows it."""
-    base: str | None = None
+    """The revision to plan from: what runs now (per service with `--service`), if Git knows it.
+
+    None (plan everything) when nothing was deployed from this repository yet, e.g. only from
+    a manifest file, or from a revision this repository does not have.
+    """
+    candidates: list[str | None] = []
     if service is not None:
         record = (await store.services()).get(service)
-        base = record.revision if record is not None else None
-    if base is None:
-        base = await store.last_deployed_revision()
-    if base is None:
-        return None
-    try:
-        return await asyncio.to_thread(resolve_revision, repo_dir, base)
-    except UnknownRevision:
-        # deployed from a file, or a revision this repository does not have: plan everything
-        return None
+        candidates.append(record.revision if record is not None else None)
+    candidates.append(await store.last_deployed_revision())
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        try:
+            return await asyncio.to_thread(resolve_revision, repo_dir, candidate)
+        except UnknownRevision:
+            continue
+    return None
 
 
 async def plan_for_deploy(

@@ -510,3 +510,59 @@ async def test_subscribers_receive_events_and_a_failing_one_changes_nothing(
     )
     assert seen[0].deployment_id == record.id
     assert type(seen[-1]).__name__ == "DeploymentFinished"
+
+
+async def test_planning_after_a_file_deploy_or_per_service(
+    store: Store, repo: git.Repo, tmp_path: Path
+) -> None:
+    from planner.plan import plan_full
+    from planner.source import load_manifest
+
+    manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
+    from_file = await run_deployment(
+        store,
+        plan_full(manifest),
+        manifest=manifest,
+        workdir=REPO_ROOT / "manifests",
+        runner_kind="simulate",
+        runner_config=FAST,
+        work_root=tmp_path / "work",
+    )
+    assert from_file is not None and from_file.head.startswith("sha256:")  # type: ignore[union-attr]
+    # the repository does not know that revision: plan everything
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    assert plan.base is None and len(plan.steps) == 5
+    await run_deployment(
+        store,
+        plan,
+        repo_dir=repo.working_tree_dir,
+        manifest_path=MANIFEST,
+        runner_kind="simulate",
+        runner_config=FAST,
+        work_root=tmp_path / "work",
+    )
+    head = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
+    only = await plan_for_deploy(
+        store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST
+    )
+    assert (only.base, only.head) == (plan.head, head)
+    assert only.services() == ["gitea"]
+    record = await run_deployment(
+        store,
+        only,
+        repo_dir=repo.working_tree_dir,
+        manifest_path=MANIFEST,
+        scope="gitea",
+        runner_kind="simulate",
+        runner_config=FAST,
+        work_root=tmp_path / "work",
+    )
+    assert record is not None and record.scope == "gitea"
+    # gitea runs the new revision; the homelab as a whole is still at the old one
+    assert (await store.services())["gitea"].revision == head
+    assert await store.last_deployed_revision() == plan.head
+    assert (
+        await plan_for_deploy(
+            store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST
+        )
+    ).steps == []
