@@ -98,30 +98,31 @@ def _resources(
         settings = ctx.settings
         if ctx.store is None:
             ctx.store = await Store.open(settings.database_url)
-        interrupted = await ctx.store.recover_interrupted()
+        store = ctx.store
+        interrupted = await store.recover_interrupted()
         for record in interrupted:
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
-        ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
+        session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
         if settings.github_enabled:
             from bot.github.client import GitHubClientFactory
             from bot.github.gitcache import GitCache
 
             ctx.github = GitHubClientFactory(
-                settings, ctx.session, policy=github_policy, sleeper=github_sleeper
+                settings, session, policy=github_policy, sleeper=github_sleeper
             )
             ctx.git = GitCache.for_settings(settings)
-        ctx.jobs = JobWorker(ctx.store, metrics=ctx.metrics)
+        jobs = ctx.jobs = JobWorker(store, metrics=ctx.metrics)
         for kind, handler in ctx.job_handlers.items():
-            ctx.jobs.register(kind, handler)
+            jobs.register(kind, handler)
         if start_worker:
-            ctx.jobs.start()
+            jobs.start()
         try:
             yield
         finally:
-            await ctx.jobs.stop()
-            await ctx.session.close()
+            await jobs.stop()
+            await session.close()
             if own_store:
-                await ctx.store.close()
+                await store.close()
 
     return resources
 

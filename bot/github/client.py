@@ -75,7 +75,8 @@ def retry_delay(exc: gidgethub.HTTPException, attempt: int, policy: RetryPolicy)
     headers = getattr(exc, "headers", None)
     asked = retry_after(headers)
     if isinstance(exc, gidgethub.RateLimitExceeded):
-        reset = exc.rate_limit.reset_datetime.timestamp() - time.time() if exc.rate_limit else 0
+        limit = exc.rate_limit  # (a RateLimit is falsy while it is exhausted: compare to None)
+        reset = limit.reset_datetime.timestamp() - time.time() if limit is not None else 0.0
         wait = asked if asked is not None else max(0.0, reset)
         return wait if wait <= policy.max_rate_limit_wait else None
     if isinstance(exc, gidgethub.GitHubBroken) or status == 429:

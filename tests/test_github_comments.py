@@ -1,0 +1,256 @@
+"""`/nixmox` PR comment commands: reactions, help, status, and every `apply` requirement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bot.commands import HELP_TEXT
+from bot.github.comments import Requirement, configured_requirements
+from runners.base import DeploymentState, Trigger
+from tests.fakes.github import FakeGitHub
+from tests.fixtures_github import ManifestRepo, Payloads, add_port
+from tests.test_github_pulls import open_pr
+
+NUMBER = 7
+
+
+async def planned_pr(bot: Any, repo: ManifestRepo, payloads: Payloads) -> tuple[str, str]:
+    """A PR changing gitea's ports, with its plan comment posted."""
+    base = repo.repo.heads.main.commit.hexsha
+    head = repo.commit(add_port(repo.manifest()), "gitea: port 3001", branch="feature")
+    await open_pr(bot, payloads, NUMBER, head, base)
+    return base, head
+
+
+async def command(
+    bot: Any, payloads: Payloads, body: str, user: str = "bob", comment_id: int = 555
+) -> list[dict[str, Any]]:
+    """Post a comment command, run the job; return the bot's new replies."""
+    before = {c["id"] for c in bot.fake.comments_on(NUMBER)}
+    payload = payloads.issue_comment(number=NUMBER, body=body, user=user, comment_id=comment_id)
+    response = await bot.deliver("issue_comment", payload)
+    assert (await response.json())["status"] == "accepted"
+    await bot.drain()
+    return [c for c in bot.fake.comments_on(NUMBER) if c["id"] not in before]
+
+
+def reactions(fake: FakeGitHub, comment_id: int = 555) -> list[str]:
+    return [r["content"] for r in fake.reactions if r["_comment"] == comment_id]
+
+
+@pytest.fixture
+def reviewers(fake_github: FakeGitHub) -> FakeGitHub:
+    """bob may write; carol approved the PR by alice."""
+    fake_github.permissions.update(bob="write", carol="write", mallory="read", admin="admin")
+    fake_github.add_review(NUMBER, "carol", "APPROVED")
+    return fake_github
+
+
+async def test_help_is_answered_with_eyes(
+    make_bot: Any, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    fake_github.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40)
+    (reply,) = await command(bot, payloads, "/nixmox help")
+    assert reply["body"] == HELP_TEXT
+    assert reactions(fake_github) == ["eyes"]
+
+
+async def test_unparseable_command_gets_confused_and_the_help(
+    make_bot: Any, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    (reply,) = await command(bot, payloads, "/nixmox deploy")
+    assert "say which service to deploy" in reply["body"]
+    assert reply["body"].endswith(HELP_TEXT)
+    assert reactions(fake_github) == ["confused"]
+
+
+async def test_slack_only_commands_are_explained(
+    make_bot: Any, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    (reply,) = await command(bot, payloads, "/nixmox deploy gitea")
+    assert "`deploy` is not available in pull request comments" in reply["body"]
+    assert reactions(fake_github) == ["eyes"]
+
+
+async def test_status_with_nothing_deployed(make_bot: Any, payloads: Payloads) -> None:
+    bot = await make_bot()
+    (reply,) = await command(bot, payloads, "/nixmox status")
+    assert reply["body"] == "No deployment recorded yet."
+
+
+async def test_plan_command_replans_the_pr(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    _, head = await planned_pr(bot, manifest_repo, payloads)
+    statuses = len(fake_github.statuses_for(head, "nixmox/plan"))
+    replies = await command(bot, payloads, "/nixmox plan")
+    assert replies == []  # the plan comment is edited (here: unchanged), not duplicated
+    assert len(fake_github.statuses_for(head, "nixmox/plan")) == statuses + 2
+    assert len(fake_github.comments_on(NUMBER)) == 1
+
+
+async def test_apply_from_a_user_without_write_permission_is_refused(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    (reply,) = await command(bot, payloads, "/nixmox apply", user="mallory")
+    assert "refused" in reply["body"]
+    assert "**write permission** (permission): @mallory has `read` access" in reply["body"]
+    assert reactions(reviewers) == ["eyes"]
+    assert reviewers.deployments == {}
+    assert await bot.ctx.require_store().history() == []
+
+
+async def test_apply_from_a_stranger_is_refused(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    (reply,) = await command(bot, payloads, "/nixmox apply", user="stranger")
+    assert "@stranger has `none` access" in reply["body"]
+
+
+async def test_apply_needs_an_approval_by_someone_else(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    fake_github.permissions.update(alice="write")
+    await planned_pr(bot, manifest_repo, payloads)
+    fake_github.add_review(NUMBER, "alice", "APPROVED")  # the author approving their own PR
+    (reply,) = await command(bot, payloads, "/nixmox apply", user="alice")
+    assert (
+        "**approved** (approved): no approving review from someone other than the author"
+        in (reply["body"])
+    )
+    assert "mergeable" not in reply["body"]
+    assert fake_github.deployments == {}
+
+
+async def test_apply_is_blocked_by_requested_changes(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    reviewers.add_review(NUMBER, "dave", "CHANGES_REQUESTED")
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "**mergeable** (mergeable): changes requested by @dave" in reply["body"]
+    assert "**approved**" not in reply["body"]
+
+
+async def test_a_later_approval_clears_requested_changes(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    reviewers.add_review(NUMBER, "dave", "CHANGES_REQUESTED")
+    reviewers.add_review(NUMBER, "dave", "APPROVED")
+    replies = await command(bot, payloads, "/nixmox apply")
+    assert "refused" not in replies[0]["body"]
+
+
+async def test_apply_with_a_stale_plan_comment_is_refused(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    """A push the bot has not planned yet: the comment's digest is not the head's plan."""
+    bot = await make_bot()
+    base, _ = await planned_pr(bot, manifest_repo, payloads)
+    text = manifest_repo.manifest().replace("vmid = 303", "vmid = 313")
+    newer = manifest_repo.commit(text, "vmid too", branch="feature")
+    reviewers.add_pull(NUMBER, head_sha=newer, base_sha=base)
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "**plan is current** (plan_current)" in reply["body"]
+    assert "run `/nixmox plan`" in reply["body"]
+    assert reviewers.deployments == {}
+
+
+async def test_apply_without_a_plan_comment_is_refused(
+    make_bot: Any, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40)
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "there is no plan comment yet" in reply["body"]
+
+
+async def test_fork_prs_are_never_applied(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot(plan_forks=True)
+    base = manifest_repo.repo.heads.main.commit.hexsha
+    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+    await open_pr(bot, payloads, NUMBER, head, base, fork=True)
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert (
+        "**not from a fork** (not_fork): pull requests from forks are never applied"
+        in (reply["body"])
+    )
+    assert reviewers.deployments == {}
+
+
+async def test_an_accepted_apply_deploys_the_pr_head(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    _, head = await planned_pr(bot, manifest_repo, payloads)
+    started, finished = await command(bot, payloads, "/nixmox apply")
+    assert reactions(reviewers) == ["eyes"]
+    assert f"Deploying {head[:12]} (1 service, 2 steps), requested by @bob" in started["body"]
+    assert "**succeeded**" in finished["body"]
+    assert "succeeded    verify:gitea" in finished["body"]
+
+    (record,) = await bot.ctx.require_store().history()
+    assert record.state is DeploymentState.SUCCEEDED
+    assert record.trigger == Trigger.PR_COMMENT
+    assert record.requested_by == "github:bob"
+    assert record.approved_by == "github:carol"
+    assert record.head == head
+
+    assert reviewers.last_status(head, "nixmox/deploy")["state"] == "success"
+    assert reviewers.last_status(head, "nixmox/deploy/gitea")["state"] == "success"
+    (deployment,) = reviewers.deployments.values()
+    assert deployment["sha"] == head and deployment["environment"] == "homelab"
+    assert deployment["payload"]["nixmox_deployment"] == record.id
+    states = [s["state"] for s in reviewers.deployment_statuses[deployment["id"]]]
+    assert states == ["in_progress", "success"]
+
+
+async def test_requirements_are_configurable(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    """A single-person homelab: no approvals needed, write permission still is."""
+    bot = await make_bot(apply_requirements=[])
+    fake_github.permissions["alice"] = "admin"
+    await planned_pr(bot, manifest_repo, payloads)
+    _, finished = await command(bot, payloads, "/nixmox apply", user="alice")
+    assert "**succeeded**" in finished["body"]
+    assert fake_github.calls("GET", r"/reviews$") != []  # approvers are still recorded
+
+
+async def test_refusals_are_audited(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    await command(bot, payloads, "/nixmox apply", user="mallory")
+    (entry,) = [e for e in await bot.ctx.require_store().audit_log() if e.action == "apply.refused"]
+    assert entry.actor == "github:mallory"
+    assert entry.detail["failed"] == ["permission"]
+
+
+def test_configured_requirements() -> None:
+    assert configured_requirements(["approved", " Mergeable "]) == {
+        Requirement.APPROVED,
+        Requirement.MERGEABLE,
+    }
+    assert configured_requirements([]) == set()
+    with pytest.raises(ValueError, match="unknown apply requirement 'green'"):
+        configured_requirements(["green"])
+    with pytest.raises(ValueError, match="unknown apply requirement 'permission'"):
+        configured_requirements(["permission"])  # always required, not configurable
