@@ -117,9 +117,11 @@ def overall_state(outcomes: Iterable[StepOutcome]) -> DeploymentState:
     return DeploymentState.SUCCEEDED
 
 
-def remaining_path(plan: Plan, weight: Callable[[Step], float]) -> dict[str, float]:
+def remaining_path(
+    plan: Plan, weight: Callable[[Step], float], graph: nx.DiGraph | None = None
+) -> dict[str, float]:
     """For each step, the weight of the longest chain from it to the end of the plan."""
-    graph = plan.graph()
+    graph = plan.graph() if graph is None else graph
     by_id = plan.by_id()
     longest: dict[str, float] = {}
     for sid in reversed(list(nx.topological_sort(graph))):
@@ -351,7 +353,7 @@ class _Run:
                 )
 
     async def _schedule(self) -> None:
-        priority = remaining_path(self.plan, self.runners.estimate)
+        priority = remaining_path(self.plan, self.runners.estimate, self.graph)
         order = {sid: index for index, sid in enumerate(sid for w in self.plan.waves for sid in w)}
         waiting = {
             sid: {need for need in step.needs if need in self.by_id}
@@ -361,32 +363,43 @@ class _Run:
         for sid, needs in waiting.items():
             if not needs:
                 heapq.heappush(ready, (-priority[sid], order.get(sid, 0), sid))
-        running: dict[asyncio.Task[StepState], str] = {}
+        # finished steps report here: O(1) per completion, however many steps run at once
+        done: asyncio.Queue[tuple[str, StepState]] = asyncio.Queue()
+        running: dict[str, asyncio.Task[None]] = {}
+
+        async def run(step: Step) -> None:
+            state = StepState.FAILED
+            try:
+                state = await self._run_step(step)
+            finally:
+                done.put_nowait((step.id, state))
+
         try:
             while ready or running:
                 while ready and len(running) < self.executor.parallel:
                     _, _, sid = heapq.heappop(ready)
-                    if self.outcomes[sid].state is not StepState.PENDING:
-                        continue
-                    running[asyncio.create_task(self._run_step(self.by_id[sid]))] = sid
+                    if self.outcomes[sid].state is StepState.PENDING:
+                        running[sid] = asyncio.create_task(run(self.by_id[sid]))
                 if not running:
                     break
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    sid = running.pop(task)
-                    if task.result() is StepState.SUCCEEDED:
-                        for dependent in self.graph.successors(sid):
-                            waiting[dependent].discard(sid)
-                            if not waiting[dependent]:
-                                item = (-priority[dependent], order.get(dependent, 0), dependent)
-                                heapq.heappush(ready, item)
-                    else:
+                finished = [await done.get()]
+                while not done.empty():
+                    finished.append(done.get_nowait())
+                for sid, state in finished:
+                    running.pop(sid, None)
+                    if state is not StepState.SUCCEEDED:
                         self._skip_dependents(sid)
+                        continue
+                    for dependent in self.graph.successors(sid):
+                        waiting[dependent].discard(sid)
+                        if not waiting[dependent]:
+                            item = (-priority[dependent], order.get(dependent, 0), dependent)
+                            heapq.heappush(ready, item)
         finally:
-            for task in running:
+            for task in running.values():
                 task.cancel()
             if running:
-                await asyncio.gather(*running, return_exceptions=True)
+                await asyncio.gather(*running.values(), return_exceptions=True)
 
     def _skip_dependents(self, sid: str) -> None:
         state = self.outcomes[sid].state

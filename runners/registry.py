@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
@@ -61,6 +61,9 @@ class RunnerSet:
     rollback: RollbackRunner | None
     redactor: Redactor = field(default_factory=Redactor)
     transport: Transport | None = None
+    _estimators: dict[Phase, Callable[[Step], float] | None] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def runner_for(self, step: Step) -> Runner:
         try:
@@ -80,10 +83,17 @@ class RunnerSet:
         return [f"# {type(runner).__name__} runs {step.id}"]
 
     def estimate(self, step: Step) -> float:
-        runner = self.by_phase.get(step.phase)
-        if isinstance(runner, Estimating):
-            return max(runner.estimate(step), 0.0)
-        return DEFAULT_ESTIMATES.get(step.phase, 1.0)
+        """Roughly how long a step takes (scheduling priority: longest remaining chain first)."""
+        if step.phase not in self._estimators:
+            # protocol checks are slow: decide once per phase
+            runner = self.by_phase.get(step.phase)
+            self._estimators[step.phase] = (
+                runner.estimate if isinstance(runner, Estimating) else None
+            )
+        estimator = self._estimators[step.phase]
+        if estimator is None:
+            return DEFAULT_ESTIMATES.get(step.phase, 1.0)
+        return max(estimator(step), 0.0)
 
     def redact(self, result: StepResult) -> StepResult:
         """The result with configured patterns replaced in its output and commands."""

@@ -284,3 +284,45 @@ def test_critical_path_is_the_longest_weighted_chain() -> None:
     plan = plan_full(small_manifest())
     # tf:infra -> nix pg -> verify pg -> nix a -> verify a -> nix b -> verify b
     assert critical_path(plan, lambda step: 1.0) == 7.0
+
+
+async def test_a_slow_subscriber_does_not_hold_the_deployment_back(tmp_path: Path) -> None:
+    """The slow subscriber is blocked until every step has finished, then gets all events."""
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    gate = asyncio.Event()
+    finished: set[str] = set()
+    slow_seen: list[Event] = []
+
+    async def slow(event: Event) -> None:
+        await gate.wait()
+        slow_seen.append(event)
+
+    async def fast(event: Event) -> None:
+        if isinstance(event, StepFinished):
+            finished.add(event.step.id)
+            if len(finished) == len(plan.steps):
+                gate.set()
+
+    recorder = Recorder()
+    executor = Executor(simulated(0.005), subscribers=[slow, fast, recorder])
+    result = await executor.execute(plan, context(plan, manifest, tmp_path))
+    assert result.state is DeploymentState.SUCCEEDED
+    assert gate.is_set()
+    assert slow_seen == recorder.events  # same events, same order
+
+
+async def test_cancelling_an_execution_marks_unfinished_steps_interrupted(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    recorder = Recorder()
+    executor = Executor(simulated(10.0), subscribers=[recorder])
+    task = asyncio.create_task(executor.execute(plan, context(plan, manifest, tmp_path)))
+    while not any(isinstance(e, StepStarted) for e in recorder.events):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    final = recorder.events[-1]
+    assert isinstance(final, DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
+    assert recorder.finished()["tf:infra"].state is StepState.INTERRUPTED
