@@ -682,9 +682,12 @@ async def status(
 
 def format_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """Plain aligned columns: readable on a terminal, in a log and in a pipe alike."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in (headers, *rows)]  # fmt: skip
+    columns = zip(headers, *rows, strict=True)
+    widths = [max(len(cell) for cell in column) for column in columns]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    ]
     return "\n".join(lines)
 
 

@@ -247,9 +247,15 @@ async def run_deployment(
         await executor.execute(plan, ctx)
 
     return await _run(
-        store, plan, kind=kind, scope=scope, who=who, execution=execution,
-        prepare=prepare, execute=execute,
-    )  # fmt: skip
+        store,
+        plan,
+        kind=kind,
+        scope=scope,
+        who=who,
+        execution=execution,
+        prepare=prepare,
+        execute=execute,
+    )
 
 
 async def preview_deployment(
