@@ -343,6 +343,9 @@ async def test_forged_and_stale_requests_get_401(
     )
     for sent in (forged, stale, future, unsigned, garbage):
         assert sent.status == 401, sent
+    # signed, but not a Slack payload: a clear 400, never a 500
+    malformed = await driver.post(b"payload=%7Bnot-json", "application/x-www-form-urlencoded")
+    assert malformed.status == 400 and "not a Slack payload" in malformed.text
     await bot.settled()
     assert fake_slack.calls == []
     assert await bot.audit() == []

@@ -98,6 +98,7 @@ class Audit:
 
 
 UNAUTHORIZED = {"error": "invalid request signature"}
+MALFORMED = {"error": "the request body is not a Slack payload"}
 ACK_PLANNING = ":hourglass_flowing_sand: Planning {what}… the plan will be posted in <#{channel}>."
 ACK_PLAN = ":hourglass_flowing_sand: Planning {what}…"
 ACK_LOOKUP = ":mag: Looking that up…"
@@ -179,10 +180,10 @@ class SlackBot:
         if not verify_signature(self.verifier, body, request.headers):
             return web.json_response(UNAUTHORIZED, status=401)
         try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            return web.json_response({"error": "the body is not UTF-8"}, status=400)
-        response = await self.bolt.async_dispatch(await to_bolt_request(request))
+            bolt_request = await to_bolt_request(request)  # parses the form / JSON payload
+        except ValueError:  # not UTF-8, or a `payload` that is not JSON
+            return web.json_response(MALFORMED, status=400)
+        response = await self.bolt.async_dispatch(bolt_request)
         return await to_aiohttp_response(response)
 
     # -- background work -----------------------------------------------------------------
