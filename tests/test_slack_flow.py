@@ -19,7 +19,7 @@ from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
 from runners.config import RunnerConfig, SimulateConfig
 from runners.store import ApprovalRecord, ApprovalState, Store
 from tests.fakes.slack import FakeSlack, Message
-from tests.fixtures_github import ManifestRepo
+from tests.fixtures_github import ManifestRepo, add_port, break_manifest
 from tests.fixtures_slack import (
     APPROVER,
     CHANNEL,
@@ -392,3 +392,113 @@ async def test_status_mirrors_the_cli(
     for service in ("gitea", "postgresql"):
         assert f"*{service}* · revision `{record.head[:12]}`" in text
     assert response[-1].body["response_type"] == "ephemeral"
+
+
+async def test_plan_of_a_branch_and_a_broken_manifest(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    feature = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+    broken = manifest_repo.commit(break_manifest(manifest_repo.manifest()), "oops", branch="bad")
+
+    sent = await bot.driver.command("plan gitea --ref feature")
+    assert "Planning a deployment of gitea @ feature" in sent.json()["text"]
+    [response] = await fake_slack.wait_for(lambda: fake_slack.responses)
+    assert response.body["response_type"] == "ephemeral"
+    assert f"head `{feature[:12]}`" in response.all_text()
+    assert "*gitea*" in response.all_text()
+    assert fake_slack.channel_messages(CHANNEL) == []  # a plan is only for the asker
+
+    await bot.driver.command("deploy gitea --ref bad")
+    message = await fake_slack.wait_for(
+        lambda: next((m for m in fake_slack.channel_messages(CHANNEL) if "error" in m.text), None)
+    )
+    await bot.settled()
+    text = message.all_text()
+    assert "Could not plan: the manifest has 2 error(s)" in text
+    assert "nope" in text  # the validation errors are listed
+    assert f"revision `{broken[:10]}`" in text
+    assert message.buttons() == []  # nothing to approve
+    failed = [d for _, action, d in await bot.audit() if action == "slack.request.failed"]
+    assert failed and failed[0]["ref"] == "bad"
+
+
+async def test_only_deployers_may_request(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_deployers=[REQUESTER]
+    )
+    for text in ("deploy gitea", "rollback", "lock gitea"):
+        sent = await bot.driver.command(text, user=STRANGER)
+        assert sent.status == 200
+        assert "not allowed to request deployments" in sent.json()["text"]
+    await bot.settled()
+    assert fake_slack.channel_messages(CHANNEL) == []
+    refused = [(a, d) for a, action, d in await bot.audit() if action == "slack.request.refused"]
+    assert len(refused) == 3 and all(actor == f"slack:{STRANGER}" for actor, _ in refused)
+
+
+async def test_a_locked_service_is_not_deployed(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    await bot.driver.command("lock gitea disk replacement")
+    [locked] = await fake_slack.wait_for(lambda: fake_slack.responses)
+    assert locked.body["response_type"] == "in_channel"
+    assert f"<@{REQUESTER}> locked *gitea*: disk replacement" in locked.all_text()
+
+    await bot.driver.command("deploy gitea")
+    message = await bot.pending_request()
+    await bot.driver.click(message, "Approve", user=APPROVER)
+    await fake_slack.wait_for(lambda: "could not start" in message.text)
+    await bot.settled()
+    assert f"gitea is locked by slack:{REQUESTER} (disk replacement)" in message.all_text()
+    assert await bot.store.history() == []
+
+    await bot.driver.command("unlock gitea")
+    await fake_slack.wait_for(lambda: len(fake_slack.responses) == 2)
+    assert f"<@{REQUESTER}> unlocked *gitea*" in fake_slack.responses[1].all_text()
+    actions = [action for _, action, _ in await bot.audit()]
+    assert {"slack.lock", "slack.unlock", "slack.deploy.not_started"} <= set(actions)
+
+
+async def test_two_approvers_at_once_deploy_once(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    other = "U0OTHERAPPROVER"
+    bot = await start_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_approvers=[APPROVER, other]
+    )
+    await bot.driver.command("deploy gitea")
+    message = await bot.pending_request()
+    clicks = await asyncio.gather(
+        bot.driver.click(message, "Approve", user=APPROVER),
+        bot.driver.click(message, "Approve", user=other),
+    )
+    assert [sent.status for sent in clicks] == [200, 200]
+    await fake_slack.wait_for(lambda: "Succeeded" in message.text)
+    await bot.settled()
+    assert len(await bot.store.history()) == 1
+    refused = ephemerals_to(fake_slack, APPROVER) + ephemerals_to(fake_slack, other)
+    assert refused == ["This request was already handled."]
+
+
+async def test_an_expired_request_says_so_without_a_click(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    config = RunnerConfig(simulate=SimulateConfig(scale=SCALE))
+    settings = slack_settings(
+        tmp_path, fake_slack, manifest_repo.path, approval_ttl=timedelta(seconds=1)
+    )
+    app = build_app(settings, runner_config=config)
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
+    app[SLACK_BOT].expiry_sweep_interval = 0.2
+    bot = Bot(app, SlackDriver(await aiohttp_client(app), fake_slack), fake_slack)
+
+    await bot.driver.command("deploy gitea")
+    message = await bot.pending_request()
+    await fake_slack.wait_for(lambda: "Expired" in message.text)
+    assert [b["text"]["text"] for b in message.buttons()] == ["Re-plan"]
+    audit = await bot.audit()
+    assert ("nixmox", "slack.approval.expired") in [(actor, action) for actor, action, _ in audit]

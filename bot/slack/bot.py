@@ -149,6 +149,8 @@ class SlackBot:
         self.ctx = ctx
         self.settings = settings
         self.policy = Policy.from_settings(settings)
+        if not self.policy.approvers:
+            log.warning("NIXMOX_SLACK_APPROVERS is empty: Slack requests cannot be approved")
         self.backend: Backend = backend or RepoBackend(ctx)
         self.verifier = SignatureVerifier(secret)
         self.client = AsyncWebClient(
@@ -701,6 +703,7 @@ class SlackBot:
             await asyncio.sleep(self.expiry_sweep_interval)
             try:
                 for approval in await self.ctx.require_store().expire_approvals():
+                    await self.audit(SYSTEM_ACTOR, Audit.EXPIRED, {"approval": approval.id})
                     if approval.channel and approval.ts:
                         await self.show_request(
                             approval.channel,
@@ -709,7 +712,6 @@ class SlackBot:
                             RequestStatus.EXPIRED,
                             approval.plan,
                         )
-                    await self.audit(SYSTEM_ACTOR, Audit.EXPIRED, {"approval": approval.id})
             except asyncio.CancelledError:
                 raise
             except Exception:
