@@ -419,7 +419,7 @@ class _Run:
         outcome = self.outcomes[step.id]
         outcome.state, outcome.attempt, outcome.started_at = StepState.RUNNING, 1, utcnow()
         self.emit(StepStarted(self.ctx.deployment_id, step, outcome.attempt))
-        result = await self._call(self.runner_for(step), step)
+        result = await self._call(lambda: self.runner_for(step), step)
         if result.output:
             self.emit(StepOutput(self.ctx.deployment_id, step.id, result.output))
         state, reason = (StepState.SUCCEEDED, None) if result.ok else (StepState.FAILED, None)
@@ -432,10 +432,11 @@ class _Run:
         self.emit(StepFinished(self.ctx.deployment_id, step, state, result, reason))
         return state
 
-    async def _call(self, runner: Runner, step: Step) -> StepResult:
-        """Run one step; an exception in a runner is that step's failure, never the executor's."""
+    async def _call(self, runner: Callable[[], Runner], step: Step) -> StepResult:
+        """Run one step; an exception in a runner (or no runner for its phase) is that step's
+        failure, never the executor's."""
         try:
-            result = await runner.run(step, self.ctx)
+            result = await runner().run(step, self.ctx)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -474,7 +475,7 @@ class _Run:
         verify = self.by_id.get(step_id(Phase.VERIFY, service)) or Step(
             id=step_id(Phase.VERIFY, service), phase=Phase.VERIFY, service=service
         )
-        check = await self._call(self.runners.verify, verify)
+        check = await self._call(lambda: self.runners.verify, verify)
         if check.output:
             self.emit(StepOutput(deployment, step.id, check.output))
         if not check.ok:

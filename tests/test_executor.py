@@ -326,3 +326,30 @@ async def test_cancelling_an_execution_marks_unfinished_steps_interrupted(tmp_pa
     final = recorder.events[-1]
     assert isinstance(final, DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
     assert recorder.finished()["tf:infra"].state is StepState.INTERRUPTED
+
+
+async def test_a_runner_that_raises_fails_only_its_step(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    runners = simulated()
+
+    class Broken:
+        async def run(self, step: Step, ctx: Context) -> None:
+            raise RuntimeError("boom")
+
+    runners.by_phase = {**runners.by_phase, Phase.TF_INFRA: Broken()}
+    result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
+    assert result.steps["tf:infra"].state is StepState.FAILED
+    assert result.steps["tf:infra"].reason == "runner error: boom"
+    assert all(o.state is StepState.SKIPPED for sid, o in result.steps.items() if sid != "tf:infra")
+
+    no_verify = simulated()
+    no_verify.by_phase = {p: r for p, r in no_verify.by_phase.items() if p is not Phase.VERIFY}
+    result = await Executor(no_verify, auto_rollback=False).execute(
+        plan, context(plan, manifest, tmp_path)
+    )
+    assert result.steps["verify:c"].state is StepState.FAILED
+    assert result.steps["verify:c"].reason == (
+        "runner error: no runner configured for phase verify"
+    )
+    assert result.steps["nix:service-config:c"].state is StepState.SUCCEEDED

@@ -103,15 +103,15 @@ def test_commands_are_the_exact_ssh_lines(tmp_path: Path) -> None:
     m = manifest(
         {"startup": "systemctl is-active --quiet web", "liveness": "curl -fsS http://localhost/"}
     )
-    transport = SshTransport(SshConfig(control_dir=tmp_path))
+    transport = SshTransport(SshConfig(control_dir=Path("/tmp/nixmox-cm")))
     runner = HealthRunner(HealthConfig(), transport, HostResolver())
     plan = plan_full(m)
     lines = runner.commands(
         Step(id="verify:web", phase=Phase.VERIFY, service="web"), Context("d", m, plan, tmp_path)
     )
     prefix = (
-        f"ssh -o BatchMode=yes -o ConnectTimeout=10 -o ControlMaster=auto "
-        f"-o ControlPath={tmp_path}/%C -o ControlPersist=60s root@10.20.0.3 --"
+        "ssh -o BatchMode=yes -o ConnectTimeout=10 -o ControlMaster=auto "
+        "-o ControlPath=/tmp/nixmox-cm/%C -o ControlPersist=60s root@10.20.0.3 --"
     )
     assert lines == [
         f"{prefix} 'systemctl is-active --quiet web'",

@@ -131,7 +131,7 @@ async def test_ssh_transport_wraps_host_commands_in_batch_mode_ssh(
     manifest = manifest_with("true")
     plan = plan_full(manifest)
     ctx = Context("dep-2", manifest, plan, export)
-    ssh = SshConfig(identity_file=tmp_path / "key", port=2222, control_dir=tmp_path / "cm")
+    ssh = SshConfig(identity_file=tmp_path / "key", port=2222, control_dir=Path("/tmp/nixmox-cm"))
     transport = SshTransport(ssh)
     runner = build_runners("real", real_config(profile), transport=transport).rollback
     nix_step = plan.by_id()["nix:service-config:a"]
@@ -140,7 +140,7 @@ async def test_ssh_transport_wraps_host_commands_in_batch_mode_ssh(
 
     base = [
         "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-        "-o", "ControlMaster=auto", "-o", f"ControlPath={tmp_path / 'cm'}/%C",
+        "-o", "ControlMaster=auto", "-o", "ControlPath=/tmp/nixmox-cm/%C",
         "-o", "ControlPersist=60s", "-i", str(tmp_path / "key"), "-p", "2222",
     ]  # fmt: skip
     record = [*base, "root@10.20.0.3", "--", f"readlink -e {profile}"]
