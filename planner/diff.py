@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any
 
-from planner.models import Manifest, Service
+from planner.models import Manifest
 
 SERVICE_SECTIONS = ("core_services", "services")
 DEFAULT_GLOBAL_GLOBS = ("flake.lock", "flake.nix")
@@ -95,59 +95,72 @@ def changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix]
 
 
-def _dump(svc: Service) -> dict[str, Any]:
-    return svc.model_dump(mode="json")
-
-
-def _sections(manifest: Manifest) -> dict[str, tuple[str, Service]]:
-    found: dict[str, tuple[str, Service]] = {}
+def _sections(data: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    found: dict[str, tuple[str, Mapping[str, Any]]] = {}
     for section in SERVICE_SECTIONS:
-        for name, svc in getattr(manifest, section).items():
+        for name, svc in (data.get(section) or {}).items():
             found[name] = (section, svc)
     return found
 
 
-def diff_service(name: str, old: tuple[str, Service], new: tuple[str, Service]) -> ServiceDiff:
+def diff_service(
+    name: str, old: tuple[str, Mapping[str, Any]], new: tuple[str, Mapping[str, Any]]
+) -> ServiceDiff:
     """One service present in both manifests: added/removed by `enable`, else changed fields."""
     (old_section, old_svc), (new_section, new_svc) = old, new
-    if old_svc.enable and not new_svc.enable:
+    old_on, new_on = bool(old_svc.get("enable", True)), bool(new_svc.get("enable", True))
+    if old_on and not new_on:
         return ServiceDiff(name, DiffKind.REMOVED, ("enable",), new_section, False, True)
-    if new_svc.enable and not old_svc.enable:
+    if new_on and not old_on:
         return ServiceDiff(name, DiffKind.ADDED, ("enable",), new_section, True, False)
-    if old_section != new_section and new_svc.enable:
+    if old_section != new_section and new_on:
         # moved between core_services and services: a different chain, deploy it afresh
         return ServiceDiff(name, DiffKind.ADDED, ("section",), new_section, True, True)
-    fields = changed_paths(_dump(old_svc), _dump(new_svc)) if old_svc != new_svc else []
-    return ServiceDiff(
-        name, DiffKind.CHANGED, tuple(fields), new_section, new_svc.enable, old_svc.enable
-    )
+    fields = changed_paths(old_svc, new_svc)
+    return ServiceDiff(name, DiffKind.CHANGED, tuple(fields), new_section, new_on, old_on)
 
 
-def diff_manifests(base: Manifest, head: Manifest) -> ManifestDiff:
-    """Per service added / removed (or `enable` true → false) / changed, plus global fields."""
-    old, new = _sections(base), _sections(head)
+def dump(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as JSON-like data, the form the diff compares (defaults filled in)."""
+    return manifest.model_dump(mode="json")
+
+
+def diff_manifests(
+    base: Manifest,
+    head: Manifest,
+    *,
+    base_data: Mapping[str, Any] | None = None,
+    head_data: Mapping[str, Any] | None = None,
+) -> ManifestDiff:
+    """Per service added / removed (or `enable` true → false) / changed, plus global fields.
+
+    `base_data`/`head_data` are the manifests' `dump`s when the caller has them already.
+    """
+    old_data = base_data if base_data is not None else dump(base)
+    new_data = head_data if head_data is not None else dump(head)
+    old, new = _sections(old_data), _sections(new_data)
     services: list[ServiceDiff] = []
     for name in sorted(set(old) | set(new)):
         if name not in new:
             section, svc = old[name]
-            if svc.enable:
+            if svc.get("enable", True):
                 services.append(ServiceDiff(name, DiffKind.REMOVED, (), section, False, True))
         elif name not in old:
             section, svc = new[name]
-            if svc.enable:
+            if svc.get("enable", True):
                 services.append(ServiceDiff(name, DiffKind.ADDED, (), section, True, False))
-        else:
+        elif old[name] != new[name]:  # plain dict comparison: cheap for the unchanged many
             found = diff_service(name, old[name], new[name])
             if found.kind is not DiffKind.CHANGED or found.fields:
                 services.append(found)
-    return ManifestDiff(tuple(services), tuple(global_paths(base, head)))
+    return ManifestDiff(tuple(services), tuple(global_paths(old_data, new_data)))
 
 
-def global_paths(base: Manifest, head: Manifest) -> list[str]:
+def global_paths(old_data: Mapping[str, Any], new_data: Mapping[str, Any]) -> list[str]:
     """Changed paths outside the service sections (`network.*`, top-level options)."""
     skip = set(SERVICE_SECTIONS)
-    old = {k: v for k, v in base.model_dump(mode="json", exclude=skip).items()}
-    new = {k: v for k, v in head.model_dump(mode="json", exclude=skip).items()}
+    old = {k: v for k, v in old_data.items() if k not in skip}
+    new = {k: v for k, v in new_data.items() if k not in skip}
     return changed_paths(old, new)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 import networkx as nx
@@ -22,6 +23,7 @@ from planner.diff import (
     PathsConfig,
     ServiceDiff,
     diff_manifests,
+    dump,
     field_effects,
     match_files,
 )
@@ -445,13 +447,16 @@ def restrict(full: dict[str, Step], selected: dict[str, list[str]]) -> dict[str,
     kept: dict[str, Step] = {}
     for sid, reasons in selected.items():
         base = full[sid]
-        needs = sorted(_nearest_selected(full, selected, sid, memo))
+        needs = sorted(nearest_selected(lambda step: full[step].needs, selected, sid, memo))
         kept[sid] = base.model_copy(update={"needs": needs, "reasons": reasons})
     return kept
 
 
-def _nearest_selected(
-    full: dict[str, Step], selected: Mapping[str, object], start: str, memo: dict[str, set[str]]
+def nearest_selected(
+    needs_of: Callable[[str], list[str]],
+    selected: Mapping[str, object],
+    start: str,
+    memo: dict[str, set[str]],
 ) -> set[str]:
     """The selected steps `start` needs through unselected ones (iterative: deep DAGs are fine)."""
     stack = [start]
@@ -460,12 +465,13 @@ def _nearest_selected(
         if sid in memo:
             stack.pop()
             continue
-        pending = [n for n in full[sid].needs if n not in selected and n not in memo]
+        needs = needs_of(sid)
+        pending = [n for n in needs if n not in selected and n not in memo]
         if pending:
             stack.extend(pending)
             continue
         found: set[str] = set()
-        for need in full[sid].needs:
+        for need in needs:
             if need in selected:
                 found.add(need)
             else:
@@ -499,6 +505,7 @@ class AnalysisMemo:
         self.size = size
         # id -> (the manifest, kept alive so its id stays its own; analysis; errors only?)
         self._items: dict[int, tuple[Manifest, Analysis, bool]] = {}
+        self._dumps: dict[int, tuple[Manifest, dict[str, Any]]] = {}
 
     def analyse(self, manifest: Manifest, *, warnings: bool = True) -> Analysis:
         """The manifest's analysis; `warnings=False` may skip the warning checks (base)."""
@@ -509,6 +516,16 @@ class AnalysisMemo:
         self._items[id(manifest)] = found
         while len(self._items) > self.size:
             self._items.pop(next(iter(self._items)))
+        return found[1]
+
+    def dump(self, manifest: Manifest) -> dict[str, Any]:
+        """The manifest's JSON-like data for the diff (a base was usually a head before)."""
+        found = self._dumps.pop(id(manifest), None)
+        if found is None or found[0] is not manifest:
+            found = (manifest, dump(manifest))
+        self._dumps[id(manifest)] = found
+        while len(self._dumps) > self.size:
+            self._dumps.pop(next(iter(self._dumps)))
         return found[1]
 
 
@@ -595,8 +612,15 @@ class ChangeContext:
     head: Manifest
     options: PlanOptions
     provider: str | None
-    head_hosts: dict[str, str]
-    base_hosts: dict[str, str]
+
+    @cached_property
+    def head_hosts(self) -> dict[str, str]:
+        """Only database changes need host lookups: built on first use."""
+        return host_index(self.head)
+
+    @cached_property
+    def base_hosts(self) -> dict[str, str]:
+        return host_index(self.base)
 
 
 def _database_services(ctx: ChangeContext, service: str, path: str) -> set[str]:
@@ -853,10 +877,10 @@ def _plan_changes(
         known = ", ".join(sorted(analysis.graph.nodes))
         raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
 
-    diff = diff_manifests(base, head)
+    diff = diff_manifests(base, head, base_data=memo.dump(base), head_data=memo.dump(head))
     provider = auth_provider(head, options)
     sel = Selection(head, provider)
-    ctx = ChangeContext(base, head, options, provider, host_index(head), host_index(base))
+    ctx = ChangeContext(base, head, options, provider)
     needs_full = select_global(sel, ctx, diff.global_fields)
     removed: list[ServiceDiff] = []
     for change in diff.services:
@@ -906,19 +930,74 @@ def keep_only(sel: Selection, services: set[str]) -> None:
 def selected_steps(
     sel: Selection, analysis: Analysis, options: PlanOptions, needs_full: bool
 ) -> dict[str, Step]:
-    """The selected steps, ordered as in the full plan of everything they depend on."""
+    """The selected steps, each needing its nearest selected steps in the full plan's order."""
     if not sel.reasons:
         return {}
-    closure: set[str] = set()
-    for name in sel.services():
-        if name not in closure:
-            closure |= required_services(analysis, name)
-    full = full_steps(analysis, closure, options)
-    steps = restrict(full, sel.reasons)
+    if needs_full:
+        return restrict(full_steps(analysis, analysis.graph.nodes, options), sel.reasons)
+    needs_of = FullPlanNeeds(analysis, options)
+    memo: dict[str, set[str]] = {}
+    steps: dict[str, Step] = {}
+    for sid, reasons in sel.reasons.items():
+        phase, service = needs_of.parse(sid)
+        needs = sorted(nearest_selected(needs_of, sel.reasons, sid, memo))
+        steps[sid] = Step(id=sid, phase=phase, service=service, needs=needs, reasons=reasons)
     infra = steps.get(step_id(Phase.TF_INFRA))
-    if infra is not None and not needs_full:
+    if infra is not None:
         infra.targets = sorted(sel.infra_targets)
     return steps
+
+
+class FullPlanNeeds:
+    """The needs of any step of the full plan, computed on demand (no Step objects).
+
+    Mirrors `full_steps` for the whole manifest, so that a small change in a large manifest
+    does not pay for building every step; tests check both agree on every step.
+    """
+
+    PHASES = sorted(Phase, key=lambda phase: -len(phase.value))  # longest prefix first
+
+    def __init__(self, analysis: Analysis, options: PlanOptions) -> None:
+        self.manifest = analysis.manifest
+        self.graph = analysis.graph
+        provider = auth_provider(self.manifest, options)
+        self.provider = provider if provider in self.graph else None
+        self.infra = step_id(Phase.TF_INFRA)
+        self.auth_core = step_id(Phase.TF_AUTH_CORE) if self.provider else None
+        self._chains: dict[str, list[Phase]] = {}
+
+    def parse(self, sid: str) -> tuple[Phase, str | None]:
+        """`nix:core:caddy` -> (Phase.NIX_CORE, "caddy")."""
+        for phase in self.PHASES:
+            if sid == phase.value:
+                return phase, None
+            if sid.startswith(phase.value + ":"):
+                return phase, sid[len(phase.value) + 1 :]
+        raise KeyError(sid)
+
+    def chain(self, service: str) -> list[Phase]:
+        if service not in self._chains:
+            self._chains[service] = service_chain(self.manifest, service)
+        return self._chains[service]
+
+    def __call__(self, sid: str) -> list[str]:
+        phase, service = self.parse(sid)
+        if service is None:
+            if phase is Phase.TF_AUTH_CORE and self.provider:
+                return [step_id(Phase.VERIFY, self.provider)]
+            return []
+        chain = self.chain(service)
+        index = chain.index(phase)
+        if index:
+            needs = [step_id(chain[index - 1], service)]
+        else:
+            waits = [step_id(Phase.VERIFY, dep) for dep in self.graph.successors(service)]
+            needs = waits or [self.infra]
+        if phase is Phase.NIX_CORE:
+            needs = sorted({*needs, self.infra})
+        if phase is Phase.TF_SERVICE_CONFIG and self.auth_core is not None:
+            needs.append(self.auth_core)
+        return needs
 
 
 def full_plan_as_change(

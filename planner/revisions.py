@@ -7,11 +7,20 @@ I/O goes through `planner.source` (Git objects, Nix evaluation), logic through
 from __future__ import annotations
 
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from planner.diff import PathsConfig
-from planner.findings import ManifestError, error, warning
-from planner.plan import NOTE_BASE_INVALID, Plan, PlanOptions, invalid_plan, plan_changes
+from planner.findings import Finding, ManifestError, error, warning
+from planner.models import Manifest
+from planner.plan import (
+    NOTE_BASE_INVALID,
+    Plan,
+    PlanOptions,
+    gc_paused,
+    invalid_plan,
+    plan_changes,
+)
 from planner.source import (
     DEFAULT_MANIFEST_PATH,
     REPO_CONFIG_FILE,
@@ -58,56 +67,75 @@ def plan_revisions(
     errors. An unusable base gives the full plan of head, saying so. Only the bot's own
     failures raise `planner.source.PlanningError` (Git, unknown revision, evaluation timeout).
     """
-    head_rev = resolve_revision(repo_dir, head)
-    base_rev = resolve_revision(repo_dir, base) if base is not None else None
-    try:
-        head_manifest = load_manifest_at(
-            repo_dir, head_rev, manifest_path, limits=limits, cache=cache
+    with gc_paused():
+        head_rev = resolve_revision(repo_dir, head)
+        base_rev = resolve_revision(repo_dir, base) if base is not None else None
+        revs = [head_rev] if base_rev is None else [head_rev, base_rev]
+        loaded = load_manifests(repo_dir, revs, manifest_path, limits, cache)
+        head_manifest = loaded[0]
+        if isinstance(head_manifest, ManifestError):
+            return invalid_plan(head_manifest.findings, base=base_rev, head=head_rev)
+        try:
+            paths_config = load_paths_config(repo_dir, head_rev)
+        except RepoConfigError as exc:
+            return invalid_plan([repo_config_finding(exc)], base=base_rev, head=head_rev)
+        if base_rev is None:
+            return plan_changes(
+                None, head_manifest, service=service, options=options, head_rev=head_rev
+            )
+        base_manifest = loaded[1]
+        plan = plan_changes(
+            None if isinstance(base_manifest, ManifestError) else base_manifest,
+            head_manifest,
+            changed_files=changed_files(repo_dir, base_rev, head_rev),
+            paths_config=paths_config,
+            service=service,
+            options=options,
+            base_rev=base_rev,
+            head_rev=head_rev,
+            manifest_path=manifest_path,
+            memo=cache.analyses if cache is not None else None,
         )
-    except PlanningError:
-        raise  # a timeout is the bot's failure, not a finding about the manifest
-    except ManifestError as exc:
-        return invalid_plan(exc.findings, base=base_rev, head=head_rev)
-    try:
-        paths_config = load_paths_config(repo_dir, head_rev)
-    except RepoConfigError as exc:
-        finding = error(
-            "repo-config",
-            f"{REPO_CONFIG_FILE} is invalid: {exc}",
-            field="paths",
-            hint="[paths] takes `global = [globs]` and `<service> = [globs]`",
-        ).model_copy(update={"file": REPO_CONFIG_FILE})
-        return invalid_plan([finding], base=base_rev, head=head_rev)
-    if base_rev is None:
-        return plan_changes(
-            None, head_manifest, service=service, options=options, head_rev=head_rev
-        )
-    files = changed_files(repo_dir, base_rev, head_rev)
-    base_problem: str | None = None
-    try:
-        base_manifest = load_manifest_at(
-            repo_dir, base_rev, manifest_path, limits=limits, cache=cache
-        )
-    except PlanningError:
-        raise
-    except ManifestError as exc:
-        base_manifest = None
-        base_problem = exc.findings[0].render() if exc.findings else "it did not evaluate"
-    plan = plan_changes(
-        base_manifest,
-        head_manifest,
-        changed_files=files,
-        paths_config=paths_config,
-        service=service,
-        options=options,
-        base_rev=base_rev,
-        head_rev=head_rev,
-        manifest_path=manifest_path,
-        memo=cache.analyses if cache is not None else None,
-    )
-    if base_problem is not None and plan.ok:
-        plan = mark_base_unusable(plan, base_problem)
-    return plan
+        if isinstance(base_manifest, ManifestError) and plan.ok:
+            findings = base_manifest.findings
+            plan = mark_base_unusable(plan, findings[0].render() if findings else "no detail")
+        return plan
+
+
+def load_manifests(
+    repo_dir: Path | str,
+    revs: list[str],
+    manifest_path: str,
+    limits: EvalLimits | None,
+    cache: EvalCache | None,
+) -> list[Manifest | ManifestError]:
+    """The manifests at several revisions, evaluated in parallel (Nix runs outside the GIL).
+
+    Problems in a manifest come back as its ManifestError; the bot's own failures
+    (PlanningError: timeout, Git) raise.
+    """
+
+    def load(rev: str) -> Manifest | ManifestError:
+        try:
+            return load_manifest_at(repo_dir, rev, manifest_path, limits=limits, cache=cache)
+        except PlanningError:
+            raise
+        except ManifestError as exc:
+            return exc
+
+    if len(revs) == 1:
+        return [load(revs[0])]
+    with ThreadPoolExecutor(max_workers=len(revs), thread_name_prefix="nixmox-eval") as pool:
+        return list(pool.map(load, revs))
+
+
+def repo_config_finding(exc: RepoConfigError) -> Finding:
+    return error(
+        "repo-config",
+        f"{REPO_CONFIG_FILE} is invalid: {exc}",
+        field="paths",
+        hint="[paths] takes `global = [globs]` and `<service> = [globs]`",
+    ).model_copy(update={"file": REPO_CONFIG_FILE})
 
 
 def mark_base_unusable(plan: Plan, why: str) -> Plan:

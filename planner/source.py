@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,7 @@ class EvalCache:
         from collections import OrderedDict
 
         self.size = size
+        self._lock = threading.Lock()  # base and head are evaluated in parallel
         self._items: OrderedDict[tuple[str, str], Manifest | ManifestError] = OrderedDict()
         # analyses of the manifests handed out (never mutate a cached manifest)
         self.analyses = AnalysisMemo(size)
@@ -342,19 +344,21 @@ class EvalCache:
         self.misses = 0
 
     def get(self, key: tuple[str, str]) -> Manifest | ManifestError | None:
-        found = self._items.get(key)
-        if found is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return found
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return found
 
     def put(self, key: tuple[str, str], value: Manifest | ManifestError) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,15 +20,21 @@ from planner.diff import (
     nixos_candidates,
 )
 from planner.plan import (
+    FullPlanNeeds,
     Phase,
     PlanOptions,
     UnknownService,
+    analyse,
+    full_steps,
     plan_changes,
     plan_full,
     restrict,
     step_id,
 )
-from planner.source import parse_manifest
+from planner.source import load_manifest, parse_manifest
+from planner.synthetic import synthetic_manifest
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 
 
 def svc(ip: str, **extra: Any) -> dict[str, Any]:
@@ -325,3 +332,23 @@ def test_restrict_inherits_needs_through_unselected_steps() -> None:
     assert kept["nix:core:caddy"].needs == ["tf:infra"]
     assert kept["verify:c"].reasons == ["r"]
     assert step_id(Phase.VERIFY, "c") == "verify:c"
+
+
+def test_full_plan_needs_agree_with_full_steps(
+    upstream_manifest: Path, upstream_manifest_old: Path
+) -> None:
+    """The on-demand needs used by diff plans are exactly those of the full plan."""
+    manifests = [
+        load_manifest(upstream_manifest),
+        load_manifest(upstream_manifest_old),
+        *(load_manifest(path) for path in sorted(MANIFESTS.glob("*.nix"))),
+        parse_manifest(synthetic_manifest(300)),
+        parse_manifest(small()),
+    ]
+    for manifest in manifests:
+        analysis = analyse(manifest)
+        full = full_steps(analysis, analysis.graph.nodes, PlanOptions())
+        needs_of = FullPlanNeeds(analysis, PlanOptions())
+        for sid, step in full.items():
+            assert sorted(needs_of(sid)) == sorted(step.needs), sid
+            assert needs_of.parse(sid) == (step.phase, step.service)
