@@ -502,3 +502,19 @@ async def test_an_expired_request_says_so_without_a_click(
     assert [b["text"]["text"] for b in message.buttons()] == ["Re-plan"]
     audit = await bot.audit()
     assert ("nixmox", "slack.approval.expired") in [(actor, action) for actor, action, _ in audit]
+
+
+async def test_a_channel_the_bot_cannot_post_in_is_explained(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_channel=None)
+    fake_slack.fail["chat.postMessage"] = "not_in_channel"
+    sent = await bot.driver.command("deploy gitea", channel="C0GENERAL")
+    assert "posted in <#C0GENERAL>" in sent.json()["text"]  # no channel set: where it was asked
+    [response] = await fake_slack.wait_for(lambda: fake_slack.responses)
+    await bot.settled()
+    assert "I could not post in <#C0GENERAL> (not_in_channel)" in response.all_text()
+    assert "/invite @nixmox" in response.all_text()
+    assert await bot.store.history() == []
+    failed = [d for _, action, d in await bot.audit() if action == "slack.request.failed"]
+    assert failed == [{"channel": "C0GENERAL", "error": "not_in_channel"}]

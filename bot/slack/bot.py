@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Coroutine
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
@@ -75,14 +76,14 @@ API_TIMEOUT = 15  # seconds per Web API call
 EXPIRY_SWEEP_INTERVAL = 60.0
 
 
-class JobKind:
+class JobKind(StrEnum):
     """Job kinds in the store's queue that the Slack front end runs."""
 
     REQUEST = "slack.request"  # plan a deploy/rollback request and post it for approval
     DEPLOY = "slack.deploy"  # run an approved request
 
 
-class Audit:
+class Audit(StrEnum):
     """Audit-log actions of the Slack front end."""
 
     REQUEST = "slack.request"
@@ -110,6 +111,7 @@ CANNOT_POST = (
     "NIXMOX_SLACK_CHANNEL to a channel I am in."
 )
 CHECK_FAILED = "Could not check that the plan is still current ({error}); nothing was deployed."
+STORE_UNAVAILABLE = ":x: The state store did not answer; try again in a moment."
 MISSING_TOKEN = "NIXMOX_SLACK_BOT_TOKEN is required when NIXMOX_SLACK_SIGNING_SECRET is set"
 
 
@@ -294,7 +296,7 @@ class SlackBot:
                 ask = Ask(DeploymentKind.DEPLOY, command.service, ref=command.ref)
             else:
                 ask = Ask(DeploymentKind.ROLLBACK, command.service, to=command.to)
-            await self.request(ask, user, channel, ack)
+            await self.request(ask, user, channel, ack, respond)
         elif isinstance(command, PlanCommand):
             ask = Ask(DeploymentKind.DEPLOY, command.service, ref=command.ref)
             await ack(text=ACK_PLAN.format(what=describe(ask)), response_type="ephemeral")
@@ -312,7 +314,12 @@ class SlackBot:
             self.spawn(self.lock(command, user, respond))
 
     async def reply_with(self, respond: AsyncRespond, text: Awaitable[str]) -> None:
-        body = await text
+        """Answer the asker with a text computed after the ack."""
+        try:
+            body = await text
+        except Exception:
+            log.exception("Slack: could not answer a lookup")
+            body = STORE_UNAVAILABLE
         await respond(text=body, blocks=text_blocks(body), response_type="ephemeral")
 
     async def refuse_request(
@@ -323,7 +330,9 @@ class SlackBot:
             slack_actor(user), Audit.REQUEST_REFUSED, {**detail, "reason": refusal.value}
         )
 
-    async def request(self, ask: Ask, user: str, channel: str, ack: AsyncAck) -> None:
+    async def request(
+        self, ask: Ask, user: str, channel: str, ack: AsyncAck, respond: AsyncRespond
+    ) -> None:
         """A deploy or rollback request: check the requester, ack, then plan in a job."""
         refusal = request_refusal(self.policy, user)
         if refusal is not None:
@@ -334,12 +343,12 @@ class SlackBot:
             text=ACK_PLANNING.format(what=escape(describe(ask)), channel=target),
             response_type="ephemeral",
         )
-        self.spawn(self.post_request(ask, user, target))
+        self.spawn(self.post_request(ask, user, target, respond))
 
-    async def post_request(self, ask: Ask, user: str, channel: str) -> None:
+    async def post_request(self, ask: Ask, user: str, channel: str, respond: AsyncRespond) -> None:
         """Post the request's message ("planning…") and queue its planning."""
         view = RequestView(ask.kind, ask.target, slack_actor(user), ref=ask.ref, to=ask.to)
-        posted = await self._post(channel, view)
+        posted = await self._post(channel, view, respond)
         if posted is None:
             return
         await self.enqueue(
@@ -353,7 +362,7 @@ class SlackBot:
             },
         )
 
-    async def _post(self, channel: str, view: RequestView) -> str | None:
+    async def _post(self, channel: str, view: RequestView, respond: AsyncRespond) -> str | None:
         status = RequestStatus.PLANNING
         try:
             response = await self.client.chat_postMessage(
@@ -364,13 +373,12 @@ class SlackBot:
         except SlackApiError as exc:
             error = str(exc.response.get("error"))
             log.warning("Slack: cannot post the request in %s: %s", channel, error)
-            requester = view.requested_by.removeprefix("slack:")
             await self.audit(
                 view.requested_by, Audit.REQUEST_FAILED, {"channel": channel, "error": error}
             )
-            await self.ephemeral(
-                channel, requester, CANNOT_POST.format(channel=channel, error=error)
-            )
+            # the bot may not be in that channel: answer through the command's response_url
+            text = CANNOT_POST.format(channel=channel, error=escape(error))
+            await respond(text=text, response_type="ephemeral")
             return None
         self.pacer.edited(channel, str(response.get("ts")))
         return str(response.get("ts"))
@@ -380,7 +388,8 @@ class SlackBot:
         try:
             planned = await self.backend.plan(ask)
         except PlanFailure as exc:
-            await respond(text=f":x: Could not plan: {exc}", response_type="ephemeral")
+            error = escape(self.redactor.text(str(exc)))
+            await respond(text=f":x: Could not plan: {error}", response_type="ephemeral")
             return
         message = render_slack(planned.plan, title=f"Plan: {ask.target}")
         await respond(text=message["text"], blocks=message["blocks"], response_type="ephemeral")
@@ -498,60 +507,64 @@ class SlackBot:
         if found is None:
             return
         approval, digest = found
-        user, channel = _who(body)
-        actor = slack_actor(user)
+        user, _ = _who(body)
         refusal = approval_refusal(self.policy, approval, user, now=utcnow(), button_digest=digest)
-        if refusal is None:
-            try:
-                planned = await self.backend.plan(Ask.from_approval(approval))
-            except PlanFailure as exc:
-                error = self.redactor.text(str(exc))
-                await self.ephemeral(channel, user, CHECK_FAILED.format(error=escape(error)))
-                await self.audit(
-                    actor,
-                    Audit.REFUSED,
-                    {"approval": approval.id, "reason": "check failed", "error": error},
-                )
-                return
-            if plan_changed(approval, planned.plan.digest):
-                refusal = Refusal.PLAN_CHANGED
         if refusal is not None:
             await self.refuse_approval(approval, user, refusal)
             return
-        if not await self.ctx.require_store().resolve_approval(
-            approval.id, ApprovalState.APPROVED, actor
-        ):
-            latest = await self.ctx.require_store().get_approval(approval.id)
-            expired = latest is not None and latest.expires_at <= utcnow()
+        planned = await self._replan(approval, body)
+        if planned is None:
+            return
+        if plan_changed(approval, planned.plan.digest):
+            await self.refuse_approval(approval, user, Refusal.PLAN_CHANGED)
+            return
+        store = self.ctx.require_store()
+        actor = slack_actor(user)
+        if not await store.resolve_approval(approval.id, ApprovalState.APPROVED, actor):
+            # someone else got there first, or it expired while the plan was checked
+            latest = await store.get_approval(approval.id) or approval
+            expired = latest.expires_at <= utcnow()
             await self.refuse_approval(
-                latest or approval, user, Refusal.EXPIRED if expired else Refusal.NOT_PENDING
+                latest, user, Refusal.EXPIRED if expired else Refusal.NOT_PENDING
             )
             return
+        await self._start(approval, planned, actor, body)
+
+    async def _replan(self, approval: ApprovalRecord, body: dict[str, Any]) -> Planned | None:
+        """The request planned again now, to compare with what the approver saw."""
+        user, channel = _who(body)
+        try:
+            return await self.backend.plan(Ask.from_approval(approval))
+        except PlanFailure as exc:
+            error = self.redactor.text(str(exc))
+            await self.ephemeral(channel, user, CHECK_FAILED.format(error=escape(error)))
+            detail = {"approval": approval.id, "reason": "check failed", "error": error}
+            await self.audit(slack_actor(user), Audit.REFUSED, detail)
+            return None
+
+    async def _start(
+        self, approval: ApprovalRecord, planned: Planned, actor: str, body: dict[str, Any]
+    ) -> None:
+        """Say who approved, record it, and queue the deployment of exactly the approved plan."""
+        channel, ts = _message(approval, body)
         view = view_of(approval, resolved_by=actor)
-        await self.show_request(
-            *_message(approval, body), view, RequestStatus.APPROVED, approval.plan
-        )
-        await self.audit(
-            actor,
-            Audit.APPROVED,
-            {
-                "approval": approval.id,
-                "digest": approval.digest,
-                "requested_by": approval.requested_by,
-            },
-        )
-        # run exactly the approved plan (its digest was just checked against a fresh one)
+        await self.show_request(channel, ts, view, RequestStatus.APPROVED, approval.plan)
+        detail = {
+            "approval": approval.id,
+            "digest": approval.digest,
+            "requested_by": approval.requested_by,
+        }
+        await self.audit(actor, Audit.APPROVED, detail)
+        # the stored plan is the one shown; its digest was just checked against a fresh one
         planned.plan = approval.plan or planned.plan
-        await self.enqueue(
-            JobKind.DEPLOY,
-            {
-                "approval": approval.id,
-                "planned": planned.to_json(),
-                "approved_by": actor,
-                "channel": _message(approval, body)[0],
-                "ts": _message(approval, body)[1],
-            },
-        )
+        payload = {
+            "approval": approval.id,
+            "planned": planned.to_json(),
+            "approved_by": actor,
+            "channel": channel,
+            "ts": ts,
+        }
+        await self.enqueue(JobKind.DEPLOY, payload)
 
     async def refuse_approval(self, approval: ApprovalRecord, user: str, refusal: Refusal) -> None:
         """Tell the clicker why; an expired or outdated request also says so in its message."""
