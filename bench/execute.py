@@ -1,8 +1,8 @@
 """Executor makespan against the plan's critical path, with simulated runners.
 
-Run: .venv/bin/python bench/execute.py [--services 500] [--scale 0.05] [--parallel 0 32]
+Run: .venv/bin/python bench/execute.py [--services 500] [--scale 0.1] [--parallel 0 32]
 Plans a generated manifest (500 services by default), then executes it with the simulated
-runner (the default per-phase durations, times `--scale`, so it runs in seconds) once per
+runner (the default per-phase durations times `--scale`: about 15 s in all) once per
 `--parallel` value (0: as many slots as steps). Prints, per run, the makespan, the plan's
 critical path (the longest chain of nominal durations: no schedule can be shorter), a lower
 bound for that many slots (the critical path, or for some step the chain before it plus the
@@ -87,7 +87,7 @@ async def run_once(manifest: Manifest, plan: Plan, scale: float, parallel: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=500)
-    parser.add_argument("--scale", type=float, default=0.05)
+    parser.add_argument("--scale", type=float, default=0.1)
     parser.add_argument("--parallel", type=int, nargs="+", default=[0, 32])
     args = parser.parse_args()
 
