@@ -393,6 +393,12 @@ async def test_status_mirrors_the_cli(
         assert f"*{service}* · revision `{record.head[:12]}`" in text
     assert response[-1].body["response_type"] == "ephemeral"
 
+    await bot.driver.command("history gitea")
+    await fake_slack.wait_for(lambda: len(fake_slack.responses) == 2)
+    history = fake_slack.responses[1].all_text()
+    assert "Recent deployments of gitea" in history
+    assert f"`{record.id}` deploy *succeeded* (slack by <@{REQUESTER}>)" in history
+
 
 async def test_plan_of_a_branch_and_a_broken_manifest(
     aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
