@@ -18,7 +18,7 @@ from planner.findings import Severity
 from planner.plan import Phase, Plan, plan_full
 from planner.render import render_json, render_markdown, render_slack, render_text
 from planner.revisions import plan_revisions
-from planner.source import EvalCache, load_manifest_at
+from planner.source import EvalCache, EvalLimits, PlanningError, UnknownRevision, load_manifest_at
 from tests.conftest import UPSTREAM
 from tests.test_gitsource import GitRepo
 
@@ -202,3 +202,17 @@ def test_replanning_a_seen_pair_costs_no_evaluation(tmp_path: Path) -> None:
     again = plan_revisions(repo.path, base, head, cache=cache)
     assert cache.misses == 2 and cache.hits == 2
     assert again.digest == first.digest
+
+
+def test_evaluation_timeout_raises_a_planning_error(tmp_path: Path) -> None:
+    """A timeout is the bot's failure: it raises instead of blaming the manifest."""
+    repo = GitRepo(tmp_path / "repo")
+    repo.write(MANIFEST, BASES["upstream"].read_text())
+    base = repo.commit("base")
+    slow = "builtins.length (builtins.filter (x: x == 0) (builtins.genList (x: x) 30000000))\n"
+    repo.write(MANIFEST, slow)
+    head = repo.commit("slow head")
+    with pytest.raises(PlanningError, match="took longer than"):
+        plan_revisions(repo.path, base, head, limits=EvalLimits(timeout=0.2))
+    with pytest.raises(UnknownRevision):
+        plan_revisions(repo.path, "no-such-base", head)
