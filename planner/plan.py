@@ -698,7 +698,7 @@ def select_added(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> Non
         sel.add(phase, name, reason)
     sel.add_infra(name, reason)
     svc = head.all_services()[name]
-    if svc.hostname or svc.ip is not None:
+    if svc.hostname:  # its A record
         sel.add(Phase.NIX_CORE, ctx.options.dns_service, reason)
     if svc.interface.proxies():
         sel.add(Phase.NIX_CORE, ctx.options.proxy_service, reason)
@@ -714,7 +714,7 @@ def select_removed(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> N
     """A removed service: DNS and proxy stop pointing at it (its destroy step comes later)."""
     old = ctx.base.all_services()[change.service]
     reason = change.path(change.fields[0] if change.fields else None)
-    if old.hostname or old.ip is not None:
+    if old.hostname:
         sel.add(Phase.NIX_CORE, ctx.options.dns_service, reason)
     if old.interface.proxies():
         sel.add(Phase.NIX_CORE, ctx.options.proxy_service, reason)
