@@ -35,7 +35,7 @@ from planner.graph import (
     orders_deployment,
     service_graph,
 )
-from planner.models import Manifest
+from planner.models import Manifest, Service
 from planner.validate import (
     check_addresses,
     check_cycles,
@@ -483,9 +483,10 @@ def nearest_selected(
 
 # --- diff-aware planning -------------------------------------------------------------------
 #
-# A change selects steps of the head's full plan, each with the reasons that caused it; the
-# full plan of the selected services' closure is then built and `restrict` keeps its order among
-# the selected steps. Removals add `tf:destroy` steps, which no plan of the head contains.
+# A change selects steps of the head's full plan, each with the reasons that caused it; each
+# selected step then needs its nearest selected ancestors in the full plan (computed on demand
+# by FullPlanNeeds), which keeps the full plan's order. Removals add `tf:destroy` steps, which
+# no plan of the head contains.
 
 NOTE_SAME_MANIFEST = "the manifest evaluates to the same services and settings"
 NOTE_NO_FILES = "no changed file belongs to a service"
@@ -591,13 +592,6 @@ class Selection:
         self.add(Phase.TF_INFRA, None, reason)
         self.infra_targets.add(service)
 
-    def services(self) -> set[str]:
-        """Services with a selected step, and the provider when tf:auth-core is selected."""
-        found = {self.owner[sid] for sid in self.reasons} - {None}
-        if step_id(Phase.TF_AUTH_CORE) in self.reasons and self.provider is not None:
-            found.add(self.provider)
-        return found
-
 
 def nix_phase(manifest: Manifest, service: str) -> Phase:
     """The phase that builds a service's NixOS configuration."""
@@ -614,6 +608,18 @@ class ChangeContext:
     provider: str | None
 
     @cached_property
+    def head_services(self) -> dict[str, Service]:
+        return self.head.all_services()
+
+    @cached_property
+    def base_services(self) -> dict[str, Service]:
+        return self.base.all_services()
+
+    @cached_property
+    def head_enabled(self) -> dict[str, Service]:
+        return self.head.enabled()
+
+    @cached_property
     def head_hosts(self) -> dict[str, str]:
         """Only database changes need host lookups: built on first use."""
         return host_index(self.head)
@@ -626,10 +632,13 @@ class ChangeContext:
 def _database_services(ctx: ChangeContext, service: str, path: str) -> set[str]:
     """The services hosting the databases a changed `interface.db*` path refers to."""
     parts = path.split(".")
-    enabled = ctx.head.enabled()
+    enabled = ctx.head_enabled
     found: set[str] = set()
-    for manifest, hosts in ((ctx.head, ctx.head_hosts), (ctx.base, ctx.base_hosts)):
-        svc = manifest.all_services().get(service)
+    for services, hosts in (
+        (ctx.head_services, ctx.head_hosts),
+        (ctx.base_services, ctx.base_hosts),
+    ):
+        svc = services.get(service)
         if svc is None:
             continue
         dbs = svc.interface.databases()
@@ -697,7 +706,7 @@ def select_added(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> Non
     for phase in sel.chain(name):
         sel.add(phase, name, reason)
     sel.add_infra(name, reason)
-    svc = head.all_services()[name]
+    svc = ctx.head_services[name]
     if svc.hostname:  # its A record
         sel.add(Phase.NIX_CORE, ctx.options.dns_service, reason)
     if svc.interface.proxies():
@@ -712,7 +721,7 @@ def select_added(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> Non
 
 def select_removed(sel: Selection, ctx: ChangeContext, change: ServiceDiff) -> None:
     """A removed service: DNS and proxy stop pointing at it (its destroy step comes later)."""
-    old = ctx.base.all_services()[change.service]
+    old = ctx.base_services[change.service]
     reason = change.path(change.fields[0] if change.fields else None)
     if old.hostname:
         sel.add(Phase.NIX_CORE, ctx.options.dns_service, reason)
