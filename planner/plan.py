@@ -533,13 +533,14 @@ class AnalysisMemo:
 def analyse_errors(manifest: Manifest) -> Analysis:
     """Dependencies, graph and validation errors only (a base manifest needs no warnings)."""
     deps = dependencies(manifest)
+    graph = service_graph(manifest, deps)
     findings = [
         *check_dependencies(manifest, deps),
-        *check_cycles(manifest, deps),
+        *check_cycles(manifest, deps, graph),
         *check_duplicates(manifest),
         *check_addresses(manifest),
     ]
-    return Analysis(manifest, deps, service_graph(manifest, deps), findings)
+    return Analysis(manifest, deps, graph, findings)
 
 
 class Selection:
