@@ -327,6 +327,13 @@ async def test_rollback_from_slack(
     activated = {s.service: s.new_system for s in rollback.steps if s.phase.startswith("nix")}
     assert activated == {"gitea": previous["gitea"]}
 
+    # --to a deployment id: back to the systems that deployment installed
+    await bot.driver.command(f"rollback gitea --to {deployed.id}")
+    again = await bot.pending_request()
+    assert again.ts != message.ts
+    assert f"gitea back to the systems of deployment {deployed.id}" in again.all_text()
+    assert (await bot.approval_of(again)).args["to"] == deployed.id
+
 
 async def test_forged_and_stale_requests_get_401(
     aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
