@@ -114,3 +114,63 @@ async def test_a_job_whose_workers_keep_dying_is_given_up(store: Store) -> None:
     assert ran == []
     job = await store.get_job(job_id)
     assert job.state is JobState.FAILED and "given up" in job.error
+
+
+async def _intake_cases(store: Store) -> None:
+    """Shared by both backends: batching, duplicates, and jobs the store reads back."""
+    worker = JobWorker(store, name="intake")
+
+    async def noop(payload: dict[str, Any]) -> None:
+        return None
+
+    worker.register("work", noop)
+    results = await asyncio.gather(
+        *(worker.enqueue_delivery(f"d-{n % 40}", [("work", {"n": n})]) for n in range(50))
+    )
+    # 40 distinct ids: the first of each is recorded, later ones in the same burst are not
+    assert results == [True] * 40 + [False] * 10
+    assert worker.intake.batches < 50  # they shared transactions
+    assert await worker.enqueue_delivery("d-3", [("work", {"n": 99})]) is False
+    assert await store.record_delivery("d-7") is False  # the store sees them too
+    claimed = []
+    while (job := await store.claim_job("reader", lease=timedelta(minutes=1))) is not None:
+        claimed.append(job)
+    assert sorted(job.payload["n"] for job in claimed) == list(range(40))
+    assert all(job.kind == "work" and job.state is JobState.RUNNING for job in claimed)
+    await worker.stop()
+
+
+async def test_intake_records_deliveries_and_jobs_together_sqlite(store: Store) -> None:
+    await _intake_cases(store)
+
+
+async def test_intake_on_postgresql(postgres_database: str) -> None:
+    store = await Store.open(postgres_database)
+    try:
+        await _intake_cases(store)
+    finally:
+        await store.close()
+
+
+async def test_intake_waits_when_another_writer_holds_sqlite(tmp_path: Path) -> None:
+    """The fast path does not block the loop on a busy file: the async path waits instead."""
+    import sqlite3
+
+    path = tmp_path / "busy.db"
+    store = await Store.open(f"sqlite+aiosqlite:///{path}")
+    worker = JobWorker(store)
+
+    async def noop(payload: dict[str, Any]) -> None:
+        return None
+
+    worker.register("work", noop)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process is writing
+    pending = asyncio.create_task(worker.enqueue_delivery("busy-1", [("work", {})]))
+    await asyncio.sleep(0.3)
+    assert not pending.done()
+    other.execute("COMMIT")
+    assert await asyncio.wait_for(pending, 30) is True
+    other.close()
+    await worker.stop()
+    await store.close()

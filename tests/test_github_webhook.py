@@ -118,9 +118,24 @@ async def test_signed_payload_missing_required_fields_is_400_and_not_recorded(
     del payload["pull_request"]["head"]["sha"]
     response = await bot.deliver("pull_request", payload, delivery="d-2")
     assert response.status == 400
-    assert "pull_request.head.sha" in (await response.json())["error"]
+    error = (await response.json())["error"]
+    assert "missing required field `sha` - at `$.pull_request.head`" in error
     fixed = await bot.deliver("pull_request", pr_payload(payloads), delivery="d-2")
     assert (await fixed.json())["status"] == "accepted"
+
+
+async def test_signed_payload_with_wrongly_typed_fields_is_400(
+    make_bot: Any, payloads: Payloads
+) -> None:
+    bot = await make_bot()
+    payload = pr_payload(payloads)
+    payload["pull_request"]["number"] = "seven"
+    response = await bot.deliver("pull_request", payload)
+    assert response.status == 400
+    assert (
+        "Expected `int`, got `str` - at `$.pull_request.number`" in (await response.json())["error"]
+    )
+    assert await queued_jobs(bot) == []
 
 
 async def test_form_encoded_deliveries_are_accepted(make_bot: Any, payloads: Payloads) -> None:

@@ -8,8 +8,8 @@ the jobs are enqueued and the response goes out. No GitHub call and no planning 
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import time
 import urllib.parse
 from enum import StrEnum
@@ -20,11 +20,12 @@ from gidgethub import ValidationFailure, sansio
 
 from bot.context import CONTEXT, BotContext
 from bot.github.events import BadPayload, Delivery, handles, router
+from bot.github.payloads import PayloadError, decode
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
-SIGNATURE_PREFIX = "sha256="
+SIGNATURE_PATTERN = re.compile(r"sha256=[0-9a-f]{64}")
 EVENT_HEADER = "X-GitHub-Event"
 DELIVERY_HEADER = "X-GitHub-Delivery"
 MAX_HEADER_LENGTH = 200
@@ -48,15 +49,10 @@ class Rejected(Exception):
 
 
 def verify_signature(body: bytes, signature: str | None, secret: str) -> None:
-    """HMAC-SHA256 of the raw body; only `sha256=<64 hex>` is accepted."""
+    """HMAC-SHA256 of the raw body; only `sha256=<64 lowercase hex>` is accepted."""
     if not signature:
         raise Rejected(401, Outcome.UNAUTHORIZED, f"missing {SIGNATURE_HEADER}")
-    digest = signature[len(SIGNATURE_PREFIX) :]
-    if (
-        not signature.startswith(SIGNATURE_PREFIX)
-        or len(digest) != 64
-        or any(c not in "0123456789abcdef" for c in digest)
-    ):
+    if not SIGNATURE_PATTERN.fullmatch(signature):
         raise Rejected(401, Outcome.UNAUTHORIZED, f"malformed {SIGNATURE_HEADER}")
     try:
         sansio.validate_event(body, signature=signature, secret=secret)
@@ -64,19 +60,18 @@ def verify_signature(body: bytes, signature: str | None, secret: str) -> None:
         raise Rejected(401, Outcome.UNAUTHORIZED, "signature does not match") from None
 
 
-def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
-    """JSON (or GitHub's form-encoded `payload=`) to an object."""
+def decode_body(event: str, content_type: str, body: bytes) -> dict[str, Any]:
+    """JSON (or GitHub's form-encoded `payload=`) to the fields the bot reads."""
     try:
         if content_type == "application/x-www-form-urlencoded":
-            text = urllib.parse.parse_qs(body.decode())["payload"][0]
+            text: bytes | str = urllib.parse.parse_qs(body.decode())["payload"][0]
         else:
-            text = body.decode()
-        data = json.loads(text)
-    except (UnicodeDecodeError, ValueError, KeyError, IndexError):
+            text = body
+        return decode(event, text)
+    except (UnicodeDecodeError, KeyError, IndexError):
         raise Rejected(400, Outcome.BAD_REQUEST, "the body is not a JSON payload") from None
-    if not isinstance(data, dict):
-        raise Rejected(400, Outcome.BAD_REQUEST, "the payload is not a JSON object")
-    return data
+    except PayloadError as exc:
+        raise Rejected(400, Outcome.BAD_REQUEST, str(exc)) from None
 
 
 def header(request: web.Request, name: str) -> str:
@@ -89,7 +84,7 @@ def header(request: web.Request, name: str) -> str:
 def parse_event(request: web.Request, body: bytes) -> sansio.Event:
     event = header(request, EVENT_HEADER)
     delivery_id = header(request, DELIVERY_HEADER)
-    data = decode_body(request.content_type, body)
+    data = decode_body(event, request.content_type, body)
     return sansio.Event(data, event=event, delivery_id=delivery_id)
 
 
@@ -100,16 +95,16 @@ def repository_of(data: dict[str, Any]) -> str | None:
     return None
 
 
-async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, list[int]]:
+async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, int]:
     """Everything after parsing: filter, route, record, enqueue."""
     if event.event == "ping":
-        return Outcome.PONG, "pong", []
+        return Outcome.PONG, "pong", 0
     if not handles(event.event):
-        return Outcome.IGNORED, f"{event.event} events are not used", []
+        return Outcome.IGNORED, f"{event.event} events are not used", 0
     repo = repository_of(event.data)
     wanted = ctx.settings.repo
     if repo is None or wanted is None or repo.lower() != wanted.lower():
-        return Outcome.IGNORED, f"repository {repo} is not NIXMOX_REPO", []
+        return Outcome.IGNORED, f"repository {repo} is not NIXMOX_REPO", 0
     delivery = Delivery(ctx.settings)
     try:
         await router.dispatch(event, delivery)
@@ -120,13 +115,11 @@ async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, li
             400, Outcome.BAD_REQUEST, "the payload has fields of the wrong type"
         ) from None
     if not delivery.jobs:
-        return Outcome.IGNORED, "; ".join(delivery.ignored) or "nothing to do", []
-    store = ctx.require_store()
-    if not await store.record_delivery(event.delivery_id):
-        return Outcome.DUPLICATE, "delivery already processed", []
-    jobs = ctx.require_jobs()
-    job_ids = [await jobs.enqueue(spec.kind, spec.payload) for spec in delivery.jobs]
-    return Outcome.ACCEPTED, "queued", job_ids
+        return Outcome.IGNORED, "; ".join(delivery.ignored) or "nothing to do", 0
+    specs = [(str(spec.kind), spec.payload) for spec in delivery.jobs]
+    if not await ctx.require_jobs().enqueue_delivery(event.delivery_id, specs):
+        return Outcome.DUPLICATE, "delivery already processed", 0
+    return Outcome.ACCEPTED, "queued", len(specs)
 
 
 async def github_webhook(request: web.Request) -> web.Response:
@@ -134,13 +127,24 @@ async def github_webhook(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     started = time.perf_counter()
     secret = ctx.settings.github_webhook_secret
+    intake = ctx.require_jobs().intake
+    intake.arrive()
+    try:
+        return await _handle(ctx, request, secret, started)
+    finally:
+        intake.leave()
+
+
+async def _handle(
+    ctx: BotContext, request: web.Request, secret: Any, started: float
+) -> web.Response:
     try:
         body = await request.read()
         if secret is None:  # `nixmox serve` refuses to start like this; be safe anyway
             raise Rejected(401, Outcome.UNAUTHORIZED, "no webhook secret is configured")
         verify_signature(body, request.headers.get(SIGNATURE_HEADER), secret.get_secret_value())
         event = parse_event(request, body)
-        outcome, message, job_ids = await accept(ctx, event)
+        outcome, message, queued = await accept(ctx, event)
     except Rejected as exc:
         # the event header of an unverified request is not trusted as a metric label
         ctx.metrics.webhooks.labels("-", exc.outcome.value).inc()
@@ -149,5 +153,5 @@ async def github_webhook(request: web.Request) -> web.Response:
     ctx.metrics.webhooks.labels(event.event[:50], outcome.value).inc()
     ctx.metrics.webhook_seconds.observe(time.perf_counter() - started)
     if outcome is Outcome.ACCEPTED:
-        log.info("github %s %s: queued jobs %s", event.event, event.delivery_id, job_ids)
-    return web.json_response({"status": outcome.value, "message": message, "jobs": job_ids})
+        log.info("github %s %s: %d job(s) queued", event.event, event.delivery_id, queued)
+    return web.json_response({"status": outcome.value, "message": message, "jobs": queued})
