@@ -256,3 +256,20 @@ def test_success_descriptions() -> None:
     assert success_description(Plan()) == "no deployment needed"
     one = Plan(steps=[Step(id="verify:a", phase="verify", service="a")])
     assert success_description(one) == "1 service, 1 step"
+
+
+async def test_an_unexpected_failure_never_leaves_the_status_pending(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    from tests.fakes.github import Failure
+
+    bot = await make_bot()
+    base = manifest_repo.repo.heads.main.commit.hexsha
+    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="f")
+    fake_github.fail_next(100, Failure.SERVER_ERROR, method="GET", path=r"/pulls/7$")
+    await open_pr(bot, payloads, 7, head, base)
+    status = fake_github.last_status(head, PLAN)
+    assert status["state"] == "error"
+    assert status["description"] == "could not plan: internal error (see the bot's log)"
+    job = await bot.ctx.require_store().get_job(1)
+    assert job.state.value == "failed" and "GitHubBroken" in job.error

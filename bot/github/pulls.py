@@ -43,6 +43,7 @@ META_ROOM = 256  # room left in the first comment for the digest line
 PLANNING = "planning…"
 NO_DEPLOYMENT = "no deployment needed"
 COULD_NOT_PLAN = "could not plan: {reason}"
+INTERNAL_ERROR = "internal error (see the bot's log)"
 INVALID = "invalid manifest: {count} error{s}"
 
 
@@ -201,18 +202,32 @@ async def _plan_pull_request(ctx: BotContext, pull: PullRef) -> None:
     gh = await ctx.require_github().client(pull.installation_id)
     await set_status(gh, repo, pull.head_sha, StatusState.PENDING, PLAN_CONTEXT, PLANNING)
     try:
-        plan = await compute_plan(ctx, pull)
+        await _plan_and_report(ctx, gh, repo, pull)
     except PlanningError as exc:
         log.warning("could not plan PR #%d at %s: %s", pull.number, pull.head_sha[:12], exc)
+        await _error_status(gh, repo, pull, str(exc))
+    except Exception:
+        # never leave `pending` behind: say the bot failed, then let the job record why
+        await _error_status(gh, repo, pull, INTERNAL_ERROR)
+        raise
+
+
+async def _error_status(gh: GitHubClient, repo: Repo, pull: PullRef, reason: str) -> None:
+    try:
         await set_status(
             gh,
             repo,
             pull.head_sha,
             StatusState.ERROR,
             PLAN_CONTEXT,
-            COULD_NOT_PLAN.format(reason=exc),
+            COULD_NOT_PLAN.format(reason=reason),
         )
-        return
+    except Exception:
+        log.warning("could not set %s on %s", PLAN_CONTEXT, pull.head_sha[:12], exc_info=True)
+
+
+async def _plan_and_report(ctx: BotContext, gh: GitHubClient, repo: Repo, pull: PullRef) -> None:
+    plan = await compute_plan(ctx, pull)
     key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
     target = ctx.plan_url(key) if key else None
     current = await get_pull(gh, repo, pull.number)

@@ -29,6 +29,8 @@ ALREADY_DEPLOYED = "already deployed: the deployed revision contains this commit
 COULD_NOT_PLAN = "could not plan: {reason}"
 COULD_NOT_START = "could not start: {reason}"
 MERGE_LOCK = "github.merge_lock"
+INTERNAL_ERROR = "internal error (see the bot's log)"
+STOPPED = "the deployment stopped on an internal error (see the bot's log)"
 
 
 def merge_lock(ctx: BotContext) -> asyncio.Lock:
@@ -60,6 +62,9 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
         except PlanningError as exc:
             await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=exc))
             return
+        except Exception:
+            await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=INTERNAL_ERROR))
+            raise
         if plan is None:
             await status(StatusState.SUCCESS, ALREADY_DEPLOYED)
             return
@@ -79,6 +84,10 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
             await ctx.deploy(request, plan)
         except DeployError as exc:
             await status(StatusState.FAILURE, COULD_NOT_START.format(reason=exc), target)
+        except Exception:
+            # the deployment record says where it stopped; the status must not stay pending
+            await status(StatusState.ERROR, STOPPED, target)
+            raise
 
 
 async def plan_push(
