@@ -209,9 +209,13 @@ class BotContext:
         *,
         repo_dir: Path | None = None,
         subscribers: list[Subscriber] | None = None,
+        scope: str | None = None,
     ) -> DeploymentRecord | None:
         """Run a plan of `request.revision` from the Git cache (or `repo_dir`), notifying
         every registered subscriber factory plus `subscribers`.
+
+        `scope` names the one service a restricted plan deploys, so that the store does not
+        take this revision as deployed for every service.
 
         Returns the recorded deployment (None when the plan has nothing to do); raises
         `runners.deploy.DeploymentRefused` (locked) and `DeployError` (cannot start).
@@ -229,6 +233,7 @@ class BotContext:
             trigger=request.trigger,
             requested_by=request.requested_by,
             approved_by=request.approved_by,
+            scope=scope,
             auto_rollback=self.settings.auto_rollback,
             subscribers=[*await self.subscribers_for(request), *(subscribers or [])],
             **self.execution_options(),

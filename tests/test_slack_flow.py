@@ -157,6 +157,9 @@ async def test_deploy_approve_progress_success(
     assert record.trigger == Trigger.SLACK and record.kind is DeploymentKind.DEPLOY
     assert (record.requested_by, record.approved_by) == (f"slack:{REQUESTER}", f"slack:{APPROVER}")
     assert record.digest == approval.digest and record.head == head
+    # a one-service deployment does not count as the homelab's deployed revision
+    assert record.scope == "gitea"
+    assert await bot.store.last_deployed_revision() is None
     stored = await bot.store.get_approval(approval.id)
     assert stored is not None and stored.state is ApprovalState.APPROVED
     assert stored.resolved_by == f"slack:{APPROVER}"

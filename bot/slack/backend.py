@@ -71,6 +71,7 @@ class Planned:
     plan: Plan
     revision: str | None
     rollback: RollbackPlan | None = None
+    scope: str | None = None  # the one service asked for; None: the whole homelab
 
     @property
     def description(self) -> str:
@@ -94,6 +95,7 @@ class Planned:
             "plan": self.plan.model_dump(mode="json"),
             "revision": self.revision,
             "rollback": rollback,
+            "scope": self.scope,
         }
 
     @classmethod
@@ -112,7 +114,9 @@ class Planned:
                 source_deployment=rb.get("source_deployment"),
                 description=rb.get("description") or "",
             )
-        return cls(plan=plan, revision=data.get("revision"), rollback=rollback)
+        return cls(
+            plan=plan, revision=data.get("revision"), rollback=rollback, scope=data.get("scope")
+        )
 
 
 class Backend(Protocol):
@@ -184,7 +188,7 @@ class RepoBackend:
                 manifest_path=settings.manifest_path,
                 cache=self.ctx.eval_cache,
             )
-            return Planned(plan=plan, revision=sha)
+            return Planned(plan=plan, revision=sha, scope=ask.service)
         except (DeployError, PlanningError, UnknownRevision, GitFetchError) as exc:
             raise PlanFailure(str(exc)) from None
 
@@ -207,7 +211,9 @@ class RepoBackend:
     async def run(self, planned: Planned, request: DeploymentRequest) -> DeploymentRecord | None:
         if planned.rollback is not None:
             return await self.ctx.rollback(request, planned.rollback)
-        return await self.ctx.deploy(request, planned.plan, repo_dir=self.git.path)
+        return await self.ctx.deploy(
+            request, planned.plan, repo_dir=self.git.path, scope=planned.scope
+        )
 
 
 async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
