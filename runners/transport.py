@@ -75,6 +75,20 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+SECRET_ENV_PREFIX = "NIXMOX_"
+
+
+def tool_environment() -> dict[str, str]:
+    """The environment for the tools we run: ours, minus the bot's own settings.
+
+    Deployed commands (health checks from a manifest, templates) must not be able to print
+    the webhook secret or the Slack and GitHub tokens into a step's output.
+    """
+    return {
+        name: value for name, value in os.environ.items() if not name.startswith(SECRET_ENV_PREFIX)
+    }
+
+
 async def run_process(
     argv: Sequence[str],
     *,
@@ -83,7 +97,7 @@ async def run_process(
     cwd: Path | None = None,
 ) -> CommandResult:
     """Run argv locally in its own process group; on timeout the whole group is killed."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**tool_environment(), **(env or {})}
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,

@@ -127,3 +127,13 @@ async def test_health_checks_over_ssh(sshd: SshServer, control: Path) -> None:
         await ssh.close()
     assert result.ok, result.output
     assert result.commands[0].endswith("root@127.0.0.1 -- 'test -d /'")
+
+
+async def test_local_commands_do_not_see_the_bots_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NIXMOX_SLACK_BOT_TOKEN", "xoxb-secret-token")
+    monkeypatch.setenv("NIXMOX_GITHUB_WEBHOOK_SECRET", "hook-secret")
+    result = await LocalTransport().run("127.0.0.1", "env", timeout=10)
+    assert result.rc == 0
+    assert "PATH=" in result.stdout
+    assert "xoxb-secret-token" not in result.stdout
+    assert "hook-secret" not in result.stdout
