@@ -12,19 +12,12 @@ import contextlib
 import logging
 import os
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-
-import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
-
-from runners.base import utcnow
-from runners.store import JobState
 
 if TYPE_CHECKING:
     from bot.context import Metrics
@@ -56,166 +49,14 @@ class _Intake:
     future: asyncio.Future[bool]
 
 
-class PreparedInsert:
-    """An INSERT compiled once for the store's dialect and run as one driver `executemany`.
-
-    The values go through the columns' own bind processors (so they are stored exactly as
-    the store's SQLAlchemy types store them), but without SQLAlchemy's per-row statement
-    machinery, which costs several times more than the database itself for small rows.
-    """
-
-    def __init__(self, table: sa.Table, columns: list[str], dialect: sa.Dialect) -> None:
-        statement = table.insert().values({name: sa.bindparam(name) for name in columns})
-        compiled = statement.compile(dialect=dialect)
-        self.sql = str(compiled)
-        order = list(compiled.positiontup or [])
-        self.positional = bool(order)
-        self.names = order or columns
-        index = {name: columns.index(name) for name in columns}
-        self.indexes = [index[name] for name in self.names]
-        self.processors = [
-            table.c[name].type._cached_bind_processor(dialect) for name in self.names
-        ]
-
-    def rows(self, values: list[tuple[Any, ...]]) -> list[Any]:
-        """Driver parameters; a value repeated in every row (the batch's time) is bound once."""
-        columns: list[list[Any]] = []
-        for index, process in zip(self.indexes, self.processors, strict=True):
-            column = [row[index] for row in values]
-            if process is not None:
-                first = column[0]
-                if all(value is first for value in column):
-                    column = [process(first)] * len(column)
-                else:
-                    column = [process(value) for value in column]
-            columns.append(column)
-        if self.positional:
-            return list(zip(*columns, strict=True))
-        return [dict(zip(self.names, row, strict=True)) for row in zip(*columns, strict=True)]
-
-    async def run(self, conn: Any, values: list[tuple[Any, ...]]) -> None:
-        if values:
-            await conn.exec_driver_sql(self.sql, self.rows(values))
-
-
-def prepared_inserts(dialect: sa.Dialect) -> tuple[PreparedInsert, PreparedInsert]:
-    """The delivery and job INSERTs for a dialect (compiled once per dialect)."""
-    from runners.store import deliveries, jobs
-
-    key = dialect.name
-    if key not in _PREPARED:
-        _PREPARED[key] = (
-            PreparedInsert(deliveries, ["delivery_id", "received_at"], dialect),
-            PreparedInsert(jobs, ["kind", "payload", "state", "attempts", "created_at"], dialect),
-        )
-    return _PREPARED[key]
-
-
-_PREPARED: dict[str, tuple[PreparedInsert, PreparedInsert]] = {}
-
-
-def seen_query(wanted: list[str]) -> sa.Select[Any]:
-    from runners.store import deliveries
-
-    return sa.select(deliveries.c.delivery_id).where(deliveries.c.delivery_id.in_(wanted))
-
-
-def first_unseen(batch: list[_Intake], seen: set[str]) -> list[_Intake]:
-    """Deliveries not recorded before; of several with one id in a batch, the first."""
-    fresh: list[_Intake] = []
-    for item in batch:
-        if item.delivery_id not in seen:
-            seen.add(item.delivery_id)
-            fresh.append(item)
-    return fresh
-
-
-def intake_rows(fresh: list[_Intake]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    now = utcnow()
-    queued = str(JobState.QUEUED)
-    return (
-        [(item.delivery_id, now) for item in fresh],
-        [(kind, payload, queued, 0, now) for item in fresh for kind, payload in item.jobs],
-    )
-
-
-def outcome(batch: list[_Intake], fresh: list[_Intake]) -> list[bool]:
-    """Per delivery of the batch: True when recorded now, False when seen before."""
-    accepted = {id(item) for item in fresh}
-    return [id(item) in accepted for item in batch]
-
-
-class LocalSqlite:
-    """A synchronous connection to the store's SQLite file, used from the event loop.
-
-    With SQLite, a batch of deliveries commits in about a millisecond; doing it right here
-    is cheaper than handing it to aiosqlite's thread, whose competition for the GIL slows
-    every request the loop is serving. A short busy timeout means a database held by
-    another writer is never waited for here (the caller falls back to the async path).
-    """
-
-    BUSY_TIMEOUT = 0.05
-
-    def __init__(self, path: str) -> None:
-        from runners.store import deliveries
-
-        # autocommit mode: BEGIN IMMEDIATE / COMMIT are ours, so the write lock is taken
-        # up front and a busy database fails at once instead of mid-transaction
-        self.connection = sqlite3.connect(
-            path, timeout=self.BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
-        # WAL + NORMAL: a commit is durable across crashes and restarts of the bot (the OS
-        # has it); only a power cut can lose the last acknowledged deliveries, which GitHub
-        # can redeliver. It saves an fsync per batch.
-        self.connection.execute("PRAGMA synchronous=NORMAL")
-        dialect = sa.create_engine("sqlite://").dialect
-        self.inserts = prepared_inserts(dialect)
-        column = deliveries.c.delivery_id
-        self.select = f"SELECT {column.name} FROM {deliveries.name} WHERE {column.name} IN "
-
-    @classmethod
-    def for_store(cls, store: Store) -> LocalSqlite | None:
-        """Only for a SQLite file (not `:memory:`, which only the store's connection sees)."""
-        url = getattr(store, "url", None)
-        if url is None or url.get_backend_name() != "sqlite":
-            return None
-        database = url.database or ""
-        if database in ("", ":memory:") or database.startswith("file:"):
-            return None
-        return cls(database)
-
-    def commit(self, batch: list[_Intake]) -> list[bool]:
-        """The batch in one transaction; sqlite3.OperationalError when the file is busy."""
-        wanted = list(dict.fromkeys(item.delivery_id for item in batch))
-        cursor = self.connection.cursor()
-        cursor.execute("BEGIN IMMEDIATE")
-        try:
-            marks = ",".join("?" * len(wanted))
-            seen = {row[0] for row in cursor.execute(f"{self.select}({marks})", wanted)}
-            fresh = first_unseen(batch, seen)
-            for insert, rows in zip(self.inserts, intake_rows(fresh), strict=True):
-                if rows:
-                    cursor.executemany(insert.sql, insert.rows(rows))
-            cursor.execute("COMMIT")
-        except BaseException:
-            if self.connection.in_transaction:
-                self.connection.execute("ROLLBACK")
-            raise
-        finally:
-            cursor.close()
-        return outcome(batch, fresh)
-
-    def close(self) -> None:
-        self.connection.close()
-
-
 class DeliveryIntake:
     """Records webhook deliveries and queues their jobs, many per transaction (group commit).
 
     A delivery is acknowledged only once its id and its jobs are committed together, so a
     crash never loses accepted work and a redelivery is recognised. Deliveries that arrive
     while a transaction is being written share the next one: under load, one commit (and
-    one fsync) serves dozens of deliveries, which keeps acknowledgements fast.
+    one fsync) serves dozens of deliveries, which keeps acknowledgements fast. This class
+    only forms the batches; each is written by `Store.record_deliveries`.
     """
 
     def __init__(self, store: Store, *, max_batch: int = MAX_BATCH, linger: float = LINGER) -> None:
@@ -229,7 +70,6 @@ class DeliveryIntake:
         self.active = 0
         self.waiting = 0
         self.batches = 0
-        self._local: LocalSqlite | bool | None = None
 
     def arrive(self) -> None:
         """A webhook request started: the writer may wait a moment for it to submit."""
@@ -258,8 +98,6 @@ class DeliveryIntake:
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
-        if isinstance(self._local, LocalSqlite):
-            self._local.close()
 
     async def _write_pending(self) -> None:
         while True:
@@ -287,10 +125,9 @@ class DeliveryIntake:
 
     async def _write_batch(self, batch: list[_Intake]) -> None:
         try:
-            results = await self._commit(batch)
-        except IntegrityError:
-            # another replica recorded one of these ids meanwhile: one at a time, then
-            results = [await self._commit_one(item) for item in batch]
+            results = await self.store.record_deliveries(
+                [(item.delivery_id, item.jobs) for item in batch]
+            )
         except Exception as exc:
             for item in batch:
                 if not item.future.done():
@@ -300,37 +137,6 @@ class DeliveryIntake:
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
-
-    async def _commit(self, batch: list[_Intake]) -> list[bool]:
-        """One transaction: the delivery ids not seen before, then their jobs."""
-        if self._local is None:
-            self._local = LocalSqlite.for_store(self.store) or False
-        if self._local:
-            try:
-                return self._local.commit(batch)
-            except sqlite3.OperationalError:
-                # another writer holds the database: take the asynchronous path and wait
-                log.info("SQLite is busy; recording deliveries asynchronously")
-        return await self._commit_async(batch)
-
-    async def _commit_async(self, batch: list[_Intake]) -> list[bool]:
-        engine = self.store.engine
-        inserts = prepared_inserts(engine.dialect)
-        async with engine.begin() as conn:
-            wanted = list(dict.fromkeys(item.delivery_id for item in batch))
-            seen = set((await conn.execute(seen_query(wanted))).scalars())
-            fresh = first_unseen(batch, seen)
-            for insert, rows in zip(inserts, intake_rows(fresh), strict=True):
-                if rows:
-                    await conn.exec_driver_sql(insert.sql, insert.rows(rows))
-        return outcome(batch, fresh)
-
-    async def _commit_one(self, item: _Intake) -> bool:
-        if not await self.store.record_delivery(item.delivery_id):
-            return False
-        for kind, payload in item.jobs:
-            await self.store.enqueue_job(kind, payload)
-        return True
 
 
 def worker_name() -> str:

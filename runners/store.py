@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -28,6 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan
+from runners._intake import LocalSqlite, PreparedInsert, SqliteBusy
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,
@@ -235,6 +236,10 @@ class LockRecord:
             "acquired_at": _iso(self.acquired_at),
             "expires_at": _iso(self.expires_at),
         }
+
+
+# a webhook delivery id and the jobs (kind, payload) it queues: `Store.record_deliveries`
+DeliveryJobs = tuple[str, list[tuple[str, dict[str, Any]]]]
 
 
 @dataclass
@@ -520,6 +525,10 @@ class Store:
     def __init__(self, engine: AsyncEngine, url: URL) -> None:
         self.engine = engine
         self.url = url
+        # a SQLite file (not `:memory:`, which only the engine's connection sees) gets a
+        # synchronous connection for recording deliveries, opened on first use
+        self._local_path = _sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+        self._local: LocalSqlite | None = None
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -534,6 +543,9 @@ class Store:
         return store
 
     async def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
         await self.engine.dispose()
 
     async def __aenter__(self) -> Store:
@@ -1233,6 +1245,66 @@ class Store:
             return False
         return True
 
+    async def record_deliveries(self, items: Sequence[DeliveryJobs]) -> list[bool]:
+        """Record new deliveries with their jobs, all in one transaction (a group commit).
+
+        Each item is a delivery id and the jobs `(kind, payload)` it queues. Per item: True
+        when recorded now (its jobs queued), False when the id was seen before, in an
+        earlier call or earlier in `items` (nothing queued).
+        """
+        if not items:
+            return []
+        try:
+            return await self._record_together(items)
+        except IntegrityError:
+            # another replica recorded one of these ids meanwhile: one at a time, then
+            return [await self._record_alone(delivery_id, work) for delivery_id, work in items]
+
+    async def _record_together(self, items: Sequence[DeliveryJobs]) -> list[bool]:
+        local = self._local_sqlite()
+        if local is not None:
+            try:
+                return self._record_now(local, items)
+            except SqliteBusy:
+                # another writer holds the database: take the asynchronous path and wait
+                log.info("SQLite is busy; recording deliveries asynchronously")
+        wanted = list(dict.fromkeys(delivery_id for delivery_id, _ in items))
+        async with self.engine.begin() as conn:
+            seen = sa.select(deliveries.c.delivery_id).where(deliveries.c.delivery_id.in_(wanted))
+            rows = _IntakeRows.of(items, set((await conn.execute(seen)).scalars()))
+            delivery_insert, job_insert = _intake_inserts(conn.dialect)
+            await delivery_insert.run(conn, rows.deliveries)
+            await job_insert.run(conn, rows.jobs)
+        return rows.recorded
+
+    def _local_sqlite(self) -> LocalSqlite | None:
+        if self._local is None and self._local_path is not None:
+            self._local = LocalSqlite(str(self._local_path))
+        return self._local
+
+    def _record_now(self, local: LocalSqlite, items: Sequence[DeliveryJobs]) -> list[bool]:
+        """`_record_together` on the synchronous SQLite connection (SqliteBusy: nothing done)."""
+        wanted = list(dict.fromkeys(delivery_id for delivery_id, _ in items))
+        delivery_insert, job_insert = _intake_inserts(local.dialect)
+        with local.transaction() as cursor:
+            found = cursor.execute(f"{_SEEN_SQL}({','.join('?' * len(wanted))})", wanted)
+            rows = _IntakeRows.of(items, {row[0] for row in found})
+            delivery_insert.run_now(cursor, rows.deliveries)
+            job_insert.run_now(cursor, rows.jobs)
+        return rows.recorded
+
+    async def _record_alone(self, delivery_id: str, work: list[tuple[str, dict[str, Any]]]) -> bool:
+        """One delivery and its jobs in their own transaction; False when seen before."""
+        try:
+            async with self.engine.begin() as conn:
+                rows = _IntakeRows.of([(delivery_id, work)], set())
+                delivery_insert, job_insert = _intake_inserts(conn.dialect)
+                await delivery_insert.run(conn, rows.deliveries)
+                await job_insert.run(conn, rows.jobs)
+        except IntegrityError:
+            return False
+        return True
+
     # --- job queue -----------------------------------------------------------------------------
 
     async def enqueue_job(self, kind: str, payload: dict[str, Any]) -> int:
@@ -1443,6 +1515,50 @@ def _health_after(event: StepFinished) -> Health | None:
     if event.step.phase is Phase.VERIFY and event.state is StepState.FAILED:
         return Health.UNHEALTHY
     return None
+
+
+# --- delivery intake -------------------------------------------------------------------------
+
+_SEEN_SQL = (
+    f"SELECT {deliveries.c.delivery_id.name} FROM {deliveries.name} "
+    f"WHERE {deliveries.c.delivery_id.name} IN "
+)
+_INTAKE_INSERTS: dict[str, tuple[PreparedInsert, PreparedInsert]] = {}
+
+
+def _intake_inserts(dialect: sa.Dialect) -> tuple[PreparedInsert, PreparedInsert]:
+    """The delivery and job INSERTs for a dialect (compiled once per dialect)."""
+    key = dialect.name
+    if key not in _INTAKE_INSERTS:
+        _INTAKE_INSERTS[key] = (
+            PreparedInsert(deliveries, ["delivery_id", "received_at"], dialect),
+            PreparedInsert(jobs, ["kind", "payload", "state", "attempts", "created_at"], dialect),
+        )
+    return _INTAKE_INSERTS[key]
+
+
+@dataclass
+class _IntakeRows:
+    """What a batch of deliveries writes: per item whether it is new, and the rows to insert."""
+
+    recorded: list[bool]
+    deliveries: list[tuple[Any, ...]]
+    jobs: list[tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, items: Sequence[DeliveryJobs], seen: set[str]) -> _IntakeRows:
+        """Ids in `seen` are not new; of several items with one id, only the first is."""
+        now = utcnow()  # one object for every row: PreparedInsert binds it once
+        queued = str(JobState.QUEUED)
+        rows = cls([], [], [])
+        for delivery_id, work in items:
+            new = delivery_id not in seen
+            rows.recorded.append(new)
+            if new:
+                seen.add(delivery_id)
+                rows.deliveries.append((delivery_id, now))
+                rows.jobs.extend((kind, payload, queued, 0, now) for kind, payload in work)
+        return rows
 
 
 # --- row conversion --------------------------------------------------------------------------

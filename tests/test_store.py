@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from runners.base import (
     StepStarted,
     StepState,
     Trigger,
+    utcnow,
 )
 from runners.store import (
     SCHEMA_VERSION,
@@ -31,6 +34,7 @@ from runners.store import (
     LockBusy,
     Store,
     StoreError,
+    deliveries,
 )
 
 LEASE = timedelta(seconds=30)
@@ -416,6 +420,116 @@ async def test_redelivered_webhook_is_recorded_once(store_url: str) -> None:
     finally:
         for s in stores:
             await s.close()
+
+
+async def queued_payloads(store: Store) -> list[dict[str, Any]]:
+    """Every queued job's payload, oldest first (claimed, so the queue is left empty)."""
+    payloads = []
+    while (job := await store.claim_job("reader", lease=LEASE)) is not None:
+        payloads.append(job.payload)
+    return payloads
+
+
+async def test_record_deliveries_keeps_the_first_of_duplicates_in_a_batch(store: Store) -> None:
+    recorded = await store.record_deliveries(
+        [
+            ("d-1", [("github.pull_request", {"n": 1}), ("github.push", {"n": 2})]),
+            ("d-2", [("github.push", {"n": 3})]),
+            ("d-1", [("github.push", {"n": 4})]),
+            ("d-3", []),
+        ]
+    )
+    assert recorded == [True, True, False, True]
+    assert await queued_payloads(store) == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert await store.record_delivery("d-3") is False  # recorded even without jobs
+    assert await store.record_deliveries([]) == []
+
+
+async def test_record_deliveries_recognises_redeliveries_across_calls(store: Store) -> None:
+    assert await store.record_deliveries([("r-1", [("k", {"n": 1})])]) == [True]
+    assert await store.record_delivery("r-2") is True  # seen through the single-id path too
+    recorded = await store.record_deliveries(
+        [("r-1", [("k", {"n": 2})]), ("r-2", [("k", {"n": 3})]), ("r-3", [("k", {"n": 4})])]
+    )
+    assert recorded == [False, False, True]
+    # only the new deliveries' jobs were queued, with their kind and payload as given
+    job = await store.claim_job("reader", lease=LEASE)
+    assert job is not None and (job.kind, job.payload, job.state) == (
+        "k",
+        {"n": 1},
+        JobState.RUNNING,
+    )
+    assert await queued_payloads(store) == [{"n": 4}]
+
+
+async def test_record_deliveries_from_two_stores_records_each_id_once(store_url: str) -> None:
+    first, second = await Store.open(store_url), await Store.open(store_url)
+    try:
+        # overlapping batches from two stores (replicas) at once
+        batches = [
+            (first, range(0, 30)),
+            (second, range(20, 50)),
+            (first, range(40, 70)),
+            (second, range(0, 70, 3)),
+        ]
+        results = await asyncio.gather(
+            *(
+                s.record_deliveries([(f"c-{n}", [("k", {"n": n})]) for n in ids])
+                for s, ids in batches
+            )
+        )
+        recorded = [
+            n
+            for (_, ids), result in zip(batches, results, strict=True)
+            for n, new in zip(ids, result, strict=True)
+            if new
+        ]
+        assert sorted(recorded) == list(range(70))
+        assert sorted(payload["n"] for payload in await queued_payloads(first)) == list(range(70))
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_record_deliveries_falls_back_when_another_replica_wins_the_race(
+    postgres_database: str,
+) -> None:
+    """PostgreSQL: an id inserted by another transaction after our look-up costs one retry."""
+    store, other = await Store.open(postgres_database), await Store.open(postgres_database)
+    try:
+        async with other.engine.connect() as conn:
+            await conn.begin()
+            await conn.execute(deliveries.insert().values(delivery_id="x-1", received_at=utcnow()))
+            racing = asyncio.create_task(
+                store.record_deliveries([("x-1", [("k", {"n": 1})]), ("x-2", [("k", {"n": 2})])])
+            )
+            await asyncio.sleep(0.3)
+            assert not racing.done()  # its INSERT waits for the other transaction
+            await conn.commit()
+        assert await asyncio.wait_for(racing, 30) == [False, True]
+        assert await queued_payloads(store) == [{"n": 2}]
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_record_deliveries_waits_when_another_writer_holds_sqlite(tmp_path: Path) -> None:
+    """The synchronous SQLite path never blocks on a busy file: the async engine waits."""
+    path = tmp_path / "busy.db"
+    store = await Store.open(f"sqlite+aiosqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process is writing
+        pending = asyncio.create_task(store.record_deliveries([("b-1", [("k", {"n": 1})])]))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(pending, 30) == [True]
+        assert await store.record_deliveries([("b-1", [])]) == [False]
+        assert await queued_payloads(store) == [{"n": 1}]
+    finally:
+        other.close()
+        await store.close()
 
 
 async def test_job_queue_claim_lease_and_finish(store: Store) -> None:
