@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bot.config import Settings
 from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
 from bot.jobs import JobWorker
+from bot.recovery import start_reporting, stop_reporting
 from planner.render import render_json, render_text
 from runners.config import RunnerConfig
 from runners.store import DeploymentRecord, Store
@@ -116,9 +117,12 @@ def _resources(
             jobs.register(kind, handler)
         if start_worker:
             jobs.start()
+        # reported once GitHub and Slack are ready, in the background: the bot serves meanwhile
+        report = start_reporting(ctx, interrupted)
         try:
             yield
         finally:
+            await stop_reporting(report)
             await jobs.stop()
             await session.close()
             if own_store:

@@ -10,6 +10,7 @@ no accepted request), and talk back through the Web API.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Coroutine
 from enum import StrEnum
@@ -96,6 +97,7 @@ class Audit(StrEnum):
     NOT_STARTED = "slack.deploy.not_started"
     LOCK = "slack.lock"
     UNLOCK = "slack.unlock"
+    MESSAGE = "slack.deployment.message"  # which message shows a deployment (crash reports)
 
 
 UNAUTHORIZED = {"error": "invalid request signature"}
@@ -705,8 +707,22 @@ class SlackBot:
             origin=origin(request),
             pacer=self.pacer,
             redact=self.redactor.text,
+            on_message=functools.partial(self.remember_message, request),
         )
         return notifier
+
+    async def remember_message(
+        self, request: DeploymentRequest, deployment_id: str, channel: str, ts: str
+    ) -> None:
+        """Record a deployment's message, so a restart can report an interruption in it."""
+        detail = {
+            "deployment": deployment_id,
+            "channel": channel,
+            "ts": ts,
+            "title": request.extra.get("title"),
+            "origin": origin(request),
+        }
+        await self.audit(SYSTEM_ACTOR, Audit.MESSAGE, detail)
 
     # -- expiry ----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 1.0  # seconds between two edits of one message
 DEFAULT_FINISH_TIMEOUT = 20.0  # how long the final edit may hold up the end of a deployment
 DEFAULT_RETRY_AFTER = 1.0
+
+MessageLink = Callable[[str, str, str], Awaitable[None]]
+"""Told `(deployment_id, channel, ts)` once a deployment's message is known."""
 
 # a second net behind the runners' own redaction: token shapes that must never be posted
 TOKEN_PATTERNS = (
@@ -120,6 +123,7 @@ class SlackNotifier:
         finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
         redact: Callable[[str], str] = str,
         now: Callable[[], datetime] = utcnow,
+        on_message: MessageLink | None = None,
     ) -> None:
         self.client = client
         self.channel = channel
@@ -132,6 +136,8 @@ class SlackNotifier:
         self.finish_timeout = finish_timeout
         self.redact = redact
         self.now = now
+        self.on_message = on_message
+        self._linked = False
         self.progress: Progress | None = None
         self.updates_sent = 0
         self._dirty = False
@@ -214,6 +220,8 @@ class SlackNotifier:
             if self.ts is None:
                 self._notes.clear()  # no message to thread under; the log has the error
                 return
+        if not self._linked:
+            await self._link()
         while self._notes:
             await self._send_note(self._notes.popleft())
         if self._dirty:
@@ -221,6 +229,16 @@ class SlackNotifier:
             if self._notes:
                 return  # a failure arrived meanwhile: post it first, the edit follows
             await self._update_main()
+
+    async def _link(self) -> None:
+        """Say which message shows this deployment (a restart reports an interruption there)."""
+        self._linked = True
+        if self.on_message is None or self.progress is None or self.ts is None:
+            return
+        try:
+            await self.on_message(self.progress.deployment_id, self.channel, self.ts)
+        except Exception:
+            log.exception("Slack notifier: could not record the deployment's message")
 
     def _render(self) -> tuple[str, list[dict[str, Any]]]:
         assert self.progress is not None
