@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot.config import Settings
 from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
+from bot.dashboard import setup_dashboard
 from bot.jobs import JobWorker
 from bot.recovery import start_reporting, stop_reporting
 from planner.render import render_json, render_text
@@ -66,6 +67,7 @@ def build_app(
     )
     app = web.Application(client_max_size=MAX_BODY)
     app[CONTEXT] = ctx
+    setup_dashboard(app, ctx)  # first: its /deployments/{id} page wins
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/plans/{key}", plan_page)
