@@ -8,14 +8,14 @@ stops. Routes:
 - `GET /healthz`: 200 when the store answers, 503 otherwise
 - `GET /metrics`: Prometheus text format
 - `GET /plans/{key}`: a plan the bot posted (commit status `target_url`), HTML or JSON
-- `GET /deployments/{id}`: a recorded deployment (deploy status `target_url`), HTML or JSON
+- `GET /`, `/deployments/{id}` (deploy status `target_url`), `/services/{name}`: the dashboard
+  (`bot.dashboard`)
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +30,7 @@ from bot.jobs import JobWorker
 from bot.recovery import start_reporting, stop_reporting
 from planner.render import render_json, render_text
 from runners.config import RunnerConfig
-from runners.store import DeploymentRecord, Store
+from runners.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,10 @@ def build_app(
     )
     app = web.Application(client_max_size=MAX_BODY)
     app[CONTEXT] = ctx
-    setup_dashboard(app, ctx)  # first: its /deployments/{id} page wins
+    setup_dashboard(app, ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/plans/{key}", plan_page)
-    app.router.add_get("/deployments/{deployment_id}", deployment_page)
     app.cleanup_ctx.append(
         _resources(
             own_store=store is None,
@@ -176,42 +175,6 @@ async def plan_page(request: web.Request) -> web.Response:
     if wants_json(request):
         return web.Response(text=render_json(plan), content_type="application/json")
     return page(f"NixMox plan {key[:12]}", render_text(plan))
-
-
-def deployment_text(record: DeploymentRecord) -> str:
-    lines = [
-        f"deployment {record.id}: {record.kind.value}, {record.state.value}",
-        f"trigger {record.trigger}, requested by {record.requested_by or '-'}, "
-        f"approved by {record.approved_by or '-'}",
-        f"revisions {record.base or '-'} → {record.head or '-'}",
-        "",
-    ]
-    for step in record.steps:
-        reason = f"  ({step.reason})" if step.reason else ""
-        lines.append(f"{step.state.value:<12} {step.id}{reason}")
-    return "\n".join(lines)
-
-
-async def deployment_page(request: web.Request) -> web.Response:
-    ctx = request.app[CONTEXT]
-    deployment_id = request.match_info["deployment_id"]
-    record = await ctx.require_store().get_deployment(deployment_id[:100])
-    if record is None:
-        raise web.HTTPNotFound(text=f"no deployment {deployment_id[:100]}")
-    if wants_json(request):
-        data = {
-            "id": record.id,
-            "kind": record.kind.value,
-            "state": record.state.value,
-            "trigger": str(record.trigger),
-            "base": record.base,
-            "head": record.head,
-            "steps": [
-                {"id": s.id, "state": s.state.value, "reason": s.reason} for s in record.steps
-            ],
-        }
-        return web.Response(text=json.dumps(data), content_type="application/json")
-    return page(f"NixMox deployment {record.id}", deployment_text(record))
 
 
 def context_of(app: web.Application) -> BotContext:
