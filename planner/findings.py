@@ -32,35 +32,14 @@ class Finding(BaseModel):
         return f"{text}\n  Fix: {self.hint}" if "\n" in text else f"{text}. Fix: {self.hint}"
 
 
-def error(
-    code: str,
-    message: str,
-    *,
-    service: str | None = None,
-    field: str | None = None,
-    hint: str | None = None,
-) -> Finding:
-    return Finding(
-        severity=Severity.ERROR, code=code, message=message, service=service, field=field, hint=hint
-    )
+def error(code: str, message: str, **where: str | None) -> Finding:
+    """An error: the manifest cannot be deployed until it is fixed."""
+    return Finding(severity=Severity.ERROR, code=code, message=message, **where)
 
 
-def warning(
-    code: str,
-    message: str,
-    *,
-    service: str | None = None,
-    field: str | None = None,
-    hint: str | None = None,
-) -> Finding:
-    return Finding(
-        severity=Severity.WARNING,
-        code=code,
-        message=message,
-        service=service,
-        field=field,
-        hint=hint,
-    )
+def warning(code: str, message: str, **where: str | None) -> Finding:
+    """A warning: worth a look, deploys anyway."""
+    return Finding(severity=Severity.WARNING, code=code, message=message, **where)
 
 
 class ManifestError(Exception):

@@ -39,19 +39,6 @@ def db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return url
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> git.Repo:
-    root = tmp_path / "repo"
-    (root / "nixos").mkdir(parents=True)
-    made = git.Repo.init(root, initial_branch="main")
-    with made.config_writer() as config:
-        config.set_value("user", "name", "test").set_value("user", "email", "t@example.org")
-    (root / MANIFEST).write_text(SMALL.read_text())
-    made.index.add([MANIFEST])
-    made.index.commit("first")
-    return made
-
-
 def nixmox(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 

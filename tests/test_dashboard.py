@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +40,6 @@ class MarkupVerifier:
 
     async def run(self, step: Step, ctx: Context) -> StepResult:
         return StepResult(True, f"{step.id}: {MARKUP}")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/state.db")
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> git.Repo:
-    """A Git repository whose manifest is manifests/small.nix, one commit on main."""
-    root = tmp_path / "repo"
-    (root / "nixos").mkdir(parents=True)
-    made = git.Repo.init(root, initial_branch="main")
-    with made.config_writer() as config:
-        config.set_value("user", "name", "test").set_value("user", "email", "t@example.org")
-    (root / MANIFEST).write_text(SMALL)
-    made.index.add([MANIFEST])
-    made.index.commit("first")
-    return made
 
 
 async def deploy(store: Store, repo: git.Repo, tmp_path: Path, **options: Any) -> DeploymentRecord:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -41,27 +40,6 @@ def any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path}/state.db"
     return request.getfixturevalue("postgres_database")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/state.db")
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> git.Repo:
-    """A Git repository whose manifest is manifests/small.nix, one commit on main."""
-    root = tmp_path / "repo"
-    (root / "nixos").mkdir(parents=True)
-    made = git.Repo.init(root, initial_branch="main")
-    with made.config_writer() as config:
-        config.set_value("user", "name", "test").set_value("user", "email", "t@example.org")
-    (root / MANIFEST).write_text(SMALL)
-    made.index.add([MANIFEST])
-    made.index.commit("first")
-    return made
 
 
 def commit(repo: git.Repo, old: str, new: str, message: str) -> str:
