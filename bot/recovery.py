@@ -289,10 +289,11 @@ async def message_links(ctx: BotContext, deployment_ids: set[str]) -> dict[str, 
     from bot.slack.bot import Audit
 
     links: dict[str, MessageLink] = {}
-    for entry in await ctx.require_store().audit_log(MESSAGE_LINK_WINDOW):
+    entries = await ctx.require_store().audit_log(MESSAGE_LINK_WINDOW, action=Audit.MESSAGE)
+    for entry in entries:
         detail = entry.detail
         deployment = detail.get("deployment")
-        if entry.action != Audit.MESSAGE or deployment not in deployment_ids:
+        if deployment not in deployment_ids:
             continue
         if deployment in links or not detail.get("channel") or not detail.get("ts"):
             continue

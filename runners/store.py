@@ -1496,11 +1496,13 @@ class Store:
                 )
             )
 
-    async def audit_log(self, limit: int = 50) -> list[AuditRecord]:
+    async def audit_log(self, limit: int = 50, *, action: str | None = None) -> list[AuditRecord]:
+        """The newest audit entries first, optionally only those of one action."""
+        query = audit_log.select().order_by(audit_log.c.id.desc()).limit(limit)
+        if action is not None:
+            query = query.where(audit_log.c.action == action)
         async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(audit_log.select().order_by(audit_log.c.id.desc()).limit(limit))
-            ).all()
+            rows = (await conn.execute(query)).all()
         return [
             AuditRecord(row.id, row.at, row.actor, row.action, row.detail or {}) for row in rows
         ]

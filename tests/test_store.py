@@ -635,6 +635,12 @@ async def test_audit_log(store: Store) -> None:
     entries = await store.audit_log()
     assert [(e.actor, e.action) for e in entries] == [("bob", "deploy"), ("alice", "unlock")]
     assert entries[1].detail == {"service": "gitea", "state": "failed"}
+    await store.audit("carol", "unlock", {"service": "forgejo"})
+    unlocks = await store.audit_log(action="unlock")
+    assert [(e.actor, e.detail["service"]) for e in unlocks] == [
+        ("carol", "forgejo"),
+        ("alice", "gitea"),
+    ]
 
 
 def _now():  # type: ignore[no-untyped-def]
