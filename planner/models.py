@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cache, cached_property
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROXY_ENTRY_KEYS = frozenset({"domain", "path", "upstream", "extra_config", "tls", "authz", "auth"})
+SCALAR_TYPES = frozenset({int, str, bool, float, type(None), IPv4Address, IPv4Network})
 
 
 class Open(BaseModel):
@@ -187,9 +188,9 @@ def unknown_keys(model: BaseModel, path: str = "") -> list[str]:
         for key in current.__pydantic_extra__ or {}:
             if not (isinstance(current, Manifest) and key.startswith("enable_")):
                 found.append(f"{prefix}{key}")
-        for name, value in current.__dict__.items():
-            if name.startswith("_"):  # cached properties, not manifest keys
-                continue
+        values = current.__dict__
+        for name in _attributes_to_visit(type(current)):
+            value = values.get(name)
             if isinstance(value, Open):
                 stack.append((value, f"{prefix}{name}."))
             elif isinstance(value, dict) and value:
@@ -199,3 +200,31 @@ def unknown_keys(model: BaseModel, path: str = "") -> list[str]:
                     if isinstance(item, Open)
                 )
     return sorted(found)
+
+
+@cache
+def _attributes_to_visit(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The attributes of a model class that may hold models.
+
+    Fields of scalar types (most of them) are skipped: a 5,000-service manifest has 200,000.
+    Cached properties are kept in `__dict__` too: public ones are visited as before, private
+    ones (`_all`) are not manifest keys.
+    """
+    fields = [
+        name for name, field in cls.__pydantic_fields__.items() if _holds_models(field.annotation)
+    ]
+    cached = {
+        name
+        for klass in cls.__mro__
+        for name, attr in vars(klass).items()
+        if isinstance(attr, cached_property) and not name.startswith("_")
+    }
+    return (*fields, *sorted(cached))
+
+
+def _holds_models(annotation: Any) -> bool:
+    """Whether a value of this type may be a model or contain one (unknown types: yes)."""
+    if annotation in SCALAR_TYPES:
+        return False
+    args = get_args(annotation)
+    return not args or any(_holds_models(arg) for arg in args)
