@@ -10,6 +10,8 @@ stops. Routes:
 - `GET /plans/{key}`: a plan the bot posted (commit status `target_url`), HTML or JSON
 - `GET /`, `/deployments/{id}` (deploy status `target_url`), `/services/{name}`: the dashboard
   (`bot.dashboard`)
+
+With `NIXMOX_DASHBOARD_PASSWORD` set, every GET page but `/healthz` needs it (`bot.auth`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bot.auth import setup_dashboard_auth
 from bot.config import Settings
 from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
 from bot.dashboard import setup_dashboard
@@ -67,6 +70,7 @@ def build_app(
     )
     app = web.Application(client_max_size=MAX_BODY)
     app[CONTEXT] = ctx
+    setup_dashboard_auth(app, settings)
     setup_dashboard(app, ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)

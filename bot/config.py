@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     manifest_path: str = "nixos/service-manifest.nix"
     public_url: str = "http://127.0.0.1:8080"
     workdir: Path = Path(".nixmox")
+    dashboard_password: SecretStr | None = None  # Basic auth of the pages (bot.auth)
 
     # GitHub
     github_webhook_secret: SecretStr | None = None
