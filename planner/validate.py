@@ -41,7 +41,7 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
     known = manifest.all_services()
     found: list[Finding] = []
     for dep in deps:
-        field = _field(manifest, dep.service, dep.field)
+        # the field path is built only for an error: a valid manifest has 30,000 dependencies
         target = known.get(dep.target)
         if target is None:
             found.append(
@@ -49,7 +49,7 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
                     "unknown-dependency",
                     f'{dep.service} depends on "{dep.target}", which is not a service in this manifest',
                     service=dep.service,
-                    field=field,
+                    field=_field(manifest, dep.service, dep.field),
                     hint=f"{_suggest(dep.target, known)}name a service from core_services or services",
                 )
             )
@@ -59,7 +59,7 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
                     "disabled-dependency",
                     f'{dep.service} depends on "{dep.target}", which is disabled (enable = false)',
                     service=dep.service,
-                    field=field,
+                    field=_field(manifest, dep.service, dep.field),
                     hint=f"enable {dep.target} or remove the dependency from {dep.service}",
                 )
             )
@@ -73,7 +73,7 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
                     "core-depends-on-app",
                     f"core service {dep.service} depends on application service {dep.target}",
                     service=dep.service,
-                    field=field,
+                    field=_field(manifest, dep.service, dep.field),
                     hint=f"core services deploy first: move {dep.target} to core_services "
                     f"or drop it from {dep.service}.depends_on",
                 )
