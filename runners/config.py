@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runners.redact import DEFAULT_SECRET_NAMES
+
 
 class Strict(BaseModel):
     """Configuration sections refuse unknown keys: a typo must not be silently ignored."""
@@ -104,6 +106,9 @@ class TerraformConfig(Strict):
     templates: TerraformTemplates = Field(default_factory=TerraformTemplates)
     env: dict[str, str] = Field(default_factory=dict)
     timeout: float = 3600.0
+    # regular expression (case-insensitive): string values under a key matching it, in the
+    # manifest or a workspace's variables, are redacted from every terraform command's output
+    secret_names: str = DEFAULT_SECRET_NAMES
 
 
 class NixosPreset(StrEnum):

@@ -10,8 +10,12 @@
 
 The sequence is `init -input=false`, `workspace select -or-create`, `plan -out`, `apply` of that
 plan file. A module that declares no backend gets a local backend whose state lives under
-`state_dir` (outside the exported revision, so it persists between deployments). Values of
-sensitive variables and outputs, and configured patterns, are `<redacted>` in all output.
+`state_dir` (outside the exported revision, so it persists between deployments).
+
+Before a step runs anything, its secrets are gathered: values of variables its modules declare
+`sensitive`, and strings under secret-looking keys (`secret_names`) in its variables and anywhere
+in the manifest. They, sensitive plan values and outputs, and configured patterns are
+`<redacted>` in the output of every command, failed ones included.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from planner.models import Manifest, Service
 from planner.plan import Phase, Step
 from runners.base import Context, StepResult
 from runners.config import TerraformConfig
-from runners.redact import Redactor, secret_strings
+from runners.redact import Redactor, named_secrets, secret_strings, sensitive_variables
 from runners.transport import CommandResult, run_process
 
 GLOBAL = frozenset({Phase.TF_INFRA, Phase.TF_AUTH_CORE})
@@ -349,7 +353,8 @@ class TerraformRunner:
         if shutil.which(self.config.binary) is None:
             return StepResult(False, NOT_FOUND.format(binary=self.config.binary))
         log = _Log()
-        redactor = self.redactor.with_values(())
+        # known before the first command: a failing init or plan may echo any of them
+        redactor = self.redactor.with_values(self.step_secrets(runs, ctx))
         ok = True
         for ws in runs:
             problem = self._missing(ws, step)
@@ -364,6 +369,30 @@ class TerraformRunner:
         output = redactor.text(log.output)
         commands = [redactor.text(line) for line in log.commands]
         return StepResult(ok, output, commands=commands)
+
+    def step_secrets(self, runs: list[Workspace], ctx: Context) -> list[str]:
+        """Every secret the commands of a step may print, known before any of them runs."""
+        names = re.compile(self.config.secret_names, re.IGNORECASE)
+        found = named_secrets(ctx.manifest.model_dump(mode="json"), names)
+        from_env = {
+            key.removeprefix("TF_VAR_"): value
+            for key, value in self.config.env.items()
+            if key.startswith("TF_VAR_")
+        }
+        for ws in runs:
+            values = {**from_env, **self.variables_of(ws)}
+            found += named_secrets(values, names)
+            if ws.directory.is_dir():
+                sensitive = sensitive_variables(ws.directory) & values.keys()
+                found += [secret for name in sensitive for secret in secret_strings(values[name])]
+        return found
+
+    def variables_of(self, ws: Workspace) -> dict[str, Any]:
+        """The values a run passes: its own, else the tfvars of a destroy's snapshot."""
+        if ws.variables is not None:
+            return dict(ws.variables)
+        path = ws.directory / self.config.tfvars_file
+        return _json(path.read_text(errors="replace")) if path.is_file() else {}
 
     def _missing(self, ws: Workspace, step: Step) -> str | None:
         if ws.directory.is_dir():

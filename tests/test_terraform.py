@@ -11,6 +11,7 @@ import pytest
 
 from planner.models import Manifest
 from planner.plan import Phase, Plan, Step, plan_full
+from planner.source import load_manifest
 from runners.base import Context
 from runners.config import RedactConfig, RunnerConfig, TerraformConfig
 from runners.redact import REDACTED
@@ -290,3 +291,89 @@ async def test_missing_terraform_binary_is_a_clear_failure(tmp_path: Path) -> No
     result = await tf.run(ctx.plan.by_id()["tf:service-infra:app"], ctx)
     assert not result.ok
     assert "terraform was not found (looked for 'terraform-not-installed' on PATH)" in result.output
+
+
+# a module whose plan fails with errors quoting its variables' values
+FAILING = """
+variable "network" { type = any }
+variable "magic" {
+  type = string
+  # a nested block must not hide the attribute below it
+  validation {
+    condition     = length(var.magic) > 0
+    error_message = "magic must not be empty {really}."
+  }
+  sensitive = true
+}
+variable "db_password" { type = string }
+variable "note" { type = string }
+
+resource "terraform_data" "magic" { input = tonumber(nonsensitive(var.magic)) }
+resource "terraform_data" "db" { input = tonumber(var.db_password) }
+resource "terraform_data" "radius" { input = tonumber(var.network.outposts.radius.shared_secret) }
+resource "terraform_data" "note" { input = tonumber(var.note) }
+"""
+
+MAGIC, DB_PASSWORD, RADIUS = "opaque-MAGIC-0042", "db-PASS-8080", "radius_secret_change_me"
+
+
+def failing_manifest() -> Manifest:
+    """A service whose variables hold secrets, in a manifest with an outpost secret."""
+    m = manifest()
+    data = m.model_dump(mode="json", exclude_unset=True)
+    data["network"]["outposts"] = {"radius": {"shared_secret": RADIUS}}
+    data["services"]["app"]["interface"]["terraform"]["variables"] = {
+        "magic": MAGIC,
+        "db_password": DB_PASSWORD,
+        "note": "visible-note-value",
+    }
+    data["services"]["app"]["interface"]["terraform"]["targets"] = []
+    return Manifest.model_validate(data)
+
+
+async def test_a_failing_plan_never_shows_a_secret_it_echoes(tmp_path: Path) -> None:
+    tf = runner(tmp_path)
+    m = failing_manifest()
+    workdir = export(tmp_path, "rev1")
+    (workdir / "terraform" / "app" / "main.tf").write_text(FAILING)
+    ctx = ctx_for(m, workdir)
+    result = await tf.run(ctx.plan.by_id()["tf:service-infra:app"], ctx)
+    assert not result.ok
+    assert "Planning failed" in result.output and "exit status 1" in result.output
+    # terraform echoes every value it cannot convert (wrapping lines); the non-secret one
+    # stays readable, the three secrets are hidden
+    flat = " ".join(result.output.split())
+    assert 'cannot convert "visible-note-value" to number' in flat
+    assert flat.count(f'cannot convert "{REDACTED}" to number') == 3
+    # declared sensitive, named like a password, a manifest secret outside the service
+    for secret in (MAGIC, DB_PASSWORD, RADIUS):
+        assert secret not in result.output
+        assert all(secret not in line for line in result.commands)
+    assert "apply" not in result.commands[-1]
+
+
+async def test_the_manifest_secrets_are_hidden_from_every_step(tmp_path: Path) -> None:
+    tf = runner(tmp_path, roots={"tf:infra": "terraform/infrastructure"})
+    m = failing_manifest()
+    workdir = export(tmp_path, "rev1", module=False, infra=True)
+    # the global root echoes the radius secret in a successful apply's output
+    (workdir / "terraform" / "infrastructure" / "echo.tf").write_text(
+        'variable "radius" {\n  type    = string\n  default = "' + RADIUS + '"\n}\n'
+        'output "radius" { value = var.radius }\n'
+    )
+    ctx = ctx_for(m, workdir)
+    result = await tf.run(ctx.plan.by_id()["tf:infra"], ctx)
+    assert result.ok, result.output
+    assert "Apply complete!" in result.output and '"radius": "<redacted>"' in result.output
+    assert RADIUS not in result.output
+
+
+def test_step_secrets_of_the_upstream_manifest_include_the_radius_secret(
+    tmp_path: Path, upstream_manifest: Path
+) -> None:
+    m = load_manifest(upstream_manifest)
+    tf = runner(tmp_path)
+    ctx = ctx_for(m, tmp_path)
+    secrets = tf.step_secrets([], ctx)
+    assert RADIUS in secrets
+    assert "dc=nixmox,dc=lan" not in secrets
