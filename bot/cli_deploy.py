@@ -781,21 +781,37 @@ async def history(
 
 @click.command()
 @click.argument("service")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also remove a running deployment's lock (another deployment may then start).",
+)
 @store_options
 @run_async
-async def unlock(service: str, database_url: str | None, config_file: Path | None) -> None:
+async def unlock(
+    service: str, force: bool, database_url: str | None, config_file: Path | None
+) -> None:
     """Remove the lock on SERVICE (a manual lock, or one a crashed deployment left behind)."""
     settings = settings_for(config_file, database_url)
     store = await open_store(settings)
     try:
         held = {lock.service: lock for lock in await store.locks()}.get(service)
-        removed = await store.unlock(service)
-        if removed:
+        result = await store.unlock(service, force=force)
+        if result.removed:
             holder = held.holder if held else "an expired holder"
-            await store.audit(whoami(), "unlock", {"service": service, "holder": holder})
+            await store.audit(
+                whoami(), "unlock", {"service": service, "holder": holder, "force": force}
+            )
     finally:
         await store.close()
-    if not removed:
+    if result.deployment_lock is not None:
+        click.echo(
+            f"{service} is locked by running {result.deployment_lock.holder}; it will be "
+            "released when that deployment ends (--force removes it anyway)",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)
+    if not result.removed:
         click.echo(f"{service} is not locked", err=True)
         sys.exit(EXIT_FAILED)
     click.echo(f"unlocked {service} (was held by {held.holder if held else 'an expired lease'})")

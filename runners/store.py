@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -47,7 +47,7 @@ from runners.base import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: approvals.deployment_id
 ID_BYTES = 4  # deployment and approval ids: 8 hex characters
 MAX_OUTPUT = 256 * 1024  # characters of step output kept (the tail)
 LOCK_POLL_INTERVAL = 0.2
@@ -238,6 +238,18 @@ class LockRecord:
         }
 
 
+@dataclass
+class UnlockResult:
+    """What `Store.unlock` did: removed a lock, found none, or left a deployment's lease."""
+
+    removed: bool
+    # the live lease of a running deployment that was left in place (unlock without force)
+    deployment_lock: LockRecord | None = None
+
+    def __bool__(self) -> bool:
+        return self.removed
+
+
 # a webhook delivery id and the jobs (kind, payload) it queues: `Store.record_deliveries`
 DeliveryJobs = tuple[str, list[tuple[str, dict[str, Any]]]]
 
@@ -270,6 +282,7 @@ class ApprovalRecord:
     resolved_by: str | None = None
     created_at: datetime | None = None
     resolved_at: datetime | None = None
+    deployment_id: str | None = None  # set once, when an approved request starts deploying
 
     @property
     def expired(self) -> bool:
@@ -429,6 +442,7 @@ approvals = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("resolved_by", NAME),
     sa.Column("resolved_at", UTCDateTime),
+    sa.Column("deployment_id", sa.String(32)),  # schema 2
 )
 
 audit_log = sa.Table(
@@ -581,11 +595,33 @@ class Store:
                     await conn.execute(
                         schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow())
                     )
+        elif found < SCHEMA_VERSION:
+            await self._upgrade(found)
         elif found > SCHEMA_VERSION:
             raise StoreError(
                 f"the database {self.describe()} has schema version {found}, newer than "
                 f"this nixmox ({SCHEMA_VERSION}): upgrade nixmox"
             )
+
+    async def _upgrade(self, found: int) -> None:
+        """Bring an older schema up to SCHEMA_VERSION (create_all adds no columns)."""
+        if found < 2:
+            async with self.engine.begin() as conn:
+                columns = await conn.run_sync(
+                    lambda sync: {c["name"] for c in sa.inspect(sync).get_columns("approvals")}
+                )
+            if "deployment_id" not in columns:
+                # another process may add it at the same moment: its error is harmless
+                with contextlib.suppress(ProgrammingError, OperationalError):
+                    async with self.engine.begin() as conn:
+                        await conn.execute(
+                            sa.text("ALTER TABLE approvals ADD COLUMN deployment_id VARCHAR(32)")
+                        )
+        with contextlib.suppress(IntegrityError):
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow())
+                )
 
     async def schema_version(self) -> int:
         async with self.engine.connect() as conn:
@@ -1130,11 +1166,21 @@ class Store:
         except IntegrityError:
             raise LockBusy(service, "another holder") from None
 
-    async def unlock(self, service: str) -> bool:
-        """Remove any lock on a service; False if it was not locked."""
+    async def unlock(self, service: str, *, force: bool = False) -> UnlockResult:
+        """Remove a manual lock (or an expired lease); a running deployment's only with `force`."""
+        now = utcnow()
+        removable = [locks.c.service == service]
+        if not force:
+            removable.append(sa.or_(locks.c.expires_at.is_(None), locks.c.expires_at < now))
         async with self.engine.begin() as conn:
-            result = await conn.execute(locks.delete().where(locks.c.service == service))
-        return result.rowcount > 0
+            result = await conn.execute(locks.delete().where(*removable))
+            if result.rowcount > 0:
+                return UnlockResult(removed=True)
+            row = (await conn.execute(locks.select().where(locks.c.service == service))).first()
+        if row is None:
+            return UnlockResult(removed=False)
+        held = LockRecord(row.service, row.holder, row.reason, row.acquired_at, row.expires_at)
+        return UnlockResult(removed=False, deployment_lock=held)
 
     async def locks(self) -> list[LockRecord]:
         """The locks in force (expired leases are not listed)."""
@@ -1507,6 +1553,31 @@ class Store:
             AuditRecord(row.id, row.at, row.actor, row.action, row.detail or {}) for row in rows
         ]
 
+    async def claim_approval_for_deployment(
+        self, approval_id: str, deployment_id: str, *, replacing: str | None = None
+    ) -> bool:
+        """Record the deployment of an approved request, once; True only for the one claimer.
+
+        `replacing` swaps the caller's own earlier claim (a placeholder taken before the
+        deployment had an id) for the real id.
+        """
+        claimed = (
+            approvals.c.deployment_id.is_(None)
+            if replacing is None
+            else approvals.c.deployment_id == replacing
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                approvals.update()
+                .where(
+                    approvals.c.id == approval_id,
+                    approvals.c.state == str(ApprovalState.APPROVED),
+                    claimed,
+                )
+                .values(deployment_id=deployment_id)
+            )
+        return result.rowcount == 1
+
 
 def _health_after(event: StepFinished) -> Health | None:
     """What a finished step says about its service's health, if anything."""
@@ -1641,4 +1712,5 @@ def _approval(row: Any) -> ApprovalRecord:
         resolved_by=row.resolved_by,
         created_at=row.created_at,
         resolved_at=row.resolved_at,
+        deployment_id=row.deployment_id,
     )

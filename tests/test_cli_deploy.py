@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,3 +244,23 @@ def test_bad_input_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
     assert bad_url.exit_code == 1 and "unsupported database 'mysql'" in bad_url.output
     bad_duration = nixmox("deploy", str(SMALL), *SIMULATE, "--simulate-duration", "verify")
     assert bad_duration.exit_code == 2 and "PHASE=SECONDS" in bad_duration.output
+
+
+def test_unlock_refuses_a_running_deployments_lock_without_force(db_url: str) -> None:
+    holder = "deployment 3f2a9c1d (bot-1:4242)"
+    with_store(
+        db_url,
+        lambda store: store.acquire_locks(["gitea"], holder, lease=timedelta(minutes=5)),
+    )
+    refused = nixmox("unlock", "gitea")
+    assert refused.exit_code == 1
+    assert f"gitea is locked by running {holder}" in refused.stderr
+    assert "released when that deployment ends" in refused.stderr
+    assert [lock.holder for lock in with_store(db_url, lambda store: store.locks())] == [holder]
+
+    forced = nixmox("unlock", "gitea", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert forced.stdout.strip() == f"unlocked gitea (was held by {holder})"
+    assert with_store(db_url, lambda store: store.locks()) == []
+    [audit, *_] = with_store(db_url, lambda store: store.audit_log(action="unlock"))
+    assert audit.detail == {"service": "gitea", "holder": holder, "force": True}

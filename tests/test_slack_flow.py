@@ -10,14 +10,16 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from aiohttp import web
 
 from bot.app import build_app
 from bot.context import CONTEXT, BotContext
 from bot.slack import SLACK_BOT, SlackBot
+from bot.slack.bot import JobKind
 from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
 from runners.config import RunnerConfig, SimulateConfig
-from runners.store import ApprovalRecord, ApprovalState, Store
+from runners.store import ApprovalRecord, ApprovalState, Store, jobs
 from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_github import ManifestRepo, add_port, break_manifest
 from tests.fixtures_slack import (
@@ -445,10 +447,12 @@ async def test_only_deployers_may_request(
     bot = await start_bot(
         aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_deployers=[REQUESTER]
     )
-    for text in ("deploy gitea", "rollback", "lock gitea"):
+    for text in ("deploy gitea", "rollback"):
         sent = await bot.driver.command(text, user=STRANGER)
         assert sent.status == 200
         assert "not allowed to request deployments" in sent.json()["text"]
+    sent = await bot.driver.command("lock gitea", user=STRANGER)
+    assert "Only the configured deployers and approvers can lock" in sent.json()["text"]
     await bot.settled()
     assert fake_slack.channel_messages(CHANNEL) == []
     refused = [(a, d) for a, action, d in await bot.audit() if action == "slack.request.refused"]
@@ -458,7 +462,9 @@ async def test_only_deployers_may_request(
 async def test_a_locked_service_is_not_deployed(
     aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
 ) -> None:
-    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    bot = await start_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_deployers=[REQUESTER]
+    )
     await bot.driver.command("lock gitea disk replacement")
     [locked] = await fake_slack.wait_for(lambda: fake_slack.responses)
     assert locked.body["response_type"] == "in_channel"
@@ -477,6 +483,70 @@ async def test_a_locked_service_is_not_deployed(
     assert f"<@{REQUESTER}> unlocked *gitea*" in fake_slack.responses[1].all_text()
     actions = [action for _, action, _ in await bot.audit()]
     assert {"slack.lock", "slack.unlock", "slack.deploy.not_started"} <= set(actions)
+
+
+async def test_lock_and_unlock_need_a_deployer_or_approver(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    # approvers are configured, deployers are not: a stranger may not lock or unlock
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    await bot.driver.command("lock gitea mine", user=APPROVER)
+    await fake_slack.wait_for(lambda: fake_slack.responses)
+    for text in ("unlock gitea", "lock postgresql"):
+        sent = await bot.driver.command(text, user=STRANGER)
+        assert sent.status == 200
+        assert "Only the configured deployers and approvers can lock" in sent.json()["text"]
+    await bot.settled()
+    assert [(lock.service, lock.holder) for lock in await bot.store.locks()] == [
+        ("gitea", f"slack:{APPROVER}")
+    ]
+
+
+async def test_unlock_never_frees_a_running_deployment(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    holder = "deployment 3f2a9c1d (bot-1:4242)"  # the lease a running deployment holds
+    await bot.store.acquire_locks(["gitea"], holder, lease=timedelta(minutes=5))
+    sent = await bot.driver.command("unlock gitea", user=APPROVER)
+    assert sent.status == 200
+    [answer] = await fake_slack.wait_for(lambda: fake_slack.responses)
+    await bot.settled()
+    assert answer.body["response_type"] == "ephemeral"
+    assert (
+        f"*gitea* is locked by running {holder}; it will be released when that deployment ends"
+        in answer.all_text()
+    )
+    assert [lock.holder for lock in await bot.store.locks()] == [holder]
+    assert "slack.unlock" not in [action for _, action, _ in await bot.audit()]
+
+
+async def test_a_rerun_deploy_job_does_not_deploy_again(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    await bot.driver.command("deploy gitea")
+    message = await bot.pending_request()
+    requested = await bot.approval_of(message)
+    await bot.driver.click(message, "Approve", user=APPROVER)
+    await fake_slack.wait_for(lambda: "Succeeded" in message.text)
+    await bot.settled()
+    [record] = await bot.store.history()
+    approval = await bot.store.get_approval(requested.id)
+    assert approval is not None and approval.deployment_id == record.id  # recorded when the deployment started
+
+    # the worker died after the deployment: the queue hands the same job out again
+    async with bot.store.engine.connect() as conn:
+        [payload] = (
+            await conn.execute(sa.select(jobs.c.payload).where(jobs.c.kind == JobKind.DEPLOY))
+        ).scalars()
+    await bot.ctx.require_jobs().enqueue(JobKind.DEPLOY, payload)
+    [reply] = await fake_slack.wait_for(lambda: fake_slack.replies(CHANNEL, message.ts))
+    await bot.settled()
+    assert f"already deployed as {record.id}" in reply.text
+    assert [r.id for r in await bot.store.history()] == [record.id]
+    not_started = [d for _, action, d in await bot.audit() if action == "slack.deploy.not_started"]
+    assert not_started and not_started[0]["deployment"] == record.id
 
 
 async def test_two_approvers_at_once_deploy_once(

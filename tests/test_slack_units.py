@@ -19,6 +19,7 @@ from bot.slack.approvals import (
     approval_refusal,
     button_value,
     cancel_refusal,
+    lock_refusal,
     parse_button_value,
     request_refusal,
 )
@@ -127,6 +128,19 @@ def test_who_may_request_and_cancel() -> None:
     assert cancel_refusal(POLICY, approval(), STRANGER) is Refusal.NOT_ALLOWED_TO_CANCEL
     done = approval(state=ApprovalState.APPROVED)
     assert cancel_refusal(POLICY, done, REQUESTER) is Refusal.NOT_PENDING
+
+
+def test_who_may_lock_and_unlock() -> None:
+    # no deployers configured does not open locks to everyone while approvers are configured
+    assert lock_refusal(POLICY, STRANGER) is Refusal.NOT_LOCKER
+    assert lock_refusal(POLICY, APPROVER) is None
+    deployer = "U0DEPLOYER"
+    strict = Policy(**{**POLICY.__dict__, "deployers": frozenset({deployer})})
+    assert lock_refusal(strict, deployer) is None
+    assert lock_refusal(strict, APPROVER) is None
+    assert lock_refusal(strict, STRANGER) is Refusal.NOT_LOCKER
+    homelab = Policy(**{**POLICY.__dict__, "approvers": frozenset(), "deployers": frozenset()})
+    assert lock_refusal(homelab, STRANGER) is None  # no lists at all: anyone
 
 
 def test_button_values_carry_request_and_digest() -> None:

@@ -355,8 +355,8 @@ async def test_manual_lock_and_unlock(store: Store) -> None:
     assert held.expires_at is None  # a manual lock has no lease: it never expires by itself
     await store.release_locks("alice")  # releasing leases does not drop a manual lock
     assert await store.locks()
-    assert await store.unlock("vaultwarden") is True
-    assert await store.unlock("vaultwarden") is False
+    assert (await store.unlock("vaultwarden")).removed is True
+    assert (await store.unlock("vaultwarden")).removed is False
     await store.acquire_locks(["vaultwarden"], "deploy", lease=LEASE)
 
 
@@ -647,3 +647,66 @@ def _now():  # type: ignore[no-untyped-def]
     from runners.base import utcnow
 
     return utcnow()
+
+
+async def test_unlock_leaves_a_running_deployments_lease_unless_forced(store: Store) -> None:
+    await store.acquire_locks(["gitea"], "deployment d1", lease=LEASE, reason="deploy")
+    kept = await store.unlock("gitea")
+    assert not kept and kept.removed is False
+    assert kept.deployment_lock is not None and kept.deployment_lock.holder == "deployment d1"
+    with pytest.raises(LockBusy):  # a second deployment still cannot take the service
+        await store.acquire_locks(["gitea"], "deployment d2", lease=LEASE)
+    forced = await store.unlock("gitea", force=True)
+    assert forced and forced.deployment_lock is None
+    assert await store.locks() == []
+    # an expired lease belongs to a dead holder: removable without force, as before
+    await store.acquire_locks(["gitea"], "deployment d3", lease=timedelta(seconds=0.05))
+    await asyncio.sleep(0.1)
+    assert await store.unlock("gitea")
+    missing = await store.unlock("gitea")
+    assert not missing and missing.deployment_lock is None
+
+
+async def test_an_approval_is_claimed_for_one_deployment_only(store: Store) -> None:
+    approval = await store.create_approval(
+        kind="deploy", requested_by="U_A", digest="d", ttl=timedelta(minutes=5)
+    )
+    # a pending request cannot be claimed: only an approved one deploys
+    assert await store.claim_approval_for_deployment(approval, "dep1") is False
+    assert await store.resolve_approval(approval, ApprovalState.APPROVED, "U_B")
+    results = await asyncio.gather(
+        store.claim_approval_for_deployment(approval, "starting:a"),
+        store.claim_approval_for_deployment(approval, "starting:b"),
+    )
+    assert sorted(results) == [False, True]
+    winner = "starting:a" if results[0] else "starting:b"
+    loser = "starting:b" if results[0] else "starting:a"
+    assert not await store.claim_approval_for_deployment(approval, "dep2", replacing=loser)
+    assert await store.claim_approval_for_deployment(approval, "dep1", replacing=winner)
+    record = await store.get_approval(approval)
+    assert record is not None and record.deployment_id == "dep1"
+    assert await store.claim_approval_for_deployment(approval, "dep3") is False
+
+
+async def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the approvals table as schema 1 made it
+        db.executescript(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME);"
+            "INSERT INTO schema_version VALUES (1, '2026-01-01 00:00:00');"
+            "CREATE TABLE approvals (id VARCHAR(32) PRIMARY KEY, kind VARCHAR(32) NOT NULL,"
+            " requested_by VARCHAR(255) NOT NULL, service VARCHAR(255), args JSON,"
+            " digest VARCHAR(128) NOT NULL, plan TEXT, channel VARCHAR(255), ts VARCHAR(255),"
+            " state VARCHAR(32) NOT NULL, created_at DATETIME NOT NULL,"
+            " expires_at DATETIME NOT NULL, resolved_by VARCHAR(255), resolved_at DATETIME);"
+        )
+    store = await Store.open(f"sqlite+aiosqlite:///{path}")
+    try:
+        assert await store.schema_version() == SCHEMA_VERSION == 2
+        approval = await store.create_approval(
+            kind="deploy", requested_by="U_A", digest="d", ttl=timedelta(minutes=5)
+        )
+        await store.resolve_approval(approval, ApprovalState.APPROVED, "U_B")
+        assert await store.claim_approval_for_deployment(approval, "dep1")
+    finally:
+        await store.close()

@@ -17,6 +17,7 @@ class Refusal(StrEnum):
     """Why a request, an approval or a cancellation is refused."""
 
     NOT_DEPLOYER = "not_deployer"
+    NOT_LOCKER = "not_locker"
     NOT_APPROVER = "not_approver"
     NO_APPROVERS = "no_approvers"
     SELF_APPROVAL = "self_approval"
@@ -29,6 +30,10 @@ class Refusal(StrEnum):
 
 REFUSAL_TEXT: dict[Refusal, str] = {
     Refusal.NOT_DEPLOYER: "You are not allowed to request deployments (NIXMOX_SLACK_DEPLOYERS).",
+    Refusal.NOT_LOCKER: (
+        "Only the configured deployers and approvers can lock or unlock services "
+        "(NIXMOX_SLACK_DEPLOYERS, NIXMOX_SLACK_APPROVERS)."
+    ),
     Refusal.NOT_APPROVER: "Only the configured approvers can approve; nothing was deployed.",
     Refusal.NO_APPROVERS: (
         "No approvers are configured (NIXMOX_SLACK_APPROVERS), so nothing can be approved."
@@ -80,10 +85,19 @@ def is_requester(approval: ApprovalRecord, user_id: str) -> bool:
 
 
 def request_refusal(policy: Policy, user: str) -> Refusal | None:
-    """May `user` ask for a deployment, a rollback or a lock? (no deployers: anyone may)."""
+    """May `user` ask for a deployment or a rollback? (no deployers: anyone may)."""
     if policy.deployers and user not in policy.deployers:
         return Refusal.NOT_DEPLOYER
     return None
+
+
+def lock_refusal(policy: Policy, user: str) -> Refusal | None:
+    """May `user` lock or unlock a service? Deployers and approvers (neither set: anyone)."""
+    if not (policy.deployers or policy.approvers):
+        return None  # a one-person homelab with no lists: documented in the README
+    if user in policy.deployers or user in policy.approvers:
+        return None
+    return Refusal.NOT_LOCKER
 
 
 def is_expired(approval: ApprovalRecord, now: datetime) -> bool:

@@ -20,7 +20,7 @@ from bot.github.gitcache import GitCache, GitFetchError, Remote, remote_for, saf
 from planner.models import Manifest
 from planner.plan import Plan
 from planner.source import PlanningError, UnknownRevision
-from runners.base import DeploymentKind
+from runners.base import DeploymentKind, Subscriber
 from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_rollback
 from runners.store import ApprovalRecord, DeploymentRecord
 
@@ -125,7 +125,11 @@ class Backend(Protocol):
     async def plan(self, ask: Ask) -> Planned: ...
 
     async def run(
-        self, planned: Planned, request: DeploymentRequest
+        self,
+        planned: Planned,
+        request: DeploymentRequest,
+        *,
+        subscribers: list[Subscriber] | None = None,
     ) -> DeploymentRecord | None: ...
 
 
@@ -208,11 +212,21 @@ class RepoBackend:
         )
         return Planned(plan=rollback.plan, revision=rollback.revision, rollback=rollback)
 
-    async def run(self, planned: Planned, request: DeploymentRequest) -> DeploymentRecord | None:
+    async def run(
+        self,
+        planned: Planned,
+        request: DeploymentRequest,
+        *,
+        subscribers: list[Subscriber] | None = None,
+    ) -> DeploymentRecord | None:
         if planned.rollback is not None:
-            return await self.ctx.rollback(request, planned.rollback)
+            return await self.ctx.rollback(request, planned.rollback, subscribers=subscribers)
         return await self.ctx.deploy(
-            request, planned.plan, repo_dir=self.git.path, scope=planned.scope
+            request,
+            planned.plan,
+            repo_dir=self.git.path,
+            scope=planned.scope,
+            subscribers=subscribers,
         )
 
 

@@ -46,6 +46,7 @@ from bot.slack.approvals import (
     Refusal,
     approval_refusal,
     cancel_refusal,
+    lock_refusal,
     parse_button_value,
     plan_changed,
     request_refusal,
@@ -64,7 +65,14 @@ from bot.slack.blocks import (
 from bot.slack.notifier import MessagePacer, SecretRedactor, SlackNotifier
 from bot.slack.status import history_text, status_text
 from planner.render import render_slack
-from runners.base import DeploymentKind, Subscriber, Trigger, utcnow
+from runners.base import (
+    DeploymentKind,
+    DeploymentStarted,
+    Event,
+    Subscriber,
+    Trigger,
+    utcnow,
+)
 from runners.deploy import DeployError
 from runners.store import ApprovalRecord, ApprovalState, LockBusy
 
@@ -113,6 +121,20 @@ CANNOT_POST = (
     "NIXMOX_SLACK_CHANNEL to a channel I am in."
 )
 CHECK_FAILED = "Could not check that the plan is still current ({error}); nothing was deployed."
+DEPLOYMENT_LOCK = (
+    ":lock: *{service}* is locked by running {holder}; it will be released when that "
+    "deployment ends."
+)
+CLAIM_PREFIX = "starting:"  # an approval claimed by a deploy job whose deployment has no id yet
+ALREADY_DEPLOYED = (
+    ":information_source: This request was already deployed as {deployment}; "
+    "it is not deployed again."
+)
+RUN_STOPPED = (
+    ":warning: An earlier run of this approved request stopped before its deployment started; "
+    "it is not run again. Request the deployment again to go on."
+)
+NOT_APPROVED = "This request is {state}, not approved; nothing was deployed."
 STORE_UNAVAILABLE = ":x: The state store did not answer; try again in a moment."
 MISSING_TOKEN = "NIXMOX_SLACK_BOT_TOKEN is required when NIXMOX_SLACK_SIGNING_SECRET is set"
 
@@ -308,7 +330,7 @@ class SlackBot:
             render = status_text if isinstance(command, StatusCommand) else history_text
             self.spawn(self.reply_with(respond, render(self.ctx.require_store(), command.service)))
         elif isinstance(command, LockCommand | UnlockCommand):
-            refusal = request_refusal(self.policy, user)
+            refusal = lock_refusal(self.policy, user)
             if refusal is not None:
                 await self.refuse_request(ack, user, refusal, {"command": command.name.value})
                 return
@@ -414,8 +436,13 @@ class SlackBot:
                 actor, Audit.LOCK, {"service": command.service, "reason": command.reason}
             )
         else:
-            removed = await store.unlock(command.service)
-            if not removed:
+            result = await store.unlock(command.service)  # Slack never forces
+            if result.deployment_lock is not None:
+                holder = escape(result.deployment_lock.holder)
+                text = DEPLOYMENT_LOCK.format(service=service, holder=holder)
+                await respond(text=text, response_type="ephemeral")
+                return
+            if not result.removed:
                 await respond(text=f"*{service}* was not locked.", response_type="ephemeral")
                 return
             text = f":unlock: <@{user}> unlocked *{service}*."
@@ -655,11 +682,19 @@ class SlackBot:
     # -- running an approved request (a job) ---------------------------------------------
 
     async def run_deploy_job(self, payload: dict[str, Any]) -> None:
+        """Deploy an approved request once: a rerun of the job (after a crash) never redeploys."""
         store = self.ctx.require_store()
         approval = await store.get_approval(payload["approval"])
         if approval is None:
             log.error("Slack: approved request %s is gone; not deploying", payload["approval"])
             return
+        # claim the approval before anything runs; the real deployment id replaces the
+        # placeholder as soon as the deployment starts
+        placeholder = f"{CLAIM_PREFIX}{store.new_deployment_id()}"
+        if not await store.claim_approval_for_deployment(approval.id, placeholder):
+            await self.refuse_rerun(approval.id, payload)
+            return
+        claim = functools.partial(self.record_claim, approval.id, placeholder)
         planned = Planned.from_json(payload["planned"])
         view = view_of(approval, resolved_by=payload["approved_by"])
         request = DeploymentRequest(
@@ -675,7 +710,7 @@ class SlackBot:
             },
         )
         try:
-            await self.backend.run(planned, request)
+            await self.backend.run(planned, request, subscribers=[claim])
         except DeployError as exc:
             view.error = self.redactor.text(str(exc))
             await self.show_request(
@@ -686,6 +721,35 @@ class SlackBot:
                 Audit.NOT_STARTED,
                 {"approval": approval.id, "error": view.error},
             )
+
+    async def record_claim(self, approval_id: str, placeholder: str, event: Event) -> None:
+        """A subscriber: put the started deployment's id on the approval it carries out."""
+        if isinstance(event, DeploymentStarted):
+            store = self.ctx.require_store()
+            await store.claim_approval_for_deployment(
+                approval_id, event.deployment_id, replacing=placeholder
+            )
+
+    async def refuse_rerun(self, approval_id: str, payload: dict[str, Any]) -> None:
+        """Say in the request's thread why a deploy job did not deploy (again)."""
+        approval = await self.ctx.require_store().get_approval(approval_id)
+        used = approval.deployment_id if approval is not None else None
+        if used is None:
+            state = approval.state.value if approval is not None else "gone"
+            text = NOT_APPROVED.format(state=state)
+        elif used.startswith(CLAIM_PREFIX):
+            text = RUN_STOPPED
+        else:
+            text = ALREADY_DEPLOYED.format(deployment=used)
+        log.warning("Slack: request %s not run again: %s", approval_id, text)
+        await self.api(
+            "chat.postMessage", channel=payload["channel"], thread_ts=payload["ts"], text=text
+        )
+        await self.audit(
+            SYSTEM_ACTOR,
+            Audit.NOT_STARTED,
+            {"approval": approval_id, "error": text, "deployment": used},
+        )
 
     # -- the notifier ----------------------------------------------------------------------
 
