@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     plan_forks: bool = False
     environment: str = "homelab"
     apply_requirements: CommaList = Field(default_factory=lambda: ["approved", "mergeable"])
+    merge_lock_wait: float = 600.0  # seconds a merge deploy waits for a locked service
 
     # Slack
     slack_signing_secret: SecretStr | None = None

@@ -210,9 +210,11 @@ class BotContext:
         repo_dir: Path | None = None,
         subscribers: list[Subscriber] | None = None,
         scope: str | None = None,
+        lock_wait: float = 0.0,
     ) -> DeploymentRecord | None:
         """Run a plan of `request.revision` from the Git cache (or `repo_dir`), notifying
-        every registered subscriber factory plus `subscribers`.
+        every registered subscriber factory plus `subscribers`; wait up to `lock_wait` s for
+        locked services.
 
         `scope` names the one service a restricted plan deploys, so that the store does not
         take this revision as deployed for every service.
@@ -236,6 +238,7 @@ class BotContext:
             scope=scope,
             auto_rollback=self.settings.auto_rollback,
             subscribers=[*await self.subscribers_for(request), *(subscribers or [])],
+            lock_wait=lock_wait,
             **self.execution_options(),
         )
         if record is not None:

@@ -214,3 +214,34 @@ async def test_an_app_without_its_key_is_a_clear_error(
     settings = Settings(github_api_url=fake_github.url, repo=TEST_REPO, github_app_id=APP_ID)
     with pytest.raises(GitHubUnavailable, match="NIXMOX_GITHUB_PRIVATE_KEY"):
         await GitHubClientFactory(settings, session).client(1)
+
+
+async def test_the_bot_login_of_a_token_is_its_user_asked_once(
+    fake_github: FakeGitHub, session: aiohttp.ClientSession
+) -> None:
+    fake_github.bot_login = "homelab-bot"
+    made = factory(fake_github, session, Sleeps())
+    assert await made.bot_login() == "homelab-bot"
+    assert await made.bot_login() == "homelab-bot"
+    assert len(fake_github.calls("GET", r"^/user$")) == 1
+
+
+async def test_the_bot_login_of_an_app_is_its_slug_with_bot(
+    fake_github: FakeGitHub,
+    session: aiohttp.ClientSession,
+    app_key: tuple[str, str],
+) -> None:
+    private, public = app_key
+    fake_github.app_id, fake_github.app_public_key = APP_ID, public
+    settings = Settings(
+        github_api_url=fake_github.url,
+        repo=TEST_REPO,
+        github_app_id=APP_ID,
+        github_private_key=private,
+    )
+    made = GitHubClientFactory(settings, session)
+    assert await made.bot_login(fake_github.installation_id) == "nixmox[bot]"
+    assert await made.bot_login() == "nixmox[bot]"
+    (call,) = fake_github.calls("GET", r"^/app$")
+    assert call.status == 200
+    assert fake_github.calls("GET", r"^/user$") == []

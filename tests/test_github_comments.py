@@ -42,10 +42,16 @@ def reactions(fake: FakeGitHub, comment_id: int = 555) -> list[str]:
 
 @pytest.fixture
 def reviewers(fake_github: FakeGitHub) -> FakeGitHub:
-    """bob may write; carol approved the PR by alice."""
-    fake_github.permissions.update(bob="write", carol="write", mallory="read", admin="admin")
-    fake_github.add_review(NUMBER, "carol", "APPROVED")
+    """bob, carol and dave may write; mallory may read (`approve` adds carol's approval)."""
+    fake_github.permissions.update(
+        bob="write", carol="write", dave="write", mallory="read", admin="admin"
+    )
     return fake_github
+
+
+def approve(fake: FakeGitHub, user: str = "carol") -> None:
+    """`user` approves the PR's current head."""
+    fake.add_review(NUMBER, user, "APPROVED")
 
 
 async def test_help_is_answered_with_eyes(
@@ -77,8 +83,12 @@ async def test_slack_only_commands_are_explained(
     assert reactions(fake_github) == ["eyes"]
 
 
-async def test_status_with_nothing_deployed(make_bot: Any, payloads: Payloads) -> None:
+async def test_status_with_nothing_deployed(
+    make_bot: Any, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
     bot = await make_bot()
+    fake_github.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40)
+    fake_github.permissions["bob"] = "triage"
     (reply,) = await command(bot, payloads, "/nixmox status")
     assert reply["body"] == "No deployment recorded yet."
 
@@ -87,6 +97,7 @@ async def test_plan_command_replans_the_pr(
     make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
 ) -> None:
     bot = await make_bot()
+    fake_github.permissions["bob"] = "write"
     _, head = await planned_pr(bot, manifest_repo, payloads)
     statuses = len(fake_github.statuses_for(head, "nixmox/plan"))
     replies = await command(bot, payloads, "/nixmox plan")
@@ -125,10 +136,8 @@ async def test_apply_needs_an_approval_by_someone_else(
     await planned_pr(bot, manifest_repo, payloads)
     fake_github.add_review(NUMBER, "alice", "APPROVED")  # the author approving their own PR
     (reply,) = await command(bot, payloads, "/nixmox apply", user="alice")
-    assert (
-        "**approved** (approved): no approving review from someone other than the author"
-        in (reply["body"])
-    )
+    assert "**approved** (approved): no approval of the current head commit " in (reply["body"])
+    assert "by another writer (someone other than the author @alice" in reply["body"]
     assert "mergeable" not in reply["body"]
     assert fake_github.deployments == {}
 
@@ -138,6 +147,7 @@ async def test_apply_is_blocked_by_requested_changes(
 ) -> None:
     bot = await make_bot()
     await planned_pr(bot, manifest_repo, payloads)
+    approve(reviewers)
     reviewers.add_review(NUMBER, "dave", "CHANGES_REQUESTED")
     (reply,) = await command(bot, payloads, "/nixmox apply")
     assert "**mergeable** (mergeable): changes requested by @dave" in reply["body"]
@@ -149,6 +159,7 @@ async def test_a_later_approval_clears_requested_changes(
 ) -> None:
     bot = await make_bot()
     await planned_pr(bot, manifest_repo, payloads)
+    approve(reviewers)
     reviewers.add_review(NUMBER, "dave", "CHANGES_REQUESTED")
     reviewers.add_review(NUMBER, "dave", "APPROVED")
     replies = await command(bot, payloads, "/nixmox apply")
@@ -164,6 +175,7 @@ async def test_apply_with_a_stale_plan_comment_is_refused(
     text = manifest_repo.manifest().replace("vmid = 303", "vmid = 313")
     newer = manifest_repo.commit(text, "vmid too", branch="feature")
     reviewers.add_pull(NUMBER, head_sha=newer, base_sha=base)
+    approve(reviewers)
     (reply,) = await command(bot, payloads, "/nixmox apply")
     assert "**plan is current** (plan_current)" in reply["body"]
     assert "run `/nixmox plan`" in reply["body"]
@@ -175,6 +187,7 @@ async def test_apply_without_a_plan_comment_is_refused(
 ) -> None:
     bot = await make_bot()
     reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40)
+    approve(reviewers)
     (reply,) = await command(bot, payloads, "/nixmox apply")
     assert "there is no plan comment yet" in reply["body"]
 
@@ -199,6 +212,7 @@ async def test_an_accepted_apply_deploys_the_pr_head(
 ) -> None:
     bot = await make_bot()
     _, head = await planned_pr(bot, manifest_repo, payloads)
+    approve(reviewers)
     started, finished = await command(bot, payloads, "/nixmox apply")
     assert reactions(reviewers) == ["eyes"]
     assert f"Deploying {head[:12]} (1 service, 2 steps), requested by @bob" in started["body"]
@@ -254,3 +268,146 @@ def test_configured_requirements() -> None:
         configured_requirements(["green"])
     with pytest.raises(ValueError, match="unknown apply requirement 'permission'"):
         configured_requirements(["permission"])  # always required, not configurable
+
+
+async def test_an_approval_of_an_older_commit_does_not_count(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    """carol approved, then the author pushed: the new head is not approved."""
+    bot = await make_bot()
+    base, _ = await planned_pr(bot, manifest_repo, payloads)
+    approve(reviewers)
+    text = manifest_repo.manifest().replace("vmid = 303", "vmid = 313")
+    newer = manifest_repo.commit(text, "vmid too", branch="feature")
+    await open_pr(bot, payloads, NUMBER, newer, base, action="synchronize")
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "refused" in reply["body"]
+    assert f"no approval of the current head commit {newer[:12]}" in reply["body"]
+    assert reviewers.deployments == {}
+
+
+async def test_only_writers_reviews_count(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    """A reader's approval approves nothing, and a reader's requested changes block nothing."""
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    reviewers.permissions["eve"] = "triage"
+    approve(reviewers, "mallory")
+    approve(reviewers, "eve")
+    reviewers.add_review(NUMBER, "stranger", "CHANGES_REQUESTED")
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "**approved** (approved): no approval of the current head commit" in reply["body"]
+    assert "**mergeable**" not in reply["body"]
+    approve(reviewers, "dave")
+    _, finished = await command(bot, payloads, "/nixmox apply", comment_id=556)
+    assert "**succeeded**" in finished["body"]
+    (record,) = await bot.ctx.require_store().history()
+    assert record.approved_by == "github:dave"
+
+
+async def test_a_writers_latest_requested_changes_block_even_on_an_older_commit(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    await planned_pr(bot, manifest_repo, payloads)
+    reviewers.add_review(NUMBER, "dave", "CHANGES_REQUESTED", commit_id="f" * 40)
+    approve(reviewers)
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "**mergeable** (mergeable): changes requested by @dave" in reply["body"]
+
+
+async def test_a_forged_plan_comment_is_ignored_and_left_alone(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    """Anyone can type the marker and a digest: only the bot's own comment is the plan."""
+    from bot.github.pulls import PullRef, compute_plan
+
+    bot = await make_bot()
+    forged_body = "<!-- nixmox:plan -->\nlooks harmless"
+    forged = reviewers.add_comment_by(NUMBER, "mallory", forged_body)
+    base, _ = await planned_pr(bot, manifest_repo, payloads)
+    assert reviewers.comments[forged["id"]]["body"] == forged_body  # not taken as the bot's
+    assert reviewers.comments[forged["id"]]["_edits"] == 0
+    ours = [c for c in reviewers.comments_on(NUMBER) if c["id"] != forged["id"]]
+    assert len(ours) == 1 and ours[0]["user"]["login"] == reviewers.bot_login
+
+    # the PR moves on; mallory posts the new head's digest before the bot has planned it
+    text = manifest_repo.manifest().replace("vmid = 303", "vmid = 313")
+    newer = manifest_repo.commit(text, "vmid too", branch="feature")
+    pull = reviewers.add_pull(NUMBER, head_sha=newer, base_sha=base)
+    fresh = await compute_plan(bot.ctx, PullRef.from_api(pull, None))
+    reviewers.comments[forged["id"]]["body"] = (
+        f"<!-- nixmox:plan -->\n<!-- nixmox:meta digest={fresh.digest} head={newer} -->\n"
+    )
+    approve(reviewers)
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert "**plan is current** (plan_current)" in reply["body"]
+    assert reviewers.deployments == {}
+    assert forged["id"] in reviewers.comments
+    assert reviewers.calls("PATCH", rf"/comments/{forged['id']}$") == []
+    assert reviewers.calls("DELETE") == []
+    assert len(reviewers.calls("GET", r"^/user$")) == 1  # the bot's login is asked once
+
+
+async def test_apply_is_refused_when_main_deployed_what_the_pr_lacks(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    """Applying a PR branched before the last merge deploy would undo that deploy."""
+    bot = await make_bot()
+    fork_point = manifest_repo.repo.heads.main.commit.hexsha
+    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+    text = manifest_repo.manifest().replace("vmid = 302", "vmid = 312")
+    merged = manifest_repo.commit(text, "postgres vmid on main")
+    push = payloads.push(before=fork_point, after=merged)
+    assert (await (await bot.deliver("push", push)).json())["status"] == "accepted"
+    await bot.drain()
+    assert await bot.ctx.require_store().last_deployed_revision() == merged
+    await open_pr(bot, payloads, NUMBER, head, merged)
+    approve(reviewers)
+    (reply,) = await command(bot, payloads, "/nixmox apply")
+    assert (
+        "**contains what is deployed** (contains_deployed): main has deployed changes this PR "
+        "does not contain; rebase or merge main" in reply["body"]
+    )
+    assert len(await bot.ctx.require_store().history()) == 1
+
+    # the author merges main into the branch: now the PR contains what runs
+    repo = manifest_repo.repo
+    repo.heads.feature.checkout()
+    repo.git.merge("--no-edit", "main")
+    rebased = repo.heads.feature.commit.hexsha
+    repo.heads.main.checkout()
+    await open_pr(bot, payloads, NUMBER, rebased, merged, action="synchronize")
+    approve(reviewers)
+    _, finished = await command(bot, payloads, "/nixmox apply", comment_id=556)
+    assert "**succeeded**" in finished["body"]
+
+
+@pytest.mark.parametrize("body", ["/nixmox status", "/nixmox history", "/nixmox plan"])
+async def test_read_commands_need_the_author_or_triage(
+    make_bot: Any, payloads: Payloads, reviewers: FakeGitHub, body: str
+) -> None:
+    bot = await make_bot()
+    reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40, author="alice")
+    (reply,) = await command(bot, payloads, body, user="mallory")
+    name = body.split()[1]
+    assert reply["body"] == (
+        f"`/nixmox {name}` is for the pull request's author and people with triage, write, "
+        "maintain or admin access to octo-org/homelab; @mallory has `read` access."
+    )
+    assert reactions(reviewers) == []
+    assert reviewers.statuses == []
+
+
+async def test_the_author_and_triagers_may_read(
+    make_bot: Any, payloads: Payloads, reviewers: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40, author="alice")
+    reviewers.permissions["tina"] = "triage"
+    (reply,) = await command(bot, payloads, "/nixmox history", user="alice")  # no permission
+    assert reply["body"] == "No deployments yet."
+    (reply,) = await command(bot, payloads, "/nixmox status", user="tina", comment_id=556)
+    assert reply["body"] == "No deployment recorded yet."
+    assert reactions(reviewers) == ["eyes"] and reactions(reviewers, 556) == ["eyes"]

@@ -240,11 +240,12 @@ async def test_upsert_leaves_other_comments_alone(make_bot: Any, fake_github: Fa
         url_vars=repo.vars(number=3),
         data={"body": "> <!-- nixmox:plan -->\nquoting the bot is not a plan comment"},
     )
+    login = await bot.ctx.require_github().bot_login()
     ids = await upsert_plan_comment(
-        gh, repo, 3, ["<!-- nixmox:plan -->\na", "<!-- nixmox:plan -->\nb"]
+        gh, repo, 3, ["<!-- nixmox:plan -->\na", "<!-- nixmox:plan -->\nb"], login
     )
     assert len(ids) == 2 and other["id"] not in ids
-    ids2 = await upsert_plan_comment(gh, repo, 3, ["<!-- nixmox:plan -->\nc"])
+    ids2 = await upsert_plan_comment(gh, repo, 3, ["<!-- nixmox:plan -->\nc"], login)
     assert ids2 == ids[:1]
     bodies = [c["body"] for c in fake_github.comments_on(3)]
     assert bodies == [other["body"], "<!-- nixmox:plan -->\nc"]

@@ -140,3 +140,55 @@ async def test_a_late_push_that_is_already_deployed_does_nothing(
     await push(bot, payloads, first, second)  # delivered late, after the newer one
     assert len(await bot.ctx.require_store().history()) == 1
     assert fake_github.last_status(second, DEPLOY)["description"].startswith("already deployed")
+
+
+async def test_a_merge_waits_for_a_locked_service_then_deploys(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    import asyncio
+
+    bot = await make_bot(merge_lock_wait=30)
+    store = bot.ctx.require_store()
+    await store.lock("gitea", "slack:U1", "maintenance")
+    before = manifest_repo.repo.heads.main.commit.hexsha
+    after = manifest_repo.commit(add_port(manifest_repo.manifest()), "port")
+
+    async def unlock_once_waiting() -> None:
+        while not any(
+            s["description"].startswith("waiting for gitea")
+            for s in fake_github.statuses_for(after, DEPLOY)
+        ):
+            await asyncio.sleep(0.02)
+        await store.unlock("gitea")
+
+    unlocker = asyncio.create_task(unlock_once_waiting())
+    await push(bot, payloads, before, after)
+    await asyncio.wait_for(unlocker, 5)
+    descriptions = [s["description"] for s in fake_github.statuses_for(after, DEPLOY)]
+    assert "waiting for gitea locked by slack:U1" in descriptions
+    assert fake_github.last_status(after, DEPLOY)["state"] == "success"
+    (record,) = await store.history()
+    assert record.state is DeploymentState.SUCCEEDED and record.head == after
+
+
+async def test_a_merge_still_locked_after_the_wait_is_an_error(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot(merge_lock_wait=0.3)
+    store = bot.ctx.require_store()
+    await store.lock("gitea", "slack:U1", "maintenance")
+    before = manifest_repo.repo.heads.main.commit.hexsha
+    after = manifest_repo.commit(add_port(manifest_repo.manifest()), "port")
+    await push(bot, payloads, before, after)
+    final = fake_github.last_status(after, DEPLOY)
+    assert final["state"] == "error"
+    assert final["description"] == "not deployed: gitea still locked by slack:U1 after 0.3 s"
+    assert await store.history() == []
+    assert fake_github.deployments == {}
+
+
+def test_merge_lock_wait_defaults_to_ten_minutes() -> None:
+    from bot.config import Settings
+
+    assert Settings().merge_lock_wait == 600
+    assert Settings(merge_lock_wait="5").merge_lock_wait == 5

@@ -186,6 +186,8 @@ class GitHubClientFactory:
         self._tokens: dict[int, CachedToken] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._private_key: str | None = None
+        self._bot_login: str | None = None
+        self._login_lock = asyncio.Lock()
 
     @property
     def uses_app(self) -> bool:
@@ -254,6 +256,22 @@ class GitHubClientFactory:
             )
             self._tokens[installation_id] = CachedToken(data["token"], renew_at)
             return str(data["token"])
+
+    async def bot_login(self, installation_id: int | None = None) -> str:
+        """The login the bot comments as (asked once, then cached).
+
+        A token belongs to a user (`GET /user`); a GitHub App comments as `<slug>[bot]`, and only
+        the App's JWT may read its slug (`GET /app`).
+        """
+        async with self._login_lock:
+            if self._bot_login is None:
+                if self.uses_app:
+                    app = await self._client(None).getitem("/app", jwt=self.app_jwt())
+                    self._bot_login = f"{app['slug']}[bot]"
+                else:
+                    user = await (await self.client(installation_id)).getitem("/user")
+                    self._bot_login = str(user["login"])
+            return self._bot_login
 
     async def client(self, installation_id: int | None = None) -> GitHubClient:
         """A client for REST calls on behalf of the bot."""

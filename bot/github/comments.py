@@ -7,6 +7,7 @@ it cannot parse), then runs it. `apply` deploys the PR head only when every requ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,6 +45,20 @@ from runners.store import DeploymentRecord
 log = logging.getLogger(__name__)
 
 WRITE_ROLES = frozenset({"admin", "maintain", "write"})
+# who may run the read-only commands (plan, status, history) besides the PR's author
+READ_COMMAND_ROLES = WRITE_ROLES | {"triage"}
+NOT_ALLOWED = (
+    "`/nixmox {name}` is for the pull request's author and people with triage, write, maintain "
+    "or admin access to {repo}; @{user} has `{role}` access."
+)
+NO_WRITER_APPROVAL = (
+    "no approval of the current head commit {sha} by another writer (someone other than the "
+    "author @{author} with write, maintain or admin access)"
+)
+NOT_CONTAINED = (
+    "main has deployed changes this PR does not contain; rebase or merge main "
+    "(the last deployed revision {deployed} is not an ancestor of {sha})"
+)
 NOT_IN_COMMENTS = (
     "`{name}` is not available in pull request comments: here you can use "
     "`plan`, `apply`, `status`, `history` and `help` (deploy, rollback and locks are in Slack "
@@ -63,6 +78,7 @@ class Requirement(StrEnum):
     APPROVED = "approved"
     MERGEABLE = "mergeable"
     PLAN_CURRENT = "plan_current"
+    CONTAINS_DEPLOYED = "contains_deployed"
 
 
 CONFIGURABLE = frozenset({Requirement.APPROVED, Requirement.MERGEABLE})
@@ -72,6 +88,7 @@ REQUIREMENT_TITLES = {
     Requirement.APPROVED: "approved",
     Requirement.MERGEABLE: "mergeable",
     Requirement.PLAN_CURRENT: "plan is current",
+    Requirement.CONTAINS_DEPLOYED: "contains what is deployed",
 }
 
 
@@ -95,6 +112,7 @@ class ApplyCheck:
     """The outcome of the apply requirements: failures by requirement, in check order."""
 
     failures: dict[Requirement, str] = field(default_factory=dict)
+    approvers: list[str] = field(default_factory=list)
 
     def fail(self, requirement: Requirement, why: str) -> None:
         self.failures[requirement] = why
@@ -144,9 +162,17 @@ async def permission_of(gh: GitHubClient, repo: Repo, user: str) -> str:
     return str(data.get("role_name") or data.get("permission") or "none")
 
 
-async def review_states(gh: GitHubClient, repo: Repo, number: int) -> dict[str, str]:
+@dataclass(frozen=True)
+class Review:
+    """A reviewer's latest deciding review and the commit it was given on."""
+
+    state: str
+    commit_id: str | None
+
+
+async def review_states(gh: GitHubClient, repo: Repo, number: int) -> dict[str, Review]:
     """Each reviewer's latest deciding review (APPROVED, CHANGES_REQUESTED or DISMISSED)."""
-    latest: dict[str, str] = {}
+    latest: dict[str, Review] = {}
     async for review in gh.getiter(
         "/repos/{owner}/{repo}/pulls/{number}/reviews{?per_page}",
         url_vars=repo.vars(number=number, per_page=100),
@@ -154,29 +180,52 @@ async def review_states(gh: GitHubClient, repo: Repo, number: int) -> dict[str, 
         login = (review.get("user") or {}).get("login")
         state = str(review.get("state", "")).upper()
         if login and state in ("APPROVED", "CHANGES_REQUESTED", "DISMISSED"):
-            latest[login] = state
+            latest[login] = Review(state, review.get("commit_id"))
     return latest
+
+
+@dataclass
+class ReviewSummary:
+    """The reviews that count: approvals of the head by other writers, writers' blocks."""
+
+    approvers: list[str]
+    blockers: list[str]
+
+
+async def summarize_reviews(
+    gh: GitHubClient, repo: Repo, pull: dict[str, Any], reviews: dict[str, Review]
+) -> ReviewSummary:
+    """Only writers count; an approval counts only on the current head, not by the author."""
+    author = (pull.get("user") or {}).get("login")
+    head = str(pull["head"]["sha"])
+    approvers: list[str] = []
+    blockers: list[str] = []
+    for login, review in sorted(reviews.items()):
+        approves_head = review.state == "APPROVED" and review.commit_id == head and login != author
+        if not approves_head and review.state != "CHANGES_REQUESTED":
+            continue  # nothing to ask GitHub about
+        if await permission_of(gh, repo, login) not in WRITE_ROLES:
+            continue  # anyone may review a public PR; only writers decide
+        (approvers if approves_head else blockers).append(login)
+    return ReviewSummary(approvers, blockers)
 
 
 def check_reviews(
     check: ApplyCheck,
     required: set[Requirement],
     pull: dict[str, Any],
-    reviews: dict[str, str],
+    reviews: ReviewSummary,
 ) -> None:
     author = (pull.get("user") or {}).get("login")
-    if Requirement.APPROVED in required:
-        approvers = sorted(u for u, s in reviews.items() if s == "APPROVED" and u != author)
-        if not approvers:
-            check.fail(
-                Requirement.APPROVED,
-                f"no approving review from someone other than the author (@{author})",
-            )
+    if Requirement.APPROVED in required and not reviews.approvers:
+        check.fail(
+            Requirement.APPROVED,
+            NO_WRITER_APPROVAL.format(sha=str(pull["head"]["sha"])[:12], author=author),
+        )
     if Requirement.MERGEABLE in required:
-        blockers = sorted(u for u, s in reviews.items() if s == "CHANGES_REQUESTED")
         problems = []
-        if blockers:
-            problems.append("changes requested by " + ", ".join(f"@{u}" for u in blockers))
+        if reviews.blockers:
+            problems.append("changes requested by " + ", ".join(f"@{u}" for u in reviews.blockers))
         if pull.get("state") != "open" or pull.get("merged"):
             problems.append(f"the pull request is {'merged' if pull.get('merged') else 'closed'}")
         if pull.get("draft"):
@@ -187,9 +236,20 @@ def check_reviews(
             check.fail(Requirement.MERGEABLE, "; ".join(problems))
 
 
-def approvers_of(pull: dict[str, Any], reviews: dict[str, str]) -> list[str]:
-    author = (pull.get("user") or {}).get("login")
-    return sorted(u for u, s in reviews.items() if s == "APPROVED" and u != author)
+async def check_contains_deployed(ctx: BotContext, check: ApplyCheck, head: str) -> None:
+    """The PR head must contain the last deployed revision, or applying it would undo work."""
+    deployed = await ctx.require_store().last_deployed_revision()
+    git = ctx.git
+    if deployed is None or git is None:
+        return
+    contained = await asyncio.to_thread(git.has_commit, deployed) and await asyncio.to_thread(
+        git.is_ancestor, deployed, head
+    )
+    if not contained:
+        check.fail(
+            Requirement.CONTAINS_DEPLOYED,
+            NOT_CONTAINED.format(deployed=deployed[:12], sha=head[:12]),
+        )
 
 
 async def check_apply(
@@ -209,11 +269,13 @@ async def check_apply(
     if not check.ok:
         return check, None  # no planning on behalf of someone who may not apply anyway
     required = configured_requirements(ctx.settings.apply_requirements)
-    reviews = await review_states(gh, repo, job.number) if required else {}
+    reviews = await summarize_reviews(gh, repo, pull, await review_states(gh, repo, job.number))
+    check.approvers = reviews.approvers  # recorded with the deployment even when not required
     check_reviews(check, required, pull, reviews)
     if not check.ok:
         return check, None
-    comments = await plan_comments(gh, repo, job.number)
+    login = await ctx.require_github().bot_login(job.installation_id)
+    comments = await plan_comments(gh, repo, job.number, login)
     posted = digest_in(comments[0]["body"]) if comments else None
     if posted is None:
         check.fail(Requirement.PLAN_CURRENT, "there is no plan comment yet; run `/nixmox plan`")
@@ -229,6 +291,7 @@ async def check_apply(
         )
     elif not fresh.ok:
         check.fail(Requirement.PLAN_CURRENT, "the plan carries validation errors")
+    await check_contains_deployed(ctx, check, ref.head_sha)
     return check, fresh
 
 
@@ -251,12 +314,11 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     if not plan.steps:
         await comment(gh, repo, job.number, NOTHING_TO_APPLY.format(sha=sha[:12]))
         return
-    reviews = await review_states(gh, repo, job.number)
     request = DeploymentRequest(
         trigger=Trigger.PR_COMMENT,
         requested_by=f"github:{job.user}",
         revision=sha,
-        approved_by=",".join(f"github:{u}" for u in approvers_of(pull, reviews)) or None,
+        approved_by=",".join(f"github:{u}" for u in check.approvers) or None,
         pr_number=job.number,
         installation_id=job.installation_id,
     )
@@ -353,6 +415,11 @@ async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:
         await react(gh, repo, job.comment_id, Reaction.CONFUSED)
         await comment(gh, repo, job.number, command.render())
         return
+    if isinstance(command, PlanCommand | StatusCommand | HistoryCommand):
+        refusal = await read_command_refusal(gh, repo, job, command.name.value)
+        if refusal is not None:
+            await comment(gh, repo, job.number, refusal)
+            return
     await react(gh, repo, job.comment_id, Reaction.EYES)
     match command:
         case ApplyCommand():
@@ -372,6 +439,19 @@ async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:
             await comment(gh, repo, job.number, HELP_TEXT)
         case _:
             await comment(gh, repo, job.number, NOT_IN_COMMENTS.format(name=command.name.value))
+
+
+async def read_command_refusal(
+    gh: GitHubClient, repo: Repo, job: CommandJob, name: str
+) -> str | None:
+    """None when the commenter may run a read-only command; else the reply saying why not."""
+    pull = await get_pull(gh, repo, job.number)
+    if (pull.get("user") or {}).get("login") == job.user:
+        return None
+    role = await permission_of(gh, repo, job.user)
+    if role in READ_COMMAND_ROLES:
+        return None
+    return NOT_ALLOWED.format(name=name, repo=repo, user=job.user, role=role)
 
 
 def _plan_payload(ref: PullRef) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Pull requests: plan base → head, keep one plan comment per PR, set `nixmox/plan`.
 
-The plan comment is found by the renderer's hidden marker (first line `<!-- nixmox:plan...`)
-and edited in place; a plan longer than one comment is split into numbered comments, and the
+The plan comment is a comment by the bot's own login that starts with the renderer's hidden
+marker (first line `<!-- nixmox:plan...`; anyone can type the marker, so the author decides),
+and it is edited in place; a plan longer than one comment is split into numbered comments, and the
 extra ones are deleted when it shrinks. The first part also carries a hidden line with the
 plan's digest and head commit, which `/nixmox apply` compares with a fresh plan.
 """
@@ -123,17 +124,25 @@ def digest_in(body: str) -> tuple[str, str] | None:
     return (found["digest"], found["head"]) if found else None
 
 
-async def plan_comments(gh: GitHubClient, repo: Repo, number: int) -> list[dict[str, Any]]:
-    """The PR's plan comments, oldest first (part 1, part 2, ...)."""
-    found = [c for c in await list_comments(gh, repo, number) if is_plan_comment(c.get("body"))]
+def is_bots_plan_comment(item: dict[str, Any], bot_login: str) -> bool:
+    """A plan comment posted by the bot itself (a forged marker by anyone else is not one)."""
+    author = (item.get("user") or {}).get("login")
+    return author == bot_login and is_plan_comment(item.get("body"))
+
+
+async def plan_comments(
+    gh: GitHubClient, repo: Repo, number: int, bot_login: str
+) -> list[dict[str, Any]]:
+    """The bot's plan comments on the PR, oldest first (part 1, part 2, ...)."""
+    found = [c for c in await list_comments(gh, repo, number) if is_bots_plan_comment(c, bot_login)]
     return sorted(found, key=lambda c: int(c["id"]))
 
 
 async def upsert_plan_comment(
-    gh: GitHubClient, repo: Repo, number: int, parts: list[str]
+    gh: GitHubClient, repo: Repo, number: int, parts: list[str], bot_login: str
 ) -> list[int]:
-    """Edit the existing plan comments in place, add missing parts, delete the extra ones."""
-    existing = await plan_comments(gh, repo, number)
+    """Edit the bot's plan comments in place, add missing parts, delete the extra ones."""
+    existing = await plan_comments(gh, repo, number, bot_login)
     ids: list[int] = []
     for index, body in enumerate(parts):
         if index < len(existing):
@@ -232,7 +241,8 @@ async def _plan_and_report(ctx: BotContext, gh: GitHubClient, repo: Repo, pull: 
     target = ctx.plan_url(key) if key else None
     current = await get_pull(gh, repo, pull.number)
     if current.get("head", {}).get("sha") == pull.head_sha:
-        await upsert_plan_comment(gh, repo, pull.number, comment_parts(plan))
+        login = await ctx.require_github().bot_login(pull.installation_id)
+        await upsert_plan_comment(gh, repo, pull.number, comment_parts(plan), login)
     else:
         log.info(
             "PR #%d moved on from %s; leaving its comment to the newer plan",

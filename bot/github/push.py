@@ -3,13 +3,16 @@
 The plan goes from the last successfully deployed revision in the store (the push's `before`
 when nothing was deployed yet) to `after`. Deployments from pushes run one at a time in a
 process, each planned after the previous one finished, and a push whose commit is already
-contained in the deployed revision (a late delivery) deploys nothing.
+contained in the deployed revision (a late delivery) deploys nothing. A merge whose services
+are locked waits up to NIXMOX_MERGE_LOCK_WAIT seconds (`nixmox/deploy` pending, naming the lock),
+then gives up with `error`: the merge is not deployed and someone has to look.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bot.context import BotContext, DeploymentRequest
@@ -19,7 +22,7 @@ from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState, set_status
 from planner.plan import Plan
 from planner.source import PlanningError
 from runners.base import Trigger
-from runners.deploy import DeployError
+from runners.deploy import DeployError, DeploymentRefused, lock_names
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ COULD_NOT_START = "could not start: {reason}"
 MERGE_LOCK = "github.merge_lock"
 INTERNAL_ERROR = "internal error (see the bot's log)"
 STOPPED = "the deployment stopped on an internal error (see the bot's log)"
+WAITING = "waiting for {service} locked by {holder}"
+STILL_LOCKED = "not deployed: {service} still locked by {holder} after {wait:g} s"
 
 
 def merge_lock(ctx: BotContext) -> asyncio.Lock:
@@ -80,14 +85,33 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
             revision=after,
             installation_id=installation,
         )
+        await announce_wait(ctx, plan, status)
         try:
-            await ctx.deploy(request, plan)
+            await ctx.deploy(request, plan, lock_wait=ctx.settings.merge_lock_wait)
+        except DeploymentRefused as exc:
+            busy = exc.busy
+            text = STILL_LOCKED.format(
+                service=busy.service, holder=busy.holder, wait=ctx.settings.merge_lock_wait
+            )
+            await status(StatusState.ERROR, text, target)
         except DeployError as exc:
             await status(StatusState.FAILURE, COULD_NOT_START.format(reason=exc), target)
         except Exception:
             # the deployment record says where it stopped; the status must not stay pending
             await status(StatusState.ERROR, STOPPED, target)
             raise
+
+
+async def announce_wait(
+    ctx: BotContext, plan: Plan, status: Callable[[StatusState, str], Awaitable[None]]
+) -> None:
+    """`nixmox/deploy` pending, naming the lock the deployment is about to wait for."""
+    wanted = set(lock_names(plan))
+    held = [lock for lock in await ctx.require_store().locks() if lock.service in wanted]
+    if held:
+        await status(
+            StatusState.PENDING, WAITING.format(service=held[0].service, holder=held[0].holder)
+        )
 
 
 async def plan_push(

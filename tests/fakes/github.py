@@ -5,7 +5,8 @@ api.github.com (path, method, parameters, JSON body); one that does not match is
 and recorded in `violations`, so a test ends with `assert fake.violations == []`. Answers are
 GitHub's own example responses (`components/examples`) adapted to the state the fake keeps:
 comments, commit statuses, deployments and their statuses, reactions, collaborator
-permissions, reviews and pull requests. `fail_next()` makes the next N matching requests fail
+permissions, reviews and pull requests. `GET /user` (token) and `GET /app` (App JWT) name the
+bot: the bot's own comments are authored by `bot_login` (`<app_slug>[bot]` for an App). `fail_next()` makes the next N matching requests fail
 with a 5xx, a secondary rate limit (403 + retry-after), a 429 or an exhausted quota, to test
 retries. Every request is recorded as `(method, path, json)`.
 """
@@ -30,6 +31,7 @@ from openapi_core import OpenAPI
 from openapi_core.contrib.aiohttp import AIOHTTPOpenAPIWebRequest
 
 BOT_LOGIN = "nixmox[bot]"
+APP_SLUG = "nixmox"
 DEFAULT_TOKEN = "ghp_faketoken0000000000000000000000000000"
 PER_PAGE_DEFAULT = 30
 
@@ -87,6 +89,8 @@ class FakeGitHub:
         self.app_id = app_id
         self.app_public_key = app_public_key
         self.installation_id = installation_id
+        # whom the bot's token belongs to (an App's comments are by `<slug>[bot]` either way)
+        self.bot_login = BOT_LOGIN
         self.requests: list[Recorded] = []
         self.violations: list[str] = []
         self.failures: list[PlannedFailure] = []
@@ -105,6 +109,8 @@ class FakeGitHub:
         self.url = ""
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self._route("POST", r"/app/installations/(?P<id>\d+)/access_tokens", self.access_token)
+        self._route("GET", r"/app", self.get_app)
+        self._route("GET", r"/user", self.get_user)
         repo_prefix = r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
         self._route("GET", repo_prefix + r"/installation", self.repo_installation)
         self._route("GET", repo_prefix + r"/issues/(?P<number>\d+)/comments", self.list_comments)
@@ -200,11 +206,25 @@ class FakeGitHub:
         self.pulls[number] = pull
         return pull
 
-    def add_review(self, number: int, user: str, state: str) -> None:
+    def add_review(self, number: int, user: str, state: str, commit_id: str | None = None) -> None:
+        """A review on `commit_id` (default: the PR's head as the fake knows it now)."""
         review = self.example("pull-request-review-items")[0]
-        review.update(id=next(self._ids), state=state)
+        if commit_id is None and number in self.pulls:
+            commit_id = self.pulls[number]["head"]["sha"]
+        review.update(id=next(self._ids), state=state, commit_id=commit_id or review["commit_id"])
         review["user"]["login"] = user
         self.reviews.setdefault(number, []).append(review)
+
+    def add_comment_by(self, number: int, user: str, body: str) -> dict[str, Any]:
+        """A comment someone else wrote on the PR (as a browser would post it)."""
+        comment = self.example("issue-comment")
+        comment_id = next(self._ids)
+        comment.update(id=comment_id, body=body, created_at=now_iso(), updated_at=now_iso())
+        comment["user"].update(login=user, type="User")
+        comment["_number"] = number
+        comment["_edits"] = 0
+        self.comments[comment_id] = comment
+        return comment
 
     # --- queries for assertions ---------------------------------------------------------------
 
@@ -286,7 +306,8 @@ class FakeGitHub:
     def authenticate(self, request: web.Request, params: dict[str, str]) -> str | None:
         header = request.headers.get("Authorization", "")
         scheme, _, credential = header.partition(" ")
-        if request.path.startswith("/app/") or request.path.endswith("/installation"):
+        app_path = request.path == "/app" or request.path.startswith("/app/")
+        if app_path or request.path.endswith("/installation"):
             if scheme.lower() != "bearer" or self.app_public_key is None:
                 return "A JSON web token could not be decoded"
             try:
@@ -353,6 +374,22 @@ class FakeGitHub:
         self.issued_tokens.append(token["token"])
         return web.json_response(token, status=201)
 
+    async def get_app(self, request: web.Request, params: dict[str, str], data: Any):
+        app = self.example("integration")
+        app.update(id=self.app_id, slug=APP_SLUG)
+        return web.json_response(app)
+
+    async def get_user(self, request: web.Request, params: dict[str, str], data: Any):
+        # an installation token has no user: GitHub answers 403 to /user
+        token = request.headers.get("Authorization", "").partition(" ")[2]
+        if token in self.issued_tokens:
+            return web.json_response(
+                {"message": "Resource not accessible by integration"}, status=403
+            )
+        user = self.example("private-user-response-with-public-and-private-profile-information")
+        user.update(login=self.bot_login, type="User")
+        return web.json_response(user)
+
     async def repo_installation(self, request: web.Request, params: dict[str, str], data: Any):
         installation = self.example("installation")
         installation["id"] = self.installation_id
@@ -406,7 +443,7 @@ class FakeGitHub:
             created_at=now_iso(),
             updated_at=now_iso(),
         )
-        comment["user"].update(login=BOT_LOGIN, type="Bot")
+        comment["user"].update(login=self.bot_login, type="Bot")
         comment["_number"] = number
         comment["_edits"] = 0
         self.comments[comment_id] = comment
