@@ -533,7 +533,9 @@ async def test_a_rerun_deploy_job_does_not_deploy_again(
     await bot.settled()
     [record] = await bot.store.history()
     approval = await bot.store.get_approval(requested.id)
-    assert approval is not None and approval.deployment_id == record.id  # recorded when the deployment started
+    assert (
+        approval is not None and approval.deployment_id == record.id
+    )  # recorded when the deployment started
 
     # the worker died after the deployment: the queue hands the same job out again
     async with bot.store.engine.connect() as conn:
@@ -547,6 +549,37 @@ async def test_a_rerun_deploy_job_does_not_deploy_again(
     assert [r.id for r in await bot.store.history()] == [record.id]
     not_started = [d for _, action, d in await bot.audit() if action == "slack.deploy.not_started"]
     assert not_started and not_started[0]["deployment"] == record.id
+
+
+async def test_fork_code_is_refused(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
+    # a fork's pull request: its commit is under refs/pull/7/head, on no branch of the repo
+    fork = manifest_repo.commit(add_port(manifest_repo.manifest()), "fork", branch="fork")
+    manifest_repo.repo.git.update_ref("refs/pull/7/head", fork)
+    manifest_repo.repo.delete_head("fork", force=True)
+    # a commit on a branch is still fine by its full id
+    feature = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+
+    sent = await bot.driver.command("deploy gitea --ref refs/pull/7/head")
+    assert sent.status == 200 and sent.json()["response_type"] == "ephemeral"
+    assert "`refs/pull/7/head` is a pull request ref" in sent.json()["text"]
+
+    sent = await bot.driver.command(f"deploy gitea --ref {fork}")
+    assert "Planning" in sent.json()["text"]
+    [refused] = await fake_slack.wait_for(lambda: fake_slack.responses)
+    await bot.settled()
+    assert refused.body["response_type"] == "ephemeral"
+    assert f"commit `{fork[:12]}` is not on any branch" in refused.all_text()
+    assert fake_slack.channel_messages(CHANNEL) == []  # nothing posted, nothing to approve
+    assert await bot.store.history() == []
+    reasons = [d["ref"] for _, a, d in await bot.audit() if a == "slack.request.refused"]
+    assert reasons == ["refs/pull/7/head", fork]
+
+    await bot.driver.command(f"deploy gitea --ref {feature}")
+    message = await bot.pending_request()
+    assert f"revision `{feature[:10]}`" in message.all_text()
 
 
 async def test_two_approvers_at_once_deploy_once(

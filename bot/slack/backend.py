@@ -31,10 +31,31 @@ NO_REMOTE = (
     "(or NIXMOX_REPO for a GitHub repository)"
 )
 UNKNOWN_REF = "`{ref}` is not a branch, tag or full commit id of the manifest repository"
+PULL_REF_PREFIXES = ("refs/pull/", "pull/")
+PULL_REF_REFUSED = (
+    "`{ref}` is a pull request ref: Slack deploys only commits on the manifest repository's "
+    "own branches (merge the pull request, or deploy it with `/nixmox apply` on the PR)"
+)
+NOT_ON_A_BRANCH = (
+    "commit `{sha}` is not on any branch of the manifest repository (a fork's pull request?): "
+    "Slack deploys only commits on the repository's own branches"
+)
+BRANCH_REFS = ("HEAD", "refs/heads/")  # what a branch name or the default branch resolves to
 
 
 class PlanFailure(Exception):
     """The bot could not plan a request (the message is safe to show in Slack)."""
+
+
+class RefRefused(PlanFailure):
+    """The ref names code Slack must not deploy: a pull request's, or a fork's commit."""
+
+
+def ref_refusal(ref: str | None) -> str | None:
+    """Why `ref` is refused outright (a pull request ref), or None."""
+    if ref is not None and ref.startswith(PULL_REF_PREFIXES):
+        return PULL_REF_REFUSED.format(ref=ref)
+    return None
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,8 @@ class Backend(Protocol):
 
     async def plan(self, ask: Ask) -> Planned: ...
 
+    async def check_ref(self, ref: str) -> None: ...
+
     async def run(
         self,
         planned: Planned,
@@ -165,7 +188,13 @@ class RepoBackend:
         return remote_for(settings, clone_url, token)
 
     async def fetch(self, ref: str | None) -> str:
-        """The commit `ref` (default: the remote's default branch) names, fetched into the cache."""
+        """The commit `ref` (default: the remote's default branch) names, fetched into the cache.
+
+        Refuses pull request refs, and commits not on one of the repository's own branches.
+        """
+        refusal = ref_refusal(ref)
+        if refusal is not None:
+            raise RefRefused(refusal)
         remote = await self.remote()
         if ref is not None and SHA_PATTERN.match(ref):
             sha, names = ref, []
@@ -175,7 +204,27 @@ class RepoBackend:
             await self.git.fetch(remote, [sha], refs=names)
         except GitFetchError as exc:
             raise PlanFailure(str(exc)) from None
+        if not any(name.startswith(BRANCH_REFS) for name in names):
+            await self.require_on_a_branch(remote, sha)  # a commit id or a tag
         return sha
+
+    async def check_ref(self, ref: str) -> None:
+        """Raise RefRefused when `ref` names code Slack must not deploy."""
+        await self.fetch(ref)
+
+    async def require_on_a_branch(self, remote: Remote, sha: str) -> None:
+        """RefRefused unless `sha` is in the history of one of the remote's branches."""
+        heads = await ls_remote(remote, ["--heads"])
+        try:
+            await self.git.fetch(remote, list(heads.values()), refs=list(heads))
+        except GitFetchError as exc:
+            raise PlanFailure(str(exc)) from None
+
+        def contained() -> bool:
+            return any(self.git.is_ancestor(sha, head) for head in heads.values())
+
+        if not await asyncio.to_thread(contained):
+            raise RefRefused(NOT_ON_A_BRANCH.format(sha=sha[:12]))
 
     async def plan(self, ask: Ask) -> Planned:
         store = self.ctx.require_store()
@@ -232,8 +281,24 @@ class RepoBackend:
 
 async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
     """`git ls-remote`: the commit of a branch or tag (None: the default branch, HEAD)."""
-    patterns = ["HEAD"] if ref is None else [ref]
-    args = ["git", "ls-remote", "--symref", remote.url, *patterns]
+    refs = await ls_remote(remote, ["--symref"], ["HEAD" if ref is None else ref])
+    wanted = (
+        ["HEAD"]
+        if ref is None
+        else [ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"]
+    )
+    for name in wanted:
+        if name in refs and SHA_PATTERN.match(refs[name]):
+            fetch_name = name.removesuffix("^{}")
+            return refs[name], [fetch_name]
+    raise PlanFailure(UNKNOWN_REF.format(ref=ref or "HEAD"))
+
+
+async def ls_remote(
+    remote: Remote, options: list[str], patterns: list[str] | None = None
+) -> dict[str, str]:
+    """`git ls-remote OPTIONS URL PATTERNS`: ref name → commit id."""
+    args = ["git", "ls-remote", *options, remote.url, *(patterns or [])]
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
@@ -258,13 +323,4 @@ async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list
         value, _, name = line.partition("\t")
         if not value.startswith("ref:"):
             refs[name.strip()] = value.strip()
-    wanted = (
-        ["HEAD"]
-        if ref is None
-        else [ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"]
-    )
-    for name in wanted:
-        if name in refs and SHA_PATTERN.match(refs[name]):
-            fetch_name = name.removesuffix("^{}")
-            return refs[name], [fetch_name]
-    raise PlanFailure(UNKNOWN_REF.format(ref=ref or "HEAD"))
+    return refs

@@ -52,7 +52,15 @@ from bot.slack.approvals import (
     request_refusal,
     slack_actor,
 )
-from bot.slack.backend import Ask, Backend, PlanFailure, Planned, RepoBackend
+from bot.slack.backend import (
+    Ask,
+    Backend,
+    PlanFailure,
+    Planned,
+    RefRefused,
+    RepoBackend,
+    ref_refusal,
+)
 from bot.slack.blocks import (
     ActionId,
     RequestStatus,
@@ -362,6 +370,11 @@ class SlackBot:
         if refusal is not None:
             await self.refuse_request(ack, user, refusal, {"kind": ask.kind.value, **_ask(ask)})
             return
+        refused_ref = ref_refusal(ask.ref)
+        if refused_ref is not None:
+            await ack(text=f":no_entry: {escape(refused_ref)}", response_type="ephemeral")
+            await self.audit_refused_ref(user, ask, refused_ref)
+            return
         target = self.settings.slack_channel or channel
         await ack(
             text=ACK_PLANNING.format(what=escape(describe(ask)), channel=target),
@@ -369,8 +382,22 @@ class SlackBot:
         )
         self.spawn(self.post_request(ask, user, target, respond))
 
+    async def audit_refused_ref(self, user: str, ask: Ask, reason: str) -> None:
+        detail = {"kind": ask.kind.value, **_ask(ask), "reason": "ref refused", "error": reason}
+        await self.audit(slack_actor(user), Audit.REQUEST_REFUSED, detail)
+
     async def post_request(self, ask: Ask, user: str, channel: str, respond: AsyncRespond) -> None:
         """Post the request's message ("planning…") and queue its planning."""
+        if ask.ref is not None:
+            try:  # fork code is refused before anything is posted
+                await self.backend.check_ref(ask.ref)
+            except RefRefused as exc:
+                text = f":no_entry: {escape(str(exc))}"
+                await respond(text=text, response_type="ephemeral")
+                await self.audit_refused_ref(user, ask, str(exc))
+                return
+            except PlanFailure:
+                pass  # an unknown ref: planning says so in the request's message
         view = RequestView(ask.kind, ask.target, slack_actor(user), ref=ask.ref, to=ask.to)
         posted = await self._post(channel, view, respond)
         if posted is None:
