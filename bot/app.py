@@ -30,9 +30,11 @@ from bot.config import Settings
 from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
 from bot.dashboard import setup_dashboard
 from bot.jobs import JobWorker
-from bot.recovery import start_reporting, stop_reporting
+from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
 from planner.render import render_json, render_text
+from runners.base import utcnow
 from runners.config import RunnerConfig
+from runners.deploy import DEFAULT_LOCK_LEASE
 from runners.store import Store
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,13 @@ def build_app(
     start_worker: bool = True,
     github_policy: Any = None,
     github_sleeper: Any = None,
+    recovery_interval: float | None = None,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
     `start_worker=False` leaves queued jobs for the caller (`ctx.jobs.drain()` in tests).
     `github_policy` / `github_sleeper` tune the GitHub client's retries (tests).
+    `recovery_interval`: seconds between recovery sweeps (default: the deployment lock lease).
     """
     ctx = BotContext(
         settings=settings,
@@ -81,6 +85,7 @@ def build_app(
             start_worker=start_worker,
             github_policy=github_policy,
             github_sleeper=github_sleeper,
+            recovery_interval=recovery_interval or DEFAULT_LOCK_LEASE.total_seconds(),
         )
     )
     if settings.github_enabled:
@@ -95,7 +100,12 @@ def build_app(
 
 
 def _resources(
-    *, own_store: bool, start_worker: bool, github_policy: Any, github_sleeper: Any
+    *,
+    own_store: bool,
+    start_worker: bool,
+    github_policy: Any,
+    github_sleeper: Any,
+    recovery_interval: float,
 ) -> Any:
     """The cleanup context that opens and closes what needs the running loop."""
 
@@ -105,6 +115,7 @@ def _resources(
         if ctx.store is None:
             ctx.store = await Store.open(settings.database_url)
         store = ctx.store
+        started = utcnow()
         interrupted = await store.recover_interrupted()
         for record in interrupted:
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
@@ -124,9 +135,14 @@ def _resources(
             jobs.start()
         # reported once GitHub and Slack are ready, in the background: the bot serves meanwhile
         report = start_reporting(ctx, interrupted)
+        # a crash and restart within the lease left deployments not yet stale: swept later
+        sweep = start_sweeping(
+            ctx, recovery_interval, started, reported=[record.id for record in interrupted]
+        )
         try:
             yield
         finally:
+            await stop_sweeping(sweep)
             await stop_reporting(report)
             await jobs.stop()
             await session.close()

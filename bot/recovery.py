@@ -14,6 +14,11 @@ store recorded:
   edited) the same is posted as a new message in `NIXMOX_SLACK_CHANNEL`.
 - The audit log gets one `deployment.interrupted` entry per deployment, saying what was reported.
 
+While the bot runs, `start_sweeping` repeats the recovery every lease period, so a crash
+followed by a restart within the lease (whose deployment was not yet stale at start-up) is
+reported too, as is a deployment interrupted by another process's recovery (a `nixmox deploy`,
+or a deployment of this bot that starts) since the bot started.
+
 Every failure is logged and swallowed: reporting never keeps the bot from starting.
 """
 
@@ -41,7 +46,7 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from runners.store import NEVER_STARTED, DeploymentRecord, StepRecord
+from runners.store import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
 
 if TYPE_CHECKING:
     from bot.slack.bot import SlackBot
@@ -56,6 +61,10 @@ MESSAGE_LINK_WINDOW = 5000
 GITHUB_DEPLOYMENT_WINDOW = 300
 SHUTDOWN_GRACE = 10.0  # seconds a report still in progress may delay the bot's shutdown
 BOT_STOPPED = "the bot stopped while it ran"
+SWEEP_TASK = "recovery_sweep"  # key of the periodic recovery task in `BotContext.extras`
+SWEEP_WINDOW = 50  # latest deployments the sweep looks at for ones another process recovered
+# the note `Store.recover_interrupted` leaves on a deployment it interrupted
+RECOVERED_NOTE = INTERRUPTED_NOTE.split("{", 1)[0]
 MAX_STEPS_NAMED = 3
 
 
@@ -443,13 +452,89 @@ async def stop_reporting(task: asyncio.Task[None] | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+# -- recovery while the bot runs --------------------------------------------------------------
+
+
+def recovered_since(record: DeploymentRecord, since: datetime) -> bool:
+    """Interrupted by a recovery (of any process) after `since`."""
+    return (
+        record.state is DeploymentState.INTERRUPTED
+        and (record.note or "").startswith(RECOVERED_NOTE)
+        and record.finished_at is not None
+        and record.finished_at >= since
+    )
+
+
+class RecoverySweeper:
+    """Runs the recovery every `interval` seconds and reports what it, or another process's
+    recovery since `since`, marked interrupted (each deployment once)."""
+
+    def __init__(
+        self, ctx: BotContext, interval: float, since: datetime, reported: Iterable[str] = ()
+    ) -> None:
+        self.ctx = ctx
+        self.interval = interval
+        self.since = since
+        self.reported = set(reported)
+
+    async def sweep(self) -> list[DeploymentRecord]:
+        """One pass: recover, find what is not reported yet, report it; what was reported."""
+        store = self.ctx.require_store()
+        found = {record.id: record for record in await store.recover_interrupted()}
+        for record in await store.history(limit=SWEEP_WINDOW):
+            if recovered_since(record, self.since):
+                found.setdefault(record.id, record)
+        fresh = {i: record for i, record in found.items() if i not in self.reported}
+        if fresh:
+            # another bot instance may have reported it already
+            audited = await store.audit_log(MESSAGE_LINK_WINDOW, action=RecoveryAudit.INTERRUPTED)
+            for entry in audited:
+                fresh.pop(str(entry.detail.get("deployment")), None)
+        self.reported.update(fresh)
+        for record in fresh.values():
+            log.warning("deployment %s was left running by a dead process: interrupted", record.id)
+        await report_interrupted(self.ctx, list(fresh.values()))
+        return list(fresh.values())
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("the periodic recovery sweep failed; trying again later")
+
+
+def start_sweeping(
+    ctx: BotContext, interval: float, since: datetime, reported: Iterable[str] = ()
+) -> asyncio.Task[None]:
+    """Sweep in the background while the bot runs; the task is in `ctx.extras`."""
+    sweeper = RecoverySweeper(ctx, interval, since, reported)
+    task = asyncio.create_task(sweeper.run(), name="nixmox-recovery-sweep")
+    ctx.extras[SWEEP_TASK] = task
+    return task
+
+
+async def stop_sweeping(task: asyncio.Task[None] | None) -> None:
+    """Stop the periodic sweep (a report in progress is cut short: the next start redoes it
+    only if it was not audited)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 __all__ = [
     "REPORT_TASK",
+    "SWEEP_TASK",
     "RecoveredGitHubNotifier",
     "RecoveryAudit",
+    "RecoverySweeper",
     "report_interrupted",
     "resume_hint",
     "start_reporting",
+    "start_sweeping",
     "stop_reporting",
+    "stop_sweeping",
     "where_stopped",
 ]

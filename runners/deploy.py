@@ -3,7 +3,9 @@
 `run_deployment` exports the planned revision into a fresh work directory (so it deploys
 exactly what was planned and approved, never a live working copy), takes the locks of the
 services the plan touches, keeps them renewed while it runs, runs the executor with the store
-recording every event, releases the locks and returns the recorded deployment.
+recording every event (awaited, with bounded retries on database errors: the store is the
+record, not a notifier), writes the final states from the execution's result, releases the
+locks and returns the recorded deployment.
 `plan_for_deploy` plans from the last successfully deployed revision, and `prepare_rollback` /
 `run_rollback` roll services back (a deployment of kind `rollback`).
 """
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan, PlanOptions, Step, step_id
 from planner.revisions import plan_revisions
@@ -36,13 +40,17 @@ from planner.source import (
 )
 from runners.base import (
     Context,
+    DeploymentFinished,
     DeploymentKind,
     DeploymentState,
+    Event,
+    StepFinished,
+    StepState,
     Subscriber,
     Trigger,
 )
 from runners.config import RunnerConfig
-from runners.executor import Executor
+from runners.executor import ExecutionResult, Executor
 from runners.registry import RunnerKind, RunnerSet, build_runners
 from runners.store import DeploymentRecord, LockBusy, Store
 
@@ -50,6 +58,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_LEASE = timedelta(seconds=60)
 DEFAULT_WORK_ROOT = Path(".nixmox") / "work"
+# a store write is retried this many times, waiting RECORD_BACKOFF * 2**n seconds in between
+# (about 6 s in all: a SQLite busy spell or a PostgreSQL failover), before the deployment fails
+RECORD_RETRIES = 6
+RECORD_BACKOFF = 0.1
 # directories never copied when a plain directory (not a Git revision) is deployed
 SNAPSHOT_IGNORE = (".git", ".nixmox", ".venv", "__pycache__", "node_modules", ".terraform")
 
@@ -155,6 +167,9 @@ async def plan_for_deploy(
 # --- running -----------------------------------------------------------------------------------
 
 
+Recovered = Callable[[list[DeploymentRecord]], Awaitable[None]]
+
+
 @dataclass
 class Execution:
     """How to run: which runners, how wide, who hears about it, how long locks last."""
@@ -168,6 +183,8 @@ class Execution:
     lock_lease: timedelta = DEFAULT_LOCK_LEASE
     lock_wait: float = 0.0
     work_root: Path = DEFAULT_WORK_ROOT
+    # told about the deployments the start-of-deployment recovery marked interrupted
+    on_recovered: Recovered | None = None
 
     def runner_set(self) -> RunnerSet:
         return self.runners or build_runners(self.runner_kind, self.runner_config)
@@ -205,6 +222,7 @@ async def run_deployment(
     lock_lease: timedelta = DEFAULT_LOCK_LEASE,
     lock_wait: float = 0.0,
     work_root: Path | str = DEFAULT_WORK_ROOT,
+    on_recovered: Recovered | None = None,
 ) -> DeploymentRecord | None:
     """Run a plan and return its recorded deployment (None: the plan has nothing to do).
 
@@ -230,6 +248,7 @@ async def run_deployment(
         lock_lease,
         lock_wait,
         Path(work_root),
+        on_recovered,
     )
     who = Who(trigger, requested_by, approved_by)
     revision = revision or (plan.head if repo_dir is not None else None)
@@ -243,8 +262,8 @@ async def run_deployment(
         found = manifest or await asyncio.to_thread(load_manifest, tree / manifest_path, tree)
         return found, revision
 
-    async def execute(executor: Executor, ctx: Context) -> None:
-        await executor.execute(plan, ctx)
+    async def execute(executor: Executor, ctx: Context) -> ExecutionResult:
+        return await executor.execute(plan, ctx)
 
     return await _run(
         store,
@@ -285,10 +304,10 @@ async def _run(
     who: Who,
     execution: Execution,
     prepare: Callable[[Path], Awaitable[tuple[Manifest, str | None]]],
-    execute: Callable[[Executor, Context], Awaitable[None]],
+    execute: Callable[[Executor, Context], Awaitable[ExecutionResult]],
 ) -> DeploymentRecord:
     """Lock, record, run and release: the part every kind of deployment shares."""
-    await store.recover_interrupted()
+    await _recover(store, execution.on_recovered)
     deployment_id = store.new_deployment_id()
     holder = holder_name(deployment_id)
     services = lock_names(plan)
@@ -341,10 +360,12 @@ async def _run(
             runners,
             parallel=execution.parallel,
             auto_rollback=execution.auto_rollback,
-            subscribers=[store.record_event, *execution.subscribers],
+            subscribers=execution.subscribers,
+            recorder=durable_recorder(store),
         )
         ctx = Context(deployment_id, manifest, plan, tree, revision)
-        await execute(executor, ctx)
+        result = await execute(executor, ctx)
+        await _retrying(lambda: record_result(store, result), "the final states")
     except BaseException as exc:
         if created:
             await _mark_stopped(store, deployment_id, exc)
@@ -361,6 +382,65 @@ async def _run(
     record = await store.get_deployment(deployment_id)
     assert record is not None
     return record
+
+
+async def _recover(store: Store, on_recovered: Recovered | None) -> None:
+    """Interrupt what dead processes left running; tell `on_recovered` (e.g. the bot's report)."""
+    recovered = await store.recover_interrupted()
+    if not recovered or on_recovered is None:
+        return
+    try:
+        await on_recovered(recovered)
+    except Exception:
+        log.exception("reporting %d interrupted deployment(s) failed", len(recovered))
+
+
+async def _retrying(write: Callable[[], Awaitable[None]], what: object) -> None:
+    """One store write, retried with backoff on database errors; the last error is raised."""
+    for attempt in range(RECORD_RETRIES + 1):
+        try:
+            await write()
+            return
+        except DBAPIError as exc:
+            if attempt == RECORD_RETRIES:
+                raise
+            log.warning("recording %s failed (%s); retrying", what, exc.__class__.__name__)
+            await asyncio.sleep(RECORD_BACKOFF * 2**attempt)
+
+
+def durable_recorder(store: Store) -> Subscriber:
+    """The executor's recorder: each event written to the store, retried on database errors."""
+
+    async def record(event: Event) -> None:
+        await _retrying(lambda: store.record_event(event), event)
+
+    return record
+
+
+async def record_result(store: Store, result: ExecutionResult) -> None:
+    """Write the final step and deployment states of an execution (idempotent: only what the
+    recorded events did not already leave so, then the deployment's end)."""
+    record = await store.get_deployment(result.deployment_id)
+    recorded = {step.id: step.state for step in record.steps} if record is not None else {}
+    for sid, outcome in result.steps.items():
+        if outcome.state in (StepState.PENDING, StepState.RUNNING):
+            continue
+        if recorded.get(sid) is outcome.state:
+            continue
+        await store.record_event(
+            StepFinished(
+                result.deployment_id,
+                outcome.step,
+                outcome.state,
+                outcome.result,
+                outcome.reason,
+                at=outcome.finished_at or result.finished_at,
+            )
+        )
+    if record is None or record.state is not result.state or record.finished_at is None:
+        await store.record_event(
+            DeploymentFinished(result.deployment_id, result.state, at=result.finished_at)
+        )
 
 
 async def _seed_simulation(store: Store, runners: RunnerSet) -> None:
@@ -590,6 +670,7 @@ async def run_rollback(
     lock_lease: timedelta = DEFAULT_LOCK_LEASE,
     lock_wait: float = 0.0,
     work_root: Path | str = DEFAULT_WORK_ROOT,
+    on_recovered: Recovered | None = None,
 ) -> DeploymentRecord | None:
     """Run a prepared rollback; recorded as a deployment of kind `rollback`."""
     common = {
@@ -604,6 +685,7 @@ async def run_rollback(
         "lock_lease": lock_lease,
         "lock_wait": lock_wait,
         "work_root": work_root,
+        "on_recovered": on_recovered,
     }
     if rollback.by_revision:
         return await run_deployment(
@@ -627,15 +709,16 @@ async def run_rollback(
         lock_lease,
         lock_wait,
         Path(work_root),
+        on_recovered,
     )
 
     async def prepare(tree: Path) -> tuple[Manifest, str | None]:
         tree.mkdir(parents=True, exist_ok=True)  # activating recorded systems needs no files
         return rollback.manifest, rollback.revision
 
-    async def execute(executor: Executor, ctx: Context) -> None:
+    async def execute(executor: Executor, ctx: Context) -> ExecutionResult:
         ctx.plan = rollback.plan
-        await executor.rollback_services(sorted(rollback.targets), ctx, rollback.targets)
+        return await executor.rollback_services(sorted(rollback.targets), ctx, rollback.targets)
 
     return await _run(
         store,

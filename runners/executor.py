@@ -5,9 +5,11 @@ ready steps, the one heading the longest remaining chain goes first, so long cha
 starved by wide waves. When a step fails, every step that needs it (transitively) is skipped;
 unrelated branches finish. When a `nix:*` or `verify` step of a service fails and auto-rollback
 is on, the service is rolled back to the system recorded before this deployment touched it and
-re-verified; the step then ends `rolled_back`. Every transition is an Event, delivered to each
-subscriber in order through its own queue: a slow, hanging or failing subscriber never slows
-or breaks the deployment.
+re-verified; the step then ends `rolled_back`. Every transition is an Event. The `recorder`
+(the state store) is awaited for each one before the execution goes on: if it fails, the
+execution stops with `RecordingFailed` rather than run on unrecorded. Notifiers are
+subscribers, each fed in order through its own queue: a slow, hanging or failing subscriber
+never slows or breaks the deployment.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ ROLLBACK_FAILED = "rollback of {service} failed: {detail}"
 REVERIFY_FAILED = "{service} was rolled back to {system}, but re-verification failed: {detail}"
 RUNNER_CRASHED = "runner error: {error}"
 INTERRUPTED = "the deployment was interrupted"
+NOT_RECORDED = "the state store could not record {event}: {error}"
+
+
+class RecordingFailed(Exception):
+    """The recorder could not persist a transition; the execution stopped."""
 
 
 @dataclass
@@ -215,6 +222,7 @@ class Executor:
         subscribers: Iterable[Subscriber] = (),
         subscriber_timeout: float = 30.0,
         drain_timeout: float = 30.0,
+        recorder: Subscriber | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
@@ -224,6 +232,8 @@ class Executor:
         self.subscribers = list(subscribers)
         self.subscriber_timeout = subscriber_timeout
         self.drain_timeout = drain_timeout
+        # awaited for every event (not a best-effort subscriber): the record must not lag
+        self.recorder = recorder
 
     def dry_run(self, plan: Plan, ctx: Context) -> list[tuple[str, list[str]]]:
         """Each step (wave order) with the exact command lines it would run."""
@@ -306,19 +316,42 @@ class _Run:
         self.bus = EventBus(executor.subscribers, timeout=executor.subscriber_timeout)
         self.rollbacks: dict[str, StepResult] = {}
         self.auto_rollback = True
+        self.unrecorded: RecordingFailed | None = None
+        self.stopping = False  # cancelled or unrecordable: recording is best effort from here
 
-    def emit(self, event: Event) -> None:
+    async def emit(self, event: Event) -> None:
+        """Record the event (awaited), then hand it to the notifiers."""
+        await self._record(event)
         self.bus.publish(event)
+
+    async def _record(self, event: Event) -> None:
+        recorder = self.executor.recorder
+        if recorder is None or self.unrecorded is not None:
+            return
+        try:
+            await recorder(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self.stopping:
+                log.exception("could not record %s while stopping", event)
+                return
+            log.exception("could not record %s; stopping the deployment", event)
+            self.unrecorded = RecordingFailed(
+                NOT_RECORDED.format(event=type(event).__name__, error=exc)
+            )
+            raise self.unrecorded from exc
 
     async def go(self, auto_rollback: bool) -> ExecutionResult:
         self.auto_rollback = auto_rollback
         started = utcnow()
         self.bus.start()
-        self.emit(DeploymentStarted(self.ctx.deployment_id, self.plan, self.kind))
         try:
+            await self.emit(DeploymentStarted(self.ctx.deployment_id, self.plan, self.kind))
             await self._schedule()
-        except asyncio.CancelledError:
-            self._interrupt()
+        except (asyncio.CancelledError, RecordingFailed):
+            self.stopping = True
+            await self._interrupt()
             await self._finish(started, drain=False)
             raise
         return await self._finish(started)
@@ -328,8 +361,10 @@ class _Run:
         counts: dict[str, int] = {}
         for outcome in self.outcomes.values():
             counts[outcome.state.value] = counts.get(outcome.state.value, 0) + 1
-        self.emit(DeploymentFinished(self.ctx.deployment_id, state, {"steps": counts}))
-        await self.bus.close(self.executor.drain_timeout if drain else 1.0)
+        try:
+            await self.emit(DeploymentFinished(self.ctx.deployment_id, state, {"steps": counts}))
+        finally:
+            await self.bus.close(self.executor.drain_timeout if drain else 1.0)
         return ExecutionResult(
             self.ctx.deployment_id,
             self.kind,
@@ -340,13 +375,13 @@ class _Run:
             self.rollbacks,
         )
 
-    def _interrupt(self) -> None:
+    async def _interrupt(self) -> None:
         now = utcnow()
         for outcome in self.outcomes.values():
             if outcome.state in (StepState.PENDING, StepState.RUNNING):
                 outcome.state, outcome.reason = StepState.INTERRUPTED, INTERRUPTED
                 outcome.finished_at = now
-                self.emit(
+                await self.emit(
                     StepFinished(
                         self.ctx.deployment_id, outcome.step, outcome.state, None, INTERRUPTED
                     )
@@ -371,6 +406,8 @@ class _Run:
             state = StepState.FAILED
             try:
                 state = await self._run_step(step)
+            except RecordingFailed:
+                pass  # kept in self.unrecorded; the loop below stops the execution
             finally:
                 done.put_nowait((step.id, state))
 
@@ -385,10 +422,12 @@ class _Run:
                 finished = [await done.get()]
                 while not done.empty():
                     finished.append(done.get_nowait())
+                if self.unrecorded is not None:
+                    raise self.unrecorded
                 for sid, state in finished:
                     running.pop(sid, None)
                     if state is not StepState.SUCCEEDED:
-                        self._skip_dependents(sid)
+                        await self._skip_dependents(sid)
                         continue
                     for dependent in self.graph.successors(sid):
                         waiting[dependent].discard(sid)
@@ -401,7 +440,7 @@ class _Run:
             if running:
                 await asyncio.gather(*running.values(), return_exceptions=True)
 
-    def _skip_dependents(self, sid: str) -> None:
+    async def _skip_dependents(self, sid: str) -> None:
         state = self.outcomes[sid].state
         reason = SKIP_REASON.format(step=sid, state=state.value.replace("_", " "))
         for dependent in nx.lexicographical_topological_sort(
@@ -411,17 +450,17 @@ class _Run:
             if outcome.state is not StepState.PENDING:
                 continue
             outcome.state, outcome.reason, outcome.finished_at = StepState.SKIPPED, reason, utcnow()
-            self.emit(
+            await self.emit(
                 StepFinished(self.ctx.deployment_id, outcome.step, StepState.SKIPPED, None, reason)
             )
 
     async def _run_step(self, step: Step) -> StepState:
         outcome = self.outcomes[step.id]
         outcome.state, outcome.attempt, outcome.started_at = StepState.RUNNING, 1, utcnow()
-        self.emit(StepStarted(self.ctx.deployment_id, step, outcome.attempt))
+        await self.emit(StepStarted(self.ctx.deployment_id, step, outcome.attempt))
         result = await self._call(lambda: self.runner_for(step), step)
         if result.output:
-            self.emit(StepOutput(self.ctx.deployment_id, step.id, result.output))
+            await self.emit(StepOutput(self.ctx.deployment_id, step.id, result.output))
         state, reason = (StepState.SUCCEEDED, None) if result.ok else (StepState.FAILED, None)
         if not result.ok:
             reason = _last_line(result.output) or f"{step.id} failed"
@@ -429,7 +468,7 @@ class _Run:
                 state, reason = await self._roll_back(step)
         outcome.state, outcome.result, outcome.reason = state, result, reason
         outcome.finished_at = utcnow()
-        self.emit(StepFinished(self.ctx.deployment_id, step, state, result, reason))
+        await self.emit(StepFinished(self.ctx.deployment_id, step, state, result, reason))
         return state
 
     async def _call(self, runner: Callable[[], Runner], step: Step) -> StepResult:
@@ -459,7 +498,7 @@ class _Run:
         target = self.ctx.previous_systems.get(service)
         if target is None:
             return StepState.FAILED, NO_PREVIOUS_SYSTEM.format(service=service)
-        self.emit(RollbackStarted(deployment, service, step.id))
+        await self.emit(RollbackStarted(deployment, service, step.id))
         rollback = self.runners.rollback
         assert rollback is not None  # checked by _should_roll_back
         try:
@@ -468,7 +507,7 @@ class _Run:
             log.exception("rollback of %s failed", service)
             result = StepResult(False, RUNNER_CRASHED.format(error=exc))
         self.rollbacks[service] = result
-        self.emit(RollbackFinished(deployment, service, result.ok, result))
+        await self.emit(RollbackFinished(deployment, service, result.ok, result))
         if not result.ok:
             detail = _last_line(result.output) or "no output"
             return StepState.FAILED, ROLLBACK_FAILED.format(service=service, detail=detail)
@@ -477,7 +516,7 @@ class _Run:
         )
         check = await self._call(lambda: self.runners.verify, verify)
         if check.output:
-            self.emit(StepOutput(deployment, step.id, check.output))
+            await self.emit(StepOutput(deployment, step.id, check.output))
         if not check.ok:
             detail = _last_line(check.output) or "no output"
             return StepState.FAILED, REVERIFY_FAILED.format(

@@ -24,7 +24,7 @@ from runners.base import (
     StepState,
 )
 from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor, critical_path
+from runners.executor import Executor, RecordingFailed, critical_path
 from runners.registry import build_runners
 from runners.simulate import SimulatedRunner, system_path
 
@@ -353,3 +353,44 @@ async def test_a_runner_that_raises_fails_only_its_step(tmp_path: Path) -> None:
         "runner error: no runner configured for phase verify"
     )
     assert result.steps["nix:service-config:c"].state is StepState.SUCCEEDED
+
+
+async def test_the_recorder_writes_each_event_before_it_goes_on(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    recorded: list[Event] = []
+    out_of_order: list[Event] = []
+
+    async def recorder(event: Event) -> None:
+        await asyncio.sleep(0.001)  # a write takes time; the executor waits for it
+        recorded.append(event)
+
+    async def notifier(event: Event) -> None:
+        if event not in recorded:
+            out_of_order.append(event)
+
+    executor = Executor(simulated(0.001), recorder=recorder, subscribers=[notifier])
+    result = await executor.execute(plan, context(plan, manifest, tmp_path))
+    assert result.state is DeploymentState.SUCCEEDED
+    assert out_of_order == []  # notifiers only ever hear about recorded transitions
+    assert isinstance(recorded[-1], DeploymentFinished)
+    finished = {e.step.id for e in recorded if isinstance(e, StepFinished)}
+    assert finished == {step.id for step in plan.steps}
+
+
+async def test_a_recorder_that_fails_stops_the_execution(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    notified = Recorder()
+
+    async def recorder(event: Event) -> None:
+        if isinstance(event, StepFinished) and event.step.id == "tf:infra":
+            raise OSError("disk full")
+
+    executor = Executor(simulated(0.001), recorder=recorder, subscribers=[notified])
+    with pytest.raises(RecordingFailed, match="disk full"):
+        await executor.execute(plan, context(plan, manifest, tmp_path))
+    started = {e.step.id for e in notified.events if isinstance(e, StepStarted)}
+    assert started == {"tf:infra"}  # nothing ran after the unrecorded transition
+    final = notified.events[-1]
+    assert isinstance(final, DeploymentFinished) and final.state is DeploymentState.INTERRUPTED

@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.app import build_app
 from bot.context import BotContext, DeploymentRequest
-from bot.recovery import REPORT_TASK, RecoveryAudit
+from bot.recovery import REPORT_TASK, SWEEP_TASK, RecoveryAudit, RecoverySweeper
 from bot.slack import SLACK_BOT
 from bot.slack.bot import Audit
 from planner.plan import Plan, plan_full
@@ -89,6 +89,7 @@ async def left_running(
     running: str,
     subscribers: list[Subscriber] = (),  # type: ignore[assignment]
     scope: str | None = None,
+    lease: timedelta = LEASE,
 ) -> str:
     """A deployment whose process died while `running` ran, after `done` had succeeded."""
     deployment_id = await store.create_deployment(
@@ -99,7 +100,7 @@ async def left_running(
         approved_by=request.approved_by,
         head=request.revision,
         holder=DEAD_HOLDER,
-        lease=LEASE,
+        lease=lease,
         scope=scope,
     )
     steps = {step.id: step for step in plan.steps}
@@ -169,9 +170,17 @@ def only_message(fake: FakeSlack) -> Message:
 
 
 async def start_slack_bot(
-    aiohttp_client: Any, tmp_path: Path, fake: FakeSlack, repo: ManifestRepo
+    aiohttp_client: Any,
+    tmp_path: Path,
+    fake: FakeSlack,
+    repo: ManifestRepo,
+    recovery_interval: float | None = None,
 ) -> Any:
-    app = build_app(slack_settings(tmp_path, fake, repo.path), start_worker=False)
+    app = build_app(
+        slack_settings(tmp_path, fake, repo.path),
+        start_worker=False,
+        recovery_interval=recovery_interval,
+    )
     app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     return await aiohttp_client(app)
 
@@ -410,3 +419,89 @@ async def test_failing_reports_never_keep_the_bot_from_starting(
     assert detail["slack"]["posted"] is False
     record = await bot.ctx.require_store().get_deployment(deployment_id)
     assert record is not None and record.state is DeploymentState.INTERRUPTED
+
+
+async def cli_deployment_left_running(tmp_path: Path, head: str, lease: timedelta) -> str:
+    """A `nixmox deploy` (no notifier) whose process died during nix:core:postgresql."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    try:
+        request = DeploymentRequest(trigger=Trigger.CLI, requested_by="ops", revision=head)
+        return await left_running(
+            store,
+            small_plan(head),
+            request,
+            done=BEFORE_VERIFY[:1],
+            running="nix:core:postgresql",
+            lease=lease,
+        )
+    finally:
+        await store.close()
+
+
+async def test_a_restart_within_the_lease_is_reported_once_the_lease_runs_out(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    head = manifest_repo.repo.heads.main.commit.hexsha
+    deployment_id = await cli_deployment_left_running(tmp_path, head, timedelta(seconds=2))
+
+    # the bot is back before the dead deployment's lease ran out: nothing is stale yet
+    bot = await start_slack_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, recovery_interval=0.1
+    )
+    ctx = bot.app[SLACK_BOT].ctx
+    store = ctx.require_store()
+    assert ctx.extras.get(REPORT_TASK) is None
+    record = await store.get_deployment(deployment_id)
+    assert record is not None and record.state is DeploymentState.RUNNING
+    assert fake_slack.channel_messages(CHANNEL) == []
+    assert not ctx.extras[SWEEP_TASK].done()
+
+    # no restart: the periodic sweep interrupts and reports it after the lease
+    [message] = await fake_slack.wait_for(lambda: fake_slack.channel_messages(CHANNEL))
+    text = message.all_text()
+    assert f"deployment `{deployment_id}` · from the cli" in text
+    assert ":warning: *postgresql* — interrupted" in text
+    assert "The bot stopped during `nix:core:postgresql`" in text
+    record = await store.get_deployment(deployment_id)
+    assert record is not None and record.state is DeploymentState.INTERRUPTED
+    for _ in range(100):
+        entries = await store.audit_log(50, action=RecoveryAudit.INTERRUPTED)
+        if entries:
+            break
+        await asyncio.sleep(0.05)
+    detail = await audit_entry(store, RecoveryAudit.INTERRUPTED, deployment_id)
+    assert detail["slack"]["ts"] == message.ts and detail["slack"]["posted"] is True
+    # later sweeps do not report it again
+    await asyncio.sleep(0.3)
+    assert len(fake_slack.channel_messages(CHANNEL)) == 1
+    await audit_entry(store, RecoveryAudit.INTERRUPTED, deployment_id)
+
+
+async def test_a_deployment_another_process_recovered_is_reported_by_the_sweep(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    head = manifest_repo.repo.heads.main.commit.hexsha
+    since = utcnow()
+    deployment_id = await cli_deployment_left_running(tmp_path, head, timedelta(seconds=1))
+    bot = await start_slack_bot(
+        aiohttp_client, tmp_path, fake_slack, manifest_repo, recovery_interval=3600
+    )
+    ctx = bot.app[SLACK_BOT].ctx
+    await lease_runs_out(ctx.require_store(), deployment_id)
+    # the recovery a `nixmox deploy` (another process, another connection) runs as it starts
+    other = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    try:
+        [recovered] = await other.recover_interrupted()
+    finally:
+        await other.close()
+    assert recovered.id == deployment_id
+
+    sweeper = RecoverySweeper(ctx, 3600, since)
+    assert [record.id for record in await sweeper.sweep()] == [deployment_id]
+    [message] = fake_slack.channel_messages(CHANNEL)
+    assert "The bot stopped during `nix:core:postgresql`" in message.all_text()
+    await audit_entry(ctx.require_store(), RecoveryAudit.INTERRUPTED, deployment_id)
+    # reported once, by this sweeper or by another (the audit log says so)
+    assert await sweeper.sweep() == []
+    assert await RecoverySweeper(ctx, 3600, since).sweep() == []
+    assert len(fake_slack.channel_messages(CHANNEL)) == 1
