@@ -200,11 +200,13 @@ def field_effects(path: str) -> frozenset[Effect]:
 class PathsConfig:
     """`[paths]` of `.nixmox.toml`: extra globs per service, and globs that touch every host.
 
-    `global` replaces the default (`flake.lock`, `flake.nix`) when given.
+    `global` replaces the default (`flake.lock`, `flake.nix`) when given; `ignore` lists files
+    that never cause a deployment (documentation under `nixos/`, say).
     """
 
     global_globs: tuple[str, ...] = DEFAULT_GLOBAL_GLOBS
     services: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    ignore_globs: tuple[str, ...] = ()
 
     @classmethod
     def from_toml(cls, data: Mapping[str, Any]) -> PathsConfig:
@@ -217,9 +219,9 @@ class PathsConfig:
         for key, value in paths.items():
             if not _is_glob_list(value):
                 raise ValueError(f"paths.{key} must be a list of glob strings")
-            if key != "global":
+            if key not in ("global", "ignore"):
                 services[str(key)] = tuple(value)
-        return cls(tuple(global_globs), services)
+        return cls(tuple(global_globs), services, tuple(paths.get("ignore", ())))
 
 
 def _is_glob_list(value: Any) -> bool:
@@ -309,11 +311,12 @@ def match_files(
     tf_effects = frozenset({Effect.TERRAFORM, Effect.VERIFY})
     hits: list[FileHit] = []
     for path in sorted(set(files)):
-        if path in skip:
+        if path in skip or any(glob_match(path, pattern) for pattern in config.ignore_globs):
             continue
         if any(glob_match(path, pattern) for pattern in config.global_globs):
             hits.append(FileHit(path, None, nix_effects))
             continue
+        found = len(hits)
         for name in sorted(nixos_candidates(path) & set(enabled)):
             hits.append(FileHit(path, name, nix_effects))
         for name, patterns in config.services.items():
@@ -322,4 +325,18 @@ def match_files(
         for name, dirs in tf_dirs.items():
             if any(_under(path, directory) for directory in dirs):
                 hits.append(FileHit(path, name, tf_effects))
+        if len(hits) == found and shared_nixos_file(path, manifest):
+            # a module no service claims (nixos/common.nix, say) may be imported by any host:
+            # rebuilding every service is safe, deploying nothing could leave hosts stale
+            hits.append(FileHit(path, None, nix_effects))
     return hits
+
+
+def shared_nixos_file(path: str, manifest: Manifest) -> bool:
+    """A file under `nixos/` that names no service of the manifest, enabled or not."""
+    parts = PurePosixPath(path).parts
+    return (
+        len(parts) >= 2
+        and parts[0] == NIXOS_DIR
+        and not (nixos_candidates(path) & set(manifest.all_services()))
+    )

@@ -20,6 +20,7 @@ from planner.diff import (
     nixos_candidates,
 )
 from planner.plan import (
+    NIX_PHASES,
     FullPlanNeeds,
     Phase,
     PlanOptions,
@@ -210,6 +211,31 @@ def test_match_files_by_default_globs_terraform_dirs_and_config() -> None:
         ("apps/b/conf.yml", "b", False),
         ("nixos/common/base.nix", None, False),
     }
+
+
+def test_a_shared_nixos_module_no_service_claims_counts_for_every_service() -> None:
+    manifest = parse_manifest(small())
+    hits = match_files(["nixos/modules/users.nix", "nixos/README.md"], manifest)
+    assert {(hit.path, hit.service) for hit in hits} == {
+        ("nixos/modules/users.nix", None),
+        ("nixos/README.md", None),
+    }
+    # a file under a service's name is that service's, not shared
+    assert [hit.service for hit in match_files(["nixos/a/extra.nix"], manifest)] == ["a"]
+    ignoring = PathsConfig.from_toml({"paths": {"ignore": ["nixos/**/*.md"]}})
+    hits = match_files(["nixos/modules/users.nix", "nixos/README.md"], manifest, ignoring)
+    assert [hit.path for hit in hits] == ["nixos/modules/users.nix"]
+
+
+def test_a_shared_nixos_module_change_rebuilds_every_service() -> None:
+    manifest = parse_manifest(small())
+    plan = plan_changes(manifest, manifest, changed_files=["nixos/modules/users.nix"])
+    nix_steps = {step.id for step in plan.steps if step.phase in NIX_PHASES}
+    assert nix_steps == {
+        f"{'nix:core' if manifest.is_core(name) else 'nix:service-config'}:{name}"
+        for name in manifest.enabled()
+    }
+    assert all("nixos/modules/users.nix" in step.reasons for step in plan.steps)
 
 
 @pytest.mark.parametrize(
