@@ -8,6 +8,8 @@ the jobs are enqueued and the response goes out. No GitHub call and no planning 
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 import time
@@ -17,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 from gidgethub import ValidationFailure, sansio
+from prometheus_client import Counter
 
 from bot.context import CONTEXT, BotContext
 from bot.github.events import BadPayload, Delivery, handles, router
@@ -29,6 +32,7 @@ SIGNATURE_PATTERN = re.compile(r"sha256=[0-9a-f]{64}")
 EVENT_HEADER = "X-GitHub-Event"
 DELIVERY_HEADER = "X-GitHub-Delivery"
 MAX_HEADER_LENGTH = 200
+CACHED_ANSWERS = 256  # distinct (outcome, message, jobs) answers kept encoded
 
 
 class Outcome(StrEnum):
@@ -122,6 +126,22 @@ async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, in
     return Outcome.ACCEPTED, "queued", len(specs)
 
 
+@functools.lru_cache(maxsize=CACHED_ANSWERS)
+def _encoded(status: Outcome, message: str, jobs: int) -> bytes:
+    """The JSON answer to a handled delivery, encoded once (most answers repeat exactly)."""
+    return json.dumps({"status": status.value, "message": message, "jobs": jobs}).encode()
+
+
+@functools.lru_cache(maxsize=CACHED_ANSWERS)
+def _counter(counter: Counter, event: str, outcome: Outcome) -> Counter:
+    """The labelled child of `counter`, looked up once per (event, outcome)."""
+    return counter.labels(event, outcome.value)
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json", charset="utf-8")
+
+
 async def github_webhook(request: web.Request) -> web.Response:
     """The aiohttp handler of `POST /github/webhook`."""
     ctx = request.app[CONTEXT]
@@ -147,11 +167,11 @@ async def _handle(
         outcome, message, queued = await accept(ctx, event)
     except Rejected as exc:
         # the event header of an unverified request is not trusted as a metric label
-        ctx.metrics.webhooks.labels("-", exc.outcome.value).inc()
+        _counter(ctx.metrics.webhooks, "-", exc.outcome).inc()
         log.info("github delivery rejected (%d): %s", exc.status, exc.message)
-        return web.json_response({"error": exc.message}, status=exc.status)
-    ctx.metrics.webhooks.labels(event.event[:50], outcome.value).inc()
+        return _json(json.dumps({"error": exc.message}).encode(), exc.status)
+    _counter(ctx.metrics.webhooks, event.event[:50], outcome).inc()
     ctx.metrics.webhook_seconds.observe(time.perf_counter() - started)
     if outcome is Outcome.ACCEPTED:
         log.info("github %s %s: %d job(s) queued", event.event, event.delivery_id, queued)
-    return web.json_response({"status": outcome.value, "message": message, "jobs": queued})
+    return _json(_encoded(outcome, message, queued))
