@@ -192,3 +192,49 @@ def test_merge_lock_wait_defaults_to_ten_minutes() -> None:
 
     assert Settings().merge_lock_wait == 600
     assert Settings(merge_lock_wait="5").merge_lock_wait == 5
+
+
+async def test_after_a_failed_first_deployment_the_next_merge_deploys_everything(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    from bot.github.push import NOT_YET_DEPLOYED
+
+    bot = await make_bot(
+        auto_rollback=False, runner_config=fast_runners(fail=["nix:service-config:gitea"])
+    )
+    first = manifest_repo.repo.heads.main.commit.hexsha
+    second = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea: port 3001")
+    await push(bot, payloads, first, second)
+    store = bot.ctx.require_store()
+    (failed,) = await store.history()
+    assert failed.state is DeploymentState.FAILED and failed.base == first
+
+    bot.ctx.runner_config = fast_runners()  # gitea's step works again
+    third = manifest_repo.commit(
+        manifest_repo.manifest().replace("vmid = 302", "vmid = 312"), "vmid"
+    )
+    await push(bot, payloads, second, third)  # the push's diff does not touch gitea
+    latest = (await store.history())[0]
+    assert latest.id != failed.id and (latest.base, latest.head) == (None, third)
+    ids = [s.id for s in latest.steps]
+    assert {"nix:service-config:gitea", "verify:gitea"} <= set(ids)
+    assert len(ids) > len(failed.steps)
+    assert latest.state is DeploymentState.SUCCEEDED
+    assert NOT_YET_DEPLOYED in [s["description"] for s in fake_github.statuses_for(third, DEPLOY)]
+    assert await store.last_deployed_revision() == third
+
+
+async def test_an_empty_store_plans_a_merge_from_the_pushs_before(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    from bot.github.push import NOT_YET_DEPLOYED
+
+    bot = await make_bot()
+    before = manifest_repo.repo.heads.main.commit.hexsha
+    after = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea: port 3001")
+    await push(bot, payloads, before, after)
+    (record,) = await bot.ctx.require_store().history()
+    assert record.base == before
+    assert NOT_YET_DEPLOYED not in [
+        s["description"] for s in fake_github.statuses_for(after, DEPLOY)
+    ]

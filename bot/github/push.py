@@ -1,11 +1,14 @@
 """Deploy on merge: a push to the default branch deploys what changed since the last deployment.
 
-The plan goes from the last successfully deployed revision in the store (the push's `before`
-when nothing was deployed yet) to `after`. Deployments from pushes run one at a time in a
-process, each planned after the previous one finished, and a push whose commit is already
-contained in the deployed revision (a late delivery) deploys nothing. A merge whose services
-are locked waits up to NIXMOX_MERGE_LOCK_WAIT seconds (`nixmox/deploy` pending, naming the lock),
-then gives up with `error`: the merge is not deployed and someone has to look.
+The plan goes from the last successfully deployed revision in the store to `after`. With an
+empty store (a bot installed on a running homelab) it goes from the push's `before`; when
+deployments were attempted but none of everything succeeded yet, it deploys everything, so
+services a failed first deployment skipped are not left behind. Deployments from pushes run
+one at a time in a process, each planned after the previous one finished, and a push whose
+commit is already contained in the deployed revision (a late delivery) deploys nothing. A
+merge whose services are locked waits up to NIXMOX_MERGE_LOCK_WAIT seconds (`nixmox/deploy`
+pending, naming the lock), then gives up with `error`: the merge is not deployed and someone
+has to look.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ INTERNAL_ERROR = "internal error (see the bot's log)"
 STOPPED = "the deployment stopped on an internal error (see the bot's log)"
 WAITING = "waiting for {service} locked by {holder}"
 STILL_LOCKED = "not deployed: {service} still locked by {holder} after {wait:g} s"
+NOT_YET_DEPLOYED = "no successful full deployment yet: deploying everything"
 
 
 def merge_lock(ctx: BotContext) -> asyncio.Lock:
@@ -85,6 +89,8 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
             revision=after,
             installation_id=installation,
         )
+        if plan.note == NOT_YET_DEPLOYED:
+            await status(StatusState.PENDING, NOT_YET_DEPLOYED, target)
         await announce_wait(ctx, plan, status)
         try:
             await ctx.deploy(request, plan, lock_wait=ctx.settings.merge_lock_wait)
@@ -121,7 +127,10 @@ async def plan_push(
     git = ctx.git
     if git is None:
         raise PlanningError("the Git cache is not set up")
-    deployed = await ctx.require_store().last_deployed_revision()
+    store = ctx.require_store()
+    deployed = await store.last_deployed_revision()
+    # attempted but never fully succeeded: a diff would leave what that attempt skipped behind
+    never_succeeded = deployed is None and bool(await store.history(limit=1))
     token = await ctx.require_github().token(payload.get("installation_id"))
     remote = remote_for(ctx.settings, payload.get("clone_url"), token)
     wanted = [sha for sha in (after, before, deployed) if is_sha(sha)]
@@ -137,8 +146,17 @@ async def plan_push(
             log.info("push %s is already contained in deployed %s", after[:12], deployed[:12])
             return None
         base: str | None = deployed
+    elif never_succeeded:
+        return mark_full(await plan_between(ctx, None, after))
     elif is_sha(before) and await asyncio.to_thread(git.has_commit, before):
         base = before
     else:
         base = None  # a new branch or unknown history: deploy everything
     return await plan_between(ctx, base, after)
+
+
+def mark_full(plan: Plan) -> Plan:
+    """The full plan, noting why everything is deployed (shown in Slack and the status)."""
+    if not plan.ok or not plan.steps:
+        return plan
+    return plan.model_copy(update={"note": NOT_YET_DEPLOYED})
