@@ -19,6 +19,7 @@ from planner.models import Manifest
 SERVICE_SECTIONS = ("core_services", "services")
 DEFAULT_GLOBAL_GLOBS = ("flake.lock", "flake.nix")
 NIXOS_DIR = "nixos"
+ROOT_KEYS = ("infra_root", "auth_root")  # `[paths]` keys naming the global terraform roots
 
 
 class DiffKind(StrEnum):
@@ -38,6 +39,7 @@ class Effect(StrEnum):
     DATABASE = "db"  # the database service's databases and roles
     AUTH = "auth"  # Authentik application/provider of the service
     TERRAFORM = "terraform"  # the service's own terraform steps
+    AUTH_CORE = "auth-core"  # the identity provider's global terraform (tf:auth-core)
 
 
 INFRA_FIELDS = frozenset({"vmid", "resources", "onboot", "start"})
@@ -201,12 +203,15 @@ class PathsConfig:
     """`[paths]` of `.nixmox.toml`: extra globs per service, and globs that touch every host.
 
     `global` replaces the default (`flake.lock`, `flake.nix`) when given; `ignore` lists files
-    that never cause a deployment (documentation under `nixos/`, say).
+    that never cause a deployment (documentation under `nixos/`, say); `infra_root` and
+    `auth_root` move the global terraform roots (None: the planner options' defaults).
     """
 
     global_globs: tuple[str, ...] = DEFAULT_GLOBAL_GLOBS
     services: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     ignore_globs: tuple[str, ...] = ()
+    infra_root: str | None = None
+    auth_root: str | None = None
 
     @classmethod
     def from_toml(cls, data: Mapping[str, Any]) -> PathsConfig:
@@ -216,12 +221,24 @@ class PathsConfig:
             raise ValueError("[paths] must be a table")
         global_globs = paths.get("global", list(DEFAULT_GLOBAL_GLOBS))
         services: dict[str, tuple[str, ...]] = {}
+        roots: dict[str, str] = {}
         for key, value in paths.items():
+            if key in ROOT_KEYS:
+                if not isinstance(value, str) or not value.strip("./"):
+                    raise ValueError(f"paths.{key} must be a directory path")
+                roots[key] = value
+                continue
             if not _is_glob_list(value):
                 raise ValueError(f"paths.{key} must be a list of glob strings")
             if key not in ("global", "ignore"):
                 services[str(key)] = tuple(value)
-        return cls(tuple(global_globs), services, tuple(paths.get("ignore", ())))
+        return cls(
+            tuple(global_globs),
+            services,
+            tuple(paths.get("ignore", ())),
+            infra_root=roots.get("infra_root"),
+            auth_root=roots.get("auth_root"),
+        )
 
 
 def _is_glob_list(value: Any) -> bool:
@@ -292,14 +309,20 @@ def match_files(
     config: PathsConfig | None = None,
     *,
     ignore: Iterable[str] = (),
+    infra_root: str | None = None,
+    auth_root: str | None = None,
 ) -> list[FileHit]:
     """Which enabled services each changed file counts for, and what it causes there.
 
     Terraform module directories cause the service's tf steps; `nixos/**/<svc>.nix`,
     `nixos/**/<svc>/**` and the service's configured globs its nix step; global globs the nix
-    step of every service. Every one of them is verified afterwards.
+    step of every service. Every one of them is verified afterwards. A file under the infra
+    root causes tf:infra for every service, one under the auth root tf:auth-core (the config's
+    roots override the `infra_root`/`auth_root` arguments; None: no such root).
     """
     config = config or PathsConfig()
+    infra_root = config.infra_root or infra_root
+    auth_root = config.auth_root or auth_root
     enabled = manifest.enabled()
     skip = set(ignore)
     tf_dirs = {
@@ -309,6 +332,8 @@ def match_files(
     }
     nix_effects = frozenset({Effect.NIX, Effect.VERIFY})
     tf_effects = frozenset({Effect.TERRAFORM, Effect.VERIFY})
+    infra_effects = frozenset({Effect.INFRA, Effect.VERIFY})
+    auth_effects = frozenset({Effect.AUTH_CORE, Effect.VERIFY})
     hits: list[FileHit] = []
     for path in sorted(set(files)):
         if path in skip or any(glob_match(path, pattern) for pattern in config.ignore_globs):
@@ -317,6 +342,10 @@ def match_files(
             hits.append(FileHit(path, None, nix_effects))
             continue
         found = len(hits)
+        if infra_root and _under(path, infra_root):
+            hits.append(FileHit(path, None, infra_effects))
+        if auth_root and _under(path, auth_root):
+            hits.append(FileHit(path, None, auth_effects))
         for name in sorted(nixos_candidates(path) & set(enabled)):
             hits.append(FileHit(path, name, nix_effects))
         for name, patterns in config.services.items():

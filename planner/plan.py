@@ -19,6 +19,7 @@ from planner.diff import (
     VERIFY_ALL_FIELDS,
     DiffKind,
     Effect,
+    FileHit,
     ManifestDiff,
     PathsConfig,
     ServiceDiff,
@@ -134,11 +135,17 @@ class Change(BaseModel):
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """Which services play the roles the phases refer to."""
+    """Which services play the roles the phases refer to, and where the global roots live.
+
+    The roots mirror the runner's defaults (`runners.config.DEFAULT_ROOTS`); a changed file
+    under one selects its step. `[paths]` of `.nixmox.toml` may override them.
+    """
 
     proxy_service: str = "caddy"
     dns_service: str = "dns"
     auth_service: str = "authentik"
+    infra_root: str | None = "terraform/infrastructure"
+    auth_root: str | None = "terraform/authentik"
 
 
 class Plan(BaseModel):
@@ -722,6 +729,8 @@ def apply_effects(
             sel.add(Phase.TF_SERVICE_CONFIG, service, reason)
     if Effect.INFRA in effects:
         sel.add_infra(service, reason)
+    if Effect.AUTH_CORE in effects:
+        sel.add(Phase.TF_AUTH_CORE, None, reason)
     if Effect.DNS in effects:
         sel.add(Phase.NIX_CORE, options.dns_service, reason)
     if Effect.PROXY in effects:
@@ -794,6 +803,21 @@ def select_global(sel: Selection, ctx: ChangeContext, fields: Iterable[str]) -> 
     return needs_full
 
 
+def hit_services(sel: Selection, ctx: ChangeContext, hit: FileHit) -> list[str]:
+    """The services a file that belongs to no one service counts for.
+
+    The auth root's terraform (tf:auth-core) concerns the provider and services using auth;
+    anything else (global globs, shared modules, the infra root) every service.
+    """
+    if Effect.AUTH_CORE not in hit.effects:
+        return sorted(sel.enabled)
+    return sorted(
+        name
+        for name, svc in ctx.head_enabled.items()
+        if name == ctx.provider or svc.interface.auths()
+    )
+
+
 def reverify_dependents(sel: Selection, graph: nx.DiGraph) -> None:
     """A redeployed core service: re-verify every service that depends on it, transitively."""
     for core, reasons in sorted(sel.redeployed_core.items()):
@@ -802,15 +826,94 @@ def reverify_dependents(sel: Selection, graph: nx.DiGraph) -> None:
                 sel.add(Phase.VERIFY, dependent, reason)
 
 
+REUSED_FIELDS = ("vmid", "ip", "hostname")
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A head service taking over a removed service's vmid, ip or hostname."""
+
+    removed: str  # base service
+    service: str  # head service
+    field: str
+    reason: str
+
+
+def replacements(
+    ctx: ChangeContext, diff: ManifestDiff, removed: list[ServiceDiff]
+) -> dict[str, list[Reuse]]:
+    """Removed service -> the added (or readdressed) services reusing its vmid, ip or hostname.
+
+    Proxmox refuses a second container with the same vmid, and two live containers sharing an
+    address confuse nixos-rebuild: such a removed container must be destroyed first.
+    """
+    if not removed:
+        return {}
+    claimed: dict[str, list[tuple[str, str]]] = {}  # "<field>=<value>" -> [(service, path)]
+    for change in diff.services:
+        if not change.enabled_in_head or change.kind is DiffKind.REMOVED:
+            continue
+        tops = {path.split(".")[0] for path in change.fields}
+        svc = ctx.head_services[change.service]
+        for name in REUSED_FIELDS:
+            value = getattr(svc, name)
+            if value is not None and (change.kind is DiffKind.ADDED or name in tops):
+                claimed.setdefault(f"{name}={value}", []).append((change.service, change.path()))
+    found: dict[str, list[Reuse]] = {}
+    for change in removed:
+        old = ctx.base_services[change.service]
+        for name in REUSED_FIELDS:
+            value = getattr(old, name)
+            for service, path in claimed.get(f"{name}={value}", []) if value is not None else ():
+                reason = f"{path}.{name} reuses removed {change.path()}.{name}"
+                found.setdefault(change.service, []).append(
+                    Reuse(change.service, service, name, reason)
+                )
+    return found
+
+
+def destroy_before_reuse(
+    steps: dict[str, Step], sel: Selection, replaced: Mapping[str, list[Reuse]]
+) -> None:
+    """tf:infra and each reusing service's first step wait for the reused container's destroy."""
+    infra = steps.get(step_id(Phase.TF_INFRA))
+    for old, reuses in sorted(replaced.items()):
+        destroy = step_id(Phase.TF_DESTROY, old)
+        for reuse in reuses:
+            first = next(
+                (
+                    steps[sid]
+                    for phase in sel.chain(reuse.service)
+                    if (sid := step_id(phase, reuse.service)) in steps
+                ),
+                None,
+            )
+            for step in (infra, first):
+                if step is None:
+                    continue
+                if destroy not in step.needs:
+                    step.needs = sorted([*step.needs, destroy])
+                if reuse.reason not in step.reasons:
+                    step.reasons = [*step.reasons, reuse.reason]
+
+
 def destroy_steps(
-    kept: dict[str, Step], removed: list[ServiceDiff], base_graph: nx.DiGraph
+    kept: dict[str, Step],
+    removed: list[ServiceDiff],
+    base_graph: nx.DiGraph,
+    replaced: Mapping[str, list[Reuse]] | None = None,
 ) -> dict[str, Step]:
     """`tf:destroy:<svc>` for removed services, after every dependent is gone or reconfigured.
 
     Core reconfiguration (DNS records, proxy routes) goes first, so nothing points at a
-    container that no longer exists.
+    container that no longer exists. A container whose vmid, ip or hostname a head service
+    reuses (`replaced`) is destroyed before anything else instead (tf:infra will need it), so
+    its destroy, and those of its removed dependents, need only each other: DNS and proxy are
+    reconfigured afterwards, with the new service.
     """
+    replaced = replaced or {}
     gone = {change.service for change in removed}
+    early = early_destroys(set(replaced), gone, base_graph)
     by_service: dict[str, list[str]] = {}
     for sid, step in kept.items():
         if step.service:
@@ -819,10 +922,12 @@ def destroy_steps(
     steps: dict[str, Step] = {}
     for change in removed:
         name = change.service
-        needs: set[str] = set(core_first)
+        needs: set[str] = set() if name in early else set(core_first)
         for dependent in base_graph.predecessors(name) if name in base_graph else ():
             if dependent in gone:
                 needs.add(step_id(Phase.TF_DESTROY, dependent))
+            elif name in early:
+                continue  # it is reconfigured after the new container exists
             elif step_id(Phase.VERIFY, dependent) in kept:
                 needs.add(step_id(Phase.VERIFY, dependent))
             else:
@@ -832,11 +937,27 @@ def destroy_steps(
             phase=Phase.TF_DESTROY,
             service=name,
             needs=sorted(needs),
-            reasons=[change.path(change.fields[0] if change.fields else None)],
+            reasons=[
+                change.path(change.fields[0] if change.fields else None),
+                *(reuse.reason for reuse in replaced.get(name, [])),
+            ],
             targets=[name],
         )
         steps[step.id] = step
     return steps
+
+
+def early_destroys(replaced: set[str], gone: set[str], base_graph: nx.DiGraph) -> set[str]:
+    """Removed services destroyed before tf:infra: the replaced ones and their removed dependents."""
+    early = set(replaced)
+    stack = list(replaced)
+    while stack:
+        name = stack.pop()
+        for dependent in base_graph.predecessors(name) if name in base_graph else ():
+            if dependent in gone and dependent not in early:
+                early.add(dependent)
+                stack.append(dependent)
+    return early
 
 
 def changes_of(diff: ManifestDiff) -> list[Change]:
@@ -944,8 +1065,11 @@ def _plan_changes(
                 apply_effects(
                     sel, ctx, change.service, field_effects(path), change.path(path), path
                 )
-    for hit in match_files(files, head, paths_config):
-        for name in [hit.service] if hit.service else sorted(sel.enabled):
+    hits = match_files(
+        files, head, paths_config, infra_root=options.infra_root, auth_root=options.auth_root
+    )
+    for hit in hits:
+        for name in [hit.service] if hit.service else hit_services(sel, ctx, hit):
             apply_effects(sel, ctx, name, hit.effects, hit.path)
     reverify_dependents(sel, analysis.graph)
     if service is not None:
@@ -953,7 +1077,9 @@ def _plan_changes(
         keep_only(sel, required_services(analysis, service))
 
     steps = selected_steps(sel, analysis, options, needs_full)
-    steps.update(destroy_steps(steps, removed, base_analysis.graph))
+    replaced = replacements(ctx, diff, removed)
+    steps.update(destroy_steps(steps, removed, base_analysis.graph, replaced))
+    destroy_before_reuse(steps, sel, replaced)
     plan = finalize(
         steps,
         base=base_rev,

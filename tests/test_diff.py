@@ -378,3 +378,141 @@ def test_full_plan_needs_agree_with_full_steps(
         for sid, step in full.items():
             assert sorted(needs_of(sid)) == sorted(step.needs), sid
             assert needs_of.parse(sid) == (step.phase, step.service)
+
+
+# --- containers reusing a removed one's vmid, ip or hostname --------------------------------------
+
+
+def test_rename_reusing_vmid_destroys_the_old_container_before_tf_infra() -> None:
+    base = small()
+    base["services"]["c"]["vmid"] = 120
+    head = copy.deepcopy(base)
+    head["services"]["d"] = head["services"].pop("c")
+    plan = plan_of(base, head)
+    by_id = plan.by_id()
+    assert plan.waves == [
+        ["tf:destroy:c"],
+        ["tf:infra"],
+        ["nix:core:dns", "nix:service-config:d"],
+        ["verify:d"],
+    ]
+    assert by_id["tf:destroy:c"].needs == []
+    assert "tf:destroy:c" in by_id["tf:infra"].needs
+    assert "tf:destroy:c" in by_id["nix:service-config:d"].needs
+    for field_name in ("vmid", "ip", "hostname"):
+        reason = f"services.d.{field_name} reuses removed services.c.{field_name}"
+        assert reason in by_id["tf:infra"].reasons
+        assert reason in by_id["tf:destroy:c"].reasons
+
+
+def test_reusing_only_the_ip_names_that_field() -> None:
+    base = small()
+    head = copy.deepcopy(base)
+    head["services"]["d"] = head["services"].pop("c")
+    head["services"]["d"]["hostname"] = "d.lab"
+    plan = plan_of(base, head)
+    infra = plan.by_id()["tf:infra"]
+    assert infra.needs == ["tf:destroy:c"]
+    assert [r for r in infra.reasons if "reuses" in r] == [
+        "services.d.ip reuses removed services.c.ip"
+    ]
+
+
+def test_an_existing_service_taking_a_removed_ip_waits_for_the_destroy() -> None:
+    base = small()
+    head = copy.deepcopy(base)
+    del head["services"]["c"]
+    head["services"]["b"]["ip"] = "10.9.0.12"  # c's
+    plan = plan_of(base, head)
+    assert plan.waves[0] == ["tf:destroy:c"]
+    assert "services.b.ip reuses removed services.c.ip" in plan.by_id()["tf:infra"].reasons
+
+
+def test_replacing_a_service_that_others_use_stays_a_dag() -> None:
+    """b is replaced by b2 (same ip); c moves to b2; b's removed dependents go first too."""
+    base = small()
+    base["services"]["e"] = svc("10.9.0.13", depends_on=["b"])
+    head = copy.deepcopy(base)
+    head["services"]["b2"] = head["services"].pop("b")
+    head["services"]["b2"]["hostname"] = "b2.lab"
+    head["services"]["c"]["depends_on"] = ["b2"]
+    del head["services"]["e"]
+    plan = plan_of(base, head)
+    assert plan.ok, plan.errors
+    by_id = plan.by_id()
+    # without a surviving dependent's verify (it needs tf:infra) or DNS first: else a cycle
+    assert by_id["tf:destroy:b"].needs == ["tf:destroy:e"]
+    assert by_id["tf:destroy:e"].needs == []
+    assert plan.waves[:2] == [["tf:destroy:e"], ["tf:destroy:b"]]
+    assert "tf:destroy:b" in by_id["tf:infra"].needs
+    order = [sid for wave in plan.waves for sid in wave]
+    assert order.index("tf:infra") < order.index("nix:core:dns")
+    assert order.index("nix:service-config:b2") < order.index("verify:c")
+
+
+def test_a_plain_removal_still_reconfigures_dns_before_destroying() -> None:
+    base, head = small(), small()
+    del head["services"]["c"]
+    head["services"]["d"] = svc("10.9.0.30", hostname="d.lab")
+    plan = plan_of(base, head)
+    by_id = plan.by_id()
+    assert by_id["tf:destroy:c"].needs == ["nix:core:dns"]
+    assert "tf:destroy:c" not in by_id["tf:infra"].needs
+
+
+# --- the global terraform roots -------------------------------------------------------------------
+
+
+def with_auth() -> dict[str, Any]:
+    """small() plus the identity provider `authentik`, used by `a` (OIDC)."""
+    data = small()
+    data["core_services"]["authentik"] = svc("10.9.0.5", hostname="auth.lab")
+    data["services"]["a"]["interface"]["auth"] = {"type": "oidc", "provider": "authentik"}
+    return data
+
+
+def test_a_file_under_the_infra_root_applies_tf_infra_and_verifies_everything() -> None:
+    manifest = parse_manifest(small())
+    plan = plan_changes(manifest, manifest, changed_files=["terraform/infrastructure/main.tf"])
+    by_id = plan.by_id()
+    assert set(by_id) == {"tf:infra", *(f"verify:{name}" for name in manifest.enabled())}
+    assert by_id["tf:infra"].targets == sorted(manifest.enabled())
+    assert by_id["tf:infra"].reasons == ["terraform/infrastructure/main.tf"]
+    assert plan.waves[0] == ["tf:infra"]
+
+
+def test_a_file_under_the_auth_root_applies_tf_auth_core_and_verifies_auth_users() -> None:
+    manifest = parse_manifest(with_auth())
+    plan = plan_changes(manifest, manifest, changed_files=["terraform/authentik/main.tf"])
+    by_id = plan.by_id()
+    assert set(by_id) == {"tf:auth-core", "verify:a", "verify:authentik"}
+    assert by_id["tf:auth-core"].reasons == ["terraform/authentik/main.tf"]
+    assert "tf:auth-core" in by_id["verify:a"].needs
+
+
+def test_global_roots_come_from_options_and_paths_config() -> None:
+    manifest = parse_manifest(with_auth())
+    moved = PlanOptions(infra_root="infra", auth_root=None)
+    plan = plan_changes(manifest, manifest, changed_files=["infra/x.tf"], options=moved)
+    assert "tf:infra" in plan.by_id()
+    plan = plan_changes(
+        manifest, manifest, changed_files=["terraform/authentik/main.tf"], options=moved
+    )
+    assert plan.steps == [] and "no changed file belongs" in (plan.note or "")
+    config = PathsConfig.from_toml({"paths": {"infra_root": "./tf/infra", "auth_root": "tf/auth"}})
+    assert (config.infra_root, config.auth_root, dict(config.services)) == (
+        "./tf/infra",
+        "tf/auth",
+        {},
+    )
+    hits = match_files(
+        ["tf/infra/main.tf", "tf/auth/a.tf", "terraform/infrastructure/x"],
+        manifest,
+        config,
+        infra_root="terraform/infrastructure",
+    )
+    assert [
+        (hit.path, Effect.INFRA in hit.effects, Effect.AUTH_CORE in hit.effects) for hit in hits
+    ] == [("tf/auth/a.tf", False, True), ("tf/infra/main.tf", True, False)]
+    with pytest.raises(ValueError, match=r"paths\.infra_root must be a directory path"):
+        PathsConfig.from_toml({"paths": {"infra_root": ["x"]}})
