@@ -77,6 +77,16 @@ NO_PREVIOUS = (
 NO_SYSTEMS = (
     "deployment {id} recorded no system for {services} (roll back to a revision with --to REF)"
 )
+# `--to DEPLOYMENT` refuses as a whole rather than restoring only part of what it installed
+NOT_INSTALLED = (
+    "deployment {id} did not leave a working system for {services} (its nix or verify step "
+    "{states}): refusing to re-activate it. Roll back the other services one at a time "
+    "(`nixmox rollback SERVICE --to {id}`) or to a revision with --to REF"
+)
+# how far back `rollback [SERVICE]` looks for a deployment that changed a system
+UNDO_SEARCH = 50
+# a service whose steps ended so in a deployment did not keep the system that deployment built
+NOT_KEPT = frozenset({StepState.FAILED, StepState.ROLLED_BACK, StepState.SKIPPED})
 NOT_IN_DEPLOYMENT = "deployment {id} did not touch {service}"
 NO_MANIFEST = "deployment {id} has no recorded manifest: roll back with --to REF"
 NEEDS_REPO = "{to!r} is not a deployment id; rolling back to a revision needs a Git repository"
@@ -558,14 +568,19 @@ async def prepare_rollback(
         if repo_dir is None:
             raise RollbackError(NEEDS_REPO.format(to=to))
         return await _to_revision(store, Path(repo_dir), to, service, manifest_path, limits)
-    if service is not None:
-        found = [r for r in await store.history(service, limit=10) if _finished(r)]
-    else:
-        last = await store.last_deployment()
-        found = [last] if last is not None else []
+    found = [r for r in await store.history(service, limit=UNDO_SEARCH) if _finished(r)]
     if not found:
         raise RollbackError(NO_DEPLOYMENTS)
-    return _undo(found[0], service)
+    # a deployment that only re-verified a service changed nothing there: undo the newest
+    # one that recorded the system it replaced
+    changed = next((r for r in found if _replaced_systems(r, service)), found[0])
+    return _undo(changed, service)
+
+
+def _replaced_systems(record: DeploymentRecord, service: str | None) -> bool:
+    """Whether `record` recorded, for `service` (or any of its services), a replaced system."""
+    services = record.services if service is None else [service]
+    return any(pair[0] for pair in _nix_steps(record, services).values())
 
 
 def _finished(record: DeploymentRecord) -> bool:
@@ -608,10 +623,28 @@ def _undo(record: DeploymentRecord, service: str | None) -> RollbackPlan:
     )
 
 
+def _not_kept(record: DeploymentRecord, services: Iterable[str]) -> dict[str, StepState]:
+    """Services whose nix or verify step in `record` did not succeed, with that step's state
+    (an auto-rolled-back system is broken: it must not be re-activated)."""
+    wanted = set(services)
+    phases = {str(phase) for phase in (*NIX_PHASES, Phase.VERIFY)}
+    broken: dict[str, StepState] = {}
+    for step in record.steps:
+        if step.service in wanted and step.phase in phases and step.state in NOT_KEPT:
+            broken.setdefault(step.service, step.state)
+    return broken
+
+
 def _to_deployment(record: DeploymentRecord, service: str | None) -> RollbackPlan:
     """Back to the systems `record` installed."""
     manifest = _recorded_manifest(record)
     services = _services_of(record, service)
+    broken = _not_kept(record, services)
+    if broken:
+        states = ", ".join(sorted({str(state).replace("_", " ") for state in broken.values()}))
+        raise RollbackError(
+            NOT_INSTALLED.format(id=record.id, services=", ".join(sorted(broken)), states=states)
+        )
     systems = _nix_steps(record, services)
     targets = {name: pair[1] for name, pair in systems.items() if pair[1]}
     if not targets:

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 ROLLBACK_PHASES = frozenset({*NIX_PHASES, Phase.VERIFY})
 NO_PREVIOUS_SYSTEM = "no recorded previous system for {service}: cannot roll back"
+# the failure's own reason comes first; what the rollback did (or could not do) is appended
+WITH_NOTE = "{failure}; {note}"
+UNCHANGED = "nothing was changed on {service}: it still runs {system}"
 SKIP_REASON = "needs {step}, which {state}"
 ROLLBACK_REASON = "{service} rolled back to {system} after {step} failed"
 ROLLBACK_FAILED = "rollback of {service} failed: {detail}"
@@ -465,7 +468,11 @@ class _Run:
         if not result.ok:
             reason = _last_line(result.output) or f"{step.id} failed"
             if self._should_roll_back(step):
-                state, reason = await self._roll_back(step)
+                state, note = await self._roll_back(step)
+                if state is StepState.FAILED:
+                    reason = WITH_NOTE.format(failure=reason, note=note)
+                else:
+                    reason = note
         outcome.state, outcome.result, outcome.reason = state, result, reason
         outcome.finished_at = utcnow()
         await self.emit(StepFinished(self.ctx.deployment_id, step, state, result, reason))
@@ -511,6 +518,10 @@ class _Run:
         if not result.ok:
             detail = _last_line(result.output) or "no output"
             return StepState.FAILED, ROLLBACK_FAILED.format(service=service, detail=detail)
+        if result.previous_system == target:
+            # the runner read the host before rolling back: it still ran the recorded system,
+            # so the step failed before activation (a build error) and changed nothing
+            return StepState.FAILED, UNCHANGED.format(service=service, system=target)
         verify = self.by_id.get(step_id(Phase.VERIFY, service)) or Step(
             id=step_id(Phase.VERIFY, service), phase=Phase.VERIFY, service=service
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from runners.base import (
     RollbackFinished,
     RollbackStarted,
     StepFinished,
+    StepResult,
     StepStarted,
     StepState,
 )
@@ -169,14 +171,48 @@ async def test_failed_verify_rolls_the_service_back_and_re_verifies(tmp_path: Pa
     assert rollback_at < verify_done
 
 
-async def test_failed_nix_step_rolls_back_to_the_recorded_system(tmp_path: Path) -> None:
+async def test_nix_step_failing_before_activation_fails_without_rolling_back(
+    tmp_path: Path,
+) -> None:
+    """A build error leaves the host on its recorded system: the step fails (not rolled back)
+    and keeps its own error, with a note that nothing changed."""
     manifest = small_manifest()
     plan = plan_full(manifest)
     runners = simulated(fail=["nix:service-config:c"])
     result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
-    assert result.steps["nix:service-config:c"].state is StepState.ROLLED_BACK
-    assert result.rollbacks["c"].new_system == system_path("c", "initial")
+    initial = system_path("c", "initial")
+    outcome = result.steps["nix:service-config:c"]
+    assert outcome.state is StepState.FAILED
+    assert outcome.reason == (
+        f"simulated failure of nix:service-config:c; nothing was changed on c: it still runs "
+        f"{initial}"
+    )
+    assert runners.rollback.hosts.current("c") == initial
     assert result.steps["verify:c"].state is StepState.SKIPPED
+    assert result.state is DeploymentState.FAILED
+
+
+async def test_failed_verify_rolls_the_activated_system_back(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    runners = simulated(fail=["verify:c"])
+    result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
+    assert result.steps["verify:c"].state is StepState.ROLLED_BACK
+    assert result.rollbacks["c"].new_system == system_path("c", "initial")
+    assert runners.rollback.hosts.current("c") == system_path("c", "initial")
+
+
+class UnreachableRunner:
+    """A nix runner whose host cannot be read: it fails before recording anything."""
+
+    async def run(self, step: Step, ctx: Context) -> StepResult:
+        return StepResult(False, "ssh: connect to host 10.0.0.9 port 22: No route to host")
+
+    def commands(self, step: Step, ctx: Context) -> list[str]:
+        return []
+
+    def estimate(self, step: Step) -> float:
+        return 0.0
 
 
 async def test_a_failed_rollback_leaves_the_step_failed(tmp_path: Path) -> None:
@@ -186,7 +222,7 @@ async def test_a_failed_rollback_leaves_the_step_failed(tmp_path: Path) -> None:
     result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
     assert result.steps["verify:a"].state is StepState.FAILED
     assert result.steps["verify:a"].reason == (
-        "rollback of a failed: simulated rollback failure of a"
+        "simulated failure of verify:a; rollback of a failed: simulated rollback failure of a"
     )
     assert result.state is DeploymentState.FAILED
 
@@ -199,6 +235,20 @@ async def test_verify_without_a_recorded_system_cannot_roll_back(tmp_path: Path)
     result = await Executor(runners).execute(verify_only, context(verify_only, manifest, tmp_path))
     assert result.steps["verify:c"].state is StepState.FAILED
     assert result.steps["verify:c"].reason == (
+        "simulated failure of verify:c; no recorded previous system for c: cannot roll back"
+    )
+
+
+async def test_an_unreachable_host_keeps_its_error_as_the_reason(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = plan_full(manifest)
+    simulation = simulated()
+    unreachable = {**simulation.by_phase, Phase.NIX_SERVICE_CONFIG: UnreachableRunner()}
+    runners = replace(simulation, by_phase=unreachable)
+    result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
+    assert result.steps["nix:service-config:c"].state is StepState.FAILED
+    assert result.steps["nix:service-config:c"].reason == (
+        "ssh: connect to host 10.0.0.9 port 22: No route to host; "
         "no recorded previous system for c: cannot roll back"
     )
 
