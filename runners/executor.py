@@ -5,7 +5,9 @@ ready steps, the one heading the longest remaining chain goes first, so long cha
 starved by wide waves. When a step fails, every step that needs it (transitively) is skipped;
 unrelated branches finish. When a `nix:*` or `verify` step of a service fails and auto-rollback
 is on, the service is rolled back to the system recorded before this deployment touched it and
-re-verified; the step then ends `rolled_back`. Every transition is an Event. The `recorder`
+re-verified; the step then ends `rolled_back`. A failed verify of a service this deployment
+did not redeploy instead rolls back the redeployed services upstream of it in the plan, re-verifies
+them, then re-verifies the failing service. Every transition is an Event. The `recorder`
 (the state store) is awaited for each one before the execution goes on: if it fails, the
 execution stops with `RecordingFailed` rather than run on unrecorded. Notifiers are
 subscribers, each fed in order through its own queue: a slow, hanging or failing subscriber
@@ -56,6 +58,9 @@ SKIP_REASON = "needs {step}, which {state}"
 ROLLBACK_REASON = "{service} rolled back to {system} after {step} failed"
 ROLLBACK_FAILED = "rollback of {service} failed: {detail}"
 REVERIFY_FAILED = "{service} was rolled back to {system}, but re-verification failed: {detail}"
+UPSTREAM_ROLLED_BACK = "{service} rolled back to {system}"
+UPSTREAM_REASON = "{rolled_back}: {step} failed after its redeploy"
+UPSTREAM_STILL_FAILING = "{rolled_back}, but {step} still failed: {detail}"
 RUNNER_CRASHED = "runner error: {error}"
 INTERRUPTED = "the deployment was interrupted"
 NOT_RECORDED = "the state store could not record {event}: {error}"
@@ -318,6 +323,11 @@ class _Run:
         self.graph = plan.graph()
         self.bus = EventBus(executor.subscribers, timeout=executor.subscriber_timeout)
         self.rollbacks: dict[str, StepResult] = {}
+        self.redeployed = {
+            step.service for step in plan.steps if step.phase in NIX_PHASES and step.service
+        }
+        # dependents failing at once must not roll the same upstream service back twice
+        self.upstream_lock = asyncio.Lock()
         self.auto_rollback = True
         self.unrecorded: RecordingFailed | None = None
         self.stopping = False  # cancelled or unrecordable: recording is best effort from here
@@ -499,12 +509,89 @@ class _Run:
         )
 
     async def _roll_back(self, step: Step) -> tuple[StepState, str]:
-        """Roll the step's service back to its recorded system and re-verify it."""
+        """Roll the step's service back to its recorded system and re-verify it; a verify of a
+        service this deployment did not redeploy rolls back what it did redeploy upstream."""
         service = step.service or ""
-        deployment = self.ctx.deployment_id
+        if step.phase is Phase.VERIFY and service not in self.redeployed:
+            upstream = self._redeployed_upstream(step)
+            if upstream:
+                return await self._roll_back_upstream(step, upstream)
         target = self.ctx.previous_systems.get(service)
         if target is None:
             return StepState.FAILED, NO_PREVIOUS_SYSTEM.format(service=service)
+        result = await self._activate_previous(service, step)
+        if not result.ok:
+            detail = _last_line(result.output) or "no output"
+            return StepState.FAILED, ROLLBACK_FAILED.format(service=service, detail=detail)
+        if result.previous_system == target:
+            # the runner read the host before rolling back: it still ran the recorded system,
+            # so the step failed before activation (a build error) and changed nothing
+            return StepState.FAILED, UNCHANGED.format(service=service, system=target)
+        check = await self._reverify(service, step)
+        if not check.ok:
+            detail = _last_line(check.output) or "no output"
+            return StepState.FAILED, REVERIFY_FAILED.format(
+                service=service, system=target, detail=detail
+            )
+        return StepState.ROLLED_BACK, ROLLBACK_REASON.format(
+            service=service, system=target, step=step.id
+        )
+
+    def _redeployed_upstream(self, step: Step) -> list[str]:
+        """Services upstream of the step (plan order) whose nix step ran in this deployment
+        and recorded the system they ran before."""
+        nix_ancestors = [
+            self.by_id[sid]
+            for sid in nx.ancestors(self.graph, step.id)
+            if sid in self.by_id and self.by_id[sid].phase in NIX_PHASES
+        ]
+        services: list[str] = []
+        for sid in nx.lexicographical_topological_sort(
+            self.graph.subgraph(ancestor.id for ancestor in nix_ancestors)
+        ):
+            service = self.by_id[sid].service
+            if (
+                service
+                and service in self.ctx.previous_systems
+                and self.outcomes[sid].state is StepState.SUCCEEDED
+                and service not in services
+            ):
+                services.append(service)
+        return services
+
+    async def _roll_back_upstream(self, step: Step, upstream: list[str]) -> tuple[StepState, str]:
+        """Roll back the redeployed services the step's service depends on (dependents first),
+        re-verify them (dependencies first), then re-verify the step's own service."""
+        async with self.upstream_lock:
+            for service in reversed(upstream):
+                if service in self.rollbacks and self.rollbacks[service].ok:
+                    continue  # another failing dependent already rolled it back
+                result = await self._activate_previous(service, step)
+                if not result.ok:
+                    detail = _last_line(result.output) or "no output"
+                    return StepState.FAILED, ROLLBACK_FAILED.format(service=service, detail=detail)
+            for service in upstream:
+                check = await self._reverify(service, step)
+                if not check.ok:
+                    detail = _last_line(check.output) or "no output"
+                    return StepState.FAILED, REVERIFY_FAILED.format(
+                        service=service, system=self.ctx.previous_systems[service], detail=detail
+                    )
+        rolled_back = ", ".join(
+            UPSTREAM_ROLLED_BACK.format(service=service, system=self.ctx.previous_systems[service])
+            for service in upstream
+        )
+        check = await self._reverify(step.service or "", step)
+        if not check.ok:
+            detail = _last_line(check.output) or "no output"
+            return StepState.FAILED, UPSTREAM_STILL_FAILING.format(
+                rolled_back=rolled_back, step=step.id, detail=detail
+            )
+        return StepState.ROLLED_BACK, UPSTREAM_REASON.format(rolled_back=rolled_back, step=step.id)
+
+    async def _activate_previous(self, service: str, step: Step) -> StepResult:
+        """Activate the service's recorded system, between RollbackStarted and RollbackFinished."""
+        deployment = self.ctx.deployment_id
         await self.emit(RollbackStarted(deployment, service, step.id))
         rollback = self.runners.rollback
         assert rollback is not None  # checked by _should_roll_back
@@ -515,27 +602,17 @@ class _Run:
             result = StepResult(False, RUNNER_CRASHED.format(error=exc))
         self.rollbacks[service] = result
         await self.emit(RollbackFinished(deployment, service, result.ok, result))
-        if not result.ok:
-            detail = _last_line(result.output) or "no output"
-            return StepState.FAILED, ROLLBACK_FAILED.format(service=service, detail=detail)
-        if result.previous_system == target:
-            # the runner read the host before rolling back: it still ran the recorded system,
-            # so the step failed before activation (a build error) and changed nothing
-            return StepState.FAILED, UNCHANGED.format(service=service, system=target)
+        return result
+
+    async def _reverify(self, service: str, step: Step) -> StepResult:
+        """Run the service's verify again; its output is attributed to the failing step."""
         verify = self.by_id.get(step_id(Phase.VERIFY, service)) or Step(
             id=step_id(Phase.VERIFY, service), phase=Phase.VERIFY, service=service
         )
         check = await self._call(lambda: self.runners.verify, verify)
         if check.output:
-            await self.emit(StepOutput(deployment, step.id, check.output))
-        if not check.ok:
-            detail = _last_line(check.output) or "no output"
-            return StepState.FAILED, REVERIFY_FAILED.format(
-                service=service, system=target, detail=detail
-            )
-        return StepState.ROLLED_BACK, ROLLBACK_REASON.format(
-            service=service, system=target, step=step.id
-        )
+            await self.emit(StepOutput(self.ctx.deployment_id, step.id, check.output))
+        return check
 
 
 def _last_line(text: str) -> str:

@@ -444,3 +444,89 @@ async def test_a_recorder_that_fails_stops_the_execution(tmp_path: Path) -> None
     assert started == {"tf:infra"}  # nothing ran after the unrecorded transition
     final = notified.events[-1]
     assert isinstance(final, DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
+
+
+def core_change_plan(manifest: Manifest) -> Plan:
+    """A diff plan for postgresql's own change: redeploy and verify it, re-verify a and b."""
+    by_id = plan_full(manifest).by_id()
+    return finalize(
+        {
+            "nix:core:postgresql": by_id["nix:core:postgresql"].model_copy(update={"needs": []}),
+            "verify:postgresql": by_id["verify:postgresql"],
+            "verify:a": by_id["verify:a"].model_copy(update={"needs": ["verify:postgresql"]}),
+            "verify:b": by_id["verify:b"].model_copy(update={"needs": ["verify:a"]}),
+        }
+    )
+
+
+class BrokenByNewPostgres:
+    """A verify runner for which `a` fails while postgresql runs the newly deployed system."""
+
+    def __init__(self, sim: SimulatedRunner, broken: str) -> None:
+        self.sim = sim
+        self.broken = broken
+        self.verified: list[str] = []
+
+    async def run(self, step: Step, ctx: Context) -> StepResult:
+        self.verified.append(step.id)
+        if step.service == "a" and self.sim.hosts.current("postgresql") == self.broken:
+            return StepResult(False, "a: cannot talk to postgresql")
+        return await self.sim.run(step, ctx)
+
+    def commands(self, step: Step, ctx: Context) -> list[str]:
+        return self.sim.commands(step, ctx)
+
+    def estimate(self, step: Step) -> float:
+        return 0.0
+
+
+async def test_failed_dependent_verify_rolls_back_the_redeployed_upstream(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = core_change_plan(manifest)
+    simulation = simulated()
+    sim = simulation.rollback
+    assert isinstance(sim, SimulatedRunner)
+    before, deployed = system_path("postgresql", "initial"), system_path("postgresql", "rev1")
+    verify = BrokenByNewPostgres(sim, deployed)
+    runners = replace(simulation, by_phase={**simulation.by_phase, Phase.VERIFY: verify})
+    recorder = Recorder()
+    result = await Executor(runners, subscribers=[recorder]).execute(
+        plan, context(plan, manifest, tmp_path)
+    )
+
+    assert [path for svc, path in sim.hosts.activations if svc == "postgresql"] == [
+        deployed,
+        before,
+    ]
+    assert sim.hosts.running["postgresql"] == before
+    # the failing verify ran, then postgresql and a were re-verified after the rollback
+    assert verify.verified == ["verify:postgresql", "verify:a", "verify:postgresql", "verify:a"]
+    outcome = result.steps["verify:a"]
+    assert outcome.state is StepState.ROLLED_BACK
+    assert outcome.reason == (
+        f"postgresql rolled back to {before}: verify:a failed after its redeploy"
+    )
+    assert result.states()["nix:core:postgresql"] is StepState.SUCCEEDED
+    assert result.states()["verify:postgresql"] is StepState.SUCCEEDED
+    assert result.states()["verify:b"] is StepState.SKIPPED
+    assert result.state is DeploymentState.ROLLED_BACK
+    assert result.rollbacks["postgresql"].ok
+    rollbacks = [e for e in recorder.events if isinstance(e, RollbackStarted | RollbackFinished)]
+    assert [type(e) for e in rollbacks] == [RollbackStarted, RollbackFinished]
+    assert rollbacks[0].service == "postgresql"
+
+
+async def test_dependent_still_failing_after_the_upstream_rollback_fails(tmp_path: Path) -> None:
+    manifest = small_manifest()
+    plan = core_change_plan(manifest)
+    runners = simulated(fail=["verify:a"])  # fails whatever postgresql runs
+    result = await Executor(runners).execute(plan, context(plan, manifest, tmp_path))
+    before = system_path("postgresql", "initial")
+    assert runners.rollback.hosts.running["postgresql"] == before
+    outcome = result.steps["verify:a"]
+    assert outcome.state is StepState.FAILED
+    assert outcome.reason == (
+        f"simulated failure of verify:a; postgresql rolled back to {before}, but verify:a still "
+        "failed: simulated failure of verify:a"
+    )
+    assert result.state is DeploymentState.FAILED
