@@ -52,7 +52,7 @@ from runners.base import (
 from runners.config import RunnerConfig
 from runners.executor import ExecutionResult, Executor
 from runners.registry import RunnerKind, RunnerSet, build_runners
-from runners.store import DeploymentRecord, LockBusy, Store
+from runners.store import DeploymentRecord, LockBusy, LockLost, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ REFUSED = "deployment refused: {error}. Wait for it to finish (--lock-wait SECON
 INVALID_PLAN = "the plan carries {count} error(s): nothing can be deployed"
 NO_SOURCE = "give either repo_dir (a Git repository) or workdir (a directory) to deploy from"
 CRASHED = "the deployment stopped: {error}"
+# a renewal found a lock gone or taken (its lease ran out while the renewals were starved)
+LOST_LOCK = "lost the lock on {what}; stopped"
+LOST_TO_NOBODY = "its expired lease (nobody holds it now)"
 NO_DEPLOYMENTS = "no deployment recorded yet: nothing to roll back"
 NO_PREVIOUS = (
     "deployment {id} recorded no previous system for {services}: nothing to roll back to "
@@ -111,6 +114,22 @@ class RollbackError(DeployError):
 def holder_name(deployment_id: str) -> str:
     """Who holds a deployment's locks: the deployment, on this host, in this process."""
     return f"deployment {deployment_id} ({socket.gethostname()}:{os.getpid()})"
+
+
+def holder_label(holder: str | None) -> str:
+    """How a lock holder is named in a note: `deployment X` without the host and pid."""
+    if holder is None:
+        return LOST_TO_NOBODY
+    return holder.split(" (", 1)[0] if holder.startswith("deployment ") else holder
+
+
+def lost_lock_note(lost: LockLost) -> str:
+    """The note of a deployment stopped because it lost locks, grouped by who has them now."""
+    by_holder: dict[str, list[str]] = {}
+    for service, holder in sorted(lost.lost.items()):
+        by_holder.setdefault(holder_label(holder), []).append(service)
+    parts = [f"{', '.join(services)} to {holder}" for holder, services in by_holder.items()]
+    return LOST_LOCK.format(what="; on ".join(parts))
 
 
 def lock_names(plan: Plan) -> list[str]:
@@ -337,7 +356,10 @@ async def _run(
             {"services": services, "holder": busy.holder, "plan": plan.digest},
         )
         raise DeploymentRefused(busy) from None
-    renewer = asyncio.create_task(_keep_renewing(store, holder, execution.lock_lease))
+    guard = LeaseGuard()
+    renewer = asyncio.create_task(
+        _keep_renewing(store, holder, execution.lock_lease, services, guard.lose)
+    )
     tree = Path(execution.work_root) / deployment_id
     runners: RunnerSet | None = None
     created = False
@@ -374,8 +396,11 @@ async def _run(
             recorder=durable_recorder(store),
         )
         ctx = Context(deployment_id, manifest, plan, tree, revision)
-        result = await execute(executor, ctx)
-        await _retrying(lambda: record_result(store, result), "the final states")
+        result = await guard.run(execute(executor, ctx))
+        if result is not None:
+            await _retrying(lambda: record_result(store, result), "the final states")
+        if guard.lost is not None:
+            await _record_lost(store, deployment_id, guard.lost)
     except BaseException as exc:
         if created:
             await _mark_stopped(store, deployment_id, exc)
@@ -463,13 +488,75 @@ async def _seed_simulation(store: Store, runners: RunnerSet) -> None:
             hosts.running.setdefault(name, record.system_path)
 
 
-async def _keep_renewing(store: Store, holder: str, lease: timedelta) -> None:
-    """Renew the leases well before they run out; a failed renewal is retried next time."""
+class LeaseGuard:
+    """Runs the execution so that losing a lock cancels it (the executor interrupts its steps)."""
+
+    def __init__(self) -> None:
+        self.lost: LockLost | None = None
+        self.work: asyncio.Future[ExecutionResult] | None = None
+
+    def lose(self, lost: LockLost) -> None:
+        """Called by the renewal task: remember what was lost and stop the execution."""
+        self.lost = lost
+        if self.work is not None:
+            self.work.cancel()
+
+    async def run(self, work: Awaitable[ExecutionResult]) -> ExecutionResult | None:
+        """The execution's result; None when it was stopped (or never started) for a lost lock."""
+        if self.lost is not None:
+            # lost before the execution began: nothing ran on the hosts, do not start now
+            with contextlib.suppress(AttributeError):
+                work.close()  # type: ignore[attr-defined]
+            return None
+        self.work = asyncio.ensure_future(work)
+        try:
+            return await self.work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            # our own cancellation (Ctrl-C, shutdown) goes on up; only the guard's is absorbed
+            if self.lost is None or (current is not None and current.cancelling()):
+                raise
+            return None
+        finally:
+            self.work = None
+
+
+async def _record_lost(store: Store, deployment_id: str, lost: LockLost) -> None:
+    """End a deployment that lost a lock `interrupted`, saying to whom."""
+    note = lost_lock_note(lost)
+    log.warning("deployment %s: %s", deployment_id, note)
+    await _retrying(
+        lambda: store.set_deployment_state(deployment_id, DeploymentState.INTERRUPTED, note=note),
+        "the lost lock",
+    )
+    with contextlib.suppress(Exception):
+        await store.audit(
+            f"deployment {deployment_id}",
+            "lock lost",
+            {"deployment": deployment_id, "lost": lost.lost},
+        )
+
+
+async def _keep_renewing(
+    store: Store,
+    holder: str,
+    lease: timedelta,
+    services: Sequence[str],
+    on_lost: Callable[[LockLost], None],
+) -> None:
+    """Renew the leases well before they run out; a failed renewal is retried next time.
+
+    A lock found gone or taken by another holder is lost for good: `on_lost` stops the run.
+    """
     interval = max(lease.total_seconds() / 3, 0.05)
     while True:
         await asyncio.sleep(interval)
         try:
-            await store.renew_locks(holder, lease)
+            await store.renew_locks(holder, lease, services)
+        except LockLost as lost:
+            log.error("deployment holder %s: %s", holder, lost)
+            on_lost(lost)
+            return
         except Exception:
             log.exception("renewing the locks of %s failed", holder)
 

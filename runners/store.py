@@ -75,6 +75,15 @@ class LockBusy(Exception):
         super().__init__(f"{service} is locked by {holder}{because}")
 
 
+class LockLost(Exception):
+    """A lock the holder should hold is gone or held by someone else (its lease ran out)."""
+
+    def __init__(self, lost: dict[str, str | None]) -> None:
+        self.lost = lost  # service -> who holds it now (None: nobody)
+        names = ", ".join(f"{s} ({h or 'free'})" for s, h in sorted(lost.items()))
+        super().__init__(f"lost the lock(s) on {names}")
+
+
 class ApprovalState(StrEnum):
     PENDING = "pending"
     APPROVED = "approved"
@@ -1108,10 +1117,18 @@ class Store:
                 raise LockBusy(wanted[0], "another deployment") from None
             raise LockBusy(row.service, row.holder, row.reason) from None
 
-    async def renew_locks(self, holder: str, lease: timedelta) -> None:
-        """Extend the leases of `holder`'s locks and of its running deployments."""
+    async def renew_locks(
+        self, holder: str, lease: timedelta, services: Iterable[str] | None = None
+    ) -> None:
+        """Extend the leases of `holder`'s locks and of its running deployments.
+
+        With `services` (the ones `holder` locked), raise LockLost, renewing nothing, when any
+        of them is gone or held by someone else: its lease ran out and another process took it.
+        """
         until = utcnow() + lease
         async with self.engine.begin() as conn:
+            if services is not None:
+                await self._check_held(conn, holder, set(services))
             await conn.execute(
                 locks.update()
                 .where(locks.c.holder == holder, locks.c.expires_at.is_not(None))
@@ -1125,6 +1142,15 @@ class Store:
                 )
                 .values(lease_until=until)
             )
+
+    @staticmethod
+    async def _check_held(conn: AsyncConnection, holder: str, wanted: set[str]) -> None:
+        """Raise LockLost unless `holder` still holds a lock on every service in `wanted`."""
+        rows = (await conn.execute(locks.select().where(locks.c.service.in_(wanted)))).all()
+        current = {row.service: row.holder for row in rows}
+        lost = {name: current.get(name) for name in wanted if current.get(name) != holder}
+        if lost:
+            raise LockLost(lost)
 
     async def release_locks(self, holder: str) -> None:
         async with self.engine.begin() as conn:

@@ -11,7 +11,15 @@ import git
 import pytest
 
 from planner.plan import Phase, Step
-from runners.base import Context, DeploymentKind, DeploymentState, Event, StepResult, StepState
+from runners.base import (
+    Context,
+    DeploymentKind,
+    DeploymentState,
+    Event,
+    StepResult,
+    StepState,
+    utcnow,
+)
 from runners.config import RunnerConfig, SimulateConfig
 from runners.deploy import (
     DeployError,
@@ -27,7 +35,7 @@ from runners.deploy import (
     run_rollback,
 )
 from runners.registry import RunnerKind, RunnerSet
-from runners.store import LockBusy, Store
+from runners.store import LockBusy, Store, locks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = (REPO_ROOT / "manifests" / "small.nix").read_text()
@@ -284,6 +292,56 @@ async def test_cancelled_deployment_is_recorded_interrupted(
     assert record.step("tf:infra").state is StepState.INTERRUPTED  # type: ignore[union-attr]
     assert await store.locks() == []
     assert not (tmp_path / "work" / record.id).exists()
+
+
+async def steal_lock(store: Store, service: str, thief: str) -> None:
+    """Let `service`'s lease run out (a starved renewer) and have `thief` take it."""
+    while True:
+        async with store.engine.begin() as conn:
+            past = utcnow() - timedelta(seconds=5)
+            await conn.execute(
+                locks.update().where(locks.c.service == service).values(expires_at=past)
+            )
+        try:
+            await store.acquire_locks([service], thief, lease=timedelta(seconds=60))
+            return
+        except LockBusy:  # the renewer came in between: expire it again
+            await asyncio.sleep(0.01)
+
+
+async def test_a_deployment_that_loses_a_lock_stops_interrupted(
+    any_store_url: str, repo: git.Repo, tmp_path: Path
+) -> None:
+    store = await Store.open(any_store_url)
+    try:
+        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        recorder = Recorder(release=asyncio.Event())  # the first step runs until released
+        task = asyncio.create_task(
+            run_deployment(
+                store,
+                plan,
+                repo_dir=repo.working_tree_dir,
+                manifest_path=MANIFEST,
+                runners=recording_set(recorder),
+                lock_lease=timedelta(seconds=0.6),
+                work_root=tmp_path / "work",
+            )
+        )
+        while not recorder.seen:
+            await asyncio.sleep(0.02)
+        thief = holder_name("other-deployment")
+        await steal_lock(store, "gitea", thief)
+        record = await asyncio.wait_for(task, 10)
+        assert record is not None and record.state is DeploymentState.INTERRUPTED
+        assert record.note == "lost the lock on gitea to deployment other-deployment; stopped"
+        assert {step.state for step in record.steps} == {StepState.INTERRUPTED}
+        assert not recorder.release.is_set()  # it stopped on its own, nothing released the step
+        # the thief keeps its lock; the deployment's other locks are freed
+        assert [(lock.service, lock.holder) for lock in await store.locks()] == [("gitea", thief)]
+        [lost] = await store.audit_log(action="lock lost")
+        assert lost.detail["lost"] == {"gitea": thief}
+    finally:
+        await store.close()
 
 
 async def test_unknown_revision_is_a_deploy_error_and_frees_the_locks(

@@ -32,6 +32,7 @@ from runners.store import (
     ApprovalState,
     JobState,
     LockBusy,
+    LockLost,
     Store,
     StoreError,
     deliveries,
@@ -408,6 +409,24 @@ async def test_renewed_deployment_is_not_recovered(store: Store) -> None:
     assert await store.recover_interrupted() == []
     record = await store.get_deployment(dep)
     assert record is not None and record.state is DeploymentState.RUNNING
+
+
+async def test_renewal_reports_a_lock_lost_to_another_holder(store: Store) -> None:
+    short = timedelta(seconds=0.3)
+    await store.acquire_locks(["gitea", "postgresql"], "first", lease=short)
+    await store.renew_locks("first", short, ["gitea", "postgresql"])  # all held: renewed
+    await asyncio.sleep(0.4)
+    # an expired lease nobody took is still ours: the renewal keeps it
+    await store.renew_locks("first", short, ["gitea", "postgresql"])
+    await asyncio.sleep(0.4)
+    await store.acquire_locks(["gitea"], "second", lease=LEASE)  # first's lease ran out
+    await store.unlock("postgresql")  # expired: removed, nobody holds it
+    with pytest.raises(LockLost) as lost:
+        await store.renew_locks("first", short, ["gitea", "postgresql"])
+    assert lost.value.lost == {"gitea": "second", "postgresql": None}
+    assert "gitea (second)" in str(lost.value)
+    # the other holder's lock is untouched by the failed renewal
+    assert [(lock.service, lock.holder) for lock in await store.locks()] == [("gitea", "second")]
 
 
 async def test_redelivered_webhook_is_recorded_once(store_url: str) -> None:
