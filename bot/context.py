@@ -19,6 +19,7 @@ from aiohttp import ClientSession, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bot.config import Settings
+from bot.jobs import JobHandler
 from planner.plan import Plan
 from planner.source import EvalCache
 from runners.base import DeploymentKind, Subscriber, Trigger
@@ -52,9 +53,6 @@ class DeploymentRequest:
     installation_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-JobHandler = Callable[[dict[str, Any]], Awaitable[None]]
-"""Runs one queued job from its JSON payload (see `bot.jobs`)."""
 
 SubscriberFactory = Callable[[DeploymentRequest], Awaitable[Subscriber | None]]
 """Makes the event subscriber of one deployment (or None when it has nothing to report)."""

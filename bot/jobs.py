@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JobHandler = Callable[[dict[str, Any]], Awaitable[None]]
+"""Runs one queued job from its JSON payload."""
 
 DEFAULT_CONCURRENCY = 4
 MAX_BATCH = 256

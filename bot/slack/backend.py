@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from bot.context import BotContext, DeploymentRequest
-from bot.github.gitcache import GitCache, GitFetchError, Remote, remote_for, safe_url
+from bot.github.gitcache import (
+    SHA_PATTERN,
+    GitCache,
+    GitFetchError,
+    Remote,
+    remote_for,
+    safe_url,
+)
 from planner.models import Manifest
 from planner.plan import Plan
 from planner.source import PlanningError, UnknownRevision
@@ -24,7 +30,6 @@ from runners.base import DeploymentKind, Subscriber
 from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_rollback
 from runners.store import ApprovalRecord, DeploymentRecord
 
-SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 LS_REMOTE_TIMEOUT = 60.0
 NO_REMOTE = (
     "the bot does not know where the manifest repository is: set NIXMOX_GIT_REMOTE "
