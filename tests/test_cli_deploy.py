@@ -13,7 +13,7 @@ import git
 import pytest
 from click.testing import CliRunner, Result
 
-from bot.cli import main
+from cli.main import main
 from runners.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
-from bot.cli import main
+from cli.main import main
 from tests.fakes.github import DEFAULT_TOKEN, FakeGitHub
 from tests.fixtures_github import (
     MANIFEST_PATH,

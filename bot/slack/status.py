@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bot.cli_deploy import STATUS_TITLE, short, step_counts
 from bot.slack.blocks import escape, format_time, mention
+from cli.deploy import STATUS_TITLE, short, step_counts
 from planner.render import summary
 from runners.store import DeploymentRecord, LockRecord, ServiceRecord, Store
 

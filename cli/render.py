@@ -71,7 +71,7 @@ def render(
     path: Path, out: Path, root: Path, config_file: Path | None, eval_timeout: float
 ) -> None:
     """Write per-service health-check scripts and terraform workspace files."""
-    from bot.cli import load_or_exit  # the CLI's manifest loading (exit codes, messages)
+    from cli.main import load_or_exit  # the CLI's manifest loading (exit codes, messages)
 
     manifest = load_or_exit(path, eval_timeout)
     assert isinstance(manifest, Manifest)

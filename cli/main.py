@@ -1,10 +1,12 @@
-"""The `nixmox` command line: one group, one module per concern adds its commands."""
+"""The `nixmox` command line: the group, the planning commands, and the others loaded lazily."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,7 +20,36 @@ EXIT_OK, EXIT_INVALID, EXIT_EVAL = 0, 1, 2
 FORMATS = ("text", "json", "markdown", "slack")
 
 
-@click.group()
+class LazyGroup(click.Group):
+    """A group whose other commands are imported only when they run (or `--help` lists them)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module_name, _, attr = self.lazy[cmd_name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module_name), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+LAZY_COMMANDS = {
+    "deploy": "cli.deploy:deploy",
+    "rollback": "cli.deploy:rollback",
+    "status": "cli.deploy:status",
+    "history": "cli.deploy:history",
+    "unlock": "cli.deploy:unlock",
+    "serve": "cli.serve:serve",
+    "render": "cli.render:render",
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS)
 @click.version_option(package_name="nixmox")
 def main() -> None:
     """NixMox bot: plan, deploy and roll back a NixMox homelab from Git and chat."""
@@ -145,20 +176,6 @@ def plan_repo(
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_EVAL)
 
-
-from bot import cli_deploy  # noqa: E402
-
-main.add_command(cli_deploy.deploy)
-main.add_command(cli_deploy.rollback)
-main.add_command(cli_deploy.status)
-main.add_command(cli_deploy.history)
-main.add_command(cli_deploy.unlock)
-from bot.cli_serve import serve  # noqa: E402
-
-main.add_command(serve)
-from bot.cli_render import render  # noqa: E402
-
-main.add_command(render)
 
 if __name__ == "__main__":
     main()
