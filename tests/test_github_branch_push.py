@@ -184,6 +184,33 @@ async def test_a_push_and_a_pr_synchronize_for_the_same_head_plan_once(
     assert head in comment["body"]
 
 
+async def test_a_fork_pr_of_the_same_branch_name_does_not_take_the_push(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    """Only a PR whose head is this repository's branch plans it; a fork's `feature` is not."""
+    bot = await make_bot()
+    base = manifest_repo.repo.heads.main.commit.hexsha
+    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+    fake_github.add_pull(9, head_sha="c" * 40, base_sha=base, head_ref="feature", fork=True)
+    await deliver(bot, branch_push(payloads, before=base, after=head))
+    await bot.drain()
+    assert fake_github.last_status(head, PLAN)["state"] == "success"
+    (listing,) = fake_github.calls("GET", r"/pulls$")
+    assert listing.query["head"] == "octo-org:feature" and listing.query["state"] == "open"
+
+
+async def test_the_push_is_planned_when_github_cannot_list_pull_requests(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()
+    base = manifest_repo.repo.heads.main.commit.hexsha
+    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+    fake_github.fail_next(100, path=r"/pulls$")  # every retry too
+    await deliver(bot, branch_push(payloads, before=base, after=head))
+    await bot.drain()
+    assert states(fake_github, head)[-1] == ("success", "1 service, 2 steps")
+
+
 async def test_a_pr_opened_on_a_planned_branch_shares_its_plan(
     make_bot: Any,
     manifest_repo: ManifestRepo,

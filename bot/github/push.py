@@ -207,7 +207,7 @@ async def plan_branch_push(ctx: BotContext, payload: dict[str, Any]) -> None:
     push = BranchPush.from_job(payload)
     repo = Repo.parse(ctx.settings.repo)
     gh = await ctx.require_github().client(push.installation_id)
-    number = await open_pull_of(ctx, gh, repo, push.branch)
+    number = await open_pull_of(gh, repo, push.branch)
     if number is not None:
         log.info(
             "%s at %s is the head of PR #%d: planned by the PR",
@@ -225,7 +225,7 @@ async def plan_branch_push(ctx: BotContext, payload: dict[str, Any]) -> None:
     )
 
 
-async def open_pull_of(ctx: BotContext, gh: GitHubClient, repo: Repo, branch: str) -> int | None:
+async def open_pull_of(gh: GitHubClient, repo: Repo, branch: str) -> int | None:
     """The open PR whose head is `branch` of this repository, if any (None when unknown)."""
     try:
         async for pull in gh.getiter(
@@ -236,7 +236,6 @@ async def open_pull_of(ctx: BotContext, gh: GitHubClient, repo: Repo, branch: st
                 return int(pull["number"])
     except Exception:
         # planning twice is better than not at all: the statuses would agree
-        ctx.metrics.github_calls_failed.inc()
         log.warning("could not list the pull requests of %s; planning it", branch, exc_info=True)
     return None
 
