@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bot.github.statuses import short
 from runners.store import Store
 from tests.fakes.github import FakeGitHub
 from tests.fixtures_github import ManifestRepo, Payloads, add_port, break_manifest
@@ -130,11 +131,13 @@ async def test_an_invalid_manifest_on_a_branch_fails_naming_the_error(
     await bot.drain()
     final = fake_github.last_status(head, PLAN)
     assert final["state"] == "failure"
-    assert final["description"].startswith("invalid manifest: 2 errors; ")
-    assert "nope" in final["description"] or "10.20.0.2" in final["description"]
-    page = await bot.client.get(final["target_url"].removeprefix("http://bot.test"))
-    text = await page.text()
+    path = final["target_url"].removeprefix("http://bot.test")
+    text = await (await bot.client.get(path)).text()
     assert "nope" in text and "10.20.0.2" in text  # the page lists every error
+    errors = (await (await bot.client.get(path, params={"format": "json"})).json())["errors"]
+    assert len(errors) == 2
+    assert final["description"] == short(f"invalid manifest: 2 errors; {errors[0]}")
+    assert "nope" in final["description"] or "10.20.0.2" in final["description"]
     assert fake_github.comments == {}
 
 
