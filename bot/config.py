@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     git_remote: str | None = None
     apply_on_merge: bool = True
     plan_forks: bool = False
+    plan_branch_pushes: bool = True  # pushes to other branches get a `nixmox/plan` status
+    plan_branches: CommaList = Field(default_factory=list)  # globs of those; empty: all
     environment: str = "homelab"
     apply_requirements: CommaList = Field(default_factory=lambda: ["approved", "mergeable"])
     merge_lock_wait: float = 600.0  # seconds a merge deploy waits for a locked service
@@ -60,7 +62,9 @@ class Settings(BaseSettings):
     slack_allow_self_approval: bool = False
     approval_ttl: timedelta = timedelta(minutes=15)
 
-    @field_validator("apply_requirements", "slack_approvers", "slack_deployers", mode="before")
+    @field_validator(
+        "apply_requirements", "slack_approvers", "slack_deployers", "plan_branches", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         """Lists may be given as `a,b,c` in the environment."""

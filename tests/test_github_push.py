@@ -238,3 +238,21 @@ async def test_an_empty_store_plans_a_merge_from_the_pushs_before(
     assert NOT_YET_DEPLOYED not in [
         s["description"] for s in fake_github.statuses_for(after, DEPLOY)
     ]
+
+
+async def test_a_push_to_another_branch_is_planned_never_deployed(
+    make_bot: Any, manifest_repo: ManifestRepo, payloads: Payloads, fake_github: FakeGitHub
+) -> None:
+    bot = await make_bot()  # NIXMOX_APPLY_ON_MERGE is on
+    before = manifest_repo.repo.heads.main.commit.hexsha
+    after = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="feature")
+    response = await bot.deliver(
+        "push", payloads.push(before=before, after=after, branch="feature")
+    )
+    assert (await response.json())["status"] == "accepted", await response.text()
+    await bot.drain()
+    assert fake_github.statuses_for(after, DEPLOY) == []
+    assert fake_github.last_status(after, "nixmox/plan")["state"] == "success"
+    assert fake_github.deployments == {}
+    assert await bot.ctx.require_store().history() == []
+    assert await bot.ctx.require_store().last_deployed_revision() is None

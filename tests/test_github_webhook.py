@@ -218,7 +218,7 @@ async def test_deduplication_holds_across_restarts(
         (
             "push",
             lambda p: p.push(before=SHA_A, after=SHA_B, branch="feature"),
-            {},
+            {"plan_branch_pushes": False},  # planned otherwise (tests/test_github_branch_push.py)
             "not the default branch",
         ),
         ("push", lambda p: p.push(before=SHA_A, after="0" * 40), {}, "deleted"),

@@ -15,16 +15,42 @@ from gidgethub import routing, sansio
 
 from bot.commands import is_command
 from bot.config import Settings
+from planner.diff import glob_match
 
 
 class JobKind(StrEnum):
     PLAN_PULL = "github.plan"
     COMMAND = "github.command"
     DEPLOY_PUSH = "github.push"
+    PLAN_BRANCH = "github.plan_branch"
 
 
 PLANNED_ACTIONS = ("opened", "synchronize", "reopened", "ready_for_review")
 ZERO_SHA = "0" * 40
+BRANCH_PREFIX = "refs/heads/"
+TAG_PREFIX = "refs/tags/"
+# files a plan can depend on, besides the manifest's own directory (`[paths]` globs elsewhere
+# are not seen here: the webhook only has the payload)
+MANIFEST_RELATED = (
+    "nixos/**",
+    "terraform/**",
+    "**/*.nix",
+    "**/*.tf",
+    "**/*.tfvars",
+    "flake.lock",
+    ".nixmox.toml",
+)
+MAX_LISTED_COMMITS = 2048  # GitHub lists at most this many commits in a push payload
+
+TAG_PUSH = "tag pushes are not planned ({ref})"
+NOT_A_BRANCH = "{ref} is not a branch"
+BRANCH_DELETED = "branch {branch} was deleted: nothing to plan"
+BRANCH_PUSHES_OFF = (
+    "{ref} is not the default branch and branch pushes are not planned "
+    "(NIXMOX_PLAN_BRANCH_PUSHES is off)"
+)
+BRANCH_NOT_LISTED = "branch {branch} matches no NIXMOX_PLAN_BRANCHES pattern"
+NO_MANIFEST_FILE = "the push to {branch} touches no manifest-related file"
 
 
 class BadPayload(Exception):
@@ -143,14 +169,25 @@ async def on_comment(event: sansio.Event, delivery: Delivery) -> None:
 
 @router.register("push")
 async def on_push(event: sansio.Event, delivery: Delivery) -> None:
-    """A push to the default branch deploys, when NIXMOX_APPLY_ON_MERGE is on."""
+    """The default branch deploys (NIXMOX_APPLY_ON_MERGE); other branches are planned."""
     data = event.data
     default_branch = field_at(data, "repository", "default_branch")
+    ref = str(field_at(data, "ref"))
+    if ref == f"{BRANCH_PREFIX}{default_branch}":
+        on_default_branch_push(event, delivery)
+    elif ref.startswith(TAG_PREFIX):
+        delivery.ignore(TAG_PUSH.format(ref=ref))
+    elif not ref.startswith(BRANCH_PREFIX):
+        delivery.ignore(NOT_A_BRANCH.format(ref=ref))
+    else:
+        on_branch_push(event, delivery, ref.removeprefix(BRANCH_PREFIX), str(default_branch))
+
+
+def on_default_branch_push(event: sansio.Event, delivery: Delivery) -> None:
+    """A push to the default branch deploys, when NIXMOX_APPLY_ON_MERGE is on."""
+    data = event.data
     ref = field_at(data, "ref")
     after = str(field_at(data, "after"))
-    if ref != f"refs/heads/{default_branch}":
-        delivery.ignore(f"{ref} is not the default branch")
-        return
     if data.get("deleted") or after == ZERO_SHA:
         delivery.ignore("the default branch was deleted")
         return
@@ -171,6 +208,73 @@ async def on_push(event: sansio.Event, delivery: Delivery) -> None:
             "delivery_id": event.delivery_id,
         },
     )
+
+
+def on_branch_push(
+    event: sansio.Event, delivery: Delivery, branch: str, default_branch: str
+) -> None:
+    """A push to another branch is planned against the default branch's merge base."""
+    data = event.data
+    settings = delivery.settings
+    after = str(field_at(data, "after"))
+    if data.get("deleted") or after == ZERO_SHA:
+        delivery.ignore(BRANCH_DELETED.format(branch=branch))
+        return
+    if not settings.plan_branch_pushes:
+        delivery.ignore(BRANCH_PUSHES_OFF.format(ref=field_at(data, "ref")))
+        return
+    if settings.plan_branches and not any(
+        glob_match(branch, pattern) for pattern in settings.plan_branches
+    ):
+        delivery.ignore(BRANCH_NOT_LISTED.format(branch=branch))
+        return
+    files = pushed_files(data)
+    if files is not None and not any(manifest_related(f, settings.manifest_path) for f in files):
+        delivery.ignore(NO_MANIFEST_FILE.format(branch=branch))
+        return
+    delivery.add(
+        JobKind.PLAN_BRANCH,
+        {
+            "branch": branch,
+            "default_branch": default_branch,
+            "after": after,
+            "clone_url": str(field_at(data, "repository", "clone_url")),
+            "installation_id": installation_id(data),
+            "delivery_id": event.delivery_id,
+        },
+    )
+
+
+def pushed_files(data: dict[str, Any]) -> set[str] | None:
+    """Every file the push's commits touch; None when the payload cannot tell for sure.
+
+    A new branch may carry commits pushed before (not listed), a forced push may have dropped
+    commits (their changes are gone from the branch, not listed either), and GitHub lists at
+    most 2048 commits: those are planned whatever their files.
+    """
+    commits = data.get("commits")
+    if data.get("created") or data.get("forced") or not isinstance(commits, list):
+        return None
+    if not commits or len(commits) >= MAX_LISTED_COMMITS:
+        return None
+    files: set[str] = set()
+    for commit in commits:
+        if not isinstance(commit, dict):
+            return None
+        for key in ("added", "modified", "removed"):
+            listed = commit.get(key)
+            if not isinstance(listed, list):
+                return None
+            files.update(str(path) for path in listed)
+    return files
+
+
+def manifest_related(path: str, manifest_path: str) -> bool:
+    """Whether a changed file can change a plan: the manifest's directory, Nix, terraform..."""
+    directory = manifest_path.rpartition("/")[0]
+    if path == manifest_path or (directory and path.startswith(directory + "/")):
+        return True
+    return any(glob_match(path, pattern) for pattern in MANIFEST_RELATED)
 
 
 def handles(event: str) -> bool:

@@ -22,6 +22,7 @@ from bot.config import Settings
 FETCH_TIMEOUT = 300.0
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 ZERO_SHA = "0" * 40
+BRANCH_REFS = "refs/nixmox/branches/"  # where the cache keeps the tips of fetched branches
 
 
 class GitFetchError(Exception):
@@ -105,6 +106,29 @@ class GitCache:
                 )
             # keep fetched commits reachable, so `git gc` never drops a planned revision
             await asyncio.to_thread(self._pin, missing)
+
+    async def branch_tip(self, remote: Remote, branch: str) -> str:
+        """Fetch `branch` from the remote into `refs/nixmox/branches/` and return its commit."""
+        local = f"{BRANCH_REFS}{branch}"
+        if not await asyncio.to_thread(self._valid_ref, local):
+            raise GitFetchError(f"{branch!r} is not a valid branch name")
+        async with self._lock:
+            error = await self._git_fetch(remote, [f"+refs/heads/{branch}:{local}"])
+            if error is not None:
+                raise GitFetchError(
+                    f"could not fetch branch {branch} from {safe_url(remote.url)}: {error}"
+                )
+            return str(await asyncio.to_thread(lambda: self.repo().commit(local).hexsha))
+
+    def _valid_ref(self, ref: str) -> bool:
+        """Git's own rules for a ref name (`git check-ref-format`), no option-like names."""
+        if ref.startswith("-") or any(ord(char) < 32 for char in ref):
+            return False
+        try:
+            self.repo().git.check_ref_format(ref)
+        except git.GitCommandError:
+            return False
+        return True
 
     def _pin(self, shas: list[str]) -> None:
         repo = self.repo()

@@ -73,12 +73,23 @@ class Pusher(msgspec.Struct):
     name: str | None = None
 
 
+class PushCommit(msgspec.Struct):
+    """The files one pushed commit touches (None: not listed)."""
+
+    added: list[str] | None = None
+    modified: list[str] | None = None
+    removed: list[str] | None = None
+
+
 class PushEvent(msgspec.Struct):
     ref: str
     before: str
     after: str
     repository: Repository
     deleted: bool = False
+    created: bool = False
+    forced: bool = False
+    commits: list[PushCommit] | None = None
     pusher: Pusher | None = None
     sender: Account | None = None
     installation: Installation | None = None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,8 @@ NO_DEPLOYMENT = "no deployment needed"
 COULD_NOT_PLAN = "could not plan: {reason}"
 INTERNAL_ERROR = "internal error (see the bot's log)"
 INVALID = "invalid manifest: {count} error{s}"
+SHARED_PLANS = "github.shared_plans"
+SHARED_PLANS_KEPT = 64  # (base, head) plans remembered per process
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,41 @@ async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
     except GitFetchError as exc:
         raise PlanningError(str(exc)) from exc
     base = await asyncio.to_thread(git.merge_base, pull.base_sha, pull.head_sha)
-    return await plan_between(ctx, base or pull.base_sha, pull.head_sha)
+    return await shared_plan(ctx, base or pull.base_sha, pull.head_sha)
+
+
+async def shared_plan(ctx: BotContext, base: str | None, head: str) -> Plan:
+    """The plan of base → head, computed once per (base, head) in this process.
+
+    A PR's synchronize and the branch push behind it (or two jobs arriving together) ask for
+    the same plan: the first computes it, the others wait for that result. A plan depends only
+    on the two commits, so it is kept; a planning failure is not, so the next job tries again.
+    """
+    plans: OrderedDict[tuple[str | None, str], asyncio.Future[Plan]] = ctx.extras.setdefault(
+        SHARED_PLANS, OrderedDict()
+    )
+    key = (base, head)
+    found = plans.get(key)
+    if found is None:
+        found = plans[key] = asyncio.ensure_future(plan_between(ctx, base, head))
+        found.add_done_callback(lambda done: _forget_failed(plans, key, done))
+        while len(plans) > SHARED_PLANS_KEPT:
+            plans.popitem(last=False)
+    else:
+        plans.move_to_end(key)
+    # shielded: a cancelled job must not cancel the plan another job waits for
+    return await asyncio.shield(found)
+
+
+def _forget_failed(
+    plans: OrderedDict[tuple[str | None, str], asyncio.Future[Plan]],
+    key: tuple[str | None, str],
+    done: asyncio.Future[Plan],
+) -> None:
+    """Drop a failed plan (and retrieve its exception: whoever waited has it already)."""
+    failed = done.cancelled() or done.exception() is not None
+    if failed and plans.get(key) is done:
+        del plans[key]
 
 
 async def plan_between(ctx: BotContext, base: str | None, head: str) -> Plan:
@@ -209,36 +247,67 @@ async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:
 async def _plan_pull_request(ctx: BotContext, pull: PullRef) -> None:
     repo = Repo.parse(ctx.settings.repo)
     gh = await ctx.require_github().client(pull.installation_id)
-    await set_status(gh, repo, pull.head_sha, StatusState.PENDING, PLAN_CONTEXT, PLANNING)
+    await with_plan_status(
+        gh,
+        repo,
+        pull.head_sha,
+        f"PR #{pull.number}",
+        lambda: _plan_and_report(ctx, gh, repo, pull),
+    )
+
+
+async def with_plan_status(
+    gh: GitHubClient, repo: Repo, sha: str, subject: str, work: Callable[[], Awaitable[None]]
+) -> None:
+    """`nixmox/plan` pending on `sha` while `work` plans and reports; `error` when it fails."""
+    await set_status(gh, repo, sha, StatusState.PENDING, PLAN_CONTEXT, PLANNING)
     try:
-        await _plan_and_report(ctx, gh, repo, pull)
+        await work()
     except PlanningError as exc:
-        log.warning("could not plan PR #%d at %s: %s", pull.number, pull.head_sha[:12], exc)
-        await _error_status(gh, repo, pull, str(exc))
+        log.warning("could not plan %s at %s: %s", subject, sha[:12], exc)
+        await _error_status(gh, repo, sha, str(exc))
     except Exception:
         # never leave `pending` behind: say the bot failed, then let the job record why
-        await _error_status(gh, repo, pull, INTERNAL_ERROR)
+        await _error_status(gh, repo, sha, INTERNAL_ERROR)
         raise
 
 
-async def _error_status(gh: GitHubClient, repo: Repo, pull: PullRef, reason: str) -> None:
+async def _error_status(gh: GitHubClient, repo: Repo, sha: str, reason: str) -> None:
     try:
         await set_status(
             gh,
             repo,
-            pull.head_sha,
+            sha,
             StatusState.ERROR,
             PLAN_CONTEXT,
             COULD_NOT_PLAN.format(reason=reason),
         )
     except Exception:
-        log.warning("could not set %s on %s", PLAN_CONTEXT, pull.head_sha[:12], exc_info=True)
+        log.warning("could not set %s on %s", PLAN_CONTEXT, sha[:12], exc_info=True)
+
+
+async def archive_plan(ctx: BotContext, plan: Plan) -> str | None:
+    """Keep the plan for `/plans/{key}`; its page URL (None without an archive)."""
+    key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
+    return ctx.plan_url(key) if key else None
+
+
+async def report_plan_status(
+    gh: GitHubClient,
+    repo: Repo,
+    sha: str,
+    plan: Plan,
+    target: str | None,
+    describe: Callable[[Plan], tuple[StatusState, str]] = plan_status,
+) -> None:
+    """The final `nixmox/plan` of `sha`: success or failure, linking the plan page."""
+    state, description = describe(plan)
+    await set_status(gh, repo, sha, state, PLAN_CONTEXT, description, target)
 
 
 async def _plan_and_report(ctx: BotContext, gh: GitHubClient, repo: Repo, pull: PullRef) -> None:
     plan = await compute_plan(ctx, pull)
-    key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
-    target = ctx.plan_url(key) if key else None
+    target = await archive_plan(ctx, plan)
     current = await get_pull(gh, repo, pull.number)
     if current.get("head", {}).get("sha") == pull.head_sha:
         login = await ctx.require_github().bot_login(pull.installation_id)
@@ -249,5 +318,4 @@ async def _plan_and_report(ctx: BotContext, gh: GitHubClient, repo: Repo, pull: 
             pull.number,
             pull.head_sha[:12],
         )
-    state, description = plan_status(plan)
-    await set_status(gh, repo, pull.head_sha, state, PLAN_CONTEXT, description, target)
+    await report_plan_status(gh, repo, pull.head_sha, plan, target)

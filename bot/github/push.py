@@ -9,6 +9,12 @@ commit is already contained in the deployed revision (a late delivery) deploys n
 merge whose services are locked waits up to NIXMOX_MERGE_LOCK_WAIT seconds (`nixmox/deploy`
 pending, naming the lock), then gives up with `error`: the merge is not deployed and someone
 has to look.
+
+A push to any other branch is planned like a pull request (`plan_branch_push`): from the merge
+base with the default branch to the pushed head, with the same Git cache, evaluation cache and
+shared plan, and reported as `nixmox/plan` on the head (no comment: there is no PR). When the
+branch is the head of an open pull request, the PR's own plan job reports it instead, so a
+push and its `synchronize` are planned once.
 """
 
 from __future__ import annotations
@@ -16,11 +22,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bot.context import BotContext, DeploymentRequest
+from bot.github.client import GitHubClient
 from bot.github.gitcache import GitFetchError, is_sha, remote_for
-from bot.github.pulls import plan_between, plan_status
+from bot.github.pulls import (
+    archive_plan,
+    plan_between,
+    plan_status,
+    report_plan_status,
+    shared_plan,
+    with_plan_status,
+)
 from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState, set_status
 from planner.plan import Plan
 from planner.source import PlanningError
@@ -40,6 +55,7 @@ STOPPED = "the deployment stopped on an internal error (see the bot's log)"
 WAITING = "waiting for {service} locked by {holder}"
 STILL_LOCKED = "not deployed: {service} still locked by {holder} after {wait:g} s"
 NOT_YET_DEPLOYED = "no successful full deployment yet: deploying everything"
+FIRST_ERROR = "{description}; {error}"
 
 
 def merge_lock(ctx: BotContext) -> asyncio.Lock:
@@ -160,3 +176,98 @@ def mark_full(plan: Plan) -> Plan:
     if not plan.ok or not plan.steps:
         return plan
     return plan.model_copy(update={"note": NOT_YET_DEPLOYED})
+
+
+# --- pushes to other branches: planned, never deployed --------------------------------------
+
+
+@dataclass(frozen=True)
+class BranchPush:
+    """A push to a branch other than the default one (the payload of a branch plan job)."""
+
+    branch: str
+    default_branch: str
+    after: str
+    clone_url: str | None
+    installation_id: int | None = None
+
+    @classmethod
+    def from_job(cls, payload: dict[str, Any]) -> BranchPush:
+        return cls(
+            branch=str(payload["branch"]),
+            default_branch=str(payload["default_branch"]),
+            after=str(payload["after"]),
+            clone_url=payload.get("clone_url"),
+            installation_id=payload.get("installation_id"),
+        )
+
+
+async def plan_branch_push(ctx: BotContext, payload: dict[str, Any]) -> None:
+    """The `github.plan_branch` job: `nixmox/plan` on the pushed head, no comment."""
+    push = BranchPush.from_job(payload)
+    repo = Repo.parse(ctx.settings.repo)
+    gh = await ctx.require_github().client(push.installation_id)
+    number = await open_pull_of(gh, repo, push.branch)
+    if number is not None:
+        log.info(
+            "%s at %s is the head of PR #%d: planned by the PR",
+            push.branch,
+            push.after[:12],
+            number,
+        )
+        return
+    await with_plan_status(
+        gh,
+        repo,
+        push.after,
+        f"branch {push.branch}",
+        lambda: _plan_branch_and_report(ctx, gh, repo, push),
+    )
+
+
+async def open_pull_of(gh: GitHubClient, repo: Repo, branch: str) -> int | None:
+    """The open PR whose head is `branch` of this repository, if any (None when unknown)."""
+    try:
+        async for pull in gh.getiter(
+            "/repos/{owner}/{repo}/pulls{?state,head,per_page}",
+            url_vars=repo.vars(state="open", head=f"{repo.owner}:{branch}", per_page=100),
+        ):
+            if pull.get("head", {}).get("ref") == branch:
+                return int(pull["number"])
+    except Exception:
+        # planning twice is better than not at all: the statuses would agree
+        log.warning("could not list the pull requests of %s; planning it", branch, exc_info=True)
+    return None
+
+
+async def _plan_branch_and_report(
+    ctx: BotContext, gh: GitHubClient, repo: Repo, push: BranchPush
+) -> None:
+    plan = await compute_branch_plan(ctx, push)
+    target = await archive_plan(ctx, plan)
+    await report_plan_status(gh, repo, push.after, plan, target, branch_plan_status)
+
+
+def branch_plan_status(plan: Plan) -> tuple[StatusState, str]:
+    """As a PR's, but an invalid manifest names its first error (no comment lists them)."""
+    state, description = plan_status(plan)
+    if plan.errors:
+        description = FIRST_ERROR.format(description=description, error=plan.errors[0].render())
+    return state, description
+
+
+async def compute_branch_plan(ctx: BotContext, push: BranchPush) -> Plan:
+    """Fetch the default branch and the head; plan their merge base → head (shared plan)."""
+    git = ctx.git
+    if git is None:
+        raise PlanningError("the Git cache is not set up")
+    token = await ctx.require_github().token(push.installation_id)
+    remote = remote_for(ctx.settings, push.clone_url, token)
+    try:
+        tip = await git.branch_tip(remote, push.default_branch)
+        await git.fetch(remote, [push.after], [f"refs/heads/{push.branch}"])
+    except GitFetchError as exc:
+        raise PlanningError(str(exc)) from exc
+    base = await asyncio.to_thread(git.merge_base, tip, push.after)
+    # no common history: everything the head has is new
+    return await shared_plan(ctx, base, push.after)

@@ -134,6 +134,7 @@ class FakeGitHub:
         )
         self._route("GET", repo_prefix + r"/pulls/(?P<number>\d+)/reviews", self.list_reviews)
         self._route("GET", repo_prefix + r"/pulls/(?P<number>\d+)", self.get_pull)
+        self._route("GET", repo_prefix + r"/pulls", self.list_pulls)
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -553,6 +554,26 @@ class FakeGitHub:
 
     async def list_reviews(self, request: web.Request, params: dict[str, str], data: Any):
         return self._page(request, self.reviews.get(int(params["number"]), []))
+
+    async def list_pulls(self, request: web.Request, params: dict[str, str], data: Any):
+        """`state` (default open), `head` (`owner:branch`) and `base` filters, as GitHub has."""
+        state = request.query.get("state", "open")
+        head = request.query.get("head")
+        base = request.query.get("base")
+        found = [
+            pull
+            for _, pull in sorted(self.pulls.items())
+            if state in ("all", pull["state"])
+            and (head is None or head == self._head_label(pull))
+            and (base is None or base == pull["base"]["ref"])
+        ]
+        return self._page(request, found)
+
+    @staticmethod
+    def _head_label(pull: dict[str, Any]) -> str:
+        """`owner:branch` of the PR's head (a fork's owner for a fork)."""
+        owner = pull["head"]["repo"]["full_name"].split("/")[0]
+        return f"{owner}:{pull['head']['ref']}"
 
     async def get_pull(self, request: web.Request, params: dict[str, str], data: Any):
         pull = self.pulls.get(int(params["number"]))
