@@ -84,7 +84,9 @@ def read_configuration(config_file: Path | None) -> tuple[Settings, RunnerConfig
     "--config",
     "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML file with settings (NIXMOX_* variables win) and a [runners] table.",
+    envvar="NIXMOX_CONFIG",
+    help="TOML file with settings (NIXMOX_* variables win) and a [runners] table "
+    "[env: NIXMOX_CONFIG].",
 )
 @click.option(
     "--log-level",

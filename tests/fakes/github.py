@@ -68,6 +68,27 @@ def now_iso() -> str:
 Handler = Callable[[web.Request, dict[str, str], Any], Awaitable[web.Response]]
 
 
+@dataclass(frozen=True)
+class Permission:
+    """The GitHub App permission an endpoint needs (GitHub's REST docs, "fine-grained")."""
+
+    name: str
+    level: str  # read | write
+
+    def granted_by(self, granted: dict[str, str]) -> bool:
+        level = granted.get(self.name)
+        return level == "write" or (level == "read" and self.level == "read")
+
+
+PULLS_READ = Permission("pull_requests", "read")
+PULLS_WRITE = Permission("pull_requests", "write")
+STATUSES = Permission("statuses", "write")
+DEPLOYMENTS = Permission("deployments", "write")
+DEPLOYMENTS_READ = Permission("deployments", "read")
+METADATA = Permission("metadata", "read")
+NOT_ACCESSIBLE = "Resource not accessible by integration"
+
+
 class FakeGitHub:
     """The fake; `await start()` serves it, `url` is its base URL."""
 
@@ -107,39 +128,53 @@ class FakeGitHub:
         self._ids = itertools.count(1000)
         self._runner: web.AppRunner | None = None
         self.url = ""
-        self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self.routes: list[tuple[str, re.Pattern[str], Handler, Permission | None]] = []
+        # App mode: what the installation was granted (an installation token may do no more),
+        # and every permission the bot's calls needed
+        self.granted: dict[str, str] | None = None
+        self.used_permissions: set[Permission] = set()
         self._route("POST", r"/app/installations/(?P<id>\d+)/access_tokens", self.access_token)
         self._route("GET", r"/app", self.get_app)
         self._route("GET", r"/user", self.get_user)
         repo_prefix = r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
+        comments = repo_prefix + r"/issues/(?P<number>\d+)/comments"
+        comment = repo_prefix + r"/issues/comments/(?P<id>\d+)"
         self._route("GET", repo_prefix + r"/installation", self.repo_installation)
-        self._route("GET", repo_prefix + r"/issues/(?P<number>\d+)/comments", self.list_comments)
-        self._route("POST", repo_prefix + r"/issues/(?P<number>\d+)/comments", self.add_comment)
-        self._route("GET", repo_prefix + r"/issues/comments/(?P<id>\d+)", self.get_comment)
-        self._route("PATCH", repo_prefix + r"/issues/comments/(?P<id>\d+)", self.edit_comment)
-        self._route("DELETE", repo_prefix + r"/issues/comments/(?P<id>\d+)", self.delete_comment)
+        self._route("GET", comments, self.list_comments, PULLS_READ)
+        self._route("POST", comments, self.add_comment, PULLS_WRITE)
+        self._route("GET", comment, self.get_comment, PULLS_READ)
+        self._route("PATCH", comment, self.edit_comment, PULLS_WRITE)
+        self._route("DELETE", comment, self.delete_comment, PULLS_WRITE)
+        self._route("POST", comment + r"/reactions", self.add_reaction, PULLS_WRITE)
         self._route(
-            "POST", repo_prefix + r"/issues/comments/(?P<id>\d+)/reactions", self.add_reaction
+            "POST", repo_prefix + r"/statuses/(?P<sha>[0-9a-f]{40})", self.add_status, STATUSES
         )
-        self._route("POST", repo_prefix + r"/statuses/(?P<sha>[0-9a-f]{40})", self.add_status)
-        self._route("POST", repo_prefix + r"/deployments", self.add_deployment)
-        self._route("GET", repo_prefix + r"/deployments", self.list_deployments)
+        self._route("POST", repo_prefix + r"/deployments", self.add_deployment, DEPLOYMENTS)
+        self._route("GET", repo_prefix + r"/deployments", self.list_deployments, DEPLOYMENTS_READ)
         self._route(
-            "POST", repo_prefix + r"/deployments/(?P<id>\d+)/statuses", self.add_deployment_status
+            "POST",
+            repo_prefix + r"/deployments/(?P<id>\d+)/statuses",
+            self.add_deployment_status,
+            DEPLOYMENTS,
         )
         self._route(
             "GET",
             repo_prefix + r"/collaborators/(?P<user>[^/]+)/permission",
             self.get_permission,
+            METADATA,
         )
-        self._route("GET", repo_prefix + r"/pulls/(?P<number>\d+)/reviews", self.list_reviews)
-        self._route("GET", repo_prefix + r"/pulls/(?P<number>\d+)", self.get_pull)
-        self._route("GET", repo_prefix + r"/pulls", self.list_pulls)
+        self._route(
+            "GET", repo_prefix + r"/pulls/(?P<number>\d+)/reviews", self.list_reviews, PULLS_READ
+        )
+        self._route("GET", repo_prefix + r"/pulls/(?P<number>\d+)", self.get_pull, PULLS_READ)
+        self._route("GET", repo_prefix + r"/pulls", self.list_pulls, PULLS_READ)
 
     # --- set-up -------------------------------------------------------------------------------
 
-    def _route(self, method: str, pattern: str, handler: Handler) -> None:
-        self.routes.append((method, re.compile(f"^{pattern}$"), handler))
+    def _route(
+        self, method: str, pattern: str, handler: Handler, permission: Permission | None = None
+    ) -> None:
+        self.routes.append((method, re.compile(f"^{pattern}$"), handler, permission))
 
     async def start(self) -> str:
         app = web.Application()
@@ -278,12 +313,18 @@ class FakeGitHub:
         failure = self._planned_failure(request)
         if failure is not None:
             return failure
-        for method, pattern, handler in self.routes:
+        for method, pattern, handler, permission in self.routes:
             match = pattern.match(request.path)
             if match and method == request.method:
                 auth_problem = self.authenticate(request, match.groupdict())
                 if auth_problem is not None:
                     return web.json_response({"message": auth_problem}, status=401)
+                if permission is not None and not self.permitted(request, permission):
+                    self.violations.append(
+                        f"{request.method} {request.path}: needs {permission.name}: "
+                        f"{permission.level}, which the installation was not granted"
+                    )
+                    return web.json_response({"message": NOT_ACCESSIBLE}, status=403)
                 if "owner" in match.groupdict() and (
                     match["owner"] != self.owner or match["repo"] != self.name
                 ):
@@ -321,6 +362,14 @@ class FakeGitHub:
         if scheme.lower() not in ("token", "bearer") or credential not in self.tokens:
             return "Bad credentials"
         return None
+
+    def permitted(self, request: web.Request, permission: Permission) -> bool:
+        """An installation token may use only what the installation was granted."""
+        token = request.headers.get("Authorization", "").partition(" ")[2]
+        if token not in self.issued_tokens:
+            return True  # a personal token: its scopes are not modelled
+        self.used_permissions.add(permission)
+        return self.granted is None or permission.granted_by(self.granted)
 
     def _planned_failure(self, request: web.Request) -> web.Response | None:
         for planned in self.failures:
@@ -371,6 +420,8 @@ class FakeGitHub:
         token["token"] = "ghs_" + secrets.token_hex(18)
         expires = datetime.now(UTC) + timedelta(hours=1)
         token["expires_at"] = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if self.granted is not None:
+            token["permissions"] = dict(self.granted)
         self.tokens.add(token["token"])
         self.issued_tokens.append(token["token"])
         return web.json_response(token, status=201)
