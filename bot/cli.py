@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from planner.findings import ManifestError, attribute
+from planner.perf import gc_paused
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_json, render_markdown, render_slack, render_text
 from planner.revisions import plan_revisions
@@ -119,7 +120,8 @@ def plan(
         raise click.UsageError("--base needs --repo")
     manifest = load_or_exit(path, eval_timeout)
     try:
-        result = plan_full(manifest, service=service)  # type: ignore[arg-type]
+        with gc_paused():  # large manifests: see planner.perf
+            result = plan_full(manifest, service=service)  # type: ignore[arg-type]
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
     attribute([*result.errors, *result.warnings], path.name)

@@ -13,11 +13,11 @@ from pathlib import Path
 from planner.diff import PathsConfig
 from planner.findings import Finding, ManifestError, error, warning
 from planner.models import Manifest
+from planner.perf import gc_paused
 from planner.plan import (
     NOTE_BASE_INVALID,
     Plan,
     PlanOptions,
-    gc_paused,
     invalid_plan,
     plan_changes,
 )

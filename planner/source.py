@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from planner.findings import ManifestError, error
 from planner.models import Manifest
-from planner.plan import AnalysisMemo, gc_paused
+from planner.perf import gc_paused
+from planner.plan import AnalysisMemo
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
