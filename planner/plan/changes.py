@@ -13,6 +13,7 @@ from typing import Any
 
 from planner.diff import (
     DiffKind,
+    FileHit,
     ManifestDiff,
     PathsConfig,
     ServiceDiff,
@@ -20,10 +21,12 @@ from planner.diff import (
     dump,
     field_effects,
     match_files,
+    root_effects,
 )
 from planner.findings import warning
 from planner.models import Manifest
 from planner.plan.destroys import destroy_before_reuse, destroy_steps, replacements
+from planner.plan.files import explain_files, unparseable_roots
 from planner.plan.full import (
     Analysis,
     FullPlanNeeds,
@@ -61,6 +64,7 @@ from planner.plan.selection import (
     select_global,
     select_removed,
 )
+from planner.tfmodules import ModuleGraph
 
 NOTE_SAME_MANIFEST = "the manifest evaluates to the same services and settings"
 NOTE_NO_FILES = "no changed file belongs to a service"
@@ -145,24 +149,32 @@ def plan_changes(
     head_rev: str | None = None,
     manifest_path: str | None = None,
     memo: AnalysisMemo | None = None,
+    modules: ModuleGraph | None = None,
 ) -> Plan:
     """The plan of exactly what going from `base` to `head` needs (pure; no base: full plan).
 
     `changed_files` are repository paths changed between the revisions; `manifest_path` (the
-    manifest file itself) is left to the semantic diff. An invalid head gives a plan carrying
-    the errors; an invalid base gives the full plan of head, with a warning saying so.
+    manifest file itself) is left to the semantic diff. `modules` (the head's terraform module
+    graph) makes a file under a module directory count for every root using it. An invalid
+    head gives a plan carrying the errors; an invalid base gives the full plan of head, with a
+    warning saying so.
     """
-    return _plan_changes(
+    changed = list(dict.fromkeys(changed_files))
+    plan, hits = _plan_changes(
         base,
         head,
-        files=[path for path in dict.fromkeys(changed_files) if path != manifest_path],
+        files=[path for path in changed if path != manifest_path],
         paths_config=paths_config,
         service=service,
         options=options or PlanOptions(),
         base_rev=base_rev,
         head_rev=head_rev or manifest_digest(head),
         memo=memo or AnalysisMemo(),
+        modules=modules,
     )
+    if hits is not None:  # a diff was planned (not a full plan)
+        plan.files = explain_files(changed, manifest_path, hits, plan.steps, paths_config, service)
+    return plan
 
 
 def _plan_changes(
@@ -176,17 +188,19 @@ def _plan_changes(
     base_rev: str | None,
     head_rev: str,
     memo: AnalysisMemo,
-) -> Plan:
+    modules: ModuleGraph | None,
+) -> tuple[Plan, list[FileHit] | None]:
     if base is None:
-        return full_plan_as_change(head, service, options, base_rev, head_rev)
+        return full_plan_as_change(head, service, options, base_rev, head_rev), None
     analysis = memo.analyse(head)
     if analysis.errors:
-        return invalid_plan(analysis.findings, base=base_rev, head=head_rev)
+        return invalid_plan(analysis.findings, base=base_rev, head=head_rev), None
     base_analysis = memo.analyse(base, warnings=False)
     if base_analysis.errors:
         why = f"{len(base_analysis.errors)} validation error(s), first: "
         why += base_analysis.errors[0].render()
-        return full_plan_as_change(head, service, options, base_rev, head_rev, base_problem=why)
+        plan = full_plan_as_change(head, service, options, base_rev, head_rev, base_problem=why)
+        return plan, None
     if service is not None and service not in analysis.graph:
         known = ", ".join(sorted(analysis.graph.nodes))
         raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
@@ -209,11 +223,22 @@ def _plan_changes(
                     sel, ctx, change.service, field_effects(path), change.path(path), path
                 )
     hits = match_files(
-        files, head, paths_config, infra_root=options.infra_root, auth_root=options.auth_root
+        files,
+        head,
+        paths_config,
+        infra_root=options.infra_root,
+        auth_root=options.auth_root,
+        modules=modules,
     )
+    warnings = list(analysis.warnings)
+    if modules is not None:
+        roots = root_effects(head, paths_config, options.infra_root, options.auth_root)
+        fallback, unparseable = unparseable_roots(modules, roots)
+        hits.extend(fallback)
+        warnings.extend(unparseable)
     for hit in hits:
         for name in [hit.service] if hit.service else hit_services(sel, ctx, hit):
-            apply_effects(sel, ctx, name, hit.effects, hit.path)
+            apply_effects(sel, ctx, name, hit.effects, hit.reason)
     reverify_dependents(sel, analysis.graph)
     if service is not None:
         removed = []  # a one-service plan never destroys other services
@@ -228,11 +253,11 @@ def _plan_changes(
         base=base_rev,
         head=head_rev,
         changes=changes_of(diff),
-        warnings=analysis.warnings,
+        warnings=warnings,
         note=None if steps else empty_note(diff, files, service),
     )
     plan.dependencies = dependency_infos(analysis, set(plan.services()))
-    return plan
+    return plan, hits
 
 
 def selected_steps(

@@ -130,6 +130,15 @@ class PlanOptions:
     auth_root: str | None = "terraform/authentik"
 
 
+class FileNote(BaseModel):
+    """A changed file: the steps it selected and why, or why it selected none."""
+
+    path: str
+    steps: list[str] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)
+    note: str | None = None
+
+
 class Plan(BaseModel):
     """A DAG of steps with its waves, revisions, changes, findings and digest."""
 
@@ -143,6 +152,7 @@ class Plan(BaseModel):
     note: str | None = None
     dependencies: list[DependencyInfo] = Field(default_factory=list)
     digest: str = ""
+    files: list[FileNote] = Field(default_factory=list)  # diff plans: `--explain-files`
 
     @property
     def ok(self) -> bool:
@@ -186,7 +196,7 @@ def canonical_digest(steps: Iterable[Step], base: str | None, head: str | None) 
         "head": head,
         "steps": sorted(
             ([s.id, str(s.phase), s.service, sorted(s.needs), sorted(s.targets)] for s in steps),
-            key=lambda item: item[0],
+            key=lambda item: str(item[0]),  # the step id
         ),
     }
     return hashlib.sha256(
