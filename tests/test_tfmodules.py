@@ -198,6 +198,37 @@ def test_a_git_ref_bump_is_a_change_of_its_root(tmp_path: Path) -> None:
     ]
 
 
+def test_a_registry_bump_inside_a_module_names_the_bump_and_the_chain(tmp_path: Path) -> None:
+    repo = nixmox_repo(tmp_path)
+    changed = "terraform/modules/proxmox-lxc/main.tf"
+    repo.write(
+        changed,
+        PROXMOX_LXC + 'module "net" {\n  source  = "example/net/proxmox"\n  version = "0.1.0"\n}\n',
+    )
+    plan, _, _ = plan_change(repo, {changed: repo.read(changed).replace('"0.1.0"', '"0.2.0"')})
+    assert step_ids(plan) == sorted(INFRA_STEPS)
+    assert plan.by_id()["tf:infra"].reasons == [
+        f'{changed} (module "net" version 0.1.0 → 0.2.0; module "containers" of '
+        "terraform/infrastructure)"
+    ]
+
+
+def test_a_one_service_plan_says_why_a_file_selected_nothing(tmp_path: Path) -> None:
+    repo = nixmox_repo(tmp_path, "service-manifest.ebf3bcb.nix")
+    base = repo.commit("base")
+    changed = "terraform/modules/authentik-app/main.tf"
+    repo.write(changed, RESOURCE + "# more\n")
+    head = repo.commit("head")
+    plan = plan_revisions(repo.path, base, head, service="caddy", cache=EvalCache())
+    assert plan.ok and plan.steps == []
+    [note] = plan.files
+    assert (note.path, note.steps, note.note) == (
+        changed,
+        [],
+        "no step: caddy does not need what it selects",
+    )
+
+
 def test_broken_hcl_in_a_changed_module_plans_its_users_with_a_warning(tmp_path: Path) -> None:
     repo = nixmox_repo(tmp_path)
     changed = "terraform/modules/authentik-manifest/main.tf"
