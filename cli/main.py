@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from planner.findings import ManifestError, attribute
+from planner.perf import gc_paused
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_json, render_markdown, render_slack, render_text
 from planner.revisions import plan_revisions
@@ -109,6 +110,21 @@ def emit_plan(plan: Plan, fmt: str) -> None:
         sys.exit(EXIT_INVALID)
 
 
+def emit_file_explanation(plan: Plan, fmt: str) -> None:
+    """Print `--explain-files` in the asked format; exit 1 when the plan carries errors."""
+    from planner.render import md_changed_files
+    from planner.render_files import explain_json, explain_text
+
+    if not plan.ok:
+        emit_plan(plan, fmt)  # the errors, and exit 1
+    elif fmt == "json":
+        click.echo(explain_json(plan))
+    elif fmt == "markdown":
+        click.echo("\n\n".join(md_changed_files(plan)) or "_No changed files._")
+    else:
+        click.echo(explain_text(plan))
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path), required=False)
 @click.option(
@@ -127,6 +143,11 @@ def emit_plan(plan: Plan, fmt: str) -> None:
 )
 @click.option("--service", help="Plan only this service and everything it needs.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
+@click.option(
+    "--explain-files",
+    is_flag=True,
+    help="With --repo and --base: each changed file, the steps it selected and why (or why none).",
+)
 @_eval_options
 def plan(
     path: Path | None,
@@ -136,13 +157,19 @@ def plan(
     manifest_path: str,
     service: str | None,
     fmt: str,
+    explain_files: bool,
     eval_timeout: float,
 ) -> None:
     """Print the deployment plan of a manifest file, or of a Git change (--repo, --base)."""
+    if explain_files and (repo is None or base is None or fmt == "slack"):
+        raise click.UsageError(
+            "--explain-files needs --repo and --base, and text, json or markdown"
+        )
     if repo is not None:
         if path is not None:
             raise click.UsageError("give either a manifest PATH or --repo, not both")
-        emit_plan(plan_repo(repo, base, head, manifest_path, service, eval_timeout), fmt)
+        result = plan_repo(repo, base, head, manifest_path, service, eval_timeout)
+        (emit_file_explanation if explain_files else emit_plan)(result, fmt)
         return
     if path is None:
         raise click.UsageError("give a manifest PATH, or --repo DIR [--base REF] [--head REF]")
@@ -150,7 +177,8 @@ def plan(
         raise click.UsageError("--base needs --repo")
     manifest = load_or_exit(path, eval_timeout)
     try:
-        result = plan_full(manifest, service=service)  # type: ignore[arg-type]
+        with gc_paused():  # large manifests: see planner.perf
+            result = plan_full(manifest, service=service)  # type: ignore[arg-type]
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
     attribute([*result.errors, *result.warnings], path.name)

@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from planner.models import Manifest
+from planner.tfmodules import ModuleGraph, normalize_dir
 
 SERVICE_SECTIONS = ("core_services", "services")
 DEFAULT_GLOBAL_GLOBS = ("flake.lock", "flake.nix")
@@ -273,6 +274,12 @@ def glob_match(path: str, pattern: str) -> bool:
     return glob_regex(pattern.lstrip("/")).match(path) is not None
 
 
+NIX_EFFECTS = frozenset({Effect.NIX, Effect.VERIFY})
+TF_EFFECTS = frozenset({Effect.TERRAFORM, Effect.VERIFY})
+INFRA_EFFECTS = frozenset({Effect.INFRA, Effect.VERIFY})
+AUTH_EFFECTS = frozenset({Effect.AUTH_CORE, Effect.VERIFY})
+
+
 @dataclass(frozen=True)
 class FileHit:
     """A changed file that belongs to a service (or to every service, `service=None`)."""
@@ -280,6 +287,12 @@ class FileHit:
     path: str
     service: str | None
     effects: frozenset[Effect]
+    why: str = ""  # the module chain or external module change that makes it count
+
+    @property
+    def reason(self) -> str:
+        """The step reason: the path, with why it counts when that is not plain."""
+        return f"{self.path} ({self.why})" if self.why else self.path
 
 
 def _under(path: str, directory: str) -> bool:
@@ -311,6 +324,7 @@ def match_files(
     ignore: Iterable[str] = (),
     infra_root: str | None = None,
     auth_root: str | None = None,
+    modules: ModuleGraph | None = None,
 ) -> list[FileHit]:
     """Which enabled services each changed file counts for, and what it causes there.
 
@@ -318,7 +332,8 @@ def match_files(
     `nixos/**/<svc>/**` and the service's configured globs its nix step; global globs the nix
     step of every service. Every one of them is verified afterwards. A file under the infra
     root causes tf:infra for every service, one under the auth root tf:auth-core (the config's
-    roots override the `infra_root`/`auth_root` arguments; None: no such root).
+    roots override the `infra_root`/`auth_root` arguments; None: no such root). With the
+    module graph, a file under a local module directory counts for every root using it.
     """
     config = config or PathsConfig()
     infra_root = config.infra_root or infra_root
@@ -330,34 +345,35 @@ def match_files(
         for name, svc in enabled.items()
         if svc.interface.terraform is not None
     }
-    nix_effects = frozenset({Effect.NIX, Effect.VERIFY})
-    tf_effects = frozenset({Effect.TERRAFORM, Effect.VERIFY})
-    infra_effects = frozenset({Effect.INFRA, Effect.VERIFY})
-    auth_effects = frozenset({Effect.AUTH_CORE, Effect.VERIFY})
     hits: list[FileHit] = []
     for path in sorted(set(files)):
-        if path in skip or any(glob_match(path, pattern) for pattern in config.ignore_globs):
+        if path in skip or is_ignored(path, config):
             continue
         if any(glob_match(path, pattern) for pattern in config.global_globs):
-            hits.append(FileHit(path, None, nix_effects))
+            hits.append(FileHit(path, None, NIX_EFFECTS))
             continue
         found = len(hits)
+        why = "; ".join(modules.external_changes(path)) if modules is not None else ""
         if infra_root and _under(path, infra_root):
-            hits.append(FileHit(path, None, infra_effects))
+            hits.append(FileHit(path, None, INFRA_EFFECTS, why))
         if auth_root and _under(path, auth_root):
-            hits.append(FileHit(path, None, auth_effects))
+            hits.append(FileHit(path, None, AUTH_EFFECTS, why))
         for name in sorted(nixos_candidates(path) & set(enabled)):
-            hits.append(FileHit(path, name, nix_effects))
+            hits.append(FileHit(path, name, NIX_EFFECTS))
         for name, patterns in config.services.items():
             if name in enabled and any(glob_match(path, pattern) for pattern in patterns):
-                hits.append(FileHit(path, name, nix_effects))
+                hits.append(FileHit(path, name, NIX_EFFECTS))
         for name, dirs in tf_dirs.items():
             if any(_under(path, directory) for directory in dirs):
-                hits.append(FileHit(path, name, tf_effects))
+                hits.append(FileHit(path, name, TF_EFFECTS, why))
+        if modules is not None:
+            hits.extend(
+                module_hits(path, modules, RootEffects(infra_root, auth_root, tf_dirs), why)
+            )
         if len(hits) == found and shared_nixos_file(path, manifest):
             # a module no service claims (nixos/common.nix, say) may be imported by any host:
             # rebuilding every service is safe, deploying nothing could leave hosts stale
-            hits.append(FileHit(path, None, nix_effects))
+            hits.append(FileHit(path, None, NIX_EFFECTS))
     return hits
 
 
@@ -369,3 +385,56 @@ def shared_nixos_file(path: str, manifest: Manifest) -> bool:
         and parts[0] == NIXOS_DIR
         and not (nixos_candidates(path) & set(manifest.all_services()))
     )
+
+
+def is_ignored(path: str, config: PathsConfig) -> bool:
+    """Whether `[paths] ignore` says the file never causes a deployment."""
+    return any(glob_match(path, pattern) for pattern in config.ignore_globs)
+
+
+@dataclass(frozen=True)
+class RootEffects:
+    """The terraform roots a changed file can count for, and whose steps they are."""
+
+    infra_root: str | None
+    auth_root: str | None
+    service_dirs: Mapping[str, list[str]]
+
+    def hits(self, path: str, root: str, why: str) -> list[FileHit]:
+        """What a change to the module tree of `root` causes (a root can serve several)."""
+        found = []
+        if self.infra_root and normalize_dir(self.infra_root) == root:
+            found.append(FileHit(path, None, INFRA_EFFECTS, why))
+        if self.auth_root and normalize_dir(self.auth_root) == root:
+            found.append(FileHit(path, None, AUTH_EFFECTS, why))
+        for name, dirs in self.service_dirs.items():
+            if root in {normalize_dir(directory) for directory in dirs}:
+                found.append(FileHit(path, name, TF_EFFECTS, why))
+        return found
+
+
+def root_effects(
+    manifest: Manifest,
+    config: PathsConfig | None,
+    infra_root: str | None = None,
+    auth_root: str | None = None,
+) -> RootEffects:
+    """The roots of the head manifest as `match_files` sees them (config roots win)."""
+    config = config or PathsConfig()
+    dirs = {
+        name: list(svc.interface.terraform.modules)
+        for name, svc in manifest.enabled().items()
+        if svc.interface.terraform is not None
+    }
+    return RootEffects(config.infra_root or infra_root, config.auth_root or auth_root, dirs)
+
+
+def module_hits(path: str, modules: ModuleGraph, roots: RootEffects, why: str) -> list[FileHit]:
+    """Hits of a file under a module directory, for every root using it, naming the chain."""
+    found: list[FileHit] = []
+    for usage in modules.users(path):
+        if _under(path, usage.root):
+            continue  # a file of the root itself: already counted
+        text = "; ".join(part for part in (why, usage.describe()) if part)
+        found.extend(roots.hits(path, usage.root, text))
+    return found

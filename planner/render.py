@@ -267,6 +267,29 @@ def _md_graph_block(plan: Plan) -> list[str]:
     return [f"<details><summary>Step graph</summary>\n\n{graph}\n\n</details>"]
 
 
+def md_changed_files(plan: Plan, files_per_block: int = 150) -> list[str]:
+    """Collapsible "Changed files" sections: each file with the steps it selected and why."""
+    lines = []
+    for note in plan.files:
+        if note.steps:
+            steps, more = shown(note.steps, MAX_REASONS_SHOWN)
+            what = ", ".join(md_code(s) for s in steps) + (f" +{more}" if more else "")
+            what += " — because " + ", ".join(md_code(r) for r in note.reasons)
+        else:
+            what = md_cell(note.note or "")
+        lines.append(f"- {md_code(note.path)}: {what}")
+    chunks = [lines[i : i + files_per_block] for i in range(0, len(lines), files_per_block)]
+    blocks = []
+    for index, chunk in enumerate(chunks):
+        title = f"Changed files: {plural(len(lines), 'file')}"
+        if len(chunks) > 1:
+            title += f" (part {index + 1} of {len(chunks)})"
+        blocks.append(
+            f"<details><summary>{title}</summary>\n\n" + "\n".join(chunk) + "\n\n</details>"
+        )
+    return blocks
+
+
 def _md_warning_blocks(plan: Plan, per_block: int) -> list[str]:
     lines = [f"- :warning: {md_cell(finding.render())}" for finding in plan.warnings]
     return [
@@ -301,6 +324,7 @@ def render_markdown(
         *_md_table_blocks(plan, rows_per_block=200),
         *_md_wave_blocks(plan, steps_per_block=150),
         *_md_graph_block(plan),
+        *md_changed_files(plan, files_per_block=150),
         *_md_warning_blocks(plan, per_block=100),
     ]
     footer = _md_footer(plan, commands)

@@ -6,18 +6,19 @@ I/O goes through `planner.source` (Git objects, Nix evaluation), logic through
 
 from __future__ import annotations
 
+import posixpath
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from planner.diff import PathsConfig
+from planner.diff import PathsConfig, is_ignored
 from planner.findings import Finding, ManifestError, error, warning
 from planner.models import Manifest
+from planner.perf import gc_paused
 from planner.plan import (
     NOTE_BASE_INVALID,
     Plan,
     PlanOptions,
-    gc_paused,
     invalid_plan,
     plan_changes,
 )
@@ -28,9 +29,19 @@ from planner.source import (
     EvalLimits,
     PlanningError,
     changed_files,
+    directory_reader,
     load_manifest_at,
     read_file_at,
+    read_files_at,
     resolve_revision,
+)
+from planner.tfmodules import (
+    MODULE_SUFFIXES,
+    ModuleGraph,
+    build_module_graph,
+    may_concern_modules,
+    parse_module_calls,
+    root_directories,
 )
 
 
@@ -84,10 +95,17 @@ def plan_revisions(
                 None, head_manifest, service=service, options=options, head_rev=head_rev
             )
         base_manifest = loaded[1]
+        usable = None if isinstance(base_manifest, ManifestError) else base_manifest
+        files = changed_files(repo_dir, base_rev, head_rev)
+        modules = None
+        if usable is not None:
+            modules = read_module_graph(
+                repo_dir, (base_rev, head_rev), head_manifest, paths_config, options, files
+            )
         plan = plan_changes(
-            None if isinstance(base_manifest, ManifestError) else base_manifest,
+            usable,
             head_manifest,
-            changed_files=changed_files(repo_dir, base_rev, head_rev),
+            changed_files=files,
             paths_config=paths_config,
             service=service,
             options=options,
@@ -95,11 +113,54 @@ def plan_revisions(
             head_rev=head_rev,
             manifest_path=manifest_path,
             memo=cache.analyses if cache is not None else None,
+            modules=modules,
         )
         if isinstance(base_manifest, ManifestError) and plan.ok:
             findings = base_manifest.findings
             plan = mark_base_unusable(plan, findings[0].render() if findings else "no detail")
         return plan
+
+
+def read_module_graph(
+    repo_dir: Path | str,
+    revs: tuple[str, str],
+    head: Manifest,
+    paths_config: PathsConfig,
+    options: PlanOptions | None,
+    files: list[str],
+) -> ModuleGraph | None:
+    """The head's terraform module graph, when a changed file may concern a module (else None).
+
+    Reads the roots' `.tf` files at head and follows local sources; the changed `.tf` files of
+    those directories are also parsed at base, so a registry `version` or Git `ref` bump names
+    itself in the reason.
+    """
+    options = options or PlanOptions()
+    roots = root_directories(
+        head,
+        paths_config.infra_root or options.infra_root,
+        paths_config.auth_root or options.auth_root,
+    )
+    relevant = [path for path in files if not is_ignored(path, paths_config)]
+    if not roots or not may_concern_modules(relevant, roots):
+        return None  # the common case costs nothing: no parser import, no Git reads
+    base_rev, head_rev = revs
+    graph = build_module_graph(roots, directory_reader(repo_dir, head_rev, MODULE_SUFFIXES))
+    unparsed = {problem.file for found in graph.problems.values() for problem in found}
+    in_graph = [
+        path
+        for path in relevant
+        if path.endswith(MODULE_SUFFIXES)
+        and posixpath.dirname(path) in graph.calls
+        and path not in unparsed
+    ]
+    at_base = read_files_at(repo_dir, base_rev, in_graph)
+    for path in in_graph:
+        try:
+            graph.base_calls[path] = parse_module_calls(path, at_base.get(path, ""))
+        except ValueError:
+            continue  # unparseable at base: the head's calls alone say nothing of a bump
+    return graph
 
 
 def load_manifests(

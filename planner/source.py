@@ -9,6 +9,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from pydantic import ValidationError
 
 from planner.findings import ManifestError, error
 from planner.models import Manifest
-from planner.plan import AnalysisMemo, gc_paused
+from planner.perf import gc_paused
+from planner.plan import AnalysisMemo
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
@@ -422,3 +424,43 @@ def _evaluate_at(
                 # Nix names the temporary copy; say the path in the repository instead
                 finding.message = finding.message.replace(f"{root}/", "")
             return exc
+
+
+def directory_reader(
+    repo_dir: Path | str, rev: str, suffixes: tuple[str, ...]
+) -> Callable[[str], dict[str, str]]:
+    """A function: directory -> {path: text} of its files ending in `suffixes`, at `rev`.
+
+    Only the files directly in the directory (a terraform module is one directory); a missing
+    directory reads as empty. Opens the repository once for every directory asked for.
+    """
+    tree = _commit(_open_repo(repo_dir), rev).tree
+
+    def read(directory: str) -> dict[str, str]:
+        try:
+            folder = tree / directory if directory else tree
+        except KeyError:
+            return {}
+        if folder.type != "tree":
+            return {}
+        return {
+            blob.path: blob.data_stream.read().decode("utf-8", "replace")
+            for blob in folder.blobs
+            if blob.name.endswith(suffixes) and blob.mode != GIT_MODE_SYMLINK
+        }
+
+    return read
+
+
+def read_files_at(repo_dir: Path | str, rev: str, paths: list[str]) -> dict[str, str]:
+    """The text of each of `paths` that exists as a file at `rev` (missing ones left out)."""
+    tree = _commit(_open_repo(repo_dir), rev).tree
+    found: dict[str, str] = {}
+    for path in paths:
+        try:
+            blob = tree / path
+        except KeyError:
+            continue
+        if blob.type == "blob":
+            found[path] = blob.data_stream.read().decode("utf-8", "replace")
+    return found
