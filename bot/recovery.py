@@ -1,6 +1,6 @@
 """Deployments a dead process left running: reported where a live deployment reports its end.
 
-At start-up `Store.recover_interrupted()` marks them `interrupted`. `start_reporting` then, in
+At start-up `store.deployments.recover_interrupted()` marks them `interrupted`. `start_reporting` then, in
 the background, replays the end of each one through the live notifiers, primed with what the
 store recorded:
 
@@ -46,7 +46,7 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from runners.store import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
+from state.deployments import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
 
 if TYPE_CHECKING:
     from bot.slack.bot import SlackBot
@@ -63,7 +63,7 @@ SHUTDOWN_GRACE = 10.0  # seconds a report still in progress may delay the bot's 
 BOT_STOPPED = "the bot stopped while it ran"
 SWEEP_TASK = "recovery_sweep"  # key of the periodic recovery task in `BotContext.extras`
 SWEEP_WINDOW = 50  # latest deployments the sweep looks at for ones another process recovered
-# the note `Store.recover_interrupted` leaves on a deployment it interrupted
+# the note `store.deployments.recover_interrupted` leaves on a deployment it interrupted
 RECOVERED_NOTE = INTERRUPTED_NOTE.split("{", 1)[0]
 MAX_STEPS_NAMED = 3
 
@@ -298,7 +298,7 @@ async def message_links(ctx: BotContext, deployment_ids: set[str]) -> dict[str, 
     from bot.slack.bot import Audit
 
     links: dict[str, MessageLink] = {}
-    entries = await ctx.require_store().audit_log(MESSAGE_LINK_WINDOW, action=Audit.MESSAGE)
+    entries = await ctx.require_store().audit.entries(MESSAGE_LINK_WINDOW, action=Audit.MESSAGE)
     for entry in entries:
         detail = entry.detail
         deployment = detail.get("deployment")
@@ -405,7 +405,7 @@ async def report_one(
             log.exception("could not report interrupted deployment %s to %s", record.id, channel)
             detail[channel] = {"error": type(exc).__name__}
     try:
-        await ctx.require_store().audit(ACTOR, RecoveryAudit.INTERRUPTED, detail)
+        await ctx.require_store().audit.record(ACTOR, RecoveryAudit.INTERRUPTED, detail)
     except Exception:
         log.exception("could not audit interrupted deployment %s", record.id)
     return detail
@@ -480,14 +480,16 @@ class RecoverySweeper:
     async def sweep(self) -> list[DeploymentRecord]:
         """One pass: recover, find what is not reported yet, report it; what was reported."""
         store = self.ctx.require_store()
-        found = {record.id: record for record in await store.recover_interrupted()}
-        for record in await store.history(limit=SWEEP_WINDOW):
+        found = {record.id: record for record in await store.deployments.recover_interrupted()}
+        for record in await store.deployments.history(limit=SWEEP_WINDOW):
             if recovered_since(record, self.since):
                 found.setdefault(record.id, record)
         fresh = {i: record for i, record in found.items() if i not in self.reported}
         if fresh:
             # another bot instance may have reported it already
-            audited = await store.audit_log(MESSAGE_LINK_WINDOW, action=RecoveryAudit.INTERRUPTED)
+            audited = await store.audit.entries(
+                MESSAGE_LINK_WINDOW, action=RecoveryAudit.INTERRUPTED
+            )
             for entry in audited:
                 fresh.pop(str(entry.detail.get("deployment")), None)
         self.reported.update(fresh)
