@@ -807,12 +807,19 @@ class SlackBot:
         self, request: DeploymentRequest, deployment_id: str, channel: str, ts: str
     ) -> None:
         """Record a deployment's message, so a restart can report an interruption in it."""
+        title, where = request.extra.get("title"), origin(request)
+        try:
+            await self.ctx.require_store().slack_messages.remember(
+                deployment_id, channel, ts, title=title, origin=where
+            )
+        except Exception:
+            log.exception("Slack: could not record the message of deployment %s", deployment_id)
         detail = {
             "deployment": deployment_id,
             "channel": channel,
             "ts": ts,
-            "title": request.extra.get("title"),
-            "origin": origin(request),
+            "title": title,
+            "origin": where,
         }
         await self.audit(SYSTEM_ACTOR, Audit.MESSAGE, detail)
 
