@@ -47,4 +47,5 @@ class AuditRepository(Repository):
 
 def _jsonable(detail: dict[str, Any]) -> dict[str, Any]:
     """Audit details may hold enums, paths and datetimes: keep them as JSON text."""
-    return json.loads(json.dumps(detail, default=str))
+    jsonable: dict[str, Any] = json.loads(json.dumps(detail, default=str))
+    return jsonable

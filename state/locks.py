@@ -137,16 +137,16 @@ class LockRepository(Repository):
         except IntegrityError:
             # another holder inserted one of them between our read and our write
             async with self.engine.connect() as conn:
-                row = (
+                other = (
                     await conn.execute(
                         locks.select()
                         .where(locks.c.service.in_(wanted), locks.c.holder != holder)
                         .limit(1)
                     )
                 ).first()
-            if row is None:
+            if other is None:
                 raise LockBusy(wanted[0], "another deployment") from None
-            raise LockBusy(row.service, row.holder, row.reason) from None
+            raise LockBusy(other.service, other.holder, other.reason) from None
 
     async def renew(
         self, holder: str, lease: timedelta, services: Iterable[str] | None = None
