@@ -6,6 +6,7 @@ filled with rows, then opened by today's Store.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -255,3 +256,19 @@ async def test_a_recorded_message_replaces_the_earlier_one(db_url: str) -> None:
         assert await store.slack_messages.get("unknown") is None
     finally:
         await store.close()
+
+
+def test_the_state_package_imports_no_front_end_or_runner() -> None:
+    """state sits below runners and the front ends: it imports only itself and planner."""
+    root = Path(__file__).resolve().parents[1] / "state"
+    found: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in {"bot", "cli", "runners"}:
+                    found.setdefault(str(path.relative_to(root)), set()).add(name)
+    assert found == {}
