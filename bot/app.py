@@ -35,7 +35,7 @@ from planner.render import render_json, render_text
 from runners.base import utcnow
 from runners.config import RunnerConfig
 from runners.deploy import DEFAULT_LOCK_LEASE
-from runners.store import Store
+from state.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _resources(
             ctx.store = await Store.open(settings.database_url)
         store = ctx.store
         started = utcnow()
-        interrupted = await store.recover_interrupted()
+        interrupted = await store.deployments.recover_interrupted()
         for record in interrupted:
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
         session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
@@ -171,7 +171,7 @@ async def healthz(request: web.Request) -> web.Response:
     try:
         if ctx.store is None:
             raise RuntimeError("the store is not open")
-        await asyncio.wait_for(ctx.store.schema_version(), 5)
+        await asyncio.wait_for(ctx.store.schema_revision(), 5)
     except Exception as exc:
         log.warning("health check: store unavailable: %s", exc)
         return web.json_response({"status": "unavailable", "store": "down"}, status=503)

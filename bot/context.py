@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from bot.github.gitcache import GitCache
     from bot.jobs import JobWorker
     from runners.deploy import RollbackPlan
-    from runners.store import DeploymentRecord, Store
+    from state.deployments import DeploymentRecord
+    from state.store import Store
 
 log = logging.getLogger(__name__)
 

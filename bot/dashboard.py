@@ -26,7 +26,9 @@ from aiohttp import web
 from bot.context import CONTEXT, BotContext
 from planner.render import short_rev, summary
 from runners.base import DeploymentKind, DeploymentState, StepState
-from runners.store import ACTIVE_STATES, DeploymentRecord, LockRecord, ServiceRecord, StepRecord
+from state.deployments import ACTIVE_STATES, DeploymentRecord, StepRecord
+from state.locks import LockRecord
+from state.services import ServiceRecord
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +362,9 @@ def wants_json(request: web.Request) -> bool:
 async def overview(request: web.Request) -> web.StreamResponse:
     """Every service, what runs now and the last deployments."""
     store = context(request).require_store()
-    services = await store.services()
-    locks = {lock.service: lock for lock in await store.locks()}
-    recent = await store.history(limit=RECENT)
+    services = await store.services.all()
+    locks = {lock.service: lock for lock in await store.locks.all()}
+    recent = await store.deployments.history(limit=RECENT)
     running = [record for record in recent if record.state in ACTIVE_STATES]
     body = [
         section("Services", services_table(services, locks)),
@@ -377,7 +379,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
 async def deployment_detail(request: web.Request) -> web.StreamResponse:
     """One deployment: summary, rollback and every step with its output (or JSON)."""
     deployment_id = request.match_info["deployment_id"][:MAX_ID]
-    record = await context(request).require_store().get_deployment(deployment_id)
+    record = await context(request).require_store().deployments.get(deployment_id)
     if record is None:
         if wants_json(request):
             return web.json_response({"error": f"no deployment {deployment_id}"}, status=404)
@@ -394,9 +396,9 @@ async def service_page(request: web.Request) -> web.StreamResponse:
     """One service's state, lock and deployment history."""
     name = request.match_info["name"][:MAX_ID]
     store = context(request).require_store()
-    record = (await store.services()).get(name)
-    lock = next((lock for lock in await store.locks() if lock.service == name), None)
-    history = await store.history(service=name, limit=SERVICE_HISTORY)
+    record = (await store.services.all()).get(name)
+    lock = next((lock for lock in await store.locks.all() if lock.service == name), None)
+    history = await store.deployments.history(service=name, limit=SERVICE_HISTORY)
     if record is None and lock is None and not history:
         return not_found(NO_SERVICE.format(name=name))
     record = record or ServiceRecord(name=name)

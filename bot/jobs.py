@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bot.context import Metrics
-    from runners.store import Job, Store
+    from state.queue import Job
+    from state.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class DeliveryIntake:
     crash never loses accepted work and a redelivery is recognised. Deliveries that arrive
     while a transaction is being written share the next one: under load, one commit (and
     one fsync) serves dozens of deliveries, which keeps acknowledgements fast. This class
-    only forms the batches; each is written by `Store.record_deliveries`.
+    only forms the batches; each is written by `store.queue.record_deliveries`.
     """
 
     def __init__(self, store: Store, *, max_batch: int = MAX_BATCH, linger: float = LINGER) -> None:
@@ -126,7 +127,7 @@ class DeliveryIntake:
 
     async def _write_batch(self, batch: list[_Intake]) -> None:
         try:
-            results = await self.store.record_deliveries(
+            results = await self.store.queue.record_deliveries(
                 [(item.delivery_id, item.jobs) for item in batch]
             )
         except Exception as exc:
@@ -181,7 +182,7 @@ class JobWorker:
         """Persist a job, then wake a worker loop (the job is safe once this returns)."""
         if kind not in self.handlers:
             raise UnknownJobKind(kind)
-        job_id = await self.store.enqueue_job(kind, payload)
+        job_id = await self.store.queue.enqueue(kind, payload)
         self._wake.set()
         return job_id
 
@@ -232,7 +233,7 @@ class JobWorker:
 
     async def run_once(self) -> bool:
         """Claim and run one job; False when the queue was empty."""
-        job = await self.store.claim_job(self.name, lease=self.lease)
+        job = await self.store.queue.claim(self.name, lease=self.lease)
         if job is None:
             return False
         self._running += 1
@@ -269,7 +270,7 @@ class JobWorker:
                 self.metrics.jobs_running.dec()
                 self.metrics.job_seconds.labels(job.kind).observe(time.perf_counter() - started)
                 self.metrics.jobs.labels(job.kind, "failed" if error else "done").inc()
-        await self.store.finish_job(job.id, error)
+        await self.store.queue.finish(job.id, error)
 
     async def _renew(self, job_id: int) -> None:
         """Keep the lease of a running job alive (a third of the lease, every time)."""
@@ -277,7 +278,7 @@ class JobWorker:
         while True:
             await asyncio.sleep(interval)
             try:
-                if not await self.store.renew_job(job_id, self.name, self.lease):
+                if not await self.store.queue.renew(job_id, self.name, self.lease):
                     log.warning("job %s was taken over by another worker", job_id)
                     return
             except Exception:

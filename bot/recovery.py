@@ -1,6 +1,6 @@
 """Deployments a dead process left running: reported where a live deployment reports its end.
 
-At start-up `Store.recover_interrupted()` marks them `interrupted`. `start_reporting` then, in
+At start-up `store.deployments.recover_interrupted()` marks them `interrupted`. `start_reporting` then, in
 the background, replays the end of each one through the live notifiers, primed with what the
 store recorded:
 
@@ -8,8 +8,8 @@ store recorded:
   `nixmox/deploy/<service>` statuses still pending become `error` ("interrupted: the bot stopped
   during verify:gitea") and the GitHub Deployment (found by its `nixmox_deployment` payload) gets
   an `error` status.
-- Slack: a `SlackNotifier` edits the deployment's message (recorded in the audit log when it was
-  posted, see `bot.slack.bot.Audit.MESSAGE`) to its final, interrupted state, with a line saying
+- Slack: a `SlackNotifier` edits the deployment's message (recorded in `slack_messages` when it was
+  posted, see `state.slack_messages`) to its final, interrupted state, with a line saying
   where it stopped and how to resume or undo it; without a known message (or if it cannot be
   edited) the same is posted as a new message in `NIXMOX_SLACK_CHANNEL`.
 - The audit log gets one `deployment.interrupted` entry per deployment, saying what was reported.
@@ -28,7 +28,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,8 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from runners.store import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
+from state.deployments import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
+from state.slack_messages import SlackMessage
 
 if TYPE_CHECKING:
     from bot.slack.bot import SlackBot
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ACTOR = "nixmox"
 REPORT_TASK = "recovery_report"  # key of the reporting task in `BotContext.extras`
-# audit entries searched for the messages of the deployments being reported
+# audit entries searched for earlier reports of interrupted deployments
 MESSAGE_LINK_WINDOW = 5000
 # GitHub Deployments of the head commit searched for the one a deployment created
 GITHUB_DEPLOYMENT_WINDOW = 300
@@ -63,7 +63,7 @@ SHUTDOWN_GRACE = 10.0  # seconds a report still in progress may delay the bot's 
 BOT_STOPPED = "the bot stopped while it ran"
 SWEEP_TASK = "recovery_sweep"  # key of the periodic recovery task in `BotContext.extras`
 SWEEP_WINDOW = 50  # latest deployments the sweep looks at for ones another process recovered
-# the note `Store.recover_interrupted` leaves on a deployment it interrupted
+# the note `store.deployments.recover_interrupted` leaves on a deployment it interrupted
 RECOVERED_NOTE = INTERRUPTED_NOTE.split("{", 1)[0]
 MAX_STEPS_NAMED = 3
 
@@ -283,37 +283,13 @@ async def report_to_github(ctx: BotContext, record: DeploymentRecord) -> dict[st
 # -- Slack ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MessageLink:
-    """Where a deployment's Slack message is, as recorded when it was posted."""
-
-    channel: str
-    ts: str
-    title: str | None = None
-    origin: str | None = None
-
-
-async def message_links(ctx: BotContext, deployment_ids: set[str]) -> dict[str, MessageLink]:
+async def message_links(ctx: BotContext, deployment_ids: set[str]) -> dict[str, SlackMessage]:
     """The recorded Slack message of each deployment (the latest record wins)."""
-    from bot.slack.bot import Audit
-
-    links: dict[str, MessageLink] = {}
-    entries = await ctx.require_store().audit_log(MESSAGE_LINK_WINDOW, action=Audit.MESSAGE)
-    for entry in entries:
-        detail = entry.detail
-        deployment = detail.get("deployment")
-        if deployment not in deployment_ids:
-            continue
-        if deployment in links or not detail.get("channel") or not detail.get("ts"):
-            continue
-        links[deployment] = MessageLink(
-            str(detail["channel"]), str(detail["ts"]), detail.get("title"), detail.get("origin")
-        )
-    return links
+    return await ctx.require_store().slack_messages.of(deployment_ids)
 
 
 def slack_notifier(
-    bot: SlackBot, record: DeploymentRecord, channel: str, link: MessageLink | None
+    bot: SlackBot, record: DeploymentRecord, channel: str, link: SlackMessage | None
 ) -> Any:
     """The live Slack notifier for `record`, primed with its recorded steps."""
     from bot.slack.blocks import MAX_BLOCKS, section, truncate
@@ -359,7 +335,7 @@ def slack_notifier(
 
 
 async def report_to_slack(
-    ctx: BotContext, record: DeploymentRecord, link: MessageLink | None
+    ctx: BotContext, record: DeploymentRecord, link: SlackMessage | None
 ) -> dict[str, Any] | None:
     """Finish the deployment's message (or announce the interruption); what was done."""
     bot = ctx.extras.get("slack")
@@ -383,7 +359,7 @@ async def report_to_slack(
 
 
 async def report_one(
-    ctx: BotContext, record: DeploymentRecord, link: MessageLink | None
+    ctx: BotContext, record: DeploymentRecord, link: SlackMessage | None
 ) -> dict[str, Any]:
     """Report one recovered deployment everywhere, then audit what was reported."""
     detail: dict[str, Any] = {
@@ -405,7 +381,7 @@ async def report_one(
             log.exception("could not report interrupted deployment %s to %s", record.id, channel)
             detail[channel] = {"error": type(exc).__name__}
     try:
-        await ctx.require_store().audit(ACTOR, RecoveryAudit.INTERRUPTED, detail)
+        await ctx.require_store().audit.record(ACTOR, RecoveryAudit.INTERRUPTED, detail)
     except Exception:
         log.exception("could not audit interrupted deployment %s", record.id)
     return detail
@@ -480,14 +456,16 @@ class RecoverySweeper:
     async def sweep(self) -> list[DeploymentRecord]:
         """One pass: recover, find what is not reported yet, report it; what was reported."""
         store = self.ctx.require_store()
-        found = {record.id: record for record in await store.recover_interrupted()}
-        for record in await store.history(limit=SWEEP_WINDOW):
+        found = {record.id: record for record in await store.deployments.recover_interrupted()}
+        for record in await store.deployments.history(limit=SWEEP_WINDOW):
             if recovered_since(record, self.since):
                 found.setdefault(record.id, record)
         fresh = {i: record for i, record in found.items() if i not in self.reported}
         if fresh:
             # another bot instance may have reported it already
-            audited = await store.audit_log(MESSAGE_LINK_WINDOW, action=RecoveryAudit.INTERRUPTED)
+            audited = await store.audit.entries(
+                MESSAGE_LINK_WINDOW, action=RecoveryAudit.INTERRUPTED
+            )
             for entry in audited:
                 fresh.pop(str(entry.detail.get("deployment")), None)
         self.reported.update(fresh)

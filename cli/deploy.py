@@ -44,7 +44,9 @@ from runners.deploy import (
     run_rollback,
 )
 from runners.registry import RunnerKind
-from runners.store import DeploymentRecord, Store, StoreError
+from state.base import StoreError
+from state.deployments import DeploymentRecord
+from state.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_EVAL, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_LOCK_LEASE = 60.0
@@ -185,7 +187,7 @@ async def open_store(settings: Settings, err: TextIO | None = None) -> Store:
     except Exception as exc:  # a server that is down, a file we cannot write
         url = settings.database_url.split("@")[-1]
         raise click.ClickException(f"cannot open the state store ({url}): {exc}") from None
-    for record in await store.recover_interrupted():
+    for record in await store.deployments.recover_interrupted():
         click.echo(f"warning: deployment {record.id} was interrupted: {record.note}", err=True)
     return store
 
@@ -646,7 +648,7 @@ async def status(
     settings = settings_for(config_file, database_url)
     store = await open_store(settings)
     try:
-        last = await store.last_deployment(finished=False)
+        last = await store.deployments.last(finished=False)
         checked: dict[str, tuple[bool, str]] = {}
         if check:
             manifest = last.manifest if last is not None else None
@@ -660,8 +662,8 @@ async def status(
                 runner_config=runner_config_for(config_file),
                 parallel=settings.parallel,
             )
-        services = await store.services()
-        locks = {lock.service: lock for lock in await store.locks()}
+        services = await store.services.all()
+        locks = {lock.service: lock for lock in await store.locks.all()}
     finally:
         await store.close()
     if as_json:
@@ -752,7 +754,7 @@ async def history(
     settings = settings_for(config_file, database_url)
     store = await open_store(settings)
     try:
-        records = await store.history(service, limit=limit)
+        records = await store.deployments.history(service, limit=limit)
     finally:
         await store.close()
     if as_json:
@@ -795,11 +797,11 @@ async def unlock(
     settings = settings_for(config_file, database_url)
     store = await open_store(settings)
     try:
-        held = {lock.service: lock for lock in await store.locks()}.get(service)
-        result = await store.unlock(service, force=force)
+        held = {lock.service: lock for lock in await store.locks.all()}.get(service)
+        result = await store.locks.unlock(service, force=force)
         if result.removed:
             holder = held.holder if held else "an expired holder"
-            await store.audit(
+            await store.audit.record(
                 whoami(), "unlock", {"service": service, "holder": holder, "force": force}
             )
     finally:

@@ -52,7 +52,9 @@ from runners.base import (
 from runners.config import RunnerConfig
 from runners.executor import ExecutionResult, Executor
 from runners.registry import RunnerKind, RunnerSet, build_runners
-from runners.store import DeploymentRecord, LockBusy, LockLost, Store
+from state.deployments import DeploymentRecord
+from state.locks import LockBusy, LockLost
+from state.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +153,9 @@ async def deployed_base(
     """
     candidates: list[str | None] = []
     if service is not None:
-        record = (await store.services()).get(service)
+        record = (await store.services.all()).get(service)
         candidates.append(record.revision if record is not None else None)
-    candidates.append(await store.last_deployed_revision())
+    candidates.append(await store.deployments.last_deployed_revision())
     for candidate in candidates:
         if candidate is None:
             continue
@@ -337,12 +339,12 @@ async def _run(
 ) -> DeploymentRecord:
     """Lock, record, run and release: the part every kind of deployment shares."""
     await _recover(store, execution.on_recovered)
-    deployment_id = store.new_deployment_id()
+    deployment_id = store.deployments.new_id()
     holder = holder_name(deployment_id)
     services = lock_names(plan)
     reason = f"{kind} requested by {who.requested_by or who.trigger}"
     try:
-        await store.acquire_locks(
+        await store.locks.acquire(
             services,
             holder,
             lease=execution.lock_lease,
@@ -350,7 +352,7 @@ async def _run(
             reason=reason,
         )
     except LockBusy as busy:
-        await store.audit(
+        await store.audit.record(
             who.requested_by or str(who.trigger),
             "deployment refused",
             {"services": services, "holder": busy.holder, "plan": plan.digest},
@@ -368,7 +370,7 @@ async def _run(
             manifest, revision = await prepare(tree)
         except Exception as exc:
             raise DeployError(f"cannot prepare the files to deploy: {exc}") from exc
-        await store.create_deployment(
+        await store.deployments.create(
             kind=kind,
             trigger=who.trigger,
             plan=plan,
@@ -381,7 +383,7 @@ async def _run(
             manifest=manifest,
         )
         created = True
-        await store.audit(
+        await store.audit.record(
             who.requested_by or str(who.trigger),
             f"{kind} started",
             {"deployment": deployment_id, "plan": plan.digest, "head": plan.head},
@@ -409,19 +411,19 @@ async def _run(
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await store.release_locks(holder)
+            await store.locks.release(holder)
         if runners is not None and execution.runners is None:
             with contextlib.suppress(Exception):
                 await runners.close()
         await asyncio.to_thread(shutil.rmtree, tree, True)
-    record = await store.get_deployment(deployment_id)
+    record = await store.deployments.get(deployment_id)
     assert record is not None
     return record
 
 
 async def _recover(store: Store, on_recovered: Recovered | None) -> None:
     """Interrupt what dead processes left running; tell `on_recovered` (e.g. the bot's report)."""
-    recovered = await store.recover_interrupted()
+    recovered = await store.deployments.recover_interrupted()
     if not recovered or on_recovered is None:
         return
     try:
@@ -447,7 +449,7 @@ def durable_recorder(store: Store) -> Subscriber:
     """The executor's recorder: each event written to the store, retried on database errors."""
 
     async def record(event: Event) -> None:
-        await _retrying(lambda: store.record_event(event), event)
+        await _retrying(lambda: store.deployments.record_event(event), event)
 
     return record
 
@@ -455,14 +457,14 @@ def durable_recorder(store: Store) -> Subscriber:
 async def record_result(store: Store, result: ExecutionResult) -> None:
     """Write the final step and deployment states of an execution (idempotent: only what the
     recorded events did not already leave so, then the deployment's end)."""
-    record = await store.get_deployment(result.deployment_id)
+    record = await store.deployments.get(result.deployment_id)
     recorded = {step.id: step.state for step in record.steps} if record is not None else {}
     for sid, outcome in result.steps.items():
         if outcome.state in (StepState.PENDING, StepState.RUNNING):
             continue
         if recorded.get(sid) is outcome.state:
             continue
-        await store.record_event(
+        await store.deployments.record_event(
             StepFinished(
                 result.deployment_id,
                 outcome.step,
@@ -473,7 +475,7 @@ async def record_result(store: Store, result: ExecutionResult) -> None:
             )
         )
     if record is None or record.state is not result.state or record.finished_at is None:
-        await store.record_event(
+        await store.deployments.record_event(
             DeploymentFinished(result.deployment_id, result.state, at=result.finished_at)
         )
 
@@ -483,7 +485,7 @@ async def _seed_simulation(store: Store, runners: RunnerSet) -> None:
     hosts = getattr(runners.rollback, "hosts", None)
     if runners.kind is not RunnerKind.SIMULATE or hosts is None:
         return
-    for name, record in (await store.services()).items():
+    for name, record in (await store.services.all()).items():
         if record.system_path:
             hosts.running.setdefault(name, record.system_path)
 
@@ -526,11 +528,11 @@ async def _record_lost(store: Store, deployment_id: str, lost: LockLost) -> None
     note = lost_lock_note(lost)
     log.warning("deployment %s: %s", deployment_id, note)
     await _retrying(
-        lambda: store.set_deployment_state(deployment_id, DeploymentState.INTERRUPTED, note=note),
+        lambda: store.deployments.set_state(deployment_id, DeploymentState.INTERRUPTED, note=note),
         "the lost lock",
     )
     with contextlib.suppress(Exception):
-        await store.audit(
+        await store.audit.record(
             f"deployment {deployment_id}",
             "lock lost",
             {"deployment": deployment_id, "lost": lost.lost},
@@ -552,7 +554,7 @@ async def _keep_renewing(
     while True:
         await asyncio.sleep(interval)
         try:
-            await store.renew_locks(holder, lease, services)
+            await store.locks.renew(holder, lease, services)
         except LockLost as lost:
             log.error("deployment holder %s: %s", holder, lost)
             on_lost(lost)
@@ -563,14 +565,14 @@ async def _keep_renewing(
 
 async def _mark_stopped(store: Store, deployment_id: str, exc: BaseException) -> None:
     """A deployment that ended by an exception (or Ctrl-C) is not left `running`."""
-    record = await store.get_deployment(deployment_id)
+    record = await store.deployments.get(deployment_id)
     if record is None or record.state not in (DeploymentState.QUEUED, DeploymentState.RUNNING):
         return
     cancelled = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
     state = DeploymentState.INTERRUPTED if cancelled else DeploymentState.FAILED
     note = "interrupted by the operator" if cancelled else CRASHED.format(error=exc)
     with contextlib.suppress(Exception):
-        await store.set_deployment_state(deployment_id, state, note=note)
+        await store.deployments.set_state(deployment_id, state, note=note)
 
 
 def snapshot_directory(source: Path, dest: Path) -> Path:
@@ -649,13 +651,13 @@ async def prepare_rollback(
     - `to` anything else: a Git ref, deployed (from `repo_dir`) as a rollback.
     """
     if to is not None:
-        record = await store.get_deployment(to)
+        record = await store.deployments.get(to)
         if record is not None:
             return _to_deployment(record, service)
         if repo_dir is None:
             raise RollbackError(NEEDS_REPO.format(to=to))
         return await _to_revision(store, Path(repo_dir), to, service, manifest_path, limits)
-    found = [r for r in await store.history(service, limit=UNDO_SEARCH) if _finished(r)]
+    found = [r for r in await store.deployments.history(service, limit=UNDO_SEARCH) if _finished(r)]
     if not found:
         raise RollbackError(NO_DEPLOYMENTS)
     # a deployment that only re-verified a service changed nothing there: undo the newest
@@ -877,7 +879,7 @@ async def check_health(
                 ok, output = result.ok, runners.redactor.text(result.output)
             except Exception as exc:
                 ok, output = False, f"health check failed to run: {exc}"
-        await store.set_health(service, "healthy" if ok else "unhealthy")
+        await store.services.set_health(service, "healthy" if ok else "unhealthy")
         lines = [line for line in output.strip().splitlines() if line.strip()]
         return service, (ok, lines[-1] if lines else "")
 

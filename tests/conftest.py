@@ -8,7 +8,7 @@ from pathlib import Path
 import git
 import pytest
 
-from runners.store import Store
+from state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

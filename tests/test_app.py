@@ -14,7 +14,7 @@ from bot.config import Settings
 from bot.context import CONTEXT, BotContext, DeploymentRequest
 from planner.plan import Plan, Step
 from runners.base import Trigger
-from runners.store import Store
+from state.store import SCHEMA_REVISION, Store
 
 
 def plain_settings(tmp_path: Path, **values: Any) -> Settings:
@@ -82,7 +82,7 @@ async def test_a_given_store_is_used_and_left_open(aiohttp_client: Any, tmp_path
     client = await aiohttp_client(app)
     assert app[CONTEXT].store is store
     await client.close()
-    assert await store.schema_version() >= 1  # still open
+    assert await store.schema_revision() == SCHEMA_REVISION  # still open
     await store.close()
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from bot.context import Metrics
 from bot.jobs import MAX_ATTEMPTS, JobWorker, UnknownJobKind
-from runners.store import JobState, Store
+from state.queue import JobState
+from state.store import Store
 
 
 @pytest.fixture
@@ -35,9 +36,9 @@ async def test_jobs_run_in_order_and_failures_are_recorded(store: Store) -> None
     ids = [await worker.enqueue("work", {"n": n}) for n in (1, 2, 3)]
     await worker.drain()
     assert ran == [1, 3]
-    states = [(await store.get_job(i)).state for i in ids]
+    states = [(await store.queue.get(i)).state for i in ids]
     assert states == [JobState.DONE, JobState.FAILED, JobState.DONE]
-    assert "two is broken" in (await store.get_job(ids[1])).error
+    assert "two is broken" in (await store.queue.get(ids[1])).error
     assert metrics.jobs.labels("work", "failed")._value.get() == 1
 
 
@@ -72,13 +73,13 @@ async def test_a_dead_workers_job_is_taken_over_after_its_lease(store: Store) ->
     worker = JobWorker(store, name="survivor")
     worker.register("work", work)
     job_id = await worker.enqueue("work", {"what": "plan"})
-    claimed = await store.claim_job("dead-worker", lease=timedelta(milliseconds=50))
+    claimed = await store.queue.claim("dead-worker", lease=timedelta(milliseconds=50))
     assert claimed is not None and claimed.id == job_id
     assert not await worker.run_once()  # leased to the dead worker
     await asyncio.sleep(0.1)
     assert await worker.run_once()
     assert ran == ["plan"]
-    assert (await store.get_job(job_id)).state is JobState.DONE
+    assert (await store.queue.get(job_id)).state is JobState.DONE
 
 
 async def test_a_live_job_keeps_its_lease(store: Store) -> None:
@@ -109,10 +110,10 @@ async def test_a_job_whose_workers_keep_dying_is_given_up(store: Store) -> None:
     worker.register("work", work)
     job_id = await worker.enqueue("work", {})
     for _ in range(MAX_ATTEMPTS):
-        assert await store.claim_job("dying", lease=timedelta(0)) is not None
+        assert await store.queue.claim("dying", lease=timedelta(0)) is not None
     assert await worker.run_once()
     assert ran == []
-    job = await store.get_job(job_id)
+    job = await store.queue.get(job_id)
     assert job.state is JobState.FAILED and "given up" in job.error
 
 
@@ -131,9 +132,9 @@ async def _intake_cases(store: Store) -> None:
     assert results == [True] * 40 + [False] * 10
     assert worker.intake.batches < 50  # they shared transactions
     assert await worker.enqueue_delivery("d-3", [("work", {"n": 99})]) is False
-    assert await store.record_delivery("d-7") is False  # the store sees them too
+    assert await store.queue.record_delivery("d-7") is False  # the store sees them too
     claimed = []
-    while (job := await store.claim_job("reader", lease=timedelta(minutes=1))) is not None:
+    while (job := await store.queue.claim("reader", lease=timedelta(minutes=1))) is not None:
         claimed.append(job)
     assert sorted(job.payload["n"] for job in claimed) == list(range(40))
     assert all(job.kind == "work" and job.state is JobState.RUNNING for job in claimed)

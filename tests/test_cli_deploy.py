@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cli.main import main
-from runners.store import Store
+from state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = REPO_ROOT / "manifests" / "small.nix"
@@ -74,7 +74,7 @@ def test_deploy_with_the_simulate_runner_prints_the_record(db_url: str) -> None:
     assert all(step["started_at"] <= step["finished_at"] for step in data["steps"])
     # plain progress lines went to stderr, so stdout is only the JSON
     assert "verify:gitea: succeeded" in result.stderr
-    record = with_store(db_url, lambda store: store.get_deployment(data["id"]))
+    record = with_store(db_url, lambda store: store.deployments.get(data["id"]))
     assert record is not None and record.requested_by
 
 
@@ -169,8 +169,8 @@ def test_rollback_to_a_deployment_id(db_url: str) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [s["id"] for s in data["steps"]] == ["nix:core:postgresql", "verify:postgresql"]
-    first_record = with_store(db_url, lambda store: store.get_deployment(first["id"]))
-    services = with_store(db_url, lambda store: store.services())
+    first_record = with_store(db_url, lambda store: store.deployments.get(first["id"]))
+    services = with_store(db_url, lambda store: store.services.all())
     installed = first_record.step("nix:core:postgresql").new_system  # type: ignore[union-attr]
     assert services["postgresql"].system_path == installed
 
@@ -210,7 +210,7 @@ def test_status_history_and_unlock(db_url: str) -> None:
     assert deployed["id"] in history.stdout
     assert nixmox("history", "caddy").stdout.strip() == "No deployments recorded for caddy."
 
-    with_store(db_url, lambda store: store.lock("gitea", "alice", "maintenance"))
+    with_store(db_url, lambda store: store.locks.lock("gitea", "alice", "maintenance"))
     refused = nixmox("deploy", str(SMALL), *SIMULATE)
     assert refused.exit_code == 3
     assert "gitea is locked by alice (maintenance)" in refused.stderr
@@ -219,7 +219,7 @@ def test_status_history_and_unlock(db_url: str) -> None:
     assert unlocked.stdout.strip() == "unlocked gitea (was held by alice)"
     assert nixmox("unlock", "gitea").exit_code == 1
     assert nixmox("deploy", str(SMALL), *SIMULATE).exit_code == 0
-    [audit, *_] = with_store(db_url, lambda store: store.audit_log())
+    [audit, *_] = with_store(db_url, lambda store: store.audit.entries())
     assert audit.action in {"deploy started", "unlock"}
 
 
@@ -228,7 +228,7 @@ def test_dry_run_changes_nothing(db_url: str) -> None:
     assert result.exit_code == 0, result.output
     assert "nixos-rebuild switch --flake" in result.stdout
     assert "root@10.20.0.3" in result.stdout
-    assert with_store(db_url, lambda store: store.history()) == []
+    assert with_store(db_url, lambda store: store.deployments.history()) == []
 
 
 def test_bad_input_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
@@ -250,17 +250,17 @@ def test_unlock_refuses_a_running_deployments_lock_without_force(db_url: str) ->
     holder = "deployment 3f2a9c1d (bot-1:4242)"
     with_store(
         db_url,
-        lambda store: store.acquire_locks(["gitea"], holder, lease=timedelta(minutes=5)),
+        lambda store: store.locks.acquire(["gitea"], holder, lease=timedelta(minutes=5)),
     )
     refused = nixmox("unlock", "gitea")
     assert refused.exit_code == 1
     assert f"gitea is locked by running {holder}" in refused.stderr
     assert "released when that deployment ends" in refused.stderr
-    assert [lock.holder for lock in with_store(db_url, lambda store: store.locks())] == [holder]
+    assert [lock.holder for lock in with_store(db_url, lambda store: store.locks.all())] == [holder]
 
     forced = nixmox("unlock", "gitea", "--force")
     assert forced.exit_code == 0, forced.output
     assert forced.stdout.strip() == f"unlocked gitea (was held by {holder})"
-    assert with_store(db_url, lambda store: store.locks()) == []
-    [audit, *_] = with_store(db_url, lambda store: store.audit_log(action="unlock"))
+    assert with_store(db_url, lambda store: store.locks.all()) == []
+    [audit, *_] = with_store(db_url, lambda store: store.audit.entries(action="unlock"))
     assert audit.detail == {"service": "gitea", "holder": holder, "force": True}

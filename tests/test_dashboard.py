@@ -24,7 +24,8 @@ from runners.base import (
 from runners.config import RunnerConfig, SimulateConfig
 from runners.deploy import plan_for_deploy, run_deployment
 from runners.registry import RunnerKind, RunnerSet, build_runners
-from runners.store import DeploymentRecord, Store
+from state.deployments import DeploymentRecord
+from state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = (REPO_ROOT / "manifests" / "small.nix").read_text()
@@ -98,8 +99,8 @@ async def test_overview_shows_services_locks_and_recent_deployments(
 ) -> None:
     record = await deploy(store, repo, tmp_path, runner_config=FAILING_VERIFY)
     assert record.state is DeploymentState.ROLLED_BACK
-    await store.lock("postgresql", "alice", "disk <swap>")
-    services = await store.services()
+    await store.locks.lock("postgresql", "alice", "disk <swap>")
+    services = await store.services.all()
 
     response = await client.get("/")
     assert response.status == 200
@@ -126,14 +127,14 @@ async def test_running_deployments_show_their_progress(
 ) -> None:
     finished = await deploy(store, repo, tmp_path)
     plan = finished.plan
-    running_id = await store.create_deployment(kind="deploy", trigger="slack", plan=plan)
-    await store.set_deployment_state(running_id, DeploymentState.RUNNING)
-    record = await store.get_deployment(running_id)
+    running_id = await store.deployments.create(kind="deploy", trigger="slack", plan=plan)
+    await store.deployments.set_state(running_id, DeploymentState.RUNNING)
+    record = await store.deployments.get(running_id)
     assert record is not None
     first, second = plan.steps[0], plan.steps[1]
-    await store.record_event(StepStarted(running_id, first))
-    await store.record_event(StepFinished(running_id, first, StepState.SUCCEEDED))
-    await store.record_event(StepStarted(running_id, second))
+    await store.deployments.record_event(StepStarted(running_id, first))
+    await store.deployments.record_event(StepFinished(running_id, first, StepState.SUCCEEDED))
+    await store.deployments.record_event(StepStarted(running_id, second))
 
     page = await (await client.get("/")).text()
     running = section(page, "Running")

@@ -14,7 +14,7 @@ from aiohttp import web
 from bot.app import build_app
 from bot.config import Settings
 from runners.base import DeploymentState, StepState
-from runners.store import Store
+from state.store import Store
 from tests.test_dashboard import FAILING_VERIFY, SECRET, cells, deploy, section
 
 CHROMIUM_TIMEOUT = 60.0
@@ -88,7 +88,7 @@ async def test_overview_renders_service_rows_and_deployments_in_chromium(
 ) -> None:
     record = await deploy(store, repo, tmp_path, runner_config=FAILING_VERIFY)
     assert record.state is DeploymentState.ROLLED_BACK
-    services = await store.services()
+    services = await store.services.all()
     assert services
 
     dom = await chromium(f"{base_url}/", tmp_path / "profile-dom", "--dump-dom")

@@ -35,7 +35,9 @@ from runners.deploy import (
     run_rollback,
 )
 from runners.registry import RunnerKind, RunnerSet
-from runners.store import LockBusy, Store, locks
+from state.locks import LockBusy
+from state.schema import locks
+from state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = (REPO_ROOT / "manifests" / "small.nix").read_text()
@@ -187,15 +189,15 @@ async def test_a_locked_service_refuses_the_deployment_naming_the_holder(
     store = await Store.open(any_store_url)
     try:
         plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
-        await store.lock("gitea", "alice", "database migration")
+        await store.locks.lock("gitea", "alice", "database migration")
         with pytest.raises(DeploymentRefused) as refused:
             await run_deployment(store, plan, repo_dir=repo.working_tree_dir, runners=None)
         assert "gitea is locked by alice (database migration)" in str(refused.value)
         assert "nixmox unlock gitea" in str(refused.value)
-        assert await store.history() == []  # nothing ran, nothing recorded
+        assert await store.deployments.history() == []  # nothing ran, nothing recorded
         # postgresql and tf:infra were not left locked by the refused attempt
-        assert [lock.service for lock in await store.locks()] == ["gitea"]
-        [entry] = await store.audit_log()
+        assert [lock.service for lock in await store.locks.all()] == ["gitea"]
+        [entry] = await store.audit.entries()
         assert entry.action == "deployment refused" and entry.detail["holder"] == "alice"
     finally:
         await store.close()
@@ -218,7 +220,7 @@ async def test_a_second_deployment_is_refused_then_waits(
         )
         while not recorder.seen:  # the first deployment holds its locks and runs
             await asyncio.sleep(0.02)
-        [running] = await store.history()
+        [running] = await store.deployments.history()
         with pytest.raises(DeploymentRefused) as refused:
             await run_deployment(store, plan, runners=recording_set(Recorder()), **common)
         assert refused.value.busy.holder == holder_name(running.id)
@@ -234,7 +236,7 @@ async def test_a_second_deployment_is_refused_then_waits(
         assert done_first is not None and done_second is not None
         assert done_first.state is done_second.state is DeploymentState.SUCCEEDED
         assert done_second.started_at >= done_first.finished_at  # type: ignore[operator]
-        assert await store.locks() == []
+        assert await store.locks.all() == []
     finally:
         await store.close()
 
@@ -259,12 +261,12 @@ async def test_locks_are_renewed_while_running_and_released_after(
     assert not task.done()
     # three leases have gone by: without renewal another holder would get gitea now
     with pytest.raises(LockBusy, match="locked by deployment"):
-        await store.acquire_locks(["gitea"], "intruder", lease=lease)
-    assert await store.recover_interrupted() == []
+        await store.locks.acquire(["gitea"], "intruder", lease=lease)
+    assert await store.deployments.recover_interrupted() == []
     record = await task
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert lock_names(plan) == ["gitea", "postgresql", "tf:infra"]
-    assert await store.locks() == []
+    assert await store.locks.all() == []
 
 
 async def test_cancelled_deployment_is_recorded_interrupted(
@@ -287,10 +289,10 @@ async def test_cancelled_deployment_is_recorded_interrupted(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    [record] = await store.history()
+    [record] = await store.deployments.history()
     assert record.state is DeploymentState.INTERRUPTED
     assert record.step("tf:infra").state is StepState.INTERRUPTED  # type: ignore[union-attr]
-    assert await store.locks() == []
+    assert await store.locks.all() == []
     assert not (tmp_path / "work" / record.id).exists()
 
 
@@ -303,7 +305,7 @@ async def steal_lock(store: Store, service: str, thief: str) -> None:
                 locks.update().where(locks.c.service == service).values(expires_at=past)
             )
         try:
-            await store.acquire_locks([service], thief, lease=timedelta(seconds=60))
+            await store.locks.acquire([service], thief, lease=timedelta(seconds=60))
             return
         except LockBusy:  # the renewer came in between: expire it again
             await asyncio.sleep(0.01)
@@ -337,8 +339,10 @@ async def test_a_deployment_that_loses_a_lock_stops_interrupted(
         assert {step.state for step in record.steps} == {StepState.INTERRUPTED}
         assert not recorder.release.is_set()  # it stopped on its own, nothing released the step
         # the thief keeps its lock; the deployment's other locks are freed
-        assert [(lock.service, lock.holder) for lock in await store.locks()] == [("gitea", thief)]
-        [lost] = await store.audit_log(action="lock lost")
+        assert [(lock.service, lock.holder) for lock in await store.locks.all()] == [
+            ("gitea", thief)
+        ]
+        [lost] = await store.audit.entries(action="lock lost")
         assert lost.detail["lost"] == {"gitea": thief}
     finally:
         await store.close()
@@ -357,8 +361,8 @@ async def test_unknown_revision_is_a_deploy_error_and_frees_the_locks(
             runners=recording_set(Recorder()),
             work_root=tmp_path / "work",
         )
-    assert await store.history() == []
-    assert await store.locks() == []
+    assert await store.deployments.history() == []
+    assert await store.locks.all() == []
 
 
 async def test_invalid_and_empty_plans(store: Store, repo: git.Repo) -> None:
@@ -396,12 +400,12 @@ async def test_rollback_undoes_the_last_deployment(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
     first, second = await deploy_twice(store, repo, tmp_path)
-    before = await store.get_deployment(second)
+    before = await store.deployments.get(second)
     assert before is not None
     nix = before.step("nix:service-config:gitea")
     assert nix is not None and nix.previous_system and nix.new_system
     # the simulated hosts of a new process start from what the store says they run
-    first_record = await store.get_deployment(first)
+    first_record = await store.deployments.get(first)
     assert first_record is not None
     assert nix.previous_system == first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]
 
@@ -421,12 +425,12 @@ async def test_rollback_undoes_the_last_deployment(
     assert (record.kind, record.state) == (DeploymentKind.ROLLBACK, DeploymentState.SUCCEEDED)
     assert record.requested_by == "alice"
     assert record.head == before.base  # back at the revision deployed before
-    gitea = (await store.services())["gitea"]
+    gitea = (await store.services.all())["gitea"]
     assert gitea.system_path == nix.previous_system
     assert gitea.revision == before.base
     assert gitea.last_deployment_id == record.id
     # a full undo moves the deployed revision back too: deploying main again has work to do
-    assert await store.last_deployed_revision() == before.base
+    assert await store.deployments.last_deployed_revision() == before.base
     redo = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert redo.services() == ["gitea"]
 
@@ -435,7 +439,7 @@ async def test_rollback_to_a_deployment_and_per_service(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
     first, _second = await deploy_twice(store, repo, tmp_path)
-    first_record = await store.get_deployment(first)
+    first_record = await store.deployments.get(first)
     assert first_record is not None
     prepared = await prepare_rollback(store, to=first, service="gitea")
     installed = first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]
@@ -451,9 +455,9 @@ async def test_rollback_to_a_deployment_and_per_service(
         store, prepared, runner_kind="simulate", runner_config=FAST, work_root=tmp_path / "w"
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
-    assert (await store.services())["gitea"].system_path == installed
+    assert (await store.services.all())["gitea"].system_path == installed
     # a per-service rollback does not move the revision the whole homelab is at
-    assert await store.last_deployed_revision() == repo.head.commit.hexsha
+    assert await store.deployments.last_deployed_revision() == repo.head.commit.hexsha
 
 
 async def test_rollback_to_a_revision_deploys_it(
@@ -474,9 +478,9 @@ async def test_rollback_to_a_revision_deploys_it(
     )
     assert record is not None and record.kind is DeploymentKind.ROLLBACK
     assert record.state is DeploymentState.SUCCEEDED
-    first_record = await store.get_deployment(first)
+    first_record = await store.deployments.get(first)
     assert first_record is not None
-    assert await store.last_deployed_revision() == first_record.head
+    assert await store.deployments.last_deployed_revision() == first_record.head
 
 
 async def test_nothing_to_roll_back(store: Store) -> None:
@@ -498,7 +502,7 @@ async def test_dry_run_lists_exact_commands_and_changes_nothing(
         "nixos-rebuild switch" in line and "root@10.20.0.3" in line
         for line in commands["nix:service-config:gitea"]
     )
-    assert await store.history() == []
+    assert await store.deployments.history() == []
 
 
 async def test_check_health_records_live_results(store: Store) -> None:
@@ -509,7 +513,7 @@ async def test_check_health_records_live_results(store: Store) -> None:
         store, manifest, ["gitea", "postgresql"], runner_kind="simulate", runner_config=FAST
     )
     assert {name: ok for name, (ok, _) in results.items()} == {"gitea": True, "postgresql": True}
-    services = await store.services()
+    services = await store.services.all()
     assert services["gitea"].last_health == "healthy" and services["gitea"].health_at
 
 
@@ -595,8 +599,8 @@ async def test_planning_after_a_file_deploy_or_per_service(
     )
     assert record is not None and record.scope == "gitea"
     # gitea runs the new revision; the homelab as a whole is still at the old one
-    assert (await store.services())["gitea"].revision == head
-    assert await store.last_deployed_revision() == plan.head
+    assert (await store.services.all())["gitea"].revision == head
+    assert await store.deployments.last_deployed_revision() == plan.head
     assert (
         await plan_for_deploy(
             store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST

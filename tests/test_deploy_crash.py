@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from runners.base import DeploymentState, StepState
-from runners.store import DeploymentRecord, LockBusy, Store
+from state.deployments import DeploymentRecord
+from state.locks import LockBusy
+from state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NIXMOX = Path(sys.executable).parent / "nixmox"
@@ -55,7 +57,7 @@ async def wait_for_running_step(url: str, step_id: str, proc: subprocess.Popen[s
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"the deploying process ended early: {proc.stderr.read()}"  # type: ignore[union-attr]
-            for record in await store.history():
+            for record in await store.deployments.history():
                 step = record.step(step_id)
                 if step is not None and step.state is StepState.RUNNING:
                     return record.id
@@ -93,12 +95,12 @@ async def test_sigkill_mid_deployment_is_interrupted_and_lock_reclaimed(
     try:
         # right after the kill the lease still runs: the dead holder is named, nothing recovered
         with pytest.raises(LockBusy) as busy:
-            await store.acquire_locks(["gitea"], "someone-else", lease=timedelta(seconds=30))
+            await store.locks.acquire(["gitea"], "someone-else", lease=timedelta(seconds=30))
         assert (
             busy.value.holder == f"deployment {deployment_id} ({socket.gethostname()}:{proc.pid})"
         )
-        assert await store.recover_interrupted() == []
-        still = await store.get_deployment(deployment_id)
+        assert await store.deployments.recover_interrupted() == []
+        still = await store.deployments.get(deployment_id)
         assert still is not None and still.state is DeploymentState.RUNNING
     finally:
         await store.close()
@@ -115,10 +117,10 @@ async def test_sigkill_mid_deployment_is_interrupted_and_lock_reclaimed(
 
     store = await Store.open(db_url)
     try:
-        record = await store.get_deployment(deployment_id)
+        record = await store.deployments.get(deployment_id)
         assert record is not None
         assert_stopped_where_it_was(record)
-        assert await store.recover_interrupted() == []  # reported once
+        assert await store.deployments.recover_interrupted() == []  # reported once
     finally:
         await store.close()
 

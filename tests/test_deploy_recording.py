@@ -29,7 +29,8 @@ from runners.config import RunnerConfig, SimulateConfig
 from runners.deploy import plan_for_deploy, record_result, run_deployment
 from runners.executor import Executor, RecordingFailed
 from runners.registry import RunnerKind, build_runners
-from runners.store import DeploymentRecord, Store
+from state.deployments import DeploymentRecord
+from state.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "nixos/service-manifest.nix"
@@ -47,7 +48,7 @@ def database_down() -> OperationalError:
 
 
 class FlakyWrites:
-    """`store.record_event`, failing as a busy or failing-over database does."""
+    """`store.deployments.record_event`, failing as a busy or failing-over database does."""
 
     def __init__(self, write: Callable[[Event], Awaitable[None]], fail: Callable[[Event], bool]):
         self.write = write
@@ -98,21 +99,21 @@ async def deploy_main(store: Store, repo: git.Repo, tmp_path: Path, **options: o
 async def test_transient_write_failures_still_end_in_the_right_states(
     store: Store, repo: git.Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flaky = FlakyWrites(store.record_event, first_calls(3))
-    monkeypatch.setattr(store, "record_event", flaky)
+    flaky = FlakyWrites(store.deployments.record_event, first_calls(3))
+    monkeypatch.setattr(store.deployments, "record_event", flaky)
 
     record = await deploy_main(store, repo, tmp_path)
 
     assert flaky.failures > 3
     assert record is not None
     assert record.state is DeploymentState.SUCCEEDED  # type: ignore[attr-defined]
-    stored = await store.get_deployment(record.id)  # type: ignore[attr-defined]
+    stored = await store.deployments.get(record.id)  # type: ignore[attr-defined]
     assert stored is not None and stored.state is DeploymentState.SUCCEEDED
     assert stored.finished_at is not None and stored.lease_until is None
     assert {step.state for step in stored.steps} == {StepState.SUCCEEDED}
     head = repo.heads.main.commit.hexsha
-    assert await store.last_deployed_revision() == head
-    assert {s.revision for s in (await store.services()).values()} == {head}
+    assert await store.deployments.last_deployed_revision() == head
+    assert {s.revision for s in (await store.services.all()).values()} == {head}
     # nothing is redeployed by the next push
     again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert again.steps == []
@@ -121,18 +122,20 @@ async def test_transient_write_failures_still_end_in_the_right_states(
 async def test_a_store_that_stays_down_fails_the_deployment_loudly(
     store: Store, repo: git.Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    flaky = FlakyWrites(store.record_event, lambda event: isinstance(event, StepFinished))
-    monkeypatch.setattr(store, "record_event", flaky)
+    flaky = FlakyWrites(
+        store.deployments.record_event, lambda event: isinstance(event, StepFinished)
+    )
+    monkeypatch.setattr(store.deployments, "record_event", flaky)
 
     with pytest.raises(RecordingFailed, match="could not record StepFinished"):
         await deploy_main(store, repo, tmp_path)
 
     assert flaky.failures == deploy.RECORD_RETRIES + 1  # bounded retries, then it stops
-    [record] = await store.history()
+    [record] = await store.deployments.history()
     assert record.state is DeploymentState.FAILED  # not left `running`
     assert record.note is not None and "could not record StepFinished" in record.note
-    assert await store.last_deployed_revision() is None
-    assert await store.locks() == []
+    assert await store.deployments.last_deployed_revision() is None
+    assert await store.locks.all() == []
 
 
 async def test_notifiers_that_drop_events_do_not_change_the_record(
@@ -151,10 +154,10 @@ async def test_notifiers_that_drop_events_do_not_change_the_record(
     record = await deploy_main(store, repo, tmp_path, subscribers=[broken, drops_step_ends])
 
     assert heard  # the notifiers were called
-    stored = await store.get_deployment(record.id)  # type: ignore[attr-defined]
+    stored = await store.deployments.get(record.id)  # type: ignore[attr-defined]
     assert stored is not None and stored.state is DeploymentState.SUCCEEDED
     assert {step.state for step in stored.steps} == {StepState.SUCCEEDED}
-    assert await store.last_deployed_revision() == repo.heads.main.commit.hexsha
+    assert await store.deployments.last_deployed_revision() == repo.heads.main.commit.hexsha
 
 
 async def test_the_final_states_are_written_from_the_result_idempotently(
@@ -162,25 +165,25 @@ async def test_the_final_states_are_written_from_the_result_idempotently(
 ) -> None:
     manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
     plan = plan_full(manifest)
-    deployment_id = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    deployment_id = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     config = RunnerConfig(simulate=SimulateConfig(scale=0.001, fail=["verify:gitea"]))
     runners = build_runners(RunnerKind.SIMULATE, config)
     # no recorder: as if every event had been lost on the way to the store
     result = await Executor(runners, auto_rollback=False).execute(
         plan, Context(deployment_id, manifest, plan, tmp_path)
     )
-    before = await store.get_deployment(deployment_id)
+    before = await store.deployments.get(deployment_id)
     assert before is not None and before.state is DeploymentState.QUEUED
 
     await record_result(store, result)
     await record_result(store, result)  # again: the same record
 
-    after = await store.get_deployment(deployment_id)
+    after = await store.deployments.get(deployment_id)
     assert after is not None and after.state is result.state is DeploymentState.FAILED
     assert {step.id: step.state for step in after.steps} == result.states()
     assert after.step("verify:gitea").state is StepState.FAILED  # type: ignore[union-attr]
     assert after.step("verify:postgresql").state is StepState.SUCCEEDED  # type: ignore[union-attr]
-    assert await store.last_deployed_revision() is None
+    assert await store.deployments.last_deployed_revision() is None
 
 
 async def test_what_the_start_of_a_deployment_recovers_is_told_to_the_hook(
@@ -188,10 +191,10 @@ async def test_what_the_start_of_a_deployment_recovers_is_told_to_the_hook(
 ) -> None:
     manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
     plan = plan_full(manifest)
-    dead = await store.create_deployment(
+    dead = await store.deployments.create(
         kind="deploy", trigger="cli", plan=plan, lease=timedelta(milliseconds=1)
     )
-    await store.record_event(DeploymentStarted(dead, plan))
+    await store.deployments.record_event(DeploymentStarted(dead, plan))
     await asyncio.sleep(0.01)  # nobody renews its lease
     told: list[list[str]] = []
 
@@ -204,5 +207,5 @@ async def test_what_the_start_of_a_deployment_recovers_is_told_to_the_hook(
     assert told == [[dead]]
     assert record is not None
     assert record.state is DeploymentState.SUCCEEDED  # type: ignore[attr-defined]
-    stale = await store.get_deployment(dead)
+    stale = await store.deployments.get(dead)
     assert stale is not None and stale.state is DeploymentState.INTERRUPTED

@@ -12,7 +12,8 @@ from runners.base import DeploymentState, StepState
 from runners.config import RunnerConfig, SimulateConfig
 from runners.deploy import RollbackError, prepare_rollback, run_deployment
 from runners.registry import RunnerSet, build_runners
-from runners.store import DeploymentRecord, Store
+from state.deployments import DeploymentRecord
+from state.store import Store
 
 HEALTH = {"health": {"startup": "true"}}
 

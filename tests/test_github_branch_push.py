@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bot.github.statuses import short
-from runners.store import Store
+from state.store import Store
 from tests.fakes.github import FakeGitHub
 from tests.fixtures_github import ManifestRepo, Payloads, add_port, break_manifest
 
@@ -60,7 +60,7 @@ async def queued_jobs(bot: Any) -> list[Any]:
     """Every job in the store (claimed to look at them: the worker is not running)."""
     store: Store = bot.ctx.require_store()
     jobs = []
-    while job := await store.claim_job("inspector", lease=timedelta(days=1)):
+    while job := await store.queue.claim("inspector", lease=timedelta(days=1)):
         jobs.append(job)
     return jobs
 
@@ -118,7 +118,7 @@ async def test_a_branch_push_gets_a_plan_status_linking_the_plan_page(
     assert fake_github.calls("POST", r"/comments$") == []
     assert fake_github.deployments == {}
     assert fake_github.statuses_for(head, "nixmox/deploy") == []
-    assert await bot.ctx.require_store().history() == []
+    assert await bot.ctx.require_store().deployments.history() == []
 
 
 async def test_an_invalid_manifest_on_a_branch_fails_naming_the_error(

@@ -116,7 +116,7 @@ async def test_apply_from_a_user_without_write_permission_is_refused(
     assert "**write permission** (permission): @mallory has `read` access" in reply["body"]
     assert reactions(reviewers) == ["eyes"]
     assert reviewers.deployments == {}
-    assert await bot.ctx.require_store().history() == []
+    assert await bot.ctx.require_store().deployments.history() == []
 
 
 async def test_apply_from_a_stranger_is_refused(
@@ -219,7 +219,7 @@ async def test_an_accepted_apply_deploys_the_pr_head(
     assert "**succeeded**" in finished["body"]
     assert "succeeded    verify:gitea" in finished["body"]
 
-    (record,) = await bot.ctx.require_store().history()
+    (record,) = await bot.ctx.require_store().deployments.history()
     assert record.state is DeploymentState.SUCCEEDED
     assert record.trigger == Trigger.PR_COMMENT
     assert record.requested_by == "github:bob"
@@ -253,7 +253,9 @@ async def test_refusals_are_audited(
     bot = await make_bot()
     await planned_pr(bot, manifest_repo, payloads)
     await command(bot, payloads, "/nixmox apply", user="mallory")
-    (entry,) = [e for e in await bot.ctx.require_store().audit_log() if e.action == "apply.refused"]
+    (entry,) = [
+        e for e in await bot.ctx.require_store().audit.entries() if e.action == "apply.refused"
+    ]
     assert entry.actor == "github:mallory"
     assert entry.detail["failed"] == ["permission"]
 
@@ -302,7 +304,7 @@ async def test_only_writers_reviews_count(
     approve(reviewers, "dave")
     _, finished = await command(bot, payloads, "/nixmox apply", comment_id=556)
     assert "**succeeded**" in finished["body"]
-    (record,) = await bot.ctx.require_store().history()
+    (record,) = await bot.ctx.require_store().deployments.history()
     assert record.approved_by == "github:dave"
 
 
@@ -362,7 +364,7 @@ async def test_apply_is_refused_when_main_deployed_what_the_pr_lacks(
     push = payloads.push(before=fork_point, after=merged)
     assert (await (await bot.deliver("push", push)).json())["status"] == "accepted"
     await bot.drain()
-    assert await bot.ctx.require_store().last_deployed_revision() == merged
+    assert await bot.ctx.require_store().deployments.last_deployed_revision() == merged
     await open_pr(bot, payloads, NUMBER, head, merged)
     approve(reviewers)
     (reply,) = await command(bot, payloads, "/nixmox apply")
@@ -370,7 +372,7 @@ async def test_apply_is_refused_when_main_deployed_what_the_pr_lacks(
         "**contains what is deployed** (contains_deployed): main has deployed changes this PR "
         "does not contain; rebase or merge main" in reply["body"]
     )
-    assert len(await bot.ctx.require_store().history()) == 1
+    assert len(await bot.ctx.require_store().deployments.history()) == 1
 
     # the author merges main into the branch: now the PR contains what runs
     repo = manifest_repo.repo

@@ -272,5 +272,5 @@ async def test_an_unexpected_failure_never_leaves_the_status_pending(
     status = fake_github.last_status(head, PLAN)
     assert status["state"] == "error"
     assert status["description"] == "could not plan: internal error (see the bot's log)"
-    job = await bot.ctx.require_store().get_job(1)
+    job = await bot.ctx.require_store().queue.get(1)
     assert job.state.value == "failed" and "GitHubBroken" in job.error

@@ -29,7 +29,7 @@ async def test_a_merge_deploys_and_reports_everywhere(
     after = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea: port 3001")
     await push(bot, payloads, before, after)
 
-    (record,) = await bot.ctx.require_store().history()
+    (record,) = await bot.ctx.require_store().deployments.history()
     assert record.state is DeploymentState.SUCCEEDED
     assert record.trigger == Trigger.MERGE
     assert (record.base, record.head) == (before, after)
@@ -62,7 +62,7 @@ async def test_the_next_merge_plans_from_the_last_deployed_revision(
     # the push says `before` is the first commit (e.g. two commits pushed at once): the plan
     # still starts at what is deployed, so gitea's port change is not deployed twice
     await push(bot, payloads, first, third)
-    latest = (await bot.ctx.require_store().history())[0]
+    latest = (await bot.ctx.require_store().deployments.history())[0]
     assert latest.base == second and latest.head == third
     assert "nix:service-config:gitea" not in [s.id for s in latest.steps]
 
@@ -77,7 +77,7 @@ async def test_a_merge_with_nothing_to_deploy(
     status = fake_github.last_status(after, DEPLOY)
     assert (status["state"], status["description"]) == ("success", "no deployment needed")
     assert fake_github.deployments == {}
-    assert await bot.ctx.require_store().history() == []
+    assert await bot.ctx.require_store().deployments.history() == []
 
 
 async def test_an_invalid_manifest_on_main_fails_the_deploy_status(
@@ -102,7 +102,7 @@ async def test_a_failing_step_fails_the_statuses_and_the_deployment(
     before = manifest_repo.repo.heads.main.commit.hexsha
     after = manifest_repo.commit(add_port(manifest_repo.manifest()), "port")
     await push(bot, payloads, before, after)
-    (record,) = await bot.ctx.require_store().history()
+    (record,) = await bot.ctx.require_store().deployments.history()
     assert record.state is DeploymentState.FAILED
     assert fake_github.last_status(after, DEPLOY)["state"] == "failure"
     service = fake_github.last_status(after, f"{DEPLOY}/gitea")
@@ -122,7 +122,7 @@ async def test_github_failing_never_fails_the_deployment(
     bot.fake.fail_next(1000, Failure.SERVER_ERROR, path=r"/deployments")
     bot.fake.fail_next(1000, Failure.SERVER_ERROR, path=r"/statuses/")
     await push(bot, payloads, before, after)
-    (record,) = await bot.ctx.require_store().history()
+    (record,) = await bot.ctx.require_store().deployments.history()
     assert record.state is DeploymentState.SUCCEEDED
     failed = await bot.client.get("/metrics")
     assert "nixmox_github_notifications_failed_total" in await failed.text()
@@ -138,7 +138,7 @@ async def test_a_late_push_that_is_already_deployed_does_nothing(
     third = manifest_repo.commit(add_port(manifest_repo.manifest(), 3005), "another port")
     await push(bot, payloads, first, third)
     await push(bot, payloads, first, second)  # delivered late, after the newer one
-    assert len(await bot.ctx.require_store().history()) == 1
+    assert len(await bot.ctx.require_store().deployments.history()) == 1
     assert fake_github.last_status(second, DEPLOY)["description"].startswith("already deployed")
 
 
@@ -149,7 +149,7 @@ async def test_a_merge_waits_for_a_locked_service_then_deploys(
 
     bot = await make_bot(merge_lock_wait=30)
     store = bot.ctx.require_store()
-    await store.lock("gitea", "slack:U1", "maintenance")
+    await store.locks.lock("gitea", "slack:U1", "maintenance")
     before = manifest_repo.repo.heads.main.commit.hexsha
     after = manifest_repo.commit(add_port(manifest_repo.manifest()), "port")
 
@@ -159,7 +159,7 @@ async def test_a_merge_waits_for_a_locked_service_then_deploys(
             for s in fake_github.statuses_for(after, DEPLOY)
         ):
             await asyncio.sleep(0.02)
-        await store.unlock("gitea")
+        await store.locks.unlock("gitea")
 
     unlocker = asyncio.create_task(unlock_once_waiting())
     await push(bot, payloads, before, after)
@@ -167,7 +167,7 @@ async def test_a_merge_waits_for_a_locked_service_then_deploys(
     descriptions = [s["description"] for s in fake_github.statuses_for(after, DEPLOY)]
     assert "waiting for gitea locked by slack:U1" in descriptions
     assert fake_github.last_status(after, DEPLOY)["state"] == "success"
-    (record,) = await store.history()
+    (record,) = await store.deployments.history()
     assert record.state is DeploymentState.SUCCEEDED and record.head == after
 
 
@@ -176,14 +176,14 @@ async def test_a_merge_still_locked_after_the_wait_is_an_error(
 ) -> None:
     bot = await make_bot(merge_lock_wait=0.3)
     store = bot.ctx.require_store()
-    await store.lock("gitea", "slack:U1", "maintenance")
+    await store.locks.lock("gitea", "slack:U1", "maintenance")
     before = manifest_repo.repo.heads.main.commit.hexsha
     after = manifest_repo.commit(add_port(manifest_repo.manifest()), "port")
     await push(bot, payloads, before, after)
     final = fake_github.last_status(after, DEPLOY)
     assert final["state"] == "error"
     assert final["description"] == "not deployed: gitea still locked by slack:U1 after 0.3 s"
-    assert await store.history() == []
+    assert await store.deployments.history() == []
     assert fake_github.deployments == {}
 
 
@@ -206,7 +206,7 @@ async def test_after_a_failed_first_deployment_the_next_merge_deploys_everything
     second = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea: port 3001")
     await push(bot, payloads, first, second)
     store = bot.ctx.require_store()
-    (failed,) = await store.history()
+    (failed,) = await store.deployments.history()
     assert failed.state is DeploymentState.FAILED and failed.base == first
 
     bot.ctx.runner_config = fast_runners()  # gitea's step works again
@@ -214,14 +214,14 @@ async def test_after_a_failed_first_deployment_the_next_merge_deploys_everything
         manifest_repo.manifest().replace("vmid = 302", "vmid = 312"), "vmid"
     )
     await push(bot, payloads, second, third)  # the push's diff does not touch gitea
-    latest = (await store.history())[0]
+    latest = (await store.deployments.history())[0]
     assert latest.id != failed.id and (latest.base, latest.head) == (None, third)
     ids = [s.id for s in latest.steps]
     assert {"nix:service-config:gitea", "verify:gitea"} <= set(ids)
     assert len(ids) > len(failed.steps)
     assert latest.state is DeploymentState.SUCCEEDED
     assert NOT_YET_DEPLOYED in [s["description"] for s in fake_github.statuses_for(third, DEPLOY)]
-    assert await store.last_deployed_revision() == third
+    assert await store.deployments.last_deployed_revision() == third
 
 
 async def test_an_empty_store_plans_a_merge_from_the_pushs_before(
@@ -233,7 +233,7 @@ async def test_an_empty_store_plans_a_merge_from_the_pushs_before(
     before = manifest_repo.repo.heads.main.commit.hexsha
     after = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea: port 3001")
     await push(bot, payloads, before, after)
-    (record,) = await bot.ctx.require_store().history()
+    (record,) = await bot.ctx.require_store().deployments.history()
     assert record.base == before
     assert NOT_YET_DEPLOYED not in [
         s["description"] for s in fake_github.statuses_for(after, DEPLOY)
@@ -254,5 +254,5 @@ async def test_a_push_to_another_branch_is_planned_never_deployed(
     assert fake_github.statuses_for(after, DEPLOY) == []
     assert fake_github.last_status(after, "nixmox/plan")["state"] == "success"
     assert fake_github.deployments == {}
-    assert await bot.ctx.require_store().history() == []
-    assert await bot.ctx.require_store().last_deployed_revision() is None
+    assert await bot.ctx.require_store().deployments.history() == []
+    assert await bot.ctx.require_store().deployments.last_deployed_revision() is None

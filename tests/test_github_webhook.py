@@ -11,7 +11,8 @@ import pytest
 
 from bot.app import build_app
 from bot.context import CONTEXT
-from runners.store import JobState, Store
+from state.queue import JobState
+from state.store import Store
 from tests.fakes.github import DEFAULT_TOKEN, FakeGitHub
 from tests.fixtures_github import (
     WEBHOOK_SECRET,
@@ -30,7 +31,7 @@ async def queued_jobs(bot: Any) -> list[Any]:
     """Every job in the store (claimed to look at them: the worker is not running)."""
     store: Store = bot.ctx.require_store()
     jobs = []
-    while job := await store.claim_job("inspector", lease=__import__("datetime").timedelta(1)):
+    while job := await store.queue.claim("inspector", lease=__import__("datetime").timedelta(1)):
         jobs.append(job)
     return jobs
 
@@ -310,7 +311,7 @@ async def test_accepted_work_survives_a_restart(
     second = await aiohttp_client(second_app)
     await second_app[CONTEXT].require_jobs().drain()
     assert fake_github.last_status(base, "nixmox/plan")["state"] == "success"
-    job = await second_app[CONTEXT].require_store().get_job(1)
+    job = await second_app[CONTEXT].require_store().queue.get(1)
     assert job.state is JobState.DONE
     await second.close()
 

@@ -34,7 +34,7 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from runners.store import Store
+from state.store import Store
 from tests.fakes.github import FakeGitHub
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
 from tests.fixtures_github import REPO_ROOT, ManifestRepo
@@ -75,7 +75,7 @@ def small_plan(head: str, service: str | None = None) -> Plan:
 
 async def emit(event: Event, store: Store, subscribers: list[Subscriber]) -> None:
     """What the executor does with every event: record it, then tell the notifiers."""
-    await store.record_event(event)
+    await store.deployments.record_event(event)
     for subscriber in subscribers:
         await subscriber(event)
 
@@ -92,7 +92,7 @@ async def left_running(
     lease: timedelta = LEASE,
 ) -> str:
     """A deployment whose process died while `running` ran, after `done` had succeeded."""
-    deployment_id = await store.create_deployment(
+    deployment_id = await store.deployments.create(
         kind=request.kind,
         trigger=request.trigger,
         plan=plan,
@@ -116,7 +116,7 @@ async def left_running(
 
 async def lease_runs_out(store: Store, deployment_id: str) -> None:
     """Nobody renews the dead holder's lease: wait until it is in the past."""
-    record = await store.get_deployment(deployment_id)
+    record = await store.deployments.get(deployment_id)
     assert record is not None and record.state is DeploymentState.RUNNING
     assert record.lease_until is not None
     while utcnow() <= record.lease_until:
@@ -147,7 +147,7 @@ async def audit_entry(store: Store, action: str, deployment_id: str) -> dict[str
     """The one audit entry of `action` about a deployment."""
     entries = [
         entry.detail
-        for entry in await store.audit_log(200)
+        for entry in await store.audit.entries(200)
         if entry.action == action and entry.detail.get("deployment") == deployment_id
     ]
     assert len(entries) == 1, (action, entries)
@@ -226,7 +226,7 @@ async def test_a_merge_interrupted_during_verify_ends_in_error_on_github_and_in_
     bot = await make_bot(**slack_overrides(fake_slack))
     await reported(bot.ctx)
 
-    record = await bot.ctx.require_store().get_deployment(deployment_id)
+    record = await bot.ctx.require_store().deployments.get(deployment_id)
     assert record is not None and record.state is DeploymentState.INTERRUPTED
     deploy = fake_github.last_status(head, DEPLOY)
     assert deploy["state"] == "error"
@@ -417,7 +417,7 @@ async def test_failing_reports_never_keep_the_bot_from_starting(
     detail = await audit_entry(bot.ctx.require_store(), RecoveryAudit.INTERRUPTED, deployment_id)
     assert detail["github"]["failures"] > 0
     assert detail["slack"]["posted"] is False
-    record = await bot.ctx.require_store().get_deployment(deployment_id)
+    record = await bot.ctx.require_store().deployments.get(deployment_id)
     assert record is not None and record.state is DeploymentState.INTERRUPTED
 
 
@@ -451,7 +451,7 @@ async def test_a_restart_within_the_lease_is_reported_once_the_lease_runs_out(
     ctx = bot.app[SLACK_BOT].ctx
     store = ctx.require_store()
     assert ctx.extras.get(REPORT_TASK) is None
-    record = await store.get_deployment(deployment_id)
+    record = await store.deployments.get(deployment_id)
     assert record is not None and record.state is DeploymentState.RUNNING
     assert fake_slack.channel_messages(CHANNEL) == []
     assert not ctx.extras[SWEEP_TASK].done()
@@ -462,10 +462,10 @@ async def test_a_restart_within_the_lease_is_reported_once_the_lease_runs_out(
     assert f"deployment `{deployment_id}` · from the cli" in text
     assert ":warning: *postgresql* — interrupted" in text
     assert "The bot stopped during `nix:core:postgresql`" in text
-    record = await store.get_deployment(deployment_id)
+    record = await store.deployments.get(deployment_id)
     assert record is not None and record.state is DeploymentState.INTERRUPTED
     for _ in range(100):
-        entries = await store.audit_log(50, action=RecoveryAudit.INTERRUPTED)
+        entries = await store.audit.entries(50, action=RecoveryAudit.INTERRUPTED)
         if entries:
             break
         await asyncio.sleep(0.05)
@@ -491,7 +491,7 @@ async def test_a_deployment_another_process_recovered_is_reported_by_the_sweep(
     # the recovery a `nixmox deploy` (another process, another connection) runs as it starts
     other = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
     try:
-        [recovered] = await other.recover_interrupted()
+        [recovered] = await other.deployments.recover_interrupted()
     finally:
         await other.close()
     assert recovered.id == deployment_id

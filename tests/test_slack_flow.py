@@ -19,7 +19,9 @@ from bot.slack import SLACK_BOT, SlackBot
 from bot.slack.bot import JobKind
 from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
 from runners.config import RunnerConfig, SimulateConfig
-from runners.store import ApprovalRecord, ApprovalState, Store, jobs
+from state.approvals import ApprovalRecord, ApprovalState
+from state.schema import jobs
+from state.store import Store
 from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_github import ManifestRepo, add_port, break_manifest
 from tests.fixtures_slack import (
@@ -69,12 +71,14 @@ class Bot:
 
     async def approval_of(self, message: Message) -> ApprovalRecord:
         approve = next(b for b in message.buttons() if b["text"]["text"] == "Approve")
-        approval = await self.store.get_approval(approve["value"].split(" ")[0])
+        approval = await self.store.approvals.get(approve["value"].split(" ")[0])
         assert approval is not None
         return approval
 
     async def audit(self) -> list[tuple[str, str, dict[str, Any]]]:
-        return [(a.actor, a.action, a.detail) for a in reversed(await self.store.audit_log(200))]
+        return [
+            (a.actor, a.action, a.detail) for a in reversed(await self.store.audit.entries(200))
+        ]
 
     async def settled(self) -> None:
         """Every after-the-ack task and queued job has finished."""
@@ -154,15 +158,15 @@ async def test_deploy_approve_progress_success(
     assert min(gaps) >= PROGRESS_INTERVAL * 0.95
 
     await bot.settled()
-    [record] = await bot.store.history()
+    [record] = await bot.store.deployments.history()
     assert record.state is DeploymentState.SUCCEEDED
     assert record.trigger == Trigger.SLACK and record.kind is DeploymentKind.DEPLOY
     assert (record.requested_by, record.approved_by) == (f"slack:{REQUESTER}", f"slack:{APPROVER}")
     assert record.digest == approval.digest and record.head == head
     # a one-service deployment does not count as the homelab's deployed revision
     assert record.scope == "gitea"
-    assert await bot.store.last_deployed_revision() is None
-    stored = await bot.store.get_approval(approval.id)
+    assert await bot.store.deployments.last_deployed_revision() is None
+    stored = await bot.store.approvals.get(approval.id)
     assert stored is not None and stored.state is ApprovalState.APPROVED
     assert stored.resolved_by == f"slack:{APPROVER}"
     actions = [(actor, action) for actor, action, _ in await bot.audit()]
@@ -186,7 +190,7 @@ async def test_unauthorised_approver_changes_nothing(
     assert len(message.versions) == versions  # the message did not change
     assert "Approve" in [b["text"]["text"] for b in message.buttons()]
     assert (await bot.approval_of(message)).state is ApprovalState.PENDING
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
     refused = [d for _, action, d in await bot.audit() if action == "slack.approval.refused"]
     assert refused and refused[0]["reason"] == "not_approver"
 
@@ -215,7 +219,7 @@ async def test_self_approval_refused_by_default(
     assert "cannot approve your own request" in ephemerals_to(fake_slack, REQUESTER)[0]
     assert len(message.versions) == versions
     assert (await bot.approval_of(message)).state is ApprovalState.PENDING
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
     refused = [d for _, action, d in await bot.audit() if action == "slack.approval.refused"]
     assert refused[0]["reason"] == "self_approval"
 
@@ -245,7 +249,7 @@ async def test_self_approval_in_a_single_person_homelab(
     await bot.driver.click(message, "Approve", user=REQUESTER)
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
     await bot.settled()
-    [record] = await bot.store.history()
+    [record] = await bot.store.deployments.history()
     assert record.requested_by == record.approved_by == f"slack:{REQUESTER}"
 
 
@@ -267,9 +271,9 @@ async def test_expired_approval_refused(
 
     assert "expired and cannot be approved" in ephemerals_to(fake_slack, APPROVER)[0]
     assert [b["text"]["text"] for b in message.buttons()] == ["Re-plan"]
-    stored = await bot.store.get_approval(approval.id)
+    stored = await bot.store.approvals.get(approval.id)
     assert stored is not None and stored.state is ApprovalState.EXPIRED
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
     refused = [d for _, action, d in await bot.audit() if action == "slack.approval.refused"]
     assert refused[0]["reason"] == "expired"
 
@@ -298,7 +302,7 @@ async def test_failing_step_reports_in_thread_and_rolls_back(
     assert "`verify:gitea` failed" in text
     assert "simulated failure of verify:gitea" in text  # the step's last output lines
     assert "rolled back *gitea* to `/nix/store/" in text
-    [record] = await bot.store.history()
+    [record] = await bot.store.deployments.history()
     assert record.state is DeploymentState.ROLLED_BACK
 
 
@@ -308,7 +312,7 @@ async def test_rollback_from_slack(
     bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
     await deploy_gitea(bot)
     await bot.settled()
-    [deployed] = await bot.store.history()
+    [deployed] = await bot.store.deployments.history()
 
     sent = await bot.driver.command("rollback gitea")
     assert "Planning a rollback of gitea" in sent.json()["text"]
@@ -324,7 +328,7 @@ async def test_rollback_from_slack(
     await bot.settled()
 
     assert "Roll back gitea" in message.all_text()
-    rollback, _ = await bot.store.history()
+    rollback, _ = await bot.store.deployments.history()
     assert rollback.kind is DeploymentKind.ROLLBACK
     assert rollback.state is DeploymentState.SUCCEEDED
     assert rollback.trigger == Trigger.SLACK and rollback.approved_by == f"slack:{APPROVER}"
@@ -361,7 +365,7 @@ async def test_forged_and_stale_requests_get_401(
     await bot.settled()
     assert fake_slack.calls == []
     assert await bot.audit() == []
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
 
     # the same request, signed now, is accepted
     assert (await driver.command("help")).status == 200
@@ -393,7 +397,7 @@ async def test_status_mirrors_the_cli(
     bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
     await deploy_gitea(bot)
     await bot.settled()
-    [record] = await bot.store.history()
+    [record] = await bot.store.deployments.history()
 
     sent = await bot.driver.command("status")
     assert sent.status == 200 and "Looking that up" in sent.json()["text"]
@@ -476,7 +480,7 @@ async def test_a_locked_service_is_not_deployed(
     await fake_slack.wait_for(lambda: "could not start" in message.text)
     await bot.settled()
     assert f"gitea is locked by slack:{REQUESTER} (disk replacement)" in message.all_text()
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
 
     await bot.driver.command("unlock gitea")
     await fake_slack.wait_for(lambda: len(fake_slack.responses) == 2)
@@ -497,7 +501,7 @@ async def test_lock_and_unlock_need_a_deployer_or_approver(
         assert sent.status == 200
         assert "Only the configured deployers and approvers can lock" in sent.json()["text"]
     await bot.settled()
-    assert [(lock.service, lock.holder) for lock in await bot.store.locks()] == [
+    assert [(lock.service, lock.holder) for lock in await bot.store.locks.all()] == [
         ("gitea", f"slack:{APPROVER}")
     ]
 
@@ -507,7 +511,7 @@ async def test_unlock_never_frees_a_running_deployment(
 ) -> None:
     bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
     holder = "deployment 3f2a9c1d (bot-1:4242)"  # the lease a running deployment holds
-    await bot.store.acquire_locks(["gitea"], holder, lease=timedelta(minutes=5))
+    await bot.store.locks.acquire(["gitea"], holder, lease=timedelta(minutes=5))
     sent = await bot.driver.command("unlock gitea", user=APPROVER)
     assert sent.status == 200
     [answer] = await fake_slack.wait_for(lambda: fake_slack.responses)
@@ -517,7 +521,7 @@ async def test_unlock_never_frees_a_running_deployment(
         f"*gitea* is locked by running {holder}; it will be released when that deployment ends"
         in answer.all_text()
     )
-    assert [lock.holder for lock in await bot.store.locks()] == [holder]
+    assert [lock.holder for lock in await bot.store.locks.all()] == [holder]
     assert "slack.unlock" not in [action for _, action, _ in await bot.audit()]
 
 
@@ -531,8 +535,8 @@ async def test_a_rerun_deploy_job_does_not_deploy_again(
     await bot.driver.click(message, "Approve", user=APPROVER)
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
     await bot.settled()
-    [record] = await bot.store.history()
-    approval = await bot.store.get_approval(requested.id)
+    [record] = await bot.store.deployments.history()
+    approval = await bot.store.approvals.get(requested.id)
     assert (
         approval is not None and approval.deployment_id == record.id
     )  # recorded when the deployment started
@@ -546,7 +550,7 @@ async def test_a_rerun_deploy_job_does_not_deploy_again(
     [reply] = await fake_slack.wait_for(lambda: fake_slack.replies(CHANNEL, message.ts))
     await bot.settled()
     assert f"already deployed as {record.id}" in reply.text
-    assert [r.id for r in await bot.store.history()] == [record.id]
+    assert [r.id for r in await bot.store.deployments.history()] == [record.id]
     not_started = [d for _, action, d in await bot.audit() if action == "slack.deploy.not_started"]
     assert not_started and not_started[0]["deployment"] == record.id
 
@@ -573,7 +577,7 @@ async def test_fork_code_is_refused(
     assert refused.body["response_type"] == "ephemeral"
     assert f"commit `{fork[:12]}` is not on any branch" in refused.all_text()
     assert fake_slack.channel_messages(CHANNEL) == []  # nothing posted, nothing to approve
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
     reasons = [d["ref"] for _, a, d in await bot.audit() if a == "slack.request.refused"]
     assert reasons == ["refs/pull/7/head", fork]
 
@@ -598,7 +602,7 @@ async def test_two_approvers_at_once_deploy_once(
     assert [sent.status for sent in clicks] == [200, 200]
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
     await bot.settled()
-    assert len(await bot.store.history()) == 1
+    assert len(await bot.store.deployments.history()) == 1
     refused = ephemerals_to(fake_slack, APPROVER) + ephemerals_to(fake_slack, other)
     assert refused == ["This request was already handled."]
 
@@ -634,6 +638,6 @@ async def test_a_channel_the_bot_cannot_post_in_is_explained(
     await bot.settled()
     assert "I could not post in <#C0GENERAL> (not_in_channel)" in response.all_text()
     assert "/invite @nixmox" in response.all_text()
-    assert await bot.store.history() == []
+    assert await bot.store.deployments.history() == []
     failed = [d for _, action, d in await bot.audit() if action == "slack.request.failed"]
     assert failed == [{"channel": "C0GENERAL", "error": "not_in_channel"}]

@@ -52,7 +52,7 @@ async def test_a_merge_is_announced_and_followed_in_slack(
     after = await merge(bot, payloads, manifest_repo)
     await bot.app[SLACK_BOT].idle()
 
-    [record] = await bot.ctx.require_store().history()
+    [record] = await bot.ctx.require_store().deployments.history()
     assert record.trigger == Trigger.MERGE and record.state is DeploymentState.SUCCEEDED
     [message] = fake_slack.channel_messages(CHANNEL)
     text = message.all_text()
@@ -86,7 +86,7 @@ async def test_a_slack_deployment_sets_github_statuses_and_deployment(
     await bot.drain()  # runs the approved deployment
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
 
-    [record] = await bot.ctx.require_store().history()
+    [record] = await bot.ctx.require_store().deployments.history()
     assert record.trigger == Trigger.SLACK and record.head == head
     assert [s["state"] for s in fake_github.statuses_for(head, DEPLOY)][-1] == "success"
     assert fake_github.last_status(head, f"{DEPLOY}/gitea")["state"] == "success"
@@ -108,7 +108,7 @@ async def test_a_failing_slack_api_never_fails_a_deployment(
     after = await merge(bot, payloads, manifest_repo)
     await bot.app[SLACK_BOT].idle()
 
-    [record] = await bot.ctx.require_store().history()
+    [record] = await bot.ctx.require_store().deployments.history()
     assert record.state is DeploymentState.SUCCEEDED
     assert fake_slack.calls_to("chat.postMessage")  # it did try
     assert all(not call.ok for call in fake_slack.calls_to("chat.postMessage"))

@@ -49,7 +49,7 @@ from runners.base import (
 from runners.config import RunnerConfig, SimulateConfig
 from runners.executor import Executor
 from runners.registry import build_runners
-from runners.store import ApprovalRecord, ApprovalState
+from state.approvals import ApprovalRecord, ApprovalState
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message, check_blocks
 from tests.fixtures_slack import (
     ACTION_TYPES,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from planner.plan import Phase, Plan, Step, finalize
 from runners.base import (
@@ -27,16 +28,12 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from runners.store import (
-    SCHEMA_VERSION,
-    ApprovalState,
-    JobState,
-    LockBusy,
-    LockLost,
-    Store,
-    StoreError,
-    deliveries,
-)
+from state.approvals import ApprovalState
+from state.base import StoreError
+from state.locks import LockBusy, LockLost
+from state.queue import JobState
+from state.schema import deliveries
+from state.store import SCHEMA_REVISION, Store
 
 LEASE = timedelta(seconds=30)
 
@@ -90,12 +87,14 @@ def small_plan(head: str = "rev-b", base: str | None = "rev-a") -> Plan:
 
 async def run_all(store: Store, deployment_id: str, plan: Plan, fail: str | None = None) -> None:
     """Feed the store the events of a deployment in which every step (but `fail`) succeeds."""
-    await store.record_event(DeploymentStarted(deployment_id, plan))
+    await store.deployments.record_event(DeploymentStarted(deployment_id, plan))
     state = DeploymentState.SUCCEEDED
     for step in plan.steps:
-        await store.record_event(StepStarted(deployment_id, step))
+        await store.deployments.record_event(StepStarted(deployment_id, step))
         if step.phase is Phase.VERIFY:  # streamed output wins over the result's
-            await store.record_event(StepOutput(deployment_id, step.id, f"running {step.id}"))
+            await store.deployments.record_event(
+                StepOutput(deployment_id, step.id, f"running {step.id}")
+            )
         ok = step.id != fail
         nix = step.phase in (Phase.NIX_CORE, Phase.NIX_SERVICE_CONFIG)
         result = StepResult(
@@ -107,29 +106,25 @@ async def run_all(store: Store, deployment_id: str, plan: Plan, fail: str | None
         final = StepState.SUCCEEDED if ok else StepState.FAILED
         if not ok:
             state = DeploymentState.FAILED
-        await store.record_event(StepFinished(deployment_id, step, final, result))
-    await store.record_event(DeploymentFinished(deployment_id, state))
+        await store.deployments.record_event(StepFinished(deployment_id, step, final, result))
+    await store.deployments.record_event(DeploymentFinished(deployment_id, state))
 
 
 async def test_schema_is_created_and_versioned(store_url: str, tmp_path: Path) -> None:
     store = await Store.open(store_url)
-    assert await store.schema_version() == SCHEMA_VERSION
+    assert await store.schema_revision() == SCHEMA_REVISION
     await store.close()
     # opening again keeps the data and the version (no second row, no error)
     again = await Store.open(store_url)
-    assert await again.schema_version() == SCHEMA_VERSION
+    assert await again.schema_revision() == SCHEMA_REVISION
     await again.close()
     if store_url.startswith("sqlite"):
         assert (tmp_path / "state" / "state.db").is_file()
 
 
 async def test_a_newer_schema_is_refused(store: Store, store_url: str) -> None:
-    from runners.store import schema_version
-
-    async with store.engine.begin() as conn:
-        await conn.execute(
-            schema_version.insert().values(version=SCHEMA_VERSION + 1, applied_at=_now())
-        )
+    async with store.engine.begin() as conn:  # a revision this code does not know
+        await conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
     with pytest.raises(StoreError, match="newer than this nixmox"):
         await Store.open(store_url)
 
@@ -141,14 +136,14 @@ async def test_unsupported_url_is_a_clear_error() -> None:
 
 async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> None:
     plan = small_plan()
-    dep = await store.create_deployment(
+    dep = await store.deployments.create(
         kind=DeploymentKind.DEPLOY,
         trigger=Trigger.SLACK,
         plan=plan,
         requested_by="alice",
         approved_by="bob",
     )
-    created = await store.get_deployment(dep)
+    created = await store.deployments.get(dep)
     assert created is not None
     assert created.state is DeploymentState.QUEUED
     assert [s.id for s in created.steps] == [s.id for s in plan.steps]
@@ -157,7 +152,7 @@ async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> 
     assert created.plan == plan
 
     await run_all(store, dep, plan)
-    done = await store.get_deployment(dep)
+    done = await store.deployments.get(dep)
     assert done is not None
     assert done.state is DeploymentState.SUCCEEDED
     assert (done.requested_by, done.approved_by, done.trigger) == ("alice", "bob", "slack")
@@ -172,7 +167,7 @@ async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> 
     assert (nix.previous_system, nix.new_system) == ("/nix/store/old-gitea", "/nix/store/new-gitea")
     assert nix.started_at is not None and nix.finished_at >= nix.started_at
 
-    services = await store.services()
+    services = await store.services.all()
     assert set(services) == {"postgresql", "gitea"}
     gitea = services["gitea"]
     assert (gitea.revision, gitea.system_path, gitea.previous_system) == (
@@ -182,7 +177,7 @@ async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> 
     )
     assert gitea.last_deployment_id == dep
     assert gitea.last_health == "healthy"
-    assert await store.last_deployed_revision() == "rev-b"
+    assert await store.deployments.last_deployed_revision() == "rev-b"
     assert done.to_json() == {
         "id": dep,
         "kind": "deploy",
@@ -201,43 +196,43 @@ async def test_deployment_lifecycle_records_steps_and_services(store: Store) -> 
 
 async def test_failed_service_keeps_its_revision(store: Store) -> None:
     first = small_plan(head="rev-a", base=None)
-    one = await store.create_deployment(kind="deploy", trigger="cli", plan=first)
+    one = await store.deployments.create(kind="deploy", trigger="cli", plan=first)
     await run_all(store, one, first)
     second = small_plan(head="rev-b")
-    two = await store.create_deployment(kind="deploy", trigger="cli", plan=second)
+    two = await store.deployments.create(kind="deploy", trigger="cli", plan=second)
     await run_all(store, two, second, fail="verify:gitea")
-    services = await store.services()
+    services = await store.services.all()
     # postgresql finished everything: it runs rev-b; gitea failed: still recorded at rev-a
     assert services["postgresql"].revision == "rev-b"
     assert services["gitea"].revision == "rev-a"
     assert services["gitea"].last_deployment_id == two
     assert services["gitea"].last_health == "unhealthy"
     # the failed deployment does not count as deployed
-    assert await store.last_deployed_revision() == "rev-a"
+    assert await store.deployments.last_deployed_revision() == "rev-a"
 
 
 async def test_rollback_finished_records_the_system_it_went_back_to(store: Store) -> None:
     plan = small_plan()
-    dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    dep = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     await run_all(store, dep, plan, fail="verify:gitea")
-    await store.record_event(RollbackFinished(dep, "gitea", True))
-    assert (await store.services())["gitea"].system_path == "/nix/store/old-gitea"
+    await store.deployments.record_event(RollbackFinished(dep, "gitea", True))
+    assert (await store.services.all())["gitea"].system_path == "/nix/store/old-gitea"
 
 
 async def test_rollback_output_goes_to_the_failed_step(store: Store) -> None:
     plan = small_plan()
     verify = plan.by_id()["verify:gitea"]
-    dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
-    await store.record_event(StepStarted(dep, verify))
-    await store.record_event(StepOutput(dep, verify.id, "gitea answers 502"))
-    await store.record_event(RollbackStarted(dep, "gitea", verify.id))
+    dep = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
+    await store.deployments.record_event(StepStarted(dep, verify))
+    await store.deployments.record_event(StepOutput(dep, verify.id, "gitea answers 502"))
+    await store.deployments.record_event(RollbackStarted(dep, "gitea", verify.id))
     rolled = StepResult(True, "switched to /nix/store/old-gitea", new_system="/nix/store/old-gitea")
-    await store.record_event(RollbackFinished(dep, "gitea", True, rolled))
-    await store.record_event(StepOutput(dep, verify.id, "gitea answers 200"))
-    await store.record_event(
+    await store.deployments.record_event(RollbackFinished(dep, "gitea", True, rolled))
+    await store.deployments.record_event(StepOutput(dep, verify.id, "gitea answers 200"))
+    await store.deployments.record_event(
         StepFinished(dep, verify, StepState.ROLLED_BACK, StepResult(False, "gitea answers 502"))
     )
-    record = await store.get_deployment(dep)
+    record = await store.deployments.get(dep)
     assert record is not None
     step = record.step(verify.id)
     assert step is not None and step.state is StepState.ROLLED_BACK
@@ -247,18 +242,20 @@ async def test_rollback_output_goes_to_the_failed_step(store: Store) -> None:
         "switched to /nix/store/old-gitea",
         "gitea answers 200",
     ]
-    gitea = (await store.services())["gitea"]
+    gitea = (await store.services.all())["gitea"]
     assert gitea.system_path == "/nix/store/old-gitea"
     assert gitea.last_health == "healthy"  # rolled back and re-verified
 
 
 async def test_steps_not_in_the_plan_are_added(store: Store) -> None:
     plan = small_plan()
-    dep = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    dep = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     extra = Step(id="rollback:gitea", phase=Phase.NIX_SERVICE_CONFIG, service="gitea")
-    await store.record_event(StepStarted(dep, extra))
-    await store.record_event(StepFinished(dep, extra, StepState.SUCCEEDED, StepResult(ok=True)))
-    record = await store.get_deployment(dep)
+    await store.deployments.record_event(StepStarted(dep, extra))
+    await store.deployments.record_event(
+        StepFinished(dep, extra, StepState.SUCCEEDED, StepResult(ok=True))
+    )
+    record = await store.deployments.get(dep)
     assert record is not None
     assert record.steps[-1].id == "rollback:gitea"
     assert record.steps[-1].state is StepState.SUCCEEDED
@@ -274,60 +271,62 @@ async def test_history_newest_first_and_per_service(store: Store) -> None:
         },
         head="rev-c",
     )
-    first = await store.create_deployment(kind="deploy", trigger="cli", plan=plan)
+    first = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     await asyncio.sleep(0.01)
-    second = await store.create_deployment(kind="deploy", trigger="merge", plan=only_pg)
-    assert [d.id for d in await store.history()] == [second, first]
-    assert [d.id for d in await store.history("gitea")] == [first]
-    assert [d.id for d in await store.history(limit=1)] == [second]
-    assert await store.get_deployment("nope") is None
+    second = await store.deployments.create(kind="deploy", trigger="merge", plan=only_pg)
+    assert [d.id for d in await store.deployments.history()] == [second, first]
+    assert [d.id for d in await store.deployments.history("gitea")] == [first]
+    assert [d.id for d in await store.deployments.history(limit=1)] == [second]
+    assert await store.deployments.get("nope") is None
 
 
 async def test_lock_refuses_a_second_holder_naming_it(store: Store) -> None:
-    await store.acquire_locks(
+    await store.locks.acquire(
         ["gitea", "postgresql"], "deploy-1@host:1", lease=LEASE, reason="deployment 1"
     )
     with pytest.raises(LockBusy) as busy:
-        await store.acquire_locks(["caddy", "gitea"], "deploy-2@host:2", lease=LEASE)
+        await store.locks.acquire(["caddy", "gitea"], "deploy-2@host:2", lease=LEASE)
     assert busy.value.service == "gitea"
     assert busy.value.holder == "deploy-1@host:1"
     assert "gitea is locked by deploy-1@host:1 (deployment 1)" in str(busy.value)
     # all or nothing: caddy was not taken by the refused attempt
-    assert [lock.service for lock in await store.locks()] == ["gitea", "postgresql"]
+    assert [lock.service for lock in await store.locks.all()] == ["gitea", "postgresql"]
     # the same holder may take its locks again (renewal)
-    await store.acquire_locks(["gitea"], "deploy-1@host:1", lease=LEASE)
-    await store.release_locks("deploy-1@host:1")
-    await store.acquire_locks(["caddy", "gitea"], "deploy-2@host:2", lease=LEASE)
-    assert {lock.holder for lock in await store.locks()} == {"deploy-2@host:2"}
+    await store.locks.acquire(["gitea"], "deploy-1@host:1", lease=LEASE)
+    await store.locks.release("deploy-1@host:1")
+    await store.locks.acquire(["caddy", "gitea"], "deploy-2@host:2", lease=LEASE)
+    assert {lock.holder for lock in await store.locks.all()} == {"deploy-2@host:2"}
 
 
 async def test_a_second_deployment_waits_for_the_lock(store: Store) -> None:
-    await store.acquire_locks(["gitea"], "first", lease=LEASE)
+    await store.locks.acquire(["gitea"], "first", lease=LEASE)
 
     async def release_soon() -> None:
         await asyncio.sleep(0.5)
-        await store.release_locks("first")
+        await store.locks.release("first")
 
     releaser = asyncio.create_task(release_soon())
-    await store.acquire_locks(["gitea"], "second", lease=LEASE, wait=10)
+    await store.locks.acquire(["gitea"], "second", lease=LEASE, wait=10)
     await releaser
-    assert [(lock.service, lock.holder) for lock in await store.locks()] == [("gitea", "second")]
+    assert [(lock.service, lock.holder) for lock in await store.locks.all()] == [
+        ("gitea", "second")
+    ]
     # a wait that is too short still ends with LockBusy
     with pytest.raises(LockBusy, match="locked by second"):
-        await store.acquire_locks(["gitea"], "third", lease=LEASE, wait=0.3)
+        await store.locks.acquire(["gitea"], "third", lease=LEASE, wait=0.3)
 
 
 async def test_expired_lease_is_reclaimed_and_renewal_keeps_it(store: Store) -> None:
     short = timedelta(seconds=0.5)
-    await store.acquire_locks(["gitea"], "dead", lease=short)
-    await store.acquire_locks(["caddy"], "alive", lease=short)
+    await store.locks.acquire(["gitea"], "dead", lease=short)
+    await store.locks.acquire(["caddy"], "alive", lease=short)
     for _ in range(3):
         await asyncio.sleep(0.3)
-        await store.renew_locks("alive", short)
+        await store.locks.renew("alive", short)
     # "dead" stopped renewing: its lease ran out, another holder gets the service
-    await store.acquire_locks(["gitea"], "next", lease=LEASE)
+    await store.locks.acquire(["gitea"], "next", lease=LEASE)
     with pytest.raises(LockBusy, match="locked by alive"):
-        await store.acquire_locks(["caddy"], "next", lease=LEASE)
+        await store.locks.acquire(["caddy"], "next", lease=LEASE)
 
 
 async def test_concurrent_lockers_exactly_one_wins(store_url: str) -> None:
@@ -335,7 +334,7 @@ async def test_concurrent_lockers_exactly_one_wins(store_url: str) -> None:
     try:
         results = await asyncio.gather(
             *(
-                s.acquire_locks(["gitea", "postgresql"], f"holder-{i}", lease=LEASE)
+                s.locks.acquire(["gitea", "postgresql"], f"holder-{i}", lease=LEASE)
                 for i, s in enumerate(stores)
             ),
             return_exceptions=True,
@@ -349,36 +348,36 @@ async def test_concurrent_lockers_exactly_one_wins(store_url: str) -> None:
 
 
 async def test_manual_lock_and_unlock(store: Store) -> None:
-    await store.lock("vaultwarden", "alice", "maintenance")
+    await store.locks.lock("vaultwarden", "alice", "maintenance")
     with pytest.raises(LockBusy, match=r"vaultwarden is locked by alice \(maintenance\)"):
-        await store.acquire_locks(["vaultwarden"], "deploy", lease=LEASE)
-    [held] = await store.locks()
+        await store.locks.acquire(["vaultwarden"], "deploy", lease=LEASE)
+    [held] = await store.locks.all()
     assert held.expires_at is None  # a manual lock has no lease: it never expires by itself
-    await store.release_locks("alice")  # releasing leases does not drop a manual lock
-    assert await store.locks()
-    assert (await store.unlock("vaultwarden")).removed is True
-    assert (await store.unlock("vaultwarden")).removed is False
-    await store.acquire_locks(["vaultwarden"], "deploy", lease=LEASE)
+    await store.locks.release("alice")  # releasing leases does not drop a manual lock
+    assert await store.locks.all()
+    assert (await store.locks.unlock("vaultwarden")).removed is True
+    assert (await store.locks.unlock("vaultwarden")).removed is False
+    await store.locks.acquire(["vaultwarden"], "deploy", lease=LEASE)
 
 
 async def test_recover_interrupted_after_lease(store: Store) -> None:
     plan = small_plan()
     short = timedelta(seconds=0.4)
     holder = "deploy@host:999"
-    await store.acquire_locks(plan.services(), holder, lease=short)
-    dep = await store.create_deployment(
+    await store.locks.acquire(plan.services(), holder, lease=short)
+    dep = await store.deployments.create(
         kind="deploy", trigger="cli", plan=plan, holder=holder, lease=short
     )
-    await store.record_event(DeploymentStarted(dep, plan))
+    await store.deployments.record_event(DeploymentStarted(dep, plan))
     for step in plan.steps[:2]:
-        await store.record_event(StepStarted(dep, step))
-    await store.record_event(
+        await store.deployments.record_event(StepStarted(dep, step))
+    await store.deployments.record_event(
         StepFinished(dep, plan.steps[0], StepState.SUCCEEDED, StepResult(ok=True))
     )
     # while the lease runs, nothing is recovered
-    assert await store.recover_interrupted() == []
+    assert await store.deployments.recover_interrupted() == []
     await asyncio.sleep(0.6)
-    [record] = await store.recover_interrupted()
+    [record] = await store.deployments.recover_interrupted()
     assert record.id == dep
     assert record.state is DeploymentState.INTERRUPTED
     assert "it stopped during nix:core:postgresql" in (record.note or "")
@@ -392,50 +391,52 @@ async def test_recover_interrupted_after_lease(store: Store) -> None:
     }
     stopped = record.step("nix:core:postgresql")
     assert stopped is not None and "stopped while running (attempt 1" in (stopped.reason or "")
-    assert await store.locks() == []  # the dead holder's locks are reclaimed
-    assert await store.recover_interrupted() == []  # only once
+    assert await store.locks.all() == []  # the dead holder's locks are reclaimed
+    assert await store.deployments.recover_interrupted() == []  # only once
 
 
 async def test_renewed_deployment_is_not_recovered(store: Store) -> None:
     plan = small_plan()
     short = timedelta(seconds=0.4)
-    dep = await store.create_deployment(
+    dep = await store.deployments.create(
         kind="deploy", trigger="cli", plan=plan, holder="me", lease=short
     )
-    await store.set_deployment_state(dep, DeploymentState.RUNNING)
+    await store.deployments.set_state(dep, DeploymentState.RUNNING)
     for _ in range(3):
         await asyncio.sleep(0.25)
-        await store.renew_locks("me", short)
-    assert await store.recover_interrupted() == []
-    record = await store.get_deployment(dep)
+        await store.locks.renew("me", short)
+    assert await store.deployments.recover_interrupted() == []
+    record = await store.deployments.get(dep)
     assert record is not None and record.state is DeploymentState.RUNNING
 
 
 async def test_renewal_reports_a_lock_lost_to_another_holder(store: Store) -> None:
     short = timedelta(seconds=0.3)
-    await store.acquire_locks(["gitea", "postgresql"], "first", lease=short)
-    await store.renew_locks("first", short, ["gitea", "postgresql"])  # all held: renewed
+    await store.locks.acquire(["gitea", "postgresql"], "first", lease=short)
+    await store.locks.renew("first", short, ["gitea", "postgresql"])  # all held: renewed
     await asyncio.sleep(0.4)
     # an expired lease nobody took is still ours: the renewal keeps it
-    await store.renew_locks("first", short, ["gitea", "postgresql"])
+    await store.locks.renew("first", short, ["gitea", "postgresql"])
     await asyncio.sleep(0.4)
-    await store.acquire_locks(["gitea"], "second", lease=LEASE)  # first's lease ran out
-    await store.unlock("postgresql")  # expired: removed, nobody holds it
+    await store.locks.acquire(["gitea"], "second", lease=LEASE)  # first's lease ran out
+    await store.locks.unlock("postgresql")  # expired: removed, nobody holds it
     with pytest.raises(LockLost) as lost:
-        await store.renew_locks("first", short, ["gitea", "postgresql"])
+        await store.locks.renew("first", short, ["gitea", "postgresql"])
     assert lost.value.lost == {"gitea": "second", "postgresql": None}
     assert "gitea (second)" in str(lost.value)
     # the other holder's lock is untouched by the failed renewal
-    assert [(lock.service, lock.holder) for lock in await store.locks()] == [("gitea", "second")]
+    assert [(lock.service, lock.holder) for lock in await store.locks.all()] == [
+        ("gitea", "second")
+    ]
 
 
 async def test_redelivered_webhook_is_recorded_once(store_url: str) -> None:
     stores = [await Store.open(store_url) for _ in range(3)]
     try:
-        results = await asyncio.gather(*(s.record_delivery("abc-123") for s in stores))
+        results = await asyncio.gather(*(s.queue.record_delivery("abc-123") for s in stores))
         assert sorted(results) == [False, False, True]
-        assert await stores[0].record_delivery("abc-123") is False
-        assert await stores[0].record_delivery("abc-124") is True
+        assert await stores[0].queue.record_delivery("abc-123") is False
+        assert await stores[0].queue.record_delivery("abc-124") is True
     finally:
         for s in stores:
             await s.close()
@@ -444,13 +445,13 @@ async def test_redelivered_webhook_is_recorded_once(store_url: str) -> None:
 async def queued_payloads(store: Store) -> list[dict[str, Any]]:
     """Every queued job's payload, oldest first (claimed, so the queue is left empty)."""
     payloads = []
-    while (job := await store.claim_job("reader", lease=LEASE)) is not None:
+    while (job := await store.queue.claim("reader", lease=LEASE)) is not None:
         payloads.append(job.payload)
     return payloads
 
 
 async def test_record_deliveries_keeps_the_first_of_duplicates_in_a_batch(store: Store) -> None:
-    recorded = await store.record_deliveries(
+    recorded = await store.queue.record_deliveries(
         [
             ("d-1", [("github.pull_request", {"n": 1}), ("github.push", {"n": 2})]),
             ("d-2", [("github.push", {"n": 3})]),
@@ -460,19 +461,19 @@ async def test_record_deliveries_keeps_the_first_of_duplicates_in_a_batch(store:
     )
     assert recorded == [True, True, False, True]
     assert await queued_payloads(store) == [{"n": 1}, {"n": 2}, {"n": 3}]
-    assert await store.record_delivery("d-3") is False  # recorded even without jobs
-    assert await store.record_deliveries([]) == []
+    assert await store.queue.record_delivery("d-3") is False  # recorded even without jobs
+    assert await store.queue.record_deliveries([]) == []
 
 
 async def test_record_deliveries_recognises_redeliveries_across_calls(store: Store) -> None:
-    assert await store.record_deliveries([("r-1", [("k", {"n": 1})])]) == [True]
-    assert await store.record_delivery("r-2") is True  # seen through the single-id path too
-    recorded = await store.record_deliveries(
+    assert await store.queue.record_deliveries([("r-1", [("k", {"n": 1})])]) == [True]
+    assert await store.queue.record_delivery("r-2") is True  # seen through the single-id path too
+    recorded = await store.queue.record_deliveries(
         [("r-1", [("k", {"n": 2})]), ("r-2", [("k", {"n": 3})]), ("r-3", [("k", {"n": 4})])]
     )
     assert recorded == [False, False, True]
     # only the new deliveries' jobs were queued, with their kind and payload as given
-    job = await store.claim_job("reader", lease=LEASE)
+    job = await store.queue.claim("reader", lease=LEASE)
     assert job is not None and (job.kind, job.payload, job.state) == (
         "k",
         {"n": 1},
@@ -493,7 +494,7 @@ async def test_record_deliveries_from_two_stores_records_each_id_once(store_url:
         ]
         results = await asyncio.gather(
             *(
-                s.record_deliveries([(f"c-{n}", [("k", {"n": n})]) for n in ids])
+                s.queue.record_deliveries([(f"c-{n}", [("k", {"n": n})]) for n in ids])
                 for s, ids in batches
             )
         )
@@ -520,7 +521,9 @@ async def test_record_deliveries_falls_back_when_another_replica_wins_the_race(
             await conn.begin()
             await conn.execute(deliveries.insert().values(delivery_id="x-1", received_at=utcnow()))
             racing = asyncio.create_task(
-                store.record_deliveries([("x-1", [("k", {"n": 1})]), ("x-2", [("k", {"n": 2})])])
+                store.queue.record_deliveries(
+                    [("x-1", [("k", {"n": 1})]), ("x-2", [("k", {"n": 2})])]
+                )
             )
             await asyncio.sleep(0.3)
             assert not racing.done()  # its INSERT waits for the other transaction
@@ -539,12 +542,12 @@ async def test_record_deliveries_waits_when_another_writer_holds_sqlite(tmp_path
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process is writing
-        pending = asyncio.create_task(store.record_deliveries([("b-1", [("k", {"n": 1})])]))
+        pending = asyncio.create_task(store.queue.record_deliveries([("b-1", [("k", {"n": 1})])]))
         await asyncio.sleep(0.3)
         assert not pending.done()
         other.execute("COMMIT")
         assert await asyncio.wait_for(pending, 30) == [True]
-        assert await store.record_deliveries([("b-1", [])]) == [False]
+        assert await store.queue.record_deliveries([("b-1", [])]) == [False]
         assert await queued_payloads(store) == [{"n": 1}]
     finally:
         other.close()
@@ -552,9 +555,9 @@ async def test_record_deliveries_waits_when_another_writer_holds_sqlite(tmp_path
 
 
 async def test_job_queue_claim_lease_and_finish(store: Store) -> None:
-    first = await store.enqueue_job("github.pull_request", {"number": 7})
-    second = await store.enqueue_job("slack.deploy", {"service": "gitea"})
-    job = await store.claim_job("worker-a", lease=timedelta(seconds=0.4))
+    first = await store.queue.enqueue("github.pull_request", {"number": 7})
+    second = await store.queue.enqueue("slack.deploy", {"service": "gitea"})
+    job = await store.queue.claim("worker-a", lease=timedelta(seconds=0.4))
     assert job is not None
     assert (job.id, job.kind, job.payload, job.attempts) == (
         first,
@@ -563,31 +566,31 @@ async def test_job_queue_claim_lease_and_finish(store: Store) -> None:
         1,
     )
     assert job.state is JobState.RUNNING
-    other = await store.claim_job("worker-b", lease=LEASE)
+    other = await store.queue.claim("worker-b", lease=LEASE)
     assert other is not None and other.id == second
-    assert await store.claim_job("worker-b", lease=LEASE) is None
+    assert await store.queue.claim("worker-b", lease=LEASE) is None
     # worker-a died: after its lease the job is claimed again, attempt 2
     await asyncio.sleep(0.5)
-    again = await store.claim_job("worker-c", lease=LEASE)
+    again = await store.queue.claim("worker-c", lease=LEASE)
     assert again is not None
     assert (again.id, again.worker, again.attempts) == (first, "worker-c", 2)
-    assert await store.renew_job(first, "worker-a", LEASE) is False
-    assert await store.renew_job(first, "worker-c", LEASE) is True
-    await store.finish_job(first)
-    await store.finish_job(second, error="boom")
-    done, failed = await store.get_job(first), await store.get_job(second)
+    assert await store.queue.renew(first, "worker-a", LEASE) is False
+    assert await store.queue.renew(first, "worker-c", LEASE) is True
+    await store.queue.finish(first)
+    await store.queue.finish(second, error="boom")
+    done, failed = await store.queue.get(first), await store.queue.get(second)
     assert done is not None and done.state is JobState.DONE
     assert failed is not None and (failed.state, failed.error) == (JobState.FAILED, "boom")
-    assert await store.claim_job("worker-a", lease=LEASE) is None
+    assert await store.queue.claim("worker-a", lease=LEASE) is None
 
 
 async def test_jobs_survive_reopening(store_url: str) -> None:
     store = await Store.open(store_url)
-    job_id = await store.enqueue_job("github.push", {"after": "abc"})
+    job_id = await store.queue.enqueue("github.push", {"after": "abc"})
     await store.close()
     reopened = await Store.open(store_url)
     try:
-        job = await reopened.claim_job("w", lease=LEASE)
+        job = await reopened.queue.claim("w", lease=LEASE)
         assert job is not None and job.id == job_id and job.payload == {"after": "abc"}
     finally:
         await reopened.close()
@@ -596,9 +599,9 @@ async def test_jobs_survive_reopening(store_url: str) -> None:
 async def test_concurrent_claims_never_share_a_job(store_url: str) -> None:
     stores = [await Store.open(store_url) for _ in range(3)]
     try:
-        ids = [await stores[0].enqueue_job("k", {"n": n}) for n in range(6)]
+        ids = [await stores[0].queue.enqueue("k", {"n": n}) for n in range(6)]
         claimed = await asyncio.gather(
-            *(s.claim_job(f"w{i}", lease=LEASE) for i, s in enumerate(stores * 2))
+            *(s.queue.claim(f"w{i}", lease=LEASE) for i, s in enumerate(stores * 2))
         )
         assert sorted(job.id for job in claimed if job is not None) == ids
     finally:
@@ -608,7 +611,7 @@ async def test_concurrent_claims_never_share_a_job(store_url: str) -> None:
 
 async def test_approvals_resolve_once(store: Store) -> None:
     plan = small_plan()
-    approval = await store.create_approval(
+    approval = await store.approvals.create(
         kind="deploy",
         requested_by="U_ALICE",
         digest=plan.digest,
@@ -617,8 +620,8 @@ async def test_approvals_resolve_once(store: Store) -> None:
         service="gitea",
         args={"ref": "main"},
     )
-    await store.set_approval_message(approval, "C1", "1700000000.0001")
-    record = await store.get_approval(approval)
+    await store.approvals.set_message(approval, "C1", "1700000000.0001")
+    record = await store.approvals.get(approval)
     assert record is not None
     assert record.state is ApprovalState.PENDING
     assert (record.plan, record.args, record.channel, record.ts) == (
@@ -628,83 +631,79 @@ async def test_approvals_resolve_once(store: Store) -> None:
         "1700000000.0001",
     )
     results = await asyncio.gather(
-        store.resolve_approval(approval, ApprovalState.APPROVED, "U_BOB"),
-        store.resolve_approval(approval, ApprovalState.CANCELLED, "U_ALICE"),
+        store.approvals.resolve(approval, ApprovalState.APPROVED, "U_BOB"),
+        store.approvals.resolve(approval, ApprovalState.CANCELLED, "U_ALICE"),
     )
     assert sorted(results) == [False, True]
-    final = await store.get_approval(approval)
+    final = await store.approvals.get(approval)
     assert final is not None and final.resolved_by in {"U_BOB", "U_ALICE"}
-    assert await store.get_approval("missing") is None
+    assert await store.approvals.get("missing") is None
 
 
 async def test_expired_approval_cannot_be_approved(store: Store) -> None:
-    approval = await store.create_approval(
+    approval = await store.approvals.create(
         kind="rollback", requested_by="U_A", digest="d", ttl=timedelta(seconds=0.2)
     )
     await asyncio.sleep(0.3)
-    assert await store.resolve_approval(approval, ApprovalState.APPROVED, "U_B") is False
-    [expired] = await store.expire_approvals()
+    assert await store.approvals.resolve(approval, ApprovalState.APPROVED, "U_B") is False
+    [expired] = await store.approvals.expire()
     assert expired.id == approval and expired.state is ApprovalState.EXPIRED
-    assert await store.expire_approvals() == []
+    assert await store.approvals.expire() == []
 
 
 async def test_audit_log(store: Store) -> None:
-    await store.audit("alice", "unlock", {"service": "gitea", "state": DeploymentState.FAILED})
-    await store.audit("bob", "deploy", {"ref": "main"})
-    entries = await store.audit_log()
+    await store.audit.record(
+        "alice", "unlock", {"service": "gitea", "state": DeploymentState.FAILED}
+    )
+    await store.audit.record("bob", "deploy", {"ref": "main"})
+    entries = await store.audit.entries()
     assert [(e.actor, e.action) for e in entries] == [("bob", "deploy"), ("alice", "unlock")]
     assert entries[1].detail == {"service": "gitea", "state": "failed"}
-    await store.audit("carol", "unlock", {"service": "forgejo"})
-    unlocks = await store.audit_log(action="unlock")
+    await store.audit.record("carol", "unlock", {"service": "forgejo"})
+    unlocks = await store.audit.entries(action="unlock")
     assert [(e.actor, e.detail["service"]) for e in unlocks] == [
         ("carol", "forgejo"),
         ("alice", "gitea"),
     ]
 
 
-def _now():  # type: ignore[no-untyped-def]
-    from runners.base import utcnow
-
-    return utcnow()
-
-
 async def test_unlock_leaves_a_running_deployments_lease_unless_forced(store: Store) -> None:
-    await store.acquire_locks(["gitea"], "deployment d1", lease=LEASE, reason="deploy")
-    kept = await store.unlock("gitea")
+    await store.locks.acquire(["gitea"], "deployment d1", lease=LEASE, reason="deploy")
+    kept = await store.locks.unlock("gitea")
     assert not kept and kept.removed is False
     assert kept.deployment_lock is not None and kept.deployment_lock.holder == "deployment d1"
     with pytest.raises(LockBusy):  # a second deployment still cannot take the service
-        await store.acquire_locks(["gitea"], "deployment d2", lease=LEASE)
-    forced = await store.unlock("gitea", force=True)
+        await store.locks.acquire(["gitea"], "deployment d2", lease=LEASE)
+    forced = await store.locks.unlock("gitea", force=True)
     assert forced and forced.deployment_lock is None
-    assert await store.locks() == []
+    assert await store.locks.all() == []
     # an expired lease belongs to a dead holder: removable without force, as before
-    await store.acquire_locks(["gitea"], "deployment d3", lease=timedelta(seconds=0.05))
+    await store.locks.acquire(["gitea"], "deployment d3", lease=timedelta(seconds=0.05))
     await asyncio.sleep(0.1)
-    assert await store.unlock("gitea")
-    missing = await store.unlock("gitea")
+    assert await store.locks.unlock("gitea")
+    missing = await store.locks.unlock("gitea")
     assert not missing and missing.deployment_lock is None
 
 
 async def test_an_approval_is_claimed_for_one_deployment_only(store: Store) -> None:
-    approval = await store.create_approval(
+    approval = await store.approvals.create(
         kind="deploy", requested_by="U_A", digest="d", ttl=timedelta(minutes=5)
     )
     # a pending request cannot be claimed: only an approved one deploys
-    assert await store.claim_approval_for_deployment(approval, "dep1") is False
-    assert await store.resolve_approval(approval, ApprovalState.APPROVED, "U_B")
+    assert await store.approvals.claim_for_deployment(approval, "dep1") is False
+    assert await store.approvals.resolve(approval, ApprovalState.APPROVED, "U_B")
     results = await asyncio.gather(
-        store.claim_approval_for_deployment(approval, "starting:a"),
-        store.claim_approval_for_deployment(approval, "starting:b"),
+        store.approvals.claim_for_deployment(approval, "starting:a"),
+        store.approvals.claim_for_deployment(approval, "starting:b"),
     )
     assert sorted(results) == [False, True]
     winner = "starting:a" if results[0] else "starting:b"
     loser = "starting:b" if results[0] else "starting:a"
-    assert not await store.claim_approval_for_deployment(approval, "dep2", replacing=loser)
-    assert await store.claim_approval_for_deployment(approval, "dep1", replacing=winner)
-    record = await store.get_approval(approval)
+    assert not await store.approvals.claim_for_deployment(approval, "dep2", replacing=loser)
+    assert await store.approvals.claim_for_deployment(approval, "dep1", replacing=winner)
+    record = await store.approvals.get(approval)
     assert record is not None and record.deployment_id == "dep1"
-    assert await store.claim_approval_for_deployment(approval, "dep3") is False
+    assert await store.approvals.claim_for_deployment(approval, "dep3") is False
 
 
 async def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
@@ -721,11 +720,11 @@ async def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
         )
     store = await Store.open(f"sqlite+aiosqlite:///{path}")
     try:
-        assert await store.schema_version() == SCHEMA_VERSION == 2
-        approval = await store.create_approval(
+        assert await store.schema_revision() == SCHEMA_REVISION
+        approval = await store.approvals.create(
             kind="deploy", requested_by="U_A", digest="d", ttl=timedelta(minutes=5)
         )
-        await store.resolve_approval(approval, ApprovalState.APPROVED, "U_B")
-        assert await store.claim_approval_for_deployment(approval, "dep1")
+        await store.approvals.resolve(approval, ApprovalState.APPROVED, "U_B")
+        assert await store.approvals.claim_for_deployment(approval, "dep1")
     finally:
         await store.close()

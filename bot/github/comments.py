@@ -40,7 +40,7 @@ from planner.render import render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
 from runners.deploy import DeployError
-from runners.store import DeploymentRecord
+from state.deployments import DeploymentRecord
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def check_reviews(
 
 async def check_contains_deployed(ctx: BotContext, check: ApplyCheck, head: str) -> None:
     """The PR head must contain the last deployed revision, or applying it would undo work."""
-    deployed = await ctx.require_store().last_deployed_revision()
+    deployed = await ctx.require_store().deployments.last_deployed_revision()
     git = ctx.git
     if deployed is None or git is None:
         return
@@ -303,7 +303,7 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     except PlanningError as exc:
         await comment(gh, repo, job.number, f"Could not plan {sha[:12]} to check it: {exc}")
         return
-    await ctx.require_store().audit(
+    await ctx.require_store().audit.record(
         f"github:{job.user}",
         "apply.refused" if not check.ok else "apply.accepted",
         {"pr": job.number, "head": sha, "failed": [r.value for r in check.failures]},
@@ -363,7 +363,7 @@ async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) ->
 
 async def status_text(ctx: BotContext, service: str | None) -> str:
     store = ctx.require_store()
-    services = await store.services()
+    services = await store.services.all()
     lines = ["| service | revision | health | last deployment |", "| --- | --- | --- | --- |"]
     for name, record in sorted(services.items()):
         if service and name != service:
@@ -378,7 +378,7 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
             if service
             else ("No deployment recorded yet.")
         )
-    locks = await store.locks()
+    locks = await store.locks.all()
     if locks:
         lines.append("")
         lines += [
@@ -390,7 +390,7 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
 
 
 async def history_text(ctx: BotContext, service: str | None) -> str:
-    records = await ctx.require_store().history(service, limit=10)
+    records = await ctx.require_store().deployments.history(service, limit=10)
     if not records:
         return "No deployments yet."
     lines = [

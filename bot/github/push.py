@@ -129,7 +129,7 @@ async def announce_wait(
 ) -> None:
     """`nixmox/deploy` pending, naming the lock the deployment is about to wait for."""
     wanted = set(lock_names(plan))
-    held = [lock for lock in await ctx.require_store().locks() if lock.service in wanted]
+    held = [lock for lock in await ctx.require_store().locks.all() if lock.service in wanted]
     if held:
         await status(
             StatusState.PENDING, WAITING.format(service=held[0].service, holder=held[0].holder)
@@ -144,9 +144,9 @@ async def plan_push(
     if git is None:
         raise PlanningError("the Git cache is not set up")
     store = ctx.require_store()
-    deployed = await store.last_deployed_revision()
+    deployed = await store.deployments.last_deployed_revision()
     # attempted but never fully succeeded: a diff would leave what that attempt skipped behind
-    never_succeeded = deployed is None and bool(await store.history(limit=1))
+    never_succeeded = deployed is None and bool(await store.deployments.history(limit=1))
     token = await ctx.require_github().token(payload.get("installation_id"))
     remote = remote_for(ctx.settings, payload.get("clone_url"), token)
     wanted = [sha for sha in (after, before, deployed) if is_sha(sha)]

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from bot.config import Settings
-from runners.store import ApprovalRecord, ApprovalState
+from state.approvals import ApprovalRecord, ApprovalState
 
 BUTTON_SEPARATOR = " "  # neither request ids nor digests contain spaces
 SLACK_ACTOR_PREFIX = "slack:"

@@ -28,7 +28,8 @@ from planner.plan import Plan
 from planner.source import PlanningError, UnknownRevision
 from runners.base import DeploymentKind, Subscriber
 from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_rollback
-from runners.store import ApprovalRecord, DeploymentRecord
+from state.approvals import ApprovalRecord
+from state.deployments import DeploymentRecord
 
 LS_REMOTE_TIMEOUT = 60.0
 NO_REMOTE = (
@@ -254,7 +255,7 @@ class RepoBackend:
         store = self.ctx.require_store()
         to = ask.to
         repo_dir = None
-        if to is not None and await store.get_deployment(to) is None:
+        if to is not None and await store.deployments.get(to) is None:
             to = await self.fetch(to)  # not a deployment id: a Git ref to deploy as a rollback
             repo_dir = self.git.path
         rollback = await prepare_rollback(

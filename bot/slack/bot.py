@@ -82,7 +82,8 @@ from runners.base import (
     utcnow,
 )
 from runners.deploy import DeployError
-from runners.store import ApprovalRecord, ApprovalState, LockBusy
+from state.approvals import ApprovalRecord, ApprovalState
+from state.locks import LockBusy
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ class SlackBot:
 
     async def audit(self, actor: str, action: str, detail: dict[str, Any]) -> None:
         try:
-            await self.ctx.require_store().audit(actor, action, detail)
+            await self.ctx.require_store().audit.record(actor, action, detail)
         except Exception:
             log.exception("Slack: could not write the audit log (%s %s)", actor, action)
 
@@ -453,7 +454,7 @@ class SlackBot:
         service = escape(command.service)
         if isinstance(command, LockCommand):
             try:
-                await store.lock(command.service, actor, command.reason)
+                await store.locks.lock(command.service, actor, command.reason)
             except LockBusy as busy:
                 await respond(text=f":lock: {escape(str(busy))}", response_type="ephemeral")
                 return
@@ -463,7 +464,7 @@ class SlackBot:
                 actor, Audit.LOCK, {"service": command.service, "reason": command.reason}
             )
         else:
-            result = await store.unlock(command.service)  # Slack never forces
+            result = await store.locks.unlock(command.service)  # Slack never forces
             if result.deployment_lock is not None:
                 holder = escape(result.deployment_lock.holder)
                 text = DEPLOYMENT_LOCK.format(service=service, holder=holder)
@@ -507,7 +508,7 @@ class SlackBot:
             await self.audit(actor, Audit.REQUEST, {**_ask(ask), "outcome": "nothing to do"})
             return
         store = self.ctx.require_store()
-        approval_id = await store.create_approval(
+        approval_id = await store.approvals.create(
             kind=ask.kind.value,
             requested_by=actor,
             digest=plan.digest,
@@ -518,7 +519,7 @@ class SlackBot:
             channel=channel,
             ts=ts,
         )
-        approval = await store.get_approval(approval_id)
+        approval = await store.approvals.get(approval_id)
         view.approval_id, view.digest = approval_id, plan.digest
         view.expires_at = approval.expires_at if approval is not None else None
         await self.show_request(channel, ts, view, RequestStatus.PENDING, plan)
@@ -550,7 +551,7 @@ class SlackBot:
         parsed = parse_button_value(value)
         approval = None
         if parsed is not None:
-            approval = await self.ctx.require_store().get_approval(parsed[0])
+            approval = await self.ctx.require_store().approvals.get(parsed[0])
         if approval is None or parsed is None:
             await self.ephemeral(channel, user, REFUSAL_TEXT[Refusal.UNKNOWN_REQUEST])
             await self.audit(slack_actor(user), Audit.REFUSED, {"reason": "unknown request"})
@@ -576,9 +577,9 @@ class SlackBot:
             return
         store = self.ctx.require_store()
         actor = slack_actor(user)
-        if not await store.resolve_approval(approval.id, ApprovalState.APPROVED, actor):
+        if not await store.approvals.resolve(approval.id, ApprovalState.APPROVED, actor):
             # someone else got there first, or it expired while the plan was checked
-            latest = await store.get_approval(approval.id) or approval
+            latest = await store.approvals.get(approval.id) or approval
             expired = latest.expires_at <= utcnow()
             await self.refuse_approval(
                 latest, user, Refusal.EXPIRED if expired else Refusal.NOT_PENDING
@@ -629,7 +630,7 @@ class SlackBot:
         if refusal in {Refusal.EXPIRED, Refusal.PLAN_CHANGED}:
             state = ApprovalState.EXPIRED if refusal is Refusal.EXPIRED else ApprovalState.REFUSED
             if approval.state is ApprovalState.PENDING:
-                await self.ctx.require_store().resolve_approval(approval.id, state, actor)
+                await self.ctx.require_store().approvals.resolve(approval.id, state, actor)
             status = (
                 RequestStatus.EXPIRED if refusal is Refusal.EXPIRED else RequestStatus.PLAN_CHANGED
             )
@@ -655,7 +656,7 @@ class SlackBot:
         user, channel = _who(body)
         actor = slack_actor(user)
         refusal = cancel_refusal(self.policy, approval, user)
-        if refusal is None and not await self.ctx.require_store().resolve_approval(
+        if refusal is None and not await self.ctx.require_store().approvals.resolve(
             approval.id, ApprovalState.CANCELLED, actor
         ):
             refusal = Refusal.NOT_PENDING
@@ -678,7 +679,7 @@ class SlackBot:
     async def replan(self, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Re-plan an expired or outdated request in place, as a new request of the clicker."""
         user, channel = _who(body)
-        approval = await self.ctx.require_store().get_approval(str(action.get("value") or ""))
+        approval = await self.ctx.require_store().approvals.get(str(action.get("value") or ""))
         if approval is None:
             await self.ephemeral(channel, user, REFUSAL_TEXT[Refusal.UNKNOWN_REQUEST])
             return
@@ -711,14 +712,14 @@ class SlackBot:
     async def run_deploy_job(self, payload: dict[str, Any]) -> None:
         """Deploy an approved request once: a rerun of the job (after a crash) never redeploys."""
         store = self.ctx.require_store()
-        approval = await store.get_approval(payload["approval"])
+        approval = await store.approvals.get(payload["approval"])
         if approval is None:
             log.error("Slack: approved request %s is gone; not deploying", payload["approval"])
             return
         # claim the approval before anything runs; the real deployment id replaces the
         # placeholder as soon as the deployment starts
-        placeholder = f"{CLAIM_PREFIX}{store.new_deployment_id()}"
-        if not await store.claim_approval_for_deployment(approval.id, placeholder):
+        placeholder = f"{CLAIM_PREFIX}{store.deployments.new_id()}"
+        if not await store.approvals.claim_for_deployment(approval.id, placeholder):
             await self.refuse_rerun(approval.id, payload)
             return
         claim = functools.partial(self.record_claim, approval.id, placeholder)
@@ -753,13 +754,13 @@ class SlackBot:
         """A subscriber: put the started deployment's id on the approval it carries out."""
         if isinstance(event, DeploymentStarted):
             store = self.ctx.require_store()
-            await store.claim_approval_for_deployment(
+            await store.approvals.claim_for_deployment(
                 approval_id, event.deployment_id, replacing=placeholder
             )
 
     async def refuse_rerun(self, approval_id: str, payload: dict[str, Any]) -> None:
         """Say in the request's thread why a deploy job did not deploy (again)."""
-        approval = await self.ctx.require_store().get_approval(approval_id)
+        approval = await self.ctx.require_store().approvals.get(approval_id)
         used = approval.deployment_id if approval is not None else None
         if used is None:
             state = approval.state.value if approval is not None else "gone"
@@ -806,12 +807,19 @@ class SlackBot:
         self, request: DeploymentRequest, deployment_id: str, channel: str, ts: str
     ) -> None:
         """Record a deployment's message, so a restart can report an interruption in it."""
+        title, where = request.extra.get("title"), origin(request)
+        try:
+            await self.ctx.require_store().slack_messages.remember(
+                deployment_id, channel, ts, title=title, origin=where
+            )
+        except Exception:
+            log.exception("Slack: could not record the message of deployment %s", deployment_id)
         detail = {
             "deployment": deployment_id,
             "channel": channel,
             "ts": ts,
-            "title": request.extra.get("title"),
-            "origin": origin(request),
+            "title": title,
+            "origin": where,
         }
         await self.audit(SYSTEM_ACTOR, Audit.MESSAGE, detail)
 
@@ -822,7 +830,7 @@ class SlackBot:
         while True:
             await asyncio.sleep(self.expiry_sweep_interval)
             try:
-                for approval in await self.ctx.require_store().expire_approvals():
+                for approval in await self.ctx.require_store().approvals.expire():
                     await self.audit(SYSTEM_ACTOR, Audit.EXPIRED, {"approval": approval.id})
                     if approval.channel and approval.ts:
                         await self.show_request(

@@ -5,7 +5,10 @@ from __future__ import annotations
 from bot.slack.blocks import escape, format_time, mention
 from cli.deploy import STATUS_TITLE, short, step_counts
 from planner.render import summary
-from runners.store import DeploymentRecord, LockRecord, ServiceRecord, Store
+from state.deployments import DeploymentRecord
+from state.locks import LockRecord
+from state.services import ServiceRecord
+from state.store import Store
 
 HISTORY_LIMIT = 10
 NOTHING_DEPLOYED = "No deployment recorded yet."
@@ -42,9 +45,9 @@ def service_status_line(name: str, record: ServiceRecord | None, lock: LockRecor
 
 async def status_text(store: Store, service: str | None = None) -> str:
     """The last deployment, then per service its revision, health, system and lock."""
-    last = await store.last_deployment(finished=False)
-    services = await store.services()
-    locks = {lock.service: lock for lock in await store.locks()}
+    last = await store.deployments.last(finished=False)
+    services = await store.services.all()
+    locks = {lock.service: lock for lock in await store.locks.all()}
     lines = [f"*{STATUS_TITLE}*"]
     if last is None:
         lines.append(NOTHING_DEPLOYED)
@@ -65,7 +68,7 @@ async def status_text(store: Store, service: str | None = None) -> str:
 
 async def history_text(store: Store, service: str | None = None) -> str:
     """The newest deployments first (only those touching `service`)."""
-    records = await store.history(service, limit=HISTORY_LIMIT)
+    records = await store.deployments.history(service, limit=HISTORY_LIMIT)
     if not records:
         return "No deployments recorded" + (f" for {escape(service)}." if service else ".")
     title = f"*Recent deployments{f' of {escape(service)}' if service else ''}*"

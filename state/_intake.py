@@ -1,6 +1,6 @@
 """Fast bulk writes for the store's busiest path (webhook deliveries and their jobs).
 
-Private to `runners.store`, which owns the tables and decides what is written; this module
+Private to `state.queue`, which owns the intake and decides what is written; this module
 only knows how to write many rows cheaply: INSERTs compiled once and run as one driver
 `executemany`, and a synchronous SQLite connection used straight from the event loop.
 """

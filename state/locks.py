@@ -1,0 +1,250 @@
+"""Service locks: leases held by running deployments, and manual locks held until unlocked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from state.base import Repository, iso
+from state.events import DeploymentState, utcnow
+from state.schema import deployments, locks
+
+LOCK_POLL_INTERVAL = 0.2
+# deployments whose lease a holder renews along with its locks
+RENEWED_STATES = (str(DeploymentState.QUEUED), str(DeploymentState.RUNNING))
+
+
+class LockBusy(Exception):
+    """A service is locked by another holder."""
+
+    def __init__(self, service: str, holder: str, reason: str | None = None) -> None:
+        self.service, self.holder, self.reason = service, holder, reason
+        because = f" ({reason})" if reason else ""
+        super().__init__(f"{service} is locked by {holder}{because}")
+
+
+class LockLost(Exception):
+    """A lock the holder should hold is gone or held by someone else (its lease ran out)."""
+
+    def __init__(self, lost: dict[str, str | None]) -> None:
+        self.lost = lost  # service -> who holds it now (None: nobody)
+        names = ", ".join(f"{s} ({h or 'free'})" for s, h in sorted(lost.items()))
+        super().__init__(f"lost the lock(s) on {names}")
+
+
+@dataclass
+class LockRecord:
+    service: str
+    holder: str
+    reason: str | None
+    acquired_at: datetime
+    expires_at: datetime | None  # None: a manual lock, held until `unlock`
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "holder": self.holder,
+            "reason": self.reason,
+            "acquired_at": iso(self.acquired_at),
+            "expires_at": iso(self.expires_at),
+        }
+
+
+@dataclass
+class UnlockResult:
+    """What `store.locks.unlock` did: removed a lock, found none, or left a deployment's lease."""
+
+    removed: bool
+    # the live lease of a running deployment that was left in place (unlock without force)
+    deployment_lock: LockRecord | None = None
+
+    def __bool__(self) -> bool:
+        return self.removed
+
+
+async def delete_expired_locks(conn: AsyncConnection, now: datetime, *where: Any) -> None:
+    """Reclaim leases that ran out: their holders died (inside the caller's transaction)."""
+    await conn.execute(
+        locks.delete().where(*where, locks.c.expires_at.is_not(None), locks.c.expires_at < now)
+    )
+
+
+class LockRepository(Repository):
+    """The locks table; a deployment's lease is renewed together with its locks."""
+
+    async def acquire(
+        self,
+        services: Iterable[str],
+        holder: str,
+        *,
+        lease: timedelta,
+        wait: float = 0,
+        reason: str | None = None,
+    ) -> None:
+        """Lock every service for `holder`, all or none; wait up to `wait` s, then LockBusy."""
+        wanted = sorted(set(services))
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            try:
+                await self._try_locks(wanted, holder, lease, reason)
+                return
+            except LockBusy:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            await asyncio.sleep(LOCK_POLL_INTERVAL)
+
+    async def _try_locks(
+        self, wanted: list[str], holder: str, lease: timedelta, reason: str | None
+    ) -> None:
+        now = utcnow()
+        try:
+            async with self.engine.begin() as conn:
+                # a lease that ran out belongs to a holder that died: reclaim it
+                await delete_expired_locks(conn, now, locks.c.service.in_(wanted))
+                held = (await conn.execute(locks.select().where(locks.c.service.in_(wanted)))).all()
+                for row in held:
+                    if row.holder != holder:
+                        raise LockBusy(row.service, row.holder, row.reason)
+                mine = {row.service for row in held}
+                if mine:
+                    await conn.execute(
+                        locks.update()
+                        .where(locks.c.service.in_(mine))
+                        .values(expires_at=now + lease)
+                    )
+                missing = [name for name in wanted if name not in mine]
+                if missing:
+                    await conn.execute(
+                        locks.insert(),
+                        [
+                            {
+                                "service": name,
+                                "holder": holder,
+                                "reason": reason,
+                                "acquired_at": now,
+                                "expires_at": now + lease,
+                            }
+                            for name in missing
+                        ],
+                    )
+        except IntegrityError:
+            # another holder inserted one of them between our read and our write
+            async with self.engine.connect() as conn:
+                other = (
+                    await conn.execute(
+                        locks.select()
+                        .where(locks.c.service.in_(wanted), locks.c.holder != holder)
+                        .limit(1)
+                    )
+                ).first()
+            if other is None:
+                raise LockBusy(wanted[0], "another deployment") from None
+            raise LockBusy(other.service, other.holder, other.reason) from None
+
+    async def renew(
+        self, holder: str, lease: timedelta, services: Iterable[str] | None = None
+    ) -> None:
+        """Extend the leases of `holder`'s locks and of its running deployments.
+
+        With `services` (the ones `holder` locked), raise LockLost, renewing nothing, when any
+        of them is gone or held by someone else: its lease ran out and another process took it.
+        """
+        until = utcnow() + lease
+        async with self.engine.begin() as conn:
+            if services is not None:
+                await self._check_held(conn, holder, set(services))
+            await conn.execute(
+                locks.update()
+                .where(locks.c.holder == holder, locks.c.expires_at.is_not(None))
+                .values(expires_at=until)
+            )
+            await conn.execute(
+                deployments.update()
+                .where(
+                    deployments.c.holder == holder,
+                    deployments.c.state.in_(RENEWED_STATES),
+                )
+                .values(lease_until=until)
+            )
+
+    @staticmethod
+    async def _check_held(conn: AsyncConnection, holder: str, wanted: set[str]) -> None:
+        """Raise LockLost unless `holder` still holds a lock on every service in `wanted`."""
+        rows = (await conn.execute(locks.select().where(locks.c.service.in_(wanted)))).all()
+        current = {row.service: row.holder for row in rows}
+        lost = {name: current.get(name) for name in wanted if current.get(name) != holder}
+        if lost:
+            raise LockLost(lost)
+
+    async def release(self, holder: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                locks.delete().where(locks.c.holder == holder, locks.c.expires_at.is_not(None))
+            )
+
+    async def lock(self, service: str, holder: str, reason: str | None = None) -> None:
+        """A manual lock (`lock <service>`): no lease, held until `unlock`."""
+        now = utcnow()
+        try:
+            async with self.engine.begin() as conn:
+                await delete_expired_locks(conn, now, locks.c.service == service)
+                row = (await conn.execute(locks.select().where(locks.c.service == service))).first()
+                if row is not None and row.holder != holder:
+                    raise LockBusy(row.service, row.holder, row.reason)
+                if row is not None:
+                    await conn.execute(
+                        locks.update()
+                        .where(locks.c.service == service)
+                        .values(expires_at=None, reason=reason)
+                    )
+                else:
+                    await conn.execute(
+                        locks.insert().values(
+                            service=service,
+                            holder=holder,
+                            reason=reason,
+                            acquired_at=now,
+                            expires_at=None,
+                        )
+                    )
+        except IntegrityError:
+            raise LockBusy(service, "another holder") from None
+
+    async def unlock(self, service: str, *, force: bool = False) -> UnlockResult:
+        """Remove a manual lock (or an expired lease); a running deployment's only with `force`."""
+        now = utcnow()
+        removable = [locks.c.service == service]
+        if not force:
+            removable.append(sa.or_(locks.c.expires_at.is_(None), locks.c.expires_at < now))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(locks.delete().where(*removable))
+            if result.rowcount > 0:
+                return UnlockResult(removed=True)
+            row = (await conn.execute(locks.select().where(locks.c.service == service))).first()
+        if row is None:
+            return UnlockResult(removed=False)
+        held = LockRecord(row.service, row.holder, row.reason, row.acquired_at, row.expires_at)
+        return UnlockResult(removed=False, deployment_lock=held)
+
+    async def all(self) -> list[LockRecord]:
+        """The locks in force (expired leases are not listed)."""
+        now = utcnow()
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    locks.select()
+                    .where(sa.or_(locks.c.expires_at.is_(None), locks.c.expires_at >= now))
+                    .order_by(locks.c.service)
+                )
+            ).all()
+        return [
+            LockRecord(row.service, row.holder, row.reason, row.acquired_at, row.expires_at)
+            for row in rows
+        ]

@@ -1,0 +1,269 @@
+"""The bot's queue: webhook deliveries (seen once) and the jobs they queue, leased to workers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from state._intake import LocalSqlite, PreparedInsert, SqliteBusy
+from state.base import Repository
+from state.engine import sqlite_file
+from state.events import utcnow
+from state.schema import deliveries, jobs
+
+log = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# a webhook delivery id and the jobs (kind, payload) it queues: `QueueRepository.record_deliveries`
+DeliveryJobs = tuple[str, list[tuple[str, dict[str, Any]]]]
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    state: JobState
+    attempts: int
+    worker: str | None = None
+    error: str | None = None
+    lease_until: datetime | None = None
+
+
+class QueueRepository(Repository):
+    """Deliveries and jobs; on a SQLite file, deliveries are recorded on a synchronous
+    connection (opened on first use), the cheapest path for the busiest write."""
+
+    def __init__(self, engine: AsyncEngine, url: URL) -> None:
+        super().__init__(engine)
+        # a SQLite file (not `:memory:`, which only the engine's connection sees)
+        self._local_path = sqlite_file(url) if url.get_backend_name() == "sqlite" else None
+        self._local: LocalSqlite | None = None
+
+    def close(self) -> None:
+        """Close the synchronous SQLite connection, if one was opened."""
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+    async def record_delivery(self, delivery_id: str) -> bool:
+        """True the first time a webhook delivery id is seen, False for a redelivery."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    deliveries.insert().values(delivery_id=delivery_id, received_at=utcnow())
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def record_deliveries(self, items: Sequence[DeliveryJobs]) -> list[bool]:
+        """Record new deliveries with their jobs, all in one transaction (a group commit).
+
+        Each item is a delivery id and the jobs `(kind, payload)` it queues. Per item: True
+        when recorded now (its jobs queued), False when the id was seen before, in an
+        earlier call or earlier in `items` (nothing queued).
+        """
+        if not items:
+            return []
+        try:
+            return await self._record_together(items)
+        except IntegrityError:
+            # another replica recorded one of these ids meanwhile: one at a time, then
+            return [await self._record_alone(delivery_id, work) for delivery_id, work in items]
+
+    async def _record_together(self, items: Sequence[DeliveryJobs]) -> list[bool]:
+        local = self._local_sqlite()
+        if local is not None:
+            try:
+                return self._record_now(local, items)
+            except SqliteBusy:
+                # another writer holds the database: take the asynchronous path and wait
+                log.info("SQLite is busy; recording deliveries asynchronously")
+        wanted = list(dict.fromkeys(delivery_id for delivery_id, _ in items))
+        async with self.engine.begin() as conn:
+            seen = sa.select(deliveries.c.delivery_id).where(deliveries.c.delivery_id.in_(wanted))
+            rows = _IntakeRows.of(items, set((await conn.execute(seen)).scalars()))
+            delivery_insert, job_insert = _intake_inserts(conn.dialect)
+            await delivery_insert.run(conn, rows.deliveries)
+            await job_insert.run(conn, rows.jobs)
+        return rows.recorded
+
+    def _local_sqlite(self) -> LocalSqlite | None:
+        if self._local is None and self._local_path is not None:
+            self._local = LocalSqlite(str(self._local_path))
+        return self._local
+
+    def _record_now(self, local: LocalSqlite, items: Sequence[DeliveryJobs]) -> list[bool]:
+        """`_record_together` on the synchronous SQLite connection (SqliteBusy: nothing done)."""
+        wanted = list(dict.fromkeys(delivery_id for delivery_id, _ in items))
+        delivery_insert, job_insert = _intake_inserts(local.dialect)
+        with local.transaction() as cursor:
+            found = cursor.execute(f"{_SEEN_SQL}({','.join('?' * len(wanted))})", wanted)
+            rows = _IntakeRows.of(items, {row[0] for row in found})
+            delivery_insert.run_now(cursor, rows.deliveries)
+            job_insert.run_now(cursor, rows.jobs)
+        return rows.recorded
+
+    async def _record_alone(self, delivery_id: str, work: list[tuple[str, dict[str, Any]]]) -> bool:
+        """One delivery and its jobs in their own transaction; False when seen before."""
+        try:
+            async with self.engine.begin() as conn:
+                rows = _IntakeRows.of([(delivery_id, work)], set())
+                delivery_insert, job_insert = _intake_inserts(conn.dialect)
+                await delivery_insert.run(conn, rows.deliveries)
+                await job_insert.run(conn, rows.jobs)
+        except IntegrityError:
+            return False
+        return True
+
+    async def enqueue(self, kind: str, payload: dict[str, Any]) -> int:
+        """Queue one job; its id."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                jobs.insert()
+                .values(
+                    kind=kind,
+                    payload=payload,
+                    state=str(JobState.QUEUED),
+                    attempts=0,
+                    created_at=utcnow(),
+                )
+                .returning(jobs.c.id)
+            )
+            return int(result.scalar_one())
+
+    async def claim(self, worker: str, *, lease: timedelta) -> Job | None:
+        """The oldest queued job (or one whose worker's lease ran out), now leased to `worker`."""
+        for _ in range(10):
+            now = utcnow()
+            claimable = sa.or_(
+                jobs.c.state == str(JobState.QUEUED),
+                sa.and_(jobs.c.state == str(JobState.RUNNING), jobs.c.lease_until < now),
+            )
+            async with self.engine.begin() as conn:
+                candidate = (
+                    await conn.execute(
+                        sa.select(jobs.c.id).where(claimable).order_by(jobs.c.id).limit(1)
+                    )
+                ).scalar()
+                if candidate is None:
+                    return None
+                # conditional update: if another worker claimed it first, nothing changes
+                result = await conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == candidate, claimable)
+                    .values(
+                        state=str(JobState.RUNNING),
+                        worker=worker,
+                        lease_until=now + lease,
+                        attempts=jobs.c.attempts + 1,
+                    )
+                )
+                if result.rowcount == 1:
+                    row = (await conn.execute(jobs.select().where(jobs.c.id == candidate))).one()
+                    return _job(row)
+        return None
+
+    async def renew(self, job_id: int, worker: str, lease: timedelta) -> bool:
+        """Extend a running job's lease; False if another worker took it over."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.worker == worker,
+                    jobs.c.state == str(JobState.RUNNING),
+                )
+                .values(lease_until=utcnow() + lease)
+            )
+        return result.rowcount == 1
+
+    async def finish(self, job_id: int, error: str | None = None) -> None:
+        """A job is done (or failed, with `error`)."""
+        state = JobState.FAILED if error else JobState.DONE
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(state=str(state), error=error, finished_at=utcnow(), lease_until=None)
+            )
+
+    async def get(self, job_id: int) -> Job | None:
+        """One job by id."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(jobs.select().where(jobs.c.id == job_id))).first()
+        return _job(row) if row is not None else None
+
+
+# --- delivery intake ---
+
+_SEEN_SQL = (
+    f"SELECT {deliveries.c.delivery_id.name} FROM {deliveries.name} "
+    f"WHERE {deliveries.c.delivery_id.name} IN "
+)
+_INTAKE_INSERTS: dict[str, tuple[PreparedInsert, PreparedInsert]] = {}
+
+
+def _intake_inserts(dialect: sa.Dialect) -> tuple[PreparedInsert, PreparedInsert]:
+    """The delivery and job INSERTs for a dialect (compiled once per dialect)."""
+    key = dialect.name
+    if key not in _INTAKE_INSERTS:
+        _INTAKE_INSERTS[key] = (
+            PreparedInsert(deliveries, ["delivery_id", "received_at"], dialect),
+            PreparedInsert(jobs, ["kind", "payload", "state", "attempts", "created_at"], dialect),
+        )
+    return _INTAKE_INSERTS[key]
+
+
+@dataclass
+class _IntakeRows:
+    """What a batch of deliveries writes: per item whether it is new, and the rows to insert."""
+
+    recorded: list[bool]
+    deliveries: list[tuple[Any, ...]]
+    jobs: list[tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, items: Sequence[DeliveryJobs], seen: set[str]) -> _IntakeRows:
+        """Ids in `seen` are not new; of several items with one id, only the first is."""
+        now = utcnow()  # one object for every row: PreparedInsert binds it once
+        queued = str(JobState.QUEUED)
+        rows = cls([], [], [])
+        for delivery_id, work in items:
+            new = delivery_id not in seen
+            rows.recorded.append(new)
+            if new:
+                seen.add(delivery_id)
+                rows.deliveries.append((delivery_id, now))
+                rows.jobs.extend((kind, payload, queued, 0, now) for kind, payload in work)
+        return rows
+
+
+def _job(row: Any) -> Job:
+    return Job(
+        id=row.id,
+        kind=row.kind,
+        payload=dict(row.payload or {}),
+        state=JobState(row.state),
+        attempts=row.attempts,
+        worker=row.worker,
+        error=row.error,
+        lease_until=row.lease_until,
+    )
