@@ -15,7 +15,13 @@ from planner.perf import gc_paused
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_json, render_markdown, render_slack, render_text
 from planner.revisions import plan_revisions
-from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError, load_manifest
+from planner.source import (
+    DEFAULT_MANIFEST_PATH,
+    EvalLimits,
+    PlanningError,
+    load_manifest,
+    locate,
+)
 
 EXIT_OK, EXIT_INVALID, EXIT_EVAL = 0, 1, 2
 FORMATS = ("text", "json", "markdown", "slack")
@@ -72,6 +78,8 @@ def load_or_exit(path: Path, eval_timeout: float) -> object:
     try:
         return load_manifest(path, limits=EvalLimits(timeout=eval_timeout))
     except ManifestError as exc:
+        if not exc.evaluation_failed:
+            locate(exc.findings, path, limits=EvalLimits(timeout=eval_timeout))
         for finding in exc.findings:
             click.echo(f"error: {finding.render()}", err=True)
         sys.exit(EXIT_EVAL if exc.evaluation_failed else EXIT_INVALID)
@@ -84,7 +92,7 @@ def validate(path: Path, eval_timeout: float) -> None:
     """Check a manifest: exit 0 valid, 1 invalid, 2 could not evaluate."""
     manifest = load_or_exit(path, eval_timeout)
     plan = plan_full(manifest)  # type: ignore[arg-type]
-    attribute([*plan.errors, *plan.warnings], path.name)
+    located(plan, path, eval_timeout)
     for finding in plan.errors:
         click.echo(f"error: {finding.render()}", err=True)
     for finding in plan.warnings:
@@ -92,6 +100,13 @@ def validate(path: Path, eval_timeout: float) -> None:
     if plan.errors:
         sys.exit(EXIT_INVALID)
     click.echo(f"{path}: valid ({len(plan.services())} services planned)", err=True)
+
+
+def located(plan: Plan, path: Path, eval_timeout: float) -> None:
+    """Name the file, and where known the line and column, of every finding."""
+    findings = [*plan.errors, *plan.warnings]
+    locate(findings, path, limits=EvalLimits(timeout=eval_timeout))
+    attribute(findings, path.name)
 
 
 def emit_plan(plan: Plan, fmt: str) -> None:
@@ -181,7 +196,7 @@ def plan(
             result = plan_full(manifest, service=service)  # type: ignore[arg-type]
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
-    attribute([*result.errors, *result.warnings], path.name)
+    located(result, path, eval_timeout)
     emit_plan(result, fmt)
 
 

@@ -22,10 +22,19 @@ class Finding(BaseModel):
     field: str | None = None
     hint: str | None = None
     file: str | None = None
+    # where the field is written (`builtins.unsafeGetAttrPos`), when known
+    line: int | None = None
+    column: int | None = None
+
+    def location(self) -> str | None:
+        """`file:line:column` like a compiler, or just the file."""
+        if self.file and self.line is not None:
+            return f"{self.file}:{self.line}:{self.column or 1}"
+        return self.file
 
     def render(self) -> str:
-        """One line: `file: field: message (hint)`."""
-        where = ": ".join(part for part in (self.file, self.field) if part)
+        """One line: `file:line:column: field: message (hint)`."""
+        where = ": ".join(part for part in (self.location(), self.field) if part)
         text = f"{where}: {self.message}" if where else self.message
         if not self.hint:
             return text

@@ -31,6 +31,7 @@ from planner.source import (
     changed_files,
     directory_reader,
     load_manifest_at,
+    locate_at,
     read_file_at,
     read_files_at,
     resolve_revision,
@@ -78,8 +79,25 @@ def plan_revisions(
     errors. An unusable base gives the full plan of head, saying so. Only the bot's own
     failures raise `planner.source.PlanningError` (Git, unknown revision, evaluation timeout).
     """
+    head_rev = resolve_revision(repo_dir, head)
+    plan = _plan_revisions(repo_dir, base, head_rev, manifest_path, service, options, cache, limits)
+    if plan.errors:
+        # errors are rare: only then is the head evaluated again, for file:line:column
+        locate_at(repo_dir, head_rev, manifest_path, [*plan.errors, *plan.warnings], limits)
+    return plan
+
+
+def _plan_revisions(
+    repo_dir: Path | str,
+    base: str | None,
+    head_rev: str,
+    manifest_path: str,
+    service: str | None,
+    options: PlanOptions | None,
+    cache: EvalCache | None,
+    limits: EvalLimits | None,
+) -> Plan:
     with gc_paused():
-        head_rev = resolve_revision(repo_dir, head)
         base_rev = resolve_revision(repo_dir, base) if base is not None else None
         revs = [head_rev] if base_rev is None else [head_rev, base_rev]
         loaded = load_manifests(repo_dir, revs, manifest_path, limits, cache)

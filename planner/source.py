@@ -16,10 +16,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.findings import ManifestError, error
+from planner.findings import Finding, ManifestError, error
 from planner.models import Manifest
 from planner.perf import gc_paused
 from planner.plan import AnalysisMemo
+from planner.positions import (
+    POSITIONS_NIX,
+    apply_positions,
+    parse_positions,
+    positions_input,
+    wanted_paths,
+)
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
@@ -36,8 +43,9 @@ class EvalLimits:
     memory_limit: int = DEFAULT_MEMORY_LIMIT
 
 
-def nix_command(path: Path, include_dir: Path) -> list[str]:
+def nix_command(path: Path, include_dir: Path, *more_includes: Path) -> list[str]:
     """The restricted, no-build evaluation command for a manifest."""
+    includes = [arg for extra in more_includes for arg in ("-I", str(extra))]
     return [
         "nix-instantiate",
         "--eval",
@@ -51,6 +59,7 @@ def nix_command(path: Path, include_dir: Path) -> list[str]:
         "false",
         "-I",
         str(include_dir),
+        *includes,
         str(path),
     ]
 
@@ -80,7 +89,10 @@ def _nix_error(stderr: str, path: Path) -> str:
 
 
 def evaluate_nix(
-    path: Path, include_dir: Path | None = None, limits: EvalLimits | None = None
+    path: Path,
+    include_dir: Path | None = None,
+    limits: EvalLimits | None = None,
+    *more_includes: Path,
 ) -> Any:
     """Evaluate a `.nix` manifest to JSON in restricted mode; never parse partial output."""
     limits = limits or EvalLimits()
@@ -91,7 +103,7 @@ def evaluate_nix(
         with out_path.open("wb") as out, err_path.open("wb") as err:
             try:
                 proc = subprocess.run(
-                    nix_command(path, include_dir),
+                    nix_command(path, include_dir, *more_includes),
                     stdout=out,
                     stderr=err,
                     stdin=subprocess.DEVNULL,
@@ -196,6 +208,32 @@ def load_manifest(
         for finding in exc.findings:
             finding.file = finding.file or path.name
         raise
+
+
+def locate(
+    findings: list[Finding],
+    manifest: Path,
+    root: Path | None = None,
+    limits: EvalLimits | None = None,
+) -> None:
+    """Give findings the file:line:column of their fields (`builtins.unsafeGetAttrPos`, in
+    restricted mode like the manifest itself); files are named relative to `root`.
+
+    Best effort: a manifest that cannot be evaluated again leaves the findings as they are.
+    """
+    paths = wanted_paths(findings)
+    if not paths or manifest.suffix != ".nix" or not manifest.is_file():
+        return
+    root = (root or manifest.parent).resolve()
+    with tempfile.TemporaryDirectory(prefix="nixmox-positions-") as tmp:
+        query = Path(tmp, "positions.nix")
+        query.write_text(POSITIONS_NIX)
+        Path(tmp, "positions.json").write_text(json.dumps(positions_input(manifest, paths)))
+        try:
+            answer = evaluate_nix(query, root, limits, Path(tmp))
+        except ManifestError:
+            return
+    apply_positions(findings, parse_positions(answer, paths, root))
 
 
 # --- Git revisions ------------------------------------------------------------------------
@@ -399,6 +437,22 @@ def load_manifest_at(
     if isinstance(cached, ManifestError):
         raise ManifestError(cached.findings, evaluation_failed=cached.evaluation_failed)
     return cached
+
+
+def locate_at(
+    repo_dir: Path | str,
+    rev: str,
+    manifest_path: str,
+    findings: list[Finding],
+    limits: EvalLimits | None = None,
+) -> None:
+    """`locate` in an exported copy of `rev`: files named by their path in the repository."""
+    if not wanted_paths(findings):
+        return
+    manifest_path = _check_manifest_path(manifest_path)
+    with tempfile.TemporaryDirectory(prefix="nixmox-tree-") as tmp:
+        root = export_tree(repo_dir, rev, Path(tmp))
+        locate(findings, root / manifest_path, root, limits)
 
 
 def _evaluate_at(

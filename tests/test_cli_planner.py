@@ -65,7 +65,10 @@ def test_plan_of_invalid_manifest_exits_1_with_the_error() -> None:
     result = run("plan", "manifests/broken/duplicate-ip.nix", "--format", "json")
     assert result.returncode == 1
     assert json.loads(result.stdout)["steps"] == []
-    assert "duplicate-ip.nix: services.wiki.ip: ip 10.30.0.3 is also used by gitea" in result.stderr
+    assert (
+        "duplicate-ip.nix:3:50: services.wiki.ip: ip 10.30.0.3 is also used by gitea"
+        in result.stderr
+    )
 
 
 def test_restricted_mode_refusal_through_the_cli_leaks_nothing() -> None:
