@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bot.cli import main
+from cli.main import main
 from click.testing import CliRunner
 
 from planner.plan import Plan
