@@ -66,7 +66,8 @@ async def test_plan_apply_and_merge_need_exactly_the_manifest_permissions(
 ) -> None:
     bot = await app_bot(make_bot, app_key, tmp_path)
     _base, head = await planned_pr(bot, manifest_repo, payloads)
-    assert app_github.last_status(head, "nixmox/plan")["state"] == "success"
+    (plan_run,) = app_github.check_runs_for(head, "nixmox/plan")
+    assert plan_run["conclusion"] == "success"
     approve(app_github)
     _started, finished = await command(bot, payloads, "/nixmox apply")
     assert "**succeeded**" in finished["body"]
@@ -74,7 +75,8 @@ async def test_plan_apply_and_merge_need_exactly_the_manifest_permissions(
     response = await bot.deliver("push", payloads.push(before=head, after=merged))
     assert (await response.json())["status"] == "accepted"
     await bot.drain()
-    assert app_github.last_status(merged, "nixmox/deploy")["state"] == "success"
+    (deploy_run,) = app_github.check_runs_for(merged, "nixmox/deploy")
+    assert deploy_run["conclusion"] == "success"
 
     assert app_github.issued_tokens, "the calls were made with installation tokens"
     assert app_github.violations == []  # nothing needed more than the manifest grants

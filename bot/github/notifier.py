@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bot.context import BotContext, DeploymentRequest
+from bot.github.checks import CheckRuns, Report
 from bot.github.client import GitHubClient
 from bot.github.statuses import (
     DEPLOY_CONTEXT,
@@ -25,6 +26,7 @@ from bot.github.statuses import (
     short,
 )
 from planner.plan import Plan
+from planner.render import md_cell
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,
@@ -110,6 +112,12 @@ class GitHubNotifier:
         self.started: set[str] = set()
         self.reported: set[str] = set()
         self.failures = 0
+        # GitHub App: `nixmox/deploy` is a check run listing the steps as they finish
+        self.app_mode = ctx.settings.github_app_id is not None
+        self._runs: CheckRuns | None = None
+        self.step_ids: list[str] = []
+        self.step_states: dict[str, StepState] = {}
+        self.summary = "deploying"
 
     async def __call__(self, event: Event) -> None:
         try:
@@ -153,18 +161,44 @@ class GitHubNotifier:
         except Exception:
             self._failed("status %s %s", context, state.value)
 
+    async def deploy_check(self, state: StatusState, description: str) -> None:
+        """`nixmox/deploy`: a status, or (App) a check run whose output lists every step."""
+        if not self.app_mode:
+            await self.status(state, DEPLOY_CONTEXT, description)
+            return
+        try:
+            if self._runs is None:
+                self._runs = CheckRuns(await self.gh(), self.repo)
+            report = Report(state, description, self.target, summary=self.steps_table())
+            if state is StatusState.PENDING:
+                await self._runs.progress(self.sha, DEPLOY_CONTEXT, report)
+            else:
+                await self._runs.final(self.sha, DEPLOY_CONTEXT, report)
+        except Exception:
+            self._failed("check run %s %s", DEPLOY_CONTEXT, state.value)
+
+    def steps_table(self) -> str:
+        """Markdown: each step of the deployment with its state so far."""
+        rows = [
+            f"| {md_cell(sid)} | {self.step_states[sid].value if sid in self.step_states else 'waiting'} |"
+            for sid in self.step_ids
+        ]
+        return "\n".join(["| step | state |", "| --- | --- |", *rows])
+
     @property
     def target(self) -> str | None:
         return self.ctx.deployment_url(self.deployment_id) if self.deployment_id else None
 
     async def started_deployment(self, event: DeploymentStarted) -> None:
         self.deployment_id = event.deployment_id
+        self.step_ids = [sid for wave in event.plan.waves for sid in wave]
         for step in event.plan.steps:
             if step.service:
                 self.steps_of[step.service].add(step.id)
         verb = "rolling back" if event.kind is DeploymentKind.ROLLBACK else "deploying"
         summary = f"{verb} {plan_size(event.plan)}"
-        await self.status(StatusState.PENDING, DEPLOY_CONTEXT, summary)
+        self.summary = summary
+        await self.deploy_check(StatusState.PENDING, summary)
         await self.create_deployment(event, summary)
         await self.deployment_status(DeploymentStatusState.IN_PROGRESS, summary)
 
@@ -219,6 +253,12 @@ class GitHubNotifier:
             )
 
     async def step_finished(self, event: StepFinished) -> None:
+        self.step_states[event.step.id] = event.state
+        if event.step.id not in self.step_ids:
+            self.step_ids.append(event.step.id)
+        if self.app_mode:
+            done = f"{len(self.step_states)} of {len(self.step_ids)} steps done"
+            await self.deploy_check(StatusState.PENDING, f"{self.summary}: {done}")
         service = event.step.service
         if not service:
             return
@@ -244,7 +284,7 @@ class GitHubNotifier:
             event.state, (StatusState.ERROR, DeploymentStatusState.ERROR)
         )
         description = f"{event.state.value}: {self.summary_of(event)}"
-        await self.status(state, DEPLOY_CONTEXT, description)
+        await self.deploy_check(state, description)
         await self.deployment_status(deployment_state, description)
 
     def summary_of(self, event: DeploymentFinished) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.context import BotContext
+from bot.github.checks import CommitChecks, Report, commit_checks
 from bot.github.client import GitHubClient
 from bot.github.gitcache import GitFetchError, remote_for
 from bot.github.statuses import (
@@ -29,10 +30,9 @@ from bot.github.statuses import (
     edit_comment,
     get_pull,
     list_comments,
-    set_status,
 )
 from planner.plan import Plan
-from planner.render import render_markdown
+from planner.render import render_markdown, summary
 from planner.source import PlanningError
 
 log = logging.getLogger(__name__)
@@ -247,41 +247,40 @@ async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:
 async def _plan_pull_request(ctx: BotContext, pull: PullRef) -> None:
     repo = Repo.parse(ctx.settings.repo)
     gh = await ctx.require_github().client(pull.installation_id)
+    checks = checks_for(ctx, gh, repo)
     await with_plan_status(
-        gh,
-        repo,
+        checks,
         pull.head_sha,
         f"PR #{pull.number}",
-        lambda: _plan_and_report(ctx, gh, repo, pull),
+        lambda: _plan_and_report(ctx, gh, repo, checks, pull),
     )
 
 
+def checks_for(ctx: BotContext, gh: GitHubClient, repo: Repo) -> CommitChecks:
+    """Check runs when the bot is a GitHub App, commit statuses with a token."""
+    return commit_checks(gh, repo, app_mode=ctx.settings.github_app_id is not None)
+
+
 async def with_plan_status(
-    gh: GitHubClient, repo: Repo, sha: str, subject: str, work: Callable[[], Awaitable[None]]
+    checks: CommitChecks, sha: str, subject: str, work: Callable[[], Awaitable[None]]
 ) -> None:
     """`nixmox/plan` pending on `sha` while `work` plans and reports; `error` when it fails."""
-    await set_status(gh, repo, sha, StatusState.PENDING, PLAN_CONTEXT, PLANNING)
+    await checks.pending(sha, PLAN_CONTEXT, PLANNING)
     try:
         await work()
     except PlanningError as exc:
         log.warning("could not plan %s at %s: %s", subject, sha[:12], exc)
-        await _error_status(gh, repo, sha, str(exc))
+        await _error_status(checks, sha, str(exc))
     except Exception:
         # never leave `pending` behind: say the bot failed, then let the job record why
-        await _error_status(gh, repo, sha, INTERNAL_ERROR)
+        await _error_status(checks, sha, INTERNAL_ERROR)
         raise
 
 
-async def _error_status(gh: GitHubClient, repo: Repo, sha: str, reason: str) -> None:
+async def _error_status(checks: CommitChecks, sha: str, reason: str) -> None:
     try:
-        await set_status(
-            gh,
-            repo,
-            sha,
-            StatusState.ERROR,
-            PLAN_CONTEXT,
-            COULD_NOT_PLAN.format(reason=reason),
-        )
+        report = Report(StatusState.ERROR, COULD_NOT_PLAN.format(reason=reason))
+        await checks.final(sha, PLAN_CONTEXT, report)
     except Exception:
         log.warning("could not set %s on %s", PLAN_CONTEXT, sha[:12], exc_info=True)
 
@@ -293,19 +292,29 @@ async def archive_plan(ctx: BotContext, plan: Plan) -> str | None:
 
 
 async def report_plan_status(
-    gh: GitHubClient,
-    repo: Repo,
+    checks: CommitChecks,
     sha: str,
     plan: Plan,
     target: str | None,
     describe: Callable[[Plan], tuple[StatusState, str]] = plan_status,
 ) -> None:
-    """The final `nixmox/plan` of `sha`: success or failure, linking the plan page."""
+    """The final `nixmox/plan` of `sha`: success or failure, linking the plan page; a check
+    run also shows the plan and annotates the manifest's lines with its findings."""
     state, description = describe(plan)
-    await set_status(gh, repo, sha, state, PLAN_CONTEXT, description, target)
+    report = Report(
+        state,
+        description,
+        target,
+        summary=summary(plan),
+        text="\n\n".join(render_markdown(plan)),
+        findings=[*plan.errors, *plan.warnings],
+    )
+    await checks.final(sha, PLAN_CONTEXT, report)
 
 
-async def _plan_and_report(ctx: BotContext, gh: GitHubClient, repo: Repo, pull: PullRef) -> None:
+async def _plan_and_report(
+    ctx: BotContext, gh: GitHubClient, repo: Repo, checks: CommitChecks, pull: PullRef
+) -> None:
     plan = await compute_plan(ctx, pull)
     target = await archive_plan(ctx, plan)
     current = await get_pull(gh, repo, pull.number)
@@ -318,4 +327,4 @@ async def _plan_and_report(ctx: BotContext, gh: GitHubClient, repo: Repo, pull: 
             pull.number,
             pull.head_sha[:12],
         )
-    await report_plan_status(gh, repo, pull.head_sha, plan, target)
+    await report_plan_status(checks, pull.head_sha, plan, target)

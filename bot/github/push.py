@@ -26,17 +26,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.context import BotContext, DeploymentRequest
+from bot.github.checks import CommitChecks, Report
 from bot.github.client import GitHubClient
 from bot.github.gitcache import GitFetchError, is_sha, remote_for
 from bot.github.pulls import (
     archive_plan,
+    checks_for,
     plan_between,
     plan_status,
     report_plan_status,
     shared_plan,
     with_plan_status,
 )
-from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState, set_status
+from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState
 from planner.plan import Plan
 from planner.source import PlanningError
 from runners.base import Trigger
@@ -72,10 +74,19 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
     repo = Repo.parse(ctx.settings.repo)
     installation = payload.get("installation_id")
     gh = await ctx.require_github().client(installation)
+    checks = checks_for(ctx, gh, repo)
+    started = False
 
     async def status(state: StatusState, description: str, target: str | None = None) -> None:
+        nonlocal started
         try:
-            await set_status(gh, repo, after, state, DEPLOY_CONTEXT, description, target)
+            if state is not StatusState.PENDING:
+                await checks.final(after, DEPLOY_CONTEXT, Report(state, description, target))
+            elif started:
+                await checks.progress(after, DEPLOY_CONTEXT, Report(state, description, target))
+            else:
+                await checks.pending(after, DEPLOY_CONTEXT, description)
+                started = True
         except Exception:
             ctx.metrics.github_calls_failed.inc()
             log.warning("could not set %s on %s", DEPLOY_CONTEXT, after[:12], exc_info=True)
@@ -216,12 +227,12 @@ async def plan_branch_push(ctx: BotContext, payload: dict[str, Any]) -> None:
             number,
         )
         return
+    checks = checks_for(ctx, gh, repo)
     await with_plan_status(
-        gh,
-        repo,
+        checks,
         push.after,
         f"branch {push.branch}",
-        lambda: _plan_branch_and_report(ctx, gh, repo, push),
+        lambda: _plan_branch_and_report(ctx, checks, push),
     )
 
 
@@ -240,12 +251,10 @@ async def open_pull_of(gh: GitHubClient, repo: Repo, branch: str) -> int | None:
     return None
 
 
-async def _plan_branch_and_report(
-    ctx: BotContext, gh: GitHubClient, repo: Repo, push: BranchPush
-) -> None:
+async def _plan_branch_and_report(ctx: BotContext, checks: CommitChecks, push: BranchPush) -> None:
     plan = await compute_branch_plan(ctx, push)
     target = await archive_plan(ctx, plan)
-    await report_plan_status(gh, repo, push.after, plan, target, branch_plan_status)
+    await report_plan_status(checks, push.after, plan, target, branch_plan_status)
 
 
 def branch_plan_status(plan: Plan) -> tuple[StatusState, str]:

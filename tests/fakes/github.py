@@ -34,6 +34,7 @@ BOT_LOGIN = "nixmox[bot]"
 APP_SLUG = "nixmox"
 DEFAULT_TOKEN = "ghp_faketoken0000000000000000000000000000"
 PER_PAGE_DEFAULT = 30
+ANNOTATIONS_PER_REQUEST = 50  # GitHub answers 422 to more in one request
 
 
 class Failure(StrEnum):
@@ -86,6 +87,8 @@ STATUSES = Permission("statuses", "write")
 DEPLOYMENTS = Permission("deployments", "write")
 DEPLOYMENTS_READ = Permission("deployments", "read")
 METADATA = Permission("metadata", "read")
+CHECKS = Permission("checks", "write")
+CHECKS_READ = Permission("checks", "read")
 NOT_ACCESSIBLE = "Resource not accessible by integration"
 
 
@@ -125,6 +128,7 @@ class FakeGitHub:
         self.permissions: dict[str, str] = {}
         self.reviews: dict[int, list[dict[str, Any]]] = {}
         self.pulls: dict[int, dict[str, Any]] = {}
+        self.check_runs: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count(1000)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -150,6 +154,16 @@ class FakeGitHub:
             "POST", repo_prefix + r"/statuses/(?P<sha>[0-9a-f]{40})", self.add_status, STATUSES
         )
         self._route("POST", repo_prefix + r"/deployments", self.add_deployment, DEPLOYMENTS)
+        self._route("POST", repo_prefix + r"/check-runs", self.add_check_run, CHECKS)
+        self._route(
+            "GET",
+            repo_prefix + r"/commits/(?P<ref>[^/]+)/check-runs",
+            self.list_check_runs,
+            CHECKS_READ,
+        )
+        self._route(
+            "PATCH", repo_prefix + r"/check-runs/(?P<id>\d+)", self.update_check_run, CHECKS
+        )
         self._route("GET", repo_prefix + r"/deployments", self.list_deployments, DEPLOYMENTS_READ)
         self._route(
             "POST",
@@ -548,6 +562,88 @@ class FakeGitHub:
         return web.json_response(
             {k: v for k, v in status.items() if not k.startswith("_")}, status=201
         )
+
+    def check_runs_for(self, sha: str, name: str | None = None) -> list[dict[str, Any]]:
+        return [
+            run
+            for run in self.check_runs.values()
+            if run["head_sha"] == sha and (name is None or run["name"] == name)
+        ]
+
+    def _too_many_annotations(self, request: web.Request, data: Any) -> web.Response | None:
+        annotations = (data.get("output") or {}).get("annotations") or []
+        if len(annotations) <= ANNOTATIONS_PER_REQUEST:
+            return None
+        self.violations.append(f"{request.method} {request.path}: {len(annotations)} annotations")
+        return web.json_response(
+            {"message": "Only 50 annotations are allowed per request"}, status=422
+        )
+
+    def _apply_check_update(self, run: dict[str, Any], data: Any) -> None:
+        for key in ("status", "conclusion", "details_url", "external_id", "name"):
+            if key in data:
+                run[key] = data[key]
+        if "output" in data:
+            output = dict(data["output"])
+            run["annotations"].extend(output.pop("annotations", None) or [])
+            run["output"].update(output)
+        if run.get("conclusion") and run.get("status") != "completed":
+            run["status"] = "completed"  # GitHub: a conclusion completes the run
+        run["updates"].append(data)
+
+    def _public_run(self, run: dict[str, Any]) -> dict[str, Any]:
+        answer = self.example("check-run-example-of-completed-conclusion")
+        answer.update(
+            id=run["id"],
+            name=run["name"],
+            head_sha=run["head_sha"],
+            status=run["status"],
+            conclusion=run.get("conclusion"),
+            details_url=run.get("details_url"),
+        )
+        answer["output"].update(
+            title=run["output"].get("title"),
+            summary=run["output"].get("summary"),
+            text=run["output"].get("text"),
+            annotations_count=len(run["annotations"]),
+        )
+        return answer
+
+    async def add_check_run(self, request: web.Request, params: dict[str, str], data: Any):
+        refused = self._too_many_annotations(request, data)
+        if refused is not None:
+            return refused
+        run: dict[str, Any] = {
+            "id": next(self._ids),
+            "name": data["name"],
+            "head_sha": data["head_sha"],
+            "status": "queued",
+            "conclusion": None,
+            "output": {},
+            "annotations": [],
+            "updates": [],
+        }
+        self._apply_check_update(run, data)
+        self.check_runs[run["id"]] = run
+        return web.json_response(self._public_run(run), status=201)
+
+    async def list_check_runs(self, request: web.Request, params: dict[str, str], data: Any):
+        name = request.query.get("check_name")
+        runs = sorted(self.check_runs_for(params["ref"], name), key=lambda r: -r["id"])
+        if request.query.get("filter", "latest") == "latest":
+            runs = runs[:1]
+        public = [self._public_run(run) for run in runs]
+        return web.json_response({"total_count": len(public), "check_runs": public})
+
+    async def update_check_run(self, request: web.Request, params: dict[str, str], data: Any):
+        run = self.check_runs.get(int(params["id"]))
+        if run is None:
+            return web.json_response({"message": "Not Found"}, status=404)
+        refused = self._too_many_annotations(request, data)
+        if refused is not None:
+            return refused
+        self._apply_check_update(run, data)
+        return web.json_response(self._public_run(run))
 
     async def add_deployment(self, request: web.Request, params: dict[str, str], data: Any):
         deployment = self.example("deployment-simple-example")
