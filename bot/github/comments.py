@@ -36,6 +36,7 @@ from bot.github.pulls import (
     plan_pull_request,
 )
 from bot.github.statuses import Reaction, Repo, comment, get_pull, react
+from planner.escape import md_code, md_fence, md_text
 from planner.render import render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
@@ -67,7 +68,7 @@ NOT_IN_COMMENTS = (
 REFUSED = "`/nixmox apply` refused for {sha}:\n{reasons}"
 STARTING = "Deploying {sha} ({size}), requested by @{user}; deployment `{id}`."
 NOTHING_TO_APPLY = "Nothing to apply: the plan for {sha} needs no deployment."
-FINISHED = "Deployment `{id}` of {sha} **{state}**.\n\n```\n{steps}\n```"
+FINISHED = "Deployment {id} of {sha} **{state}**.\n\n{steps}"
 
 
 class Requirement(StrEnum):
@@ -301,7 +302,9 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     try:
         check, plan = await check_apply(ctx, gh, repo, job, pull)
     except PlanningError as exc:
-        await comment(gh, repo, job.number, f"Could not plan {sha[:12]} to check it: {exc}")
+        await comment(
+            gh, repo, job.number, f"Could not plan {sha[:12]} to check it: {md_text(str(exc))}"
+        )
         return
     await ctx.require_store().audit(
         f"github:{job.user}",
@@ -333,7 +336,9 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     try:
         record = await ctx.deploy(request, plan, subscribers=[announce])
     except DeployError as exc:
-        await _safe_comment(gh, repo, job.number, f"Could not deploy {sha[:12]}: {exc}")
+        await _safe_comment(
+            gh, repo, job.number, f"Could not deploy {sha[:12]}: {md_text(str(exc))}"
+        )
         return
     if record is not None:
         await _safe_comment(gh, repo, job.number, finished_text(record, sha))
@@ -345,7 +350,9 @@ def finished_text(record: DeploymentRecord, sha: str) -> str:
         f"{step.state.value:<12} {step.id}" + (f"  ({step.reason})" if step.reason else "")
         for step in record.steps
     )
-    return FINISHED.format(id=record.id, sha=sha[:12], state=record.state.value, steps=steps)
+    return FINISHED.format(
+        id=md_code(record.id), sha=sha[:12], state=record.state.value, steps=md_fence(steps)
+    )
 
 
 def _size(plan: Any) -> str:
@@ -369,12 +376,12 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
         if service and name != service:
             continue
         lines.append(
-            f"| {name} | {(record.revision or '-')[:12]} | {record.last_health or '-'} "
-            f"| {record.last_deployment_id or '-'} |"
+            f"| {md_text(name)} | {md_text((record.revision or '-')[:12])} "
+            f"| {md_text(record.last_health or '-')} | {md_text(record.last_deployment_id or '-')} |"
         )
     if len(lines) == 2:
         return (
-            f"No deployment of {service} recorded yet."
+            f"No deployment of {md_text(service)} recorded yet."
             if service
             else ("No deployment recorded yet.")
         )
@@ -382,8 +389,8 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
     if locks:
         lines.append("")
         lines += [
-            f"🔒 {lock.service} locked by {lock.holder}"
-            + (f": {lock.reason}" if lock.reason else "")
+            f"🔒 {md_text(lock.service)} locked by {md_text(lock.holder)}"
+            + (f": {md_text(lock.reason)}" if lock.reason else "")
             for lock in locks
         ]
     return "\n".join(lines)
@@ -399,8 +406,8 @@ async def history_text(ctx: BotContext, service: str | None) -> str:
     ]
     for record in records:
         lines.append(
-            f"| {record.id} | {record.kind.value} | {record.state.value} "
-            f"| {(record.head or '-')[:12]} | {record.requested_by or '-'} |"
+            f"| {md_text(record.id)} | {record.kind.value} | {record.state.value} "
+            f"| {md_text((record.head or '-')[:12])} | {md_text(record.requested_by or '-')} |"
         )
     return "\n".join(lines)
 
