@@ -115,14 +115,21 @@ def md_fence(text: str, info: str = "") -> str:
 
 def slack_text(text: str) -> str:
     """Slack mrkdwn text on one line: no `<!channel>`, `<@U…>`, `<http…|x>`, bare link or code."""
-    flat = one_line(text).replace("`", SLACK_BACKTICK)
-    escaped = "".join(SLACK_ENTITIES.get(char, char) for char in flat)
+    return _slack_escape(one_line(text).replace("`", SLACK_BACKTICK))
+
+
+def _slack_escape(line: str) -> str:
+    escaped = "".join(SLACK_ENTITIES.get(char, char) for char in line)
     return SLACK_AUTOLINKS.sub(WORD_JOINER, escaped)
 
 
 def slack_lines(text: str) -> str:
-    """Slack mrkdwn text whose lines are kept (messages, errors), escaped like `slack_text`."""
-    return "\n".join(slack_text(line) for line in text.splitlines())
+    """A message for Slack mrkdwn (the bot's sentences holding foreign text), lines kept.
+
+    No mention, link or control character can come from it; its backticks stay, since the
+    bot's own sentences quote with them (foreign values go through `slack_text` first).
+    """
+    return "\n".join(_slack_escape(one_line(line)) for line in text.splitlines())
 
 
 def slack_code(text: str) -> str:

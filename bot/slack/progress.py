@@ -447,7 +447,7 @@ def progress_blocks(progress: Progress, now: datetime) -> list[Block]:
 
 def failure_text(failure: Failure) -> str:
     attempt = f" (attempt {failure.attempt})" if failure.attempt > 1 else ""
-    reason = f": {slack_lines(failure.reason)}" if failure.reason else ""
+    reason = f": {slack_text(failure.reason)}" if failure.reason else ""
     return f":x: {slack_code(failure.step_id)} failed{attempt}{reason}"
 
 

@@ -36,7 +36,7 @@ def service_status_line(name: str, record: ServiceRecord | None, lock: LockRecor
     if record is not None and record.last_deployment_id:
         parts.append(f"deployment {slack_code(record.last_deployment_id)}")
     if lock is not None:
-        reason = f" ({slack_lines(lock.reason)})" if lock.reason else ""
+        reason = f" ({slack_text(lock.reason)})" if lock.reason else ""
         parts.append(f":lock: locked by {mention(lock.holder)}{reason}")
     return " · ".join(parts)
 
