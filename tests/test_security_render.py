@@ -20,6 +20,7 @@ from markdown_it.token import Token
 
 from bot.cli import main
 from bot.cli_render import write_files
+from bot.github.comments import finished_text
 from bot.slack.blocks import RequestStatus, RequestView, request_blocks, request_text
 from bot.slack.progress import (
     Failure,
@@ -47,9 +48,10 @@ from planner.models import Manifest
 from planner.plan import Change, ChangeKind, Phase, Plan, Step, finalize
 from planner.render import PLAN_MARKER, mermaid_graph, render_markdown, render_slack, render_text
 from planner.validate import check_service_names
-from runners.base import Context, DeploymentKind, StepState
+from runners.base import Context, DeploymentKind, DeploymentState, StepState
 from runners.config import TerraformConfig
 from runners.paths import PathEscapeError, contained
+from runners.store import DeploymentRecord, StepRecord
 from runners.terraform import TerraformRunner
 
 FENCE_AND_FORGERY = "x\n```\n</details><img src=x> @octocat **FORGED**\n```"
@@ -156,7 +158,7 @@ def rendered_text(tokens: list[Token]) -> str:
     return "\n".join(part.replace(WORD_JOINER, "") for part in parts)
 
 
-def assert_safe_markdown(comment: str) -> list[Token]:
+def assert_safe_markdown(comment: str, bold: re.Pattern[str] = OWN_BOLD) -> list[Token]:
     tokens = parse(comment)
     for token in walk(tokens):
         assert token.type not in {"image", "link_open"}, token
@@ -172,7 +174,7 @@ def assert_safe_markdown(comment: str) -> list[Token]:
         for index, child in enumerate(children)
         if child.type == "strong_open"
     ]
-    assert all(OWN_BOLD.fullmatch(text) for text in strong), strong
+    assert all(bold.fullmatch(text) for text in strong), strong
     html = [t.content.strip() for t in walk(tokens) if t.type in {"html_block", "html_inline"}]
     opened = sum(1 for block in html if block.startswith("<details>"))
     assert opened == html.count("</details>"), "no <details> block is closed early"
@@ -241,6 +243,21 @@ def test_a_fence_holds_any_text_verbatim() -> None:
     fences = [t for t in tokens if t.type == "fence"]
     assert len(fences) == 1 and fences[0].content == text + "\n"
     assert tokens[-2].content == "after"
+
+
+def test_github_reply_of_a_finished_deployment_keeps_every_step_in_its_fence() -> None:
+    steps = [
+        StepRecord(f"verify:{name}", "verify", name, StepState.FAILED, reason=name)
+        for name in NAMES
+    ]
+    record = DeploymentRecord(
+        "d-1", DeploymentKind.DEPLOY, "pr_comment", DeploymentState.FAILED, Plan(), "", steps=steps
+    )
+    tokens = assert_safe_markdown(finished_text(record, "f" * 40), bold=re.compile("failed"))
+    [fence] = [t for t in tokens if t.type == "fence"]
+    assert [line.split(maxsplit=1)[1] for line in fence.content.splitlines()] == [
+        f"verify:{one_line(name)}  ({one_line(name)})" for name in NAMES
+    ]
 
 
 # --- Mermaid ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from bot.github.pulls import (
     plan_pull_request,
 )
 from bot.github.statuses import Reaction, Repo, comment, get_pull, react
-from planner.escape import md_code, md_fence, md_text
+from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
@@ -347,7 +347,8 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
 def finished_text(record: DeploymentRecord, sha: str) -> str:
     """The reply when an applied deployment ends: its state and each step's."""
     steps = "\n".join(
-        f"{step.state.value:<12} {step.id}" + (f"  ({step.reason})" if step.reason else "")
+        f"{step.state.value:<12} {plain_text(step.id)}"
+        + (f"  ({plain_text(step.reason)})" if step.reason else "")
         for step in record.steps
     )
     return FINISHED.format(
