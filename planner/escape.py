@@ -30,10 +30,13 @@ AUTOLINKS = re.compile(r"(?<=:)(?=//)|(?<=\bwww)(?=\.)|(?<=#)(?=\d)|(?<=@)", re.
 SLACK_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 # Slack has no escape for a backtick: show it as a look-alike that cannot start or end code
 SLACK_BACKTICK = "\u02cb"
+MD_TABLE = str.maketrans({**MD_ENTITIES, **{char: "\\" + char for char in MD_BACKSLASHED}})
+SLACK_TABLE = str.maketrans(SLACK_ENTITIES)
 SLACK_AUTOLINKS = re.compile(r"(?<=:)(?=//)|(?<=\bwww)(?=\.)", re.IGNORECASE)
 
 # characters a Mermaid label keeps as they are; everything else becomes an entity code `#NN;`
 MERMAID_PLAIN = re.compile(r"[A-Za-z0-9 _.,:/+=()\-]")
+MERMAID_LABEL = re.compile(r"[A-Za-z0-9 _.,:/+=()\-]*")
 
 
 def _is_control(char: str) -> bool:
@@ -42,6 +45,8 @@ def _is_control(char: str) -> bool:
 
 def one_line(text: str) -> str:
     """Line breaks of every kind as spaces, other control characters as U+FFFD."""
+    if text.isprintable():  # the common case, checked in C: no control or separator at all
+        return text
     joined = " ".join(text.splitlines())
     return "".join(REPLACEMENT if _is_control(char) else char for char in joined)
 
@@ -59,12 +64,6 @@ def plain_lines(text: str) -> str:
 # --- Markdown (GitHub) ------------------------------------------------------------------------
 
 
-def _md_char(char: str) -> str:
-    if char in MD_ENTITIES:
-        return MD_ENTITIES[char]
-    return "\\" + char if char in MD_BACKSLASHED else char
-
-
 def _md_block_start(text: str) -> str:
     """A leading `#`, `-`, `1.` ... escaped, so text that starts a line stays a paragraph."""
     if text[:1] in MD_BLOCK_STARTS:
@@ -79,8 +78,14 @@ def md_text(text: str) -> str:
     comment, no `</details>`), `|` cannot end a cell, and a word joiner after `@`, `:` of `://`,
     `www` and `#` before a digit keeps GitHub from making a mention or a link.
     """
-    escaped = "".join(_md_char(char) for char in one_line(text).strip())
-    return _md_block_start(AUTOLINKS.sub(WORD_JOINER, escaped))
+    escaped = one_line(text).strip().translate(MD_TABLE)
+    return _md_block_start(_break_autolinks(escaped))
+
+
+def _break_autolinks(text: str) -> str:
+    if "@" in text or "://" in text or "#" in text or "www" in text.lower():
+        return AUTOLINKS.sub(WORD_JOINER, text)
+    return text
 
 
 def md_code(text: str, *, in_table: bool = False) -> str:
@@ -93,12 +98,14 @@ def md_code(text: str, *, in_table: bool = False) -> str:
     body = one_line(text)
     if not body:
         return "` `"
+    if in_table and "|" in body:
+        body = body.replace("|", "\\|")
+    if "`" not in body and body[0] != " ":
+        return f"`{body}`"  # the common case
     runs = [len(run) for run in re.findall(r"`+", body)]
     fence = "`" * (max(runs, default=0) + 1)
     if body[0] == "`" or body[-1] == "`" or (body[0] == body[-1] == " " and body.strip()):
         body = f" {body} "  # CommonMark strips one space on each side
-    if in_table:
-        body = body.replace("|", "\\|")
     return f"{fence}{body}{fence}"
 
 
@@ -119,8 +126,10 @@ def slack_text(text: str) -> str:
 
 
 def _slack_escape(line: str) -> str:
-    escaped = "".join(SLACK_ENTITIES.get(char, char) for char in line)
-    return SLACK_AUTOLINKS.sub(WORD_JOINER, escaped)
+    escaped = line.translate(SLACK_TABLE)
+    if "://" in escaped or "www" in escaped.lower():
+        return SLACK_AUTOLINKS.sub(WORD_JOINER, escaped)
+    return escaped
 
 
 def slack_lines(text: str) -> str:
@@ -140,7 +149,7 @@ def slack_code(text: str) -> str:
 def slack_block(text: str) -> str:
     """The inside of a Slack code block: lines kept, ``` shown as ''', escaped."""
     lines = [one_line(line) for line in text.replace("```", "'''").splitlines()]
-    return "\n".join("".join(SLACK_ENTITIES.get(char, char) for char in line) for line in lines)
+    return "\n".join(line.translate(SLACK_TABLE) for line in lines)
 
 
 # --- Mermaid and HTML -----------------------------------------------------------------------
@@ -152,9 +161,10 @@ def mermaid_label(text: str) -> str:
     No `"` can end the label, no newline or backtick can end the line or the fence, no `<` can
     make markup.
     """
-    return "".join(
-        char if MERMAID_PLAIN.fullmatch(char) else f"#{ord(char)};" for char in one_line(text)
-    )
+    line = one_line(text)
+    if MERMAID_LABEL.fullmatch(line):
+        return line
+    return "".join(char if MERMAID_PLAIN.fullmatch(char) else f"#{ord(char)};" for char in line)
 
 
 def html_text(text: object) -> str:
