@@ -21,6 +21,7 @@ BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u206
 # anywhere in a line (code spans, emphasis, strikethrough, links and images, math, cells)
 MD_BACKSLASHED = frozenset("\\`*_~[]$|")
 MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+MD_TABLE = str.maketrans({**MD_ENTITIES, **{char: "\\" + char for char in MD_BACKSLASHED}})
 # at the start of a block these begin a heading, list, quote, setext line or thematic break
 MD_BLOCK_STARTS = frozenset("#+-=>")
 MD_ORDERED_LIST = re.compile(r"^(\d{1,9})([.)])")
@@ -30,7 +31,6 @@ AUTOLINKS = re.compile(r"(?<=:)(?=//)|(?<=\bwww)(?=\.)|(?<=#)(?=\d)|(?<=@)", re.
 SLACK_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 # Slack has no escape for a backtick: show it as a look-alike that cannot start or end code
 SLACK_BACKTICK = "\u02cb"
-MD_TABLE = str.maketrans({**MD_ENTITIES, **{char: "\\" + char for char in MD_BACKSLASHED}})
 SLACK_TABLE = str.maketrans(SLACK_ENTITIES)
 SLACK_AUTOLINKS = re.compile(r"(?<=:)(?=//)|(?<=\bwww)(?=\.)", re.IGNORECASE)
 

@@ -369,6 +369,11 @@ async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) ->
         log.warning("could not comment on PR #%d", number, exc_info=True)
 
 
+def _cell(value: str | None) -> str:
+    """A table cell of stored text (escaped), `-` when there is none."""
+    return md_text(value) if value else "-"
+
+
 async def status_text(ctx: BotContext, service: str | None) -> str:
     store = ctx.require_store()
     services = await store.services()
@@ -377,8 +382,8 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
         if service and name != service:
             continue
         lines.append(
-            f"| {md_text(name)} | {md_text((record.revision or '-')[:12])} "
-            f"| {md_text(record.last_health or '-')} | {md_text(record.last_deployment_id or '-')} |"
+            f"| {_cell(name)} | {_cell((record.revision or '')[:12])} "
+            f"| {_cell(record.last_health)} | {_cell(record.last_deployment_id)} |"
         )
     if len(lines) == 2:
         return (
@@ -407,8 +412,8 @@ async def history_text(ctx: BotContext, service: str | None) -> str:
     ]
     for record in records:
         lines.append(
-            f"| {md_text(record.id)} | {record.kind.value} | {record.state.value} "
-            f"| {md_text((record.head or '-')[:12])} | {md_text(record.requested_by or '-')} |"
+            f"| {_cell(record.id)} | {record.kind.value} | {record.state.value} "
+            f"| {_cell((record.head or '')[:12])} | {_cell(record.requested_by)} |"
         )
     return "\n".join(lines)
 
