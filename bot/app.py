@@ -17,7 +17,6 @@ With `NIXMOX_DASHBOARD_PASSWORD` set, every GET page but `/healthz` needs it (`b
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +30,7 @@ from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
 from bot.dashboard import setup_dashboard
 from bot.jobs import JobWorker
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
+from planner.escape import html_text
 from planner.render import render_json, render_text
 from runners.base import utcnow
 from runners.config import RunnerConfig
@@ -160,7 +160,7 @@ def wants_json(request: web.Request) -> bool:
 
 def page(title: str, body: str) -> web.Response:
     return web.Response(
-        text=PAGE.format(title=html.escape(title), body=html.escape(body)),
+        text=PAGE.format(title=html_text(title), body=html_text(body)),
         content_type="text/html",
     )
 

@@ -8,14 +8,13 @@
   (the `target_url` of `nixmox/deploy`; `?format=json` or `Accept: application/json` for JSON)
 - `GET /services/{name}`: one service and the deployments that touched it
 
-No JavaScript. Every value from the store goes through `html.escape` (step output holds whatever
+No JavaScript. Every value from the store goes through `planner.escape.html_text` (step output holds whatever
 a command printed); markup this module builds itself is marked `Html` so it is not escaped twice.
 Nothing from the settings is shown: no tokens, secrets or database address.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -24,6 +23,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from bot.context import CONTEXT, BotContext
+from planner.escape import html_text
 from planner.render import short_rev, summary
 from runners.base import DeploymentKind, DeploymentState, StepState
 from state.deployments import ACTIVE_STATES, DeploymentRecord, StepRecord
@@ -71,15 +71,15 @@ def esc(value: object) -> Html:
         return value
     if value is None or value == "":
         return Html(NONE)
-    return Html(html.escape(str(value)))
+    return Html(html_text(str(value)))
 
 
 def join(parts: Iterable[object], separator: str = "") -> Html:
-    return Html(html.escape(separator).join(esc(part) for part in parts))
+    return Html(html_text(separator).join(esc(part) for part in parts))
 
 
 def link(href: str, text: object) -> Html:
-    return Html(f'<a href="{html.escape(href)}">{esc(text)}</a>')
+    return Html(f'<a href="{html_text(href)}">{esc(text)}</a>')
 
 
 def code(text: object) -> Html:
@@ -89,7 +89,7 @@ def code(text: object) -> Html:
 def badge(state: object) -> Html:
     """A state or health word, coloured by its value."""
     word = str(state) if state else "unknown"
-    return Html(f'<span class="state {html.escape(word)}">{html.escape(word)}</span>')
+    return Html(f'<span class="state {html_text(word)}">{html_text(word)}</span>')
 
 
 def table(headers: list[str], rows: Iterable[Iterable[object]], empty: str) -> Html:

@@ -16,6 +16,7 @@ import click
 from planner.models import Manifest
 from runners.config import RunnerConfig
 from runners.health import health_check_script
+from runners.paths import PathEscapeError, contained
 from runners.terraform import TerraformRunner, rendered_workspaces
 
 EXECUTABLE = 0o755
@@ -36,8 +37,10 @@ def render_files(manifest: Manifest, config: RunnerConfig, root: Path) -> dict[s
 
 
 def write_files(out: Path, files: dict[str, str]) -> None:
+    """Write each file under `out`; a path leaving `out` is refused before anything is written."""
+    paths = {relative: contained(out, relative) for relative in files}
     for relative, text in files.items():
-        path = out / relative
+        path = paths[relative]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         if path.suffix == ".sh":
@@ -79,7 +82,10 @@ def render(
         config = RunnerConfig.from_toml(config_file) if config_file else RunnerConfig()
     except (OSError, ValueError) as exc:
         raise click.UsageError(f"{config_file}: {exc}") from None
-    files = render_files(manifest, config, root.resolve())
-    write_files(out, files)
+    try:
+        files = render_files(manifest, config, root.resolve())
+        write_files(out, files)
+    except PathEscapeError as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
     for relative in sorted(files):
         click.echo(out / relative)

@@ -7,6 +7,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from planner.escape import (
+    md_code,
+    md_text,
+    mermaid_label,
+    plain_lines,
+    plain_text,
+    slack_code,
+    slack_text,
+)
 from planner.plan import Change, ChangeKind, DependencyInfo, Plan, Step
 
 NO_DEPLOYMENT = "No deployment needed"
@@ -19,32 +28,35 @@ def summary(plan: Plan) -> str:
 
 def render_text(plan: Plan) -> str:
     """The plan for a terminal: summary, then each wave with its steps and reasons."""
-    lines = [summary(plan)]
+    lines = [plain_text(summary(plan))]
     if plan.base is not None:
-        lines.append(f"base {short_rev(plan.base)} → head {short_rev(plan.head)}")
+        lines.append(
+            f"base {plain_text(short_rev(plan.base))} → head {plain_text(short_rev(plan.head))}"
+        )
     if plan.note and plan.steps:
-        lines.append(f"note: {plan.note}")
+        lines.append(f"note: {plain_text(plan.note)}")
     for finding in plan.errors:
-        lines.append(f"  error: {finding.render()}")
+        lines.append(f"  error: {plain_lines(finding.render())}")
     if plan.changes and plan.base is not None:
         lines.append("changes:")
         lines.extend(
-            f"  {change.service or GLOBAL_ROW}: {change_text(change)}" for change in plan.changes
+            f"  {plain_text(change.service or GLOBAL_ROW)}: {plain_text(change_text(change))}"
+            for change in plan.changes
         )
     by_id = plan.by_id()
     for number, wave in enumerate(plan.waves, 1):
         lines.append(f"wave {number}:")
         for sid in wave:
             step = by_id[sid]
-            needs = f"  (after {', '.join(step.needs)})" if step.needs else ""
-            lines.append(f"  {sid}{needs}")
+            needs = f"  (after {plain_text(', '.join(step.needs))})" if step.needs else ""
+            lines.append(f"  {plain_text(sid)}{needs}")
             for reason in step.reasons:
-                lines.append(f"      because {reason}")
+                lines.append(f"      because {plain_text(reason)}")
     if plan.dependencies:
         lines.append("dependencies:")
-        lines.extend(f"  {dependency_line(dep)}" for dep in plan.dependencies)
+        lines.extend(f"  {plain_text(dependency_line(dep))}" for dep in plan.dependencies)
     for finding in plan.warnings:
-        lines.append(f"warning: {finding.render()}")
+        lines.append(f"warning: {plain_lines(finding.render())}")
     return "\n".join(lines)
 
 
@@ -155,31 +167,15 @@ def service_rows(plan: Plan) -> list[ServiceRow]:
 # --- Markdown (GitHub PR comments) -----------------------------------------------------------
 
 
-def md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell (and free of raw HTML)."""
-    return (
-        text.replace("&", "&amp;")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
-        .replace("|", "\\|")
-        .replace("\n", " ")
-    )
-
-
-def md_code(text: str) -> str:
-    """Inline code that no backtick in `text` can break."""
-    return "`" + text.replace("`", "'") + "`"
-
-
 def _md_header(plan: Plan) -> list[str]:
-    lines = [f"### NixMox plan: {md_cell(plan_summary(plan))}"]
+    lines = [f"### NixMox plan: {md_text(plan_summary(plan))}"]
     revs = f"base {md_code(short_rev(plan.base))} → head {md_code(short_rev(plan.head))}"
     if plan.digest:
         revs += f" · digest {md_code(plan.digest[:12])}"
     lines.append(revs)
     if plan.note and plan.steps:
         lines.append("")
-        lines.append(f"> {md_cell(plan.note)}")
+        lines.append(f"> {md_text(plan.note)}")
     return lines
 
 
@@ -187,18 +183,25 @@ def _md_errors(plan: Plan) -> list[str]:
     if not plan.errors:
         return []
     lines = ["", f"**{plural(len(plan.errors), 'error')}** (nothing can be deployed):", ""]
-    lines.extend(f"- :x: {md_cell(finding.render())}" for finding in plan.errors)
+    lines.extend(f"- :x: {md_text(finding.render())}" for finding in plan.errors)
     return ["\n".join(lines)]
+
+
+TABLE_HEAD = "| Service | Change | Steps |\n| --- | --- | --- |"
+SUMMARY_END = "</summary>\n\n"
+DETAILS_TAIL = "\n\n</details>"
+MERMAID_HEAD = "```mermaid\ngraph TD\n"
+FENCE_TAIL = "\n```"
 
 
 def _md_table_blocks(plan: Plan, rows_per_block: int) -> list[str]:
     rows = service_rows(plan)
     if not rows:
         return []
-    head = "| Service | Change | Steps |\n| --- | --- | --- |"
+    head = TABLE_HEAD
     lines = [
-        f"| {md_code(row.name)} | {md_cell(row.change)} | "
-        f"{md_cell(' → '.join(row.steps)) if row.steps else '—'} |"
+        f"| {md_code(row.name, in_table=True)} | {md_text(row.change)} | "
+        f"{md_text(' → '.join(row.steps)) if row.steps else '—'} |"
         for row in rows
     ]
     return [
@@ -232,7 +235,7 @@ def _md_wave_blocks(plan: Plan, steps_per_block: int) -> list[str]:
             if len(chunks) > 1:
                 title += f" (part {index + 1} of {len(chunks)})"
             body = "\n".join(_md_step_line(by_id[sid]) for sid in chunk)
-            blocks.append(f"<details><summary>{title}</summary>\n\n{body}\n\n</details>")
+            blocks.append(f"<details><summary>{title}{SUMMARY_END}{body}{DETAILS_TAIL}")
     return blocks
 
 
@@ -244,8 +247,7 @@ def mermaid_graph(plan: Plan) -> str | None:
     ids = {step.id: f"s{index}" for index, step in enumerate(plan.steps)}
     lines = ["```mermaid", "graph TD"]
     for step in plan.steps:
-        label = step.id.replace('"', "'")
-        lines.append(f'  {ids[step.id]}["{label}"]')
+        lines.append(f'  {ids[step.id]}["{mermaid_label(step.id)}"]')
     for step in plan.steps:
         lines.extend(f"  {ids[need]} --> {ids[step.id]}" for need in step.needs)
     lines.append("```")
@@ -264,7 +266,7 @@ def _md_graph_block(plan: Plan) -> list[str]:
             f"{plural(edges, 'dependency')} are more than Mermaid draws; the waves above "
             "give the order._"
         ]
-    return [f"<details><summary>Step graph</summary>\n\n{graph}\n\n</details>"]
+    return [f"<details><summary>Step graph{SUMMARY_END}{graph}{DETAILS_TAIL}"]
 
 
 def md_changed_files(plan: Plan, files_per_block: int = 150) -> list[str]:
@@ -276,7 +278,7 @@ def md_changed_files(plan: Plan, files_per_block: int = 150) -> list[str]:
             what = ", ".join(md_code(s) for s in steps) + (f" +{more}" if more else "")
             what += " — because " + ", ".join(md_code(r) for r in note.reasons)
         else:
-            what = md_cell(note.note or "")
+            what = md_text(note.note or "")
         lines.append(f"- {md_code(note.path)}: {what}")
     chunks = [lines[i : i + files_per_block] for i in range(0, len(lines), files_per_block)]
     blocks = []
@@ -291,7 +293,7 @@ def md_changed_files(plan: Plan, files_per_block: int = 150) -> list[str]:
 
 
 def _md_warning_blocks(plan: Plan, per_block: int) -> list[str]:
-    lines = [f"- :warning: {md_cell(finding.render())}" for finding in plan.warnings]
+    lines = [f"- :warning: {md_text(finding.render())}" for finding in plan.warnings]
     return [
         f"**{plural(len(plan.warnings), 'warning')}**:\n\n" + "\n".join(lines[i : i + per_block])
         for i in range(0, len(lines), per_block)
@@ -342,7 +344,7 @@ def _split_comments(
     plan: Plan, head: list[str], blocks: list[str], footer: str, limit: int
 ) -> list[str]:
     """Pack whole blocks into comments; each gets the marker and a part header."""
-    title = f"### NixMox plan: {md_cell(plan_summary(plan))}"
+    title = f"### NixMox plan: {md_text(plan_summary(plan))}"
     reserve = _size(PLAN_MARKER) + _size(title) + 64  # marker, part line, separators
     budget = limit - reserve
     parts: list[list[str]] = [["\n".join(head[1:])]]
@@ -359,30 +361,44 @@ def _split_comments(
     ]
 
 
+def _frame(block: str) -> tuple[str, str, str]:
+    """A block as (head, body, tail): a `<details>` keeps its summary, a table its header."""
+    if block.startswith("<details><summary>") and block.endswith(DETAILS_TAIL):
+        head, _, body = block.partition(SUMMARY_END)
+        head, body, tail = head + SUMMARY_END, body.removesuffix(DETAILS_TAIL), DETAILS_TAIL
+        if body.startswith(MERMAID_HEAD) and body.endswith(FENCE_TAIL):  # each piece a graph
+            body = body.removeprefix(MERMAID_HEAD).removesuffix(FENCE_TAIL)
+            head, tail = head + MERMAID_HEAD, FENCE_TAIL + tail
+        return head, body, tail
+    if block.startswith(TABLE_HEAD + "\n"):
+        return TABLE_HEAD + "\n", block.removeprefix(TABLE_HEAD + "\n"), ""
+    return "", block, ""
+
+
 def _fit(blocks: list[str], budget: int) -> list[str]:
-    """Blocks no longer than `budget`; an oversized one is cut at line ends, never mid-line."""
+    """Blocks no longer than `budget`; an oversized one is cut at line ends, never mid-line.
+
+    Each piece of a cut `<details>` block or table is whole again: it repeats the summary or
+    the header and closes what it opens.
+    """
     fitted: list[str] = []
     for block in blocks:
         if _size(block) <= budget:
             fitted.append(block)
             continue
-        lines = block.splitlines()
+        head, body, tail = _frame(block)
+        room = max(budget - _size(head) - _size(tail), budget // 2)
         current: list[str] = []
-        for line in lines:
-            if current and _size("\n".join([*current, line])) > budget:
-                fitted.append("\n".join(current))
+        for line in body.splitlines():
+            if current and _size("\n".join([*current, line])) > room:
+                fitted.append(head + "\n".join(current) + tail)
                 current = []
-            current.append(line[: budget // 4])
-        fitted.append("\n".join(current))
+            current.append(line[: room // 4])
+        fitted.append(head + "\n".join(current) + tail)
     return fitted
 
 
 # --- Slack Block Kit -------------------------------------------------------------------------
-
-
-def slack_escape(text: str) -> str:
-    """Slack mrkdwn control characters (`&`, `<`, `>`) escaped."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _clip(text: str, limit: int) -> str:
@@ -402,28 +418,29 @@ def render_slack(
     3,000 characters, at most 10 fields of at most 2,000 characters per section.
     """
     summary_line = plan_summary(plan)
-    revs = f"base `{short_rev(plan.base)}` → head `{short_rev(plan.head)}`"
+    revs = f"base {slack_code(short_rev(plan.base))} → head {slack_code(short_rev(plan.head))}"
     if plan.digest:
-        revs += f" · digest `{plan.digest[:12]}`"
+        revs += f" · digest {slack_code(plan.digest[:12])}"
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _clip(title, SLACK_HEADER_TEXT)}},
-        {"type": "section", "text": _mrkdwn(f"*{slack_escape(summary_line)}*\n{revs}")},
+        {"type": "section", "text": _mrkdwn(f"*{slack_text(summary_line)}*\n{revs}")},
     ]
     if plan.errors:
-        lines = [f"• {slack_escape(f.render())}" for f in plan.errors]
+        lines = [f"• {slack_text(f.render())}" for f in plan.errors]
         blocks.append({"type": "section", "text": _mrkdwn("*Errors*\n" + "\n".join(lines))})
     elif plan.note and plan.steps:
-        blocks.append({"type": "context", "elements": [_mrkdwn(slack_escape(plan.note))]})
+        blocks.append({"type": "context", "elements": [_mrkdwn(slack_text(plan.note))]})
     tail = _slack_tail(plan)
     room = max_blocks - len(blocks) - len(tail)
     blocks.extend(_slack_service_sections(plan, max(room, 1)))
     blocks.extend(tail)
-    return {"text": _clip(summary_line, SLACK_FALLBACK_TEXT), "blocks": blocks[:max_blocks]}
+    fallback = _clip(slack_text(summary_line), SLACK_FALLBACK_TEXT)
+    return {"text": fallback, "blocks": blocks[:max_blocks]}
 
 
 def _slack_field(row: ServiceRow) -> dict[str, Any]:
     steps = " → ".join(row.steps) if row.steps else "—"
-    text = f"*{slack_escape(row.name)}*\n{slack_escape(row.change)}\n_{slack_escape(steps)}_"
+    text = f"*{slack_text(row.name)}*\n{slack_text(row.change)}\n_{slack_text(steps)}_"
     return _mrkdwn(text, SLACK_FIELD_TEXT)
 
 
@@ -451,7 +468,7 @@ def _slack_service_sections(plan: Plan, room: int) -> list[dict[str, Any]]:
 def _slack_tail(plan: Plan) -> list[dict[str, Any]]:
     if not plan.warnings:
         return []
-    lines = [f"• {slack_escape(f.render())}" for f in plan.warnings[:10]]
+    lines = [f"• {slack_text(f.render())}" for f in plan.warnings[:10]]
     if len(plan.warnings) > 10:
         lines.append(f"…and {plural(len(plan.warnings) - 10, 'more warning')}")
     return [{"type": "context", "elements": [_mrkdwn("\n".join(lines))]}]

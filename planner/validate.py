@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 
@@ -18,6 +19,7 @@ def validate(
 ) -> list[Finding]:
     """All errors and warnings of a parsed manifest, errors first, in a stable order."""
     findings = [
+        *check_service_names(manifest),
         *check_dependencies(manifest, deps),
         *check_cycles(manifest, deps, graph),
         *check_duplicates(manifest),
@@ -34,6 +36,37 @@ def _field(manifest: Manifest, name: str, field: str) -> str:
 def _suggest(name: str, candidates: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, sorted(candidates), n=1)
     return f'did you mean "{close[0]}"? ' if close else ""
+
+
+# a NixOS host name label (RFC 1123): service names become host names, paths and workspaces
+SERVICE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,62}")
+SERVICE_NAME_MAX = 63
+NOT_A_LABEL = re.compile(r"[^A-Za-z0-9]+")
+
+
+def suggest_service_name(name: str) -> str:
+    """A valid name close to `name`: other characters as `-`, a letter first, 63 at most."""
+    label = NOT_A_LABEL.sub("-", name).strip("-")
+    if label[:1].isdigit():
+        label = "svc-" + label
+    return label[:SERVICE_NAME_MAX].rstrip("-") or "service"
+
+
+def check_service_names(manifest: Manifest) -> list[Finding]:
+    """Every service name can be a host name label (letters, digits, `-`; a letter first)."""
+    return [
+        error(
+            "bad-service-name",
+            f'service name "{name}" is not a host name label',
+            service=name,
+            field=f"{section(manifest, name)}.{name}",
+            hint=f'rename it to letters, digits and "-", starting with a letter, at most '
+            f'{SERVICE_NAME_MAX} characters, e.g. "{suggest_service_name(name)}" '
+            "(and rename it wherever depends_on names it)",
+        )
+        for name in manifest.all_services()
+        if not SERVICE_NAME.fullmatch(name)
+    ]
 
 
 def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Finding]:

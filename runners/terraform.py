@@ -35,6 +35,7 @@ from planner.models import Manifest, Service
 from planner.plan import Phase, Step
 from runners.base import Context, StepResult
 from runners.config import TerraformConfig
+from runners.paths import PathEscapeError, contained
 from runners.redact import Redactor, named_secrets, secret_strings, sensitive_variables
 from runners.transport import CommandResult, run_process
 
@@ -202,10 +203,17 @@ class TerraformRunner:
     # ---- where and what
 
     def key_dir(self, module: str) -> Path:
-        return self.state_dir / module_key(module)
+        return contained(self.state_dir, module_key(module))
 
+    # a workspace name holds a service name: each path built from it stays in its directory
     def data_dir(self, ws: Workspace) -> Path:
-        return self.key_dir(ws.module) / "data" / (ws.name or "default")
+        return contained(self.key_dir(ws.module) / "data", ws.name or "default")
+
+    def snapshot_dir(self, module: str, workspace: str | None) -> Path:
+        return contained(self.key_dir(module) / "snapshot", workspace or "default")
+
+    def applied_file(self, module: str, workspace: str | None) -> Path:
+        return contained(self.key_dir(module) / "applied", f"{workspace}.json")
 
     def planfile(self, ws: Workspace) -> Path:
         return self.data_dir(ws) / PLAN_FILE
@@ -237,7 +245,7 @@ class TerraformRunner:
                 step.phase,
                 service,
                 module,
-                (ctx.workdir / module).resolve(),
+                contained(ctx.workdir, module),
                 name,
                 tuple(tf.targets),
                 variables,
@@ -267,7 +275,7 @@ class TerraformRunner:
         for record in sorted(
             self.applied(service), key=lambda r: r["phase"] != "tf:service-config"
         ):
-            snapshot = self.key_dir(record["module"]) / "snapshot" / record["workspace"]
+            snapshot = self.snapshot_dir(record["module"], record["workspace"])
             runs.append(
                 Workspace(
                     Phase(record["phase"]),
@@ -333,10 +341,13 @@ class TerraformRunner:
         return f"TF_DATA_DIR={shlex.quote(str(self.data_dir(ws)))} {line}"
 
     def commands(self, step: Step, ctx: Context) -> list[str]:
-        runs = self.workspaces(step, ctx)
-        if isinstance(runs, str):
-            return [f"# {runs}"]
-        return [self.shown(ws, line) for ws in runs for line in self.lines(ws)]
+        try:
+            runs = self.workspaces(step, ctx)
+            if isinstance(runs, str):
+                return [f"# {runs}"]
+            return [self.shown(ws, line) for ws in runs for line in self.lines(ws)]
+        except PathEscapeError as exc:
+            return [f"# {exc}"]
 
     def estimate(self, step: Step) -> float:
         return 3.0 if step.phase is Phase.TF_INFRA else 2.0
@@ -347,6 +358,12 @@ class TerraformRunner:
         return self._locks.setdefault(directory, asyncio.Lock())
 
     async def run(self, step: Step, ctx: Context) -> StepResult:
+        try:
+            return await self._run_step(step, ctx)
+        except PathEscapeError as exc:  # a manifest's name or module path leaving its root
+            return StepResult(False, str(exc))
+
+    async def _run_step(self, step: Step, ctx: Context) -> StepResult:
         runs = self.workspaces(step, ctx)
         if isinstance(runs, str):
             return StepResult(True, runs)
@@ -453,8 +470,7 @@ class TerraformRunner:
 
     def _remember(self, ws: Workspace, ctx: Context) -> None:
         """Record the applied workspace and snapshot its module, for a later destroy."""
-        key = self.key_dir(ws.module)
-        snapshot = key / "snapshot" / (ws.name or "default")
+        snapshot = self.snapshot_dir(ws.module, ws.name)
         if snapshot.exists():
             shutil.rmtree(snapshot)
         shutil.copytree(
@@ -469,15 +485,14 @@ class TerraformRunner:
             "deployment": ctx.deployment_id,
             "applied_at": datetime.now(UTC).isoformat(),
         }
-        applied = key / "applied"
-        applied.mkdir(parents=True, exist_ok=True)
-        (applied / f"{ws.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        applied = self.applied_file(ws.module, ws.name)
+        applied.parent.mkdir(parents=True, exist_ok=True)
+        applied.write_text(json.dumps(record, indent=2) + "\n")
 
     def _forget(self, ws: Workspace) -> None:
         if ws.phase in PER_SERVICE and ws.name:
-            key = self.key_dir(ws.module)
-            (key / "applied" / f"{ws.name}.json").unlink(missing_ok=True)
-            shutil.rmtree(key / "snapshot" / ws.name, ignore_errors=True)
+            self.applied_file(ws.module, ws.name).unlink(missing_ok=True)
+            shutil.rmtree(self.snapshot_dir(ws.module, ws.name), ignore_errors=True)
 
 
 def _json(text: str) -> dict[str, Any]:
@@ -577,7 +592,7 @@ def rendered_workspaces(
                     phase,
                     service,
                     module,
-                    (root / module).resolve(),
+                    contained(root, module),
                     name,
                     tuple(tf.targets),
                     variables,

@@ -133,8 +133,8 @@ async def test_a_deployment_is_a_check_run_updated_as_steps_finish(
     assert run["conclusion"] == "success"
     progress = [u for u in run["updates"] if u.get("status") == "in_progress"]
     assert len(progress) >= 3  # started, then one update per finished step
-    assert "| nix:service-config:gitea | succeeded |" in run["output"]["summary"]
-    assert "| verify:gitea | succeeded |" in run["output"]["summary"]
+    assert "| `nix:service-config:gitea` | succeeded |" in run["output"]["summary"]
+    assert "| `verify:gitea` | succeeded |" in run["output"]["summary"]
     assert run["details_url"].startswith("http://bot.test/deployments/")
     assert app_github.statuses_for(after, DEPLOY) == []
     assert app_github.last_status(after, "nixmox/deploy/gitea")["state"] == "success"

@@ -13,6 +13,11 @@ from planner.source import load_manifest, parse_manifest
 BROKEN = Path(__file__).resolve().parents[1] / "manifests" / "broken"
 
 EXPECTED_ERRORS = {
+    "bad-service-name": [
+        'services.my_wiki: service name "my_wiki" is not a host name label. Fix: rename it to '
+        'letters, digits and "-", starting with a letter, at most 63 characters, e.g. "my-wiki" '
+        "(and rename it wherever depends_on names it)"
+    ],
     "unknown-dependency": [
         'services.gitea.depends_on[0]: gitea depends on "postgres", which is not a service in '
         'this manifest. Fix: did you mean "postgresql"? name a service from core_services or '

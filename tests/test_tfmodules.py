@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli.main import main
 from click.testing import CliRunner
 
+from cli.main import main
 from planner.plan import Plan
 from planner.plan.files import NO_STEP_IGNORED, NO_STEP_UNUSED
 from planner.render import render_markdown

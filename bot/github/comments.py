@@ -36,6 +36,7 @@ from bot.github.pulls import (
     plan_pull_request,
 )
 from bot.github.statuses import Reaction, Repo, comment, get_pull, react
+from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
@@ -67,7 +68,7 @@ NOT_IN_COMMENTS = (
 REFUSED = "`/nixmox apply` refused for {sha}:\n{reasons}"
 STARTING = "Deploying {sha} ({size}), requested by @{user}; deployment `{id}`."
 NOTHING_TO_APPLY = "Nothing to apply: the plan for {sha} needs no deployment."
-FINISHED = "Deployment `{id}` of {sha} **{state}**.\n\n```\n{steps}\n```"
+FINISHED = "Deployment {id} of {sha} **{state}**.\n\n{steps}"
 
 
 class Requirement(StrEnum):
@@ -301,7 +302,9 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     try:
         check, plan = await check_apply(ctx, gh, repo, job, pull)
     except PlanningError as exc:
-        await comment(gh, repo, job.number, f"Could not plan {sha[:12]} to check it: {exc}")
+        await comment(
+            gh, repo, job.number, f"Could not plan {sha[:12]} to check it: {md_text(str(exc))}"
+        )
         return
     await ctx.require_store().audit.record(
         f"github:{job.user}",
@@ -333,7 +336,9 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     try:
         record = await ctx.deploy(request, plan, subscribers=[announce])
     except DeployError as exc:
-        await _safe_comment(gh, repo, job.number, f"Could not deploy {sha[:12]}: {exc}")
+        await _safe_comment(
+            gh, repo, job.number, f"Could not deploy {sha[:12]}: {md_text(str(exc))}"
+        )
         return
     if record is not None:
         await _safe_comment(gh, repo, job.number, finished_text(record, sha))
@@ -342,10 +347,13 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
 def finished_text(record: DeploymentRecord, sha: str) -> str:
     """The reply when an applied deployment ends: its state and each step's."""
     steps = "\n".join(
-        f"{step.state.value:<12} {step.id}" + (f"  ({step.reason})" if step.reason else "")
+        f"{step.state.value:<12} {plain_text(step.id)}"
+        + (f"  ({plain_text(step.reason)})" if step.reason else "")
         for step in record.steps
     )
-    return FINISHED.format(id=record.id, sha=sha[:12], state=record.state.value, steps=steps)
+    return FINISHED.format(
+        id=md_code(record.id), sha=sha[:12], state=record.state.value, steps=md_fence(steps)
+    )
 
 
 def _size(plan: Any) -> str:
@@ -361,6 +369,11 @@ async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) ->
         log.warning("could not comment on PR #%d", number, exc_info=True)
 
 
+def _cell(value: str | None) -> str:
+    """A table cell of stored text (escaped), `-` when there is none."""
+    return md_text(value) if value else "-"
+
+
 async def status_text(ctx: BotContext, service: str | None) -> str:
     store = ctx.require_store()
     services = await store.services.all()
@@ -369,12 +382,12 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
         if service and name != service:
             continue
         lines.append(
-            f"| {name} | {(record.revision or '-')[:12]} | {record.last_health or '-'} "
-            f"| {record.last_deployment_id or '-'} |"
+            f"| {_cell(name)} | {_cell((record.revision or '')[:12])} "
+            f"| {_cell(record.last_health)} | {_cell(record.last_deployment_id)} |"
         )
     if len(lines) == 2:
         return (
-            f"No deployment of {service} recorded yet."
+            f"No deployment of {md_text(service)} recorded yet."
             if service
             else ("No deployment recorded yet.")
         )
@@ -382,8 +395,8 @@ async def status_text(ctx: BotContext, service: str | None) -> str:
     if locks:
         lines.append("")
         lines += [
-            f"🔒 {lock.service} locked by {lock.holder}"
-            + (f": {lock.reason}" if lock.reason else "")
+            f"🔒 {md_text(lock.service)} locked by {md_text(lock.holder)}"
+            + (f": {md_text(lock.reason)}" if lock.reason else "")
             for lock in locks
         ]
     return "\n".join(lines)
@@ -399,8 +412,8 @@ async def history_text(ctx: BotContext, service: str | None) -> str:
     ]
     for record in records:
         lines.append(
-            f"| {record.id} | {record.kind.value} | {record.state.value} "
-            f"| {(record.head or '-')[:12]} | {record.requested_by or '-'} |"
+            f"| {_cell(record.id)} | {record.kind.value} | {record.state.value} "
+            f"| {_cell((record.head or '')[:12])} | {_cell(record.requested_by)} |"
         )
     return "\n".join(lines)
 

@@ -25,8 +25,8 @@ from bot.github.statuses import (
     set_status,
     short,
 )
+from planner.escape import md_code
 from planner.plan import Plan
-from planner.render import md_cell
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,
@@ -180,10 +180,13 @@ class GitHubNotifier:
     def steps_table(self) -> str:
         """Markdown: each step of the deployment with its state so far."""
         rows = [
-            f"| {md_cell(sid)} | {self.step_states[sid].value if sid in self.step_states else 'waiting'} |"
-            for sid in self.step_ids
+            f"| {md_code(sid, in_table=True)} | {self.step_state(sid)} |" for sid in self.step_ids
         ]
         return "\n".join(["| step | state |", "| --- | --- |", *rows])
+
+    def step_state(self, step_id: str) -> str:
+        state = self.step_states.get(step_id)
+        return state.value if state is not None else "waiting"
 
     @property
     def target(self) -> str | None:

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.slack.approvals import SLACK_ACTOR_PREFIX, button_value
+from planner.escape import slack_block, slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from planner.render import render_slack
 from runners.base import DeploymentKind
@@ -36,11 +37,6 @@ class ActionId(StrEnum):
 APPROVAL_ACTIONS_BLOCK = "nixmox_approval"
 
 
-def escape(text: str) -> str:
-    """Slack's three control characters, escaped so user and manifest text cannot mention."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
 def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -53,7 +49,7 @@ def mention(actor: str | None) -> str:
         return f"<@{actor.removeprefix(SLACK_ACTOR_PREFIX)}>"
     if actor[:1] in {"U", "W"} and actor.isalnum() and actor.isupper():
         return f"<@{actor}>"
-    return escape(actor)
+    return slack_text(actor)
 
 
 def mrkdwn(text: str) -> dict[str, str]:
@@ -118,7 +114,7 @@ def pack_lines(lines: Iterable[str], limit: int = MAX_SECTION_TEXT) -> list[str]
 
 def code_block(text: str, limit: int = MAX_SECTION_TEXT - 200) -> str:
     """Preformatted text (escaped), keeping the end when it is too long: the end says why."""
-    text = escape(text.replace("```", "'''")).rstrip()
+    text = slack_block(text).rstrip()
     if len(text) > limit:
         text = "…" + text[-(limit - 1) :]
     return f"```\n{text or '(no output)'}\n```"
@@ -200,16 +196,17 @@ STATUS_LINES: dict[RequestStatus, str] = {
 def request_text(view: RequestView, status: RequestStatus) -> str:
     """The fallback text (notifications, screen readers) of an approval message."""
     line = STATUS_LINES[status].format(
-        by=mention(view.resolved_by), error=escape(view.error or "unknown error")
+        by=mention(view.resolved_by), error=slack_lines(view.error or "unknown error")
     )
-    return truncate(f"{view.title()} (asked by {mention(view.requested_by)}): {line}", 3000)
+    title = slack_text(view.title())
+    return truncate(f"{title} (asked by {mention(view.requested_by)}): {line}", 3000)
 
 
 def request_blocks(view: RequestView, status: RequestStatus, plan: Plan | None) -> list[Block]:
     """The approval message: the plan (planner's Block Kit), who and what, status, buttons."""
     facts = [f"requested by {mention(view.requested_by)}"]
     if view.head:
-        facts.append(f"revision `{short_rev(view.head)}`")
+        facts.append(f"revision {slack_code(short_rev(view.head))}")
     if status is RequestStatus.PENDING and view.expires_at:
         facts.append(f"expires {format_time(view.expires_at)}")
     if plan is not None:
@@ -220,7 +217,8 @@ def request_blocks(view: RequestView, status: RequestStatus, plan: Plan | None) 
         blocks = [header(view.title()), context(" · ".join(facts))]
     blocks += [section(line) for line in view.extra]
     line = STATUS_LINES[status].format(
-        by=mention(view.resolved_by), error=escape(truncate(view.error or "unknown error", 500))
+        by=mention(view.resolved_by),
+        error=slack_lines(truncate(view.error or "unknown error", 500)),
     )
     blocks.append(section(line, block_id="nixmox_status"))
     if status is RequestStatus.PENDING and view.approval_id and view.digest:

@@ -65,13 +65,13 @@ from bot.slack.blocks import (
     ActionId,
     RequestStatus,
     RequestView,
-    escape,
     request_blocks,
     request_text,
     text_blocks,
 )
 from bot.slack.notifier import MessagePacer, SecretRedactor, SlackNotifier
 from bot.slack.status import history_text, status_text
+from planner.escape import slack_lines
 from planner.render import render_slack
 from runners.base import (
     DeploymentKind,
@@ -373,12 +373,12 @@ class SlackBot:
             return
         refused_ref = ref_refusal(ask.ref)
         if refused_ref is not None:
-            await ack(text=f":no_entry: {escape(refused_ref)}", response_type="ephemeral")
+            await ack(text=f":no_entry: {slack_lines(refused_ref)}", response_type="ephemeral")
             await self.audit_refused_ref(user, ask, refused_ref)
             return
         target = self.settings.slack_channel or channel
         await ack(
-            text=ACK_PLANNING.format(what=escape(describe(ask)), channel=target),
+            text=ACK_PLANNING.format(what=slack_lines(describe(ask)), channel=target),
             response_type="ephemeral",
         )
         self.spawn(self.post_request(ask, user, target, respond))
@@ -393,7 +393,7 @@ class SlackBot:
             try:  # fork code is refused before anything is posted
                 await self.backend.check_ref(ask.ref)
             except RefRefused as exc:
-                text = f":no_entry: {escape(str(exc))}"
+                text = f":no_entry: {slack_lines(str(exc))}"
                 await respond(text=text, response_type="ephemeral")
                 await self.audit_refused_ref(user, ask, str(exc))
                 return
@@ -429,7 +429,7 @@ class SlackBot:
                 view.requested_by, Audit.REQUEST_FAILED, {"channel": channel, "error": error}
             )
             # the bot may not be in that channel: answer through the command's response_url
-            text = CANNOT_POST.format(channel=channel, error=escape(error))
+            text = CANNOT_POST.format(channel=channel, error=slack_lines(error))
             await respond(text=text, response_type="ephemeral")
             return None
         self.pacer.edited(channel, str(response.get("ts")))
@@ -440,7 +440,7 @@ class SlackBot:
         try:
             planned = await self.backend.plan(ask)
         except PlanFailure as exc:
-            error = escape(self.redactor.text(str(exc)))
+            error = slack_lines(self.redactor.text(str(exc)))
             await respond(text=f":x: Could not plan: {error}", response_type="ephemeral")
             return
         message = render_slack(planned.plan, title=f"Plan: {ask.target}")
@@ -451,14 +451,14 @@ class SlackBot:
     ) -> None:
         store = self.ctx.require_store()
         actor = slack_actor(user)
-        service = escape(command.service)
+        service = slack_lines(command.service)
         if isinstance(command, LockCommand):
             try:
                 await store.locks.lock(command.service, actor, command.reason)
             except LockBusy as busy:
-                await respond(text=f":lock: {escape(str(busy))}", response_type="ephemeral")
+                await respond(text=f":lock: {slack_lines(str(busy))}", response_type="ephemeral")
                 return
-            reason = f": {escape(command.reason)}" if command.reason else ""
+            reason = f": {slack_lines(command.reason)}" if command.reason else ""
             text = f":lock: <@{user}> locked *{service}*{reason}. Deployments of it are refused."
             await self.audit(
                 actor, Audit.LOCK, {"service": command.service, "reason": command.reason}
@@ -466,7 +466,7 @@ class SlackBot:
         else:
             result = await store.locks.unlock(command.service)  # Slack never forces
             if result.deployment_lock is not None:
-                holder = escape(result.deployment_lock.holder)
+                holder = slack_lines(result.deployment_lock.holder)
                 text = DEPLOYMENT_LOCK.format(service=service, holder=holder)
                 await respond(text=text, response_type="ephemeral")
                 return
@@ -497,7 +497,7 @@ class SlackBot:
         plan = planned.plan
         view.head = planned.revision or plan.head
         if planned.description:
-            view.extra = [escape(planned.description)]
+            view.extra = [slack_lines(planned.description)]
         if not plan.ok:
             view.error = f"the manifest has {len(plan.errors)} error(s)"
             await self.show_request(channel, ts, view, RequestStatus.FAILED, plan)
@@ -594,7 +594,7 @@ class SlackBot:
             return await self.backend.plan(Ask.from_approval(approval))
         except PlanFailure as exc:
             error = self.redactor.text(str(exc))
-            await self.ephemeral(channel, user, CHECK_FAILED.format(error=escape(error)))
+            await self.ephemeral(channel, user, CHECK_FAILED.format(error=slack_lines(error)))
             detail = {"approval": approval.id, "reason": "check failed", "error": error}
             await self.audit(slack_actor(user), Audit.REFUSED, detail)
             return None
@@ -872,7 +872,7 @@ def view_of(approval: ApprovalRecord, resolved_by: str | None = None) -> Request
         digest=approval.digest,
         expires_at=approval.expires_at,
         resolved_by=resolved_by or approval.resolved_by,
-        extra=[escape(description)] if description else [],
+        extra=[slack_lines(description)] if description else [],
     )
 
 

@@ -18,7 +18,6 @@ from bot.slack.blocks import (
     Block,
     code_block,
     context,
-    escape,
     header,
     mention,
     pack_lines,
@@ -26,6 +25,7 @@ from bot.slack.blocks import (
     short_rev,
     truncate,
 )
+from planner.escape import slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from runners.base import (
     DeploymentFinished,
@@ -252,7 +252,7 @@ class Progress:
         result = event.result
         if result is not None:
             target = result.new_system if event.ok else None
-            view.detail = f"to `{escape(target)}`" if target else None
+            view.detail = f"to {slack_code(target)}" if target else None
             if not event.ok and result.output:
                 view.detail = self.redact(tail(result.output, 5))
         for failure in self.failures:
@@ -328,7 +328,7 @@ def service_line(progress: Progress, name: str, steps: list[StepView], now: date
     label = state.value
     running = [s for s in steps if s.state is StepState.RUNNING]
     if running:
-        label = f"running `{escape(running[0].id)}`"
+        label = f"running {slack_code(running[0].id)}"
         if running[0].attempt > 1:
             label += f" (attempt {running[0].attempt})"
     starts = [s.started for s in steps if s.started]
@@ -337,7 +337,7 @@ def service_line(progress: Progress, name: str, steps: list[StepView], now: date
         ends = [s.finished for s in steps if s.finished]
         end = now if running or not ends else max(ends)
         timing = f" · {format_duration((end - min(starts)).total_seconds())}"
-    shown = escape(name) if name != GLOBAL else "_global_"
+    shown = slack_text(name) if name != GLOBAL else "_global_"
     return f"{EMOJI[state]} *{shown}* — {label} · {done}/{len(steps)} steps{timing}"
 
 
@@ -369,14 +369,14 @@ def final_line(progress: Progress, now: datetime) -> str:
     done, total = progress.counts()
     parts = [f"{done}/{total} steps"]
     if progress.failures:
-        failed = ", ".join(f"`{escape(f.step_id)}`" for f in progress.failures[:5])
+        failed = ", ".join(slack_code(f.step_id) for f in progress.failures[:5])
         parts.append(f"failed: {failed}")
     rolled = sorted(name for name, r in progress.rollbacks.items() if r.ok)
     if rolled:
-        parts.append("rolled back: " + ", ".join(escape(name) for name in rolled))
+        parts.append("rolled back: " + ", ".join(slack_text(name) for name in rolled))
     broken = sorted(name for name, r in progress.rollbacks.items() if r.ok is False)
     if broken:
-        parts.append("rollback FAILED: " + ", ".join(escape(name) for name in broken))
+        parts.append("rollback FAILED: " + ", ".join(slack_text(name) for name in broken))
     not_run = sum(1 for s in progress.steps.values() if s.state in {StepState.PENDING})
     skipped = sum(1 for s in progress.steps.values() if s.state is StepState.SKIPPED)
     if skipped + not_run:
@@ -412,17 +412,20 @@ def progress_text(progress: Progress, now: datetime) -> str:
     """The fallback text of the progress message."""
     done, total = progress.counts()
     if progress.finished:
-        return truncate(f"{title(progress)}: {final_line(progress, now)}", 3000)
-    return f"{title(progress)}: {done}/{total} steps, {format_duration(progress.elapsed(now))}"
+        return truncate(f"{slack_text(title(progress))}: {final_line(progress, now)}", 3000)
+    return (
+        f"{slack_text(title(progress))}: {done}/{total} steps, "
+        f"{format_duration(progress.elapsed(now))}"
+    )
 
 
 def progress_blocks(progress: Progress, now: datetime) -> list[Block]:
     """The one message of a deployment: title, who, overall progress, services, outcome."""
-    facts = [f"deployment `{escape(progress.deployment_id)}`"]
+    facts = [f"deployment {slack_code(progress.deployment_id)}"]
     if progress.origin:
-        facts.append(escape(progress.origin))
+        facts.append(slack_lines(progress.origin))
     if progress.plan.head:
-        facts.append(f"revision `{short_rev(progress.plan.head)}`")
+        facts.append(f"revision {slack_code(short_rev(progress.plan.head))}")
     if progress.requested_by:
         facts.append(f"requested by {mention(progress.requested_by)}")
     if progress.approved_by:
@@ -444,12 +447,12 @@ def progress_blocks(progress: Progress, now: datetime) -> list[Block]:
 
 def failure_text(failure: Failure) -> str:
     attempt = f" (attempt {failure.attempt})" if failure.attempt > 1 else ""
-    reason = f": {escape(failure.reason)}" if failure.reason else ""
-    return f":x: `{escape(failure.step_id)}` failed{attempt}{reason}"
+    reason = f": {slack_text(failure.reason)}" if failure.reason else ""
+    return f":x: {slack_code(failure.step_id)} failed{attempt}{reason}"
 
 
 def rollback_line(rollback: RollbackView) -> str:
-    name = escape(rollback.service)
+    name = slack_text(rollback.service)
     if rollback.ok is None:
         return f":rewind: rolling back *{name}*…"
     if rollback.ok:
@@ -468,7 +471,7 @@ def failure_blocks(failure: Failure) -> list[Block]:
     if failure.rollbacks:
         blocks.append(section("\n".join(rollback_line(r) for r in failure.rollbacks)))
     elif failure.service:
-        blocks.append(context(f"no rollback of {escape(failure.service)} (yet)"))
+        blocks.append(context(f"no rollback of {slack_text(failure.service)} (yet)"))
     return blocks
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from bot.slack.blocks import escape, format_time, mention
+from bot.slack.blocks import format_time, mention
 from cli.deploy import STATUS_TITLE, short, step_counts
+from planner.escape import slack_code, slack_lines, slack_text
 from planner.render import summary
 from state.deployments import DeploymentRecord
 from state.locks import LockRecord
@@ -20,8 +21,8 @@ def deployment_line(record: DeploymentRecord) -> str:
     at = record.started_at or record.created_at
     when = f" at {format_time(at)}" if at else ""
     return (
-        f"`{escape(record.id)}` {record.kind.value} *{record.state.value}* "
-        f"({escape(str(record.trigger))}{by}){when}, revision `{short(record.head)}`"
+        f"{slack_code(record.id)} {record.kind.value} *{record.state.value}* "
+        f"({slack_text(str(record.trigger))}{by}){when}, revision {slack_code(short(record.head))}"
     )
 
 
@@ -29,16 +30,16 @@ def service_status_line(name: str, record: ServiceRecord | None, lock: LockRecor
     """SERVICE, REVISION, HEALTH, SYSTEM, DEPLOYMENT, LOCKED BY — as one line."""
     health = record.last_health if record is not None and record.last_health else "unknown"
     parts = [
-        f"*{escape(name)}*",
-        f"revision `{short(record.revision if record else None)}`",
-        escape(health),
+        f"*{slack_text(name)}*",
+        f"revision {slack_code(short(record.revision if record else None))}",
+        slack_text(health),
     ]
     if record is not None and record.system_path:
-        parts.append(f"`{escape(record.system_path)}`")
+        parts.append(slack_code(record.system_path))
     if record is not None and record.last_deployment_id:
-        parts.append(f"deployment `{escape(record.last_deployment_id)}`")
+        parts.append(f"deployment {slack_code(record.last_deployment_id)}")
     if lock is not None:
-        reason = f" ({escape(lock.reason)})" if lock.reason else ""
+        reason = f" ({slack_text(lock.reason)})" if lock.reason else ""
         parts.append(f":lock: locked by {mention(lock.holder)}{reason}")
     return " · ".join(parts)
 
@@ -53,13 +54,13 @@ async def status_text(store: Store, service: str | None = None) -> str:
         lines.append(NOTHING_DEPLOYED)
     else:
         lines.append(f"Last deployment: {deployment_line(last)}")
-        lines.append(f"plan: {escape(summary(last.plan))}; steps: {step_counts(last)}")
+        lines.append(f"plan: {slack_text(summary(last.plan))}; steps: {step_counts(last)}")
         if last.note:
-            lines.append(escape(last.note))
+            lines.append(slack_lines(last.note))
     names = sorted(set(services) | set(locks))
     if service is not None:
         if service not in names:
-            lines.append(f"`{escape(service)}` has never been deployed and is not locked.")
+            lines.append(f"{slack_code(service)} has never been deployed and is not locked.")
             return "\n".join(lines)
         names = [service]
     lines += [f"• {service_status_line(n, services.get(n), locks.get(n))}" for n in names]
@@ -70,8 +71,8 @@ async def history_text(store: Store, service: str | None = None) -> str:
     """The newest deployments first (only those touching `service`)."""
     records = await store.deployments.history(service, limit=HISTORY_LIMIT)
     if not records:
-        return "No deployments recorded" + (f" for {escape(service)}." if service else ".")
-    title = f"*Recent deployments{f' of {escape(service)}' if service else ''}*"
+        return "No deployments recorded" + (f" for {slack_text(service)}." if service else ".")
+    title = f"*Recent deployments{f' of {slack_text(service)}' if service else ''}*"
     lines = [title]
     for record in records:
         took = ""
