@@ -202,7 +202,13 @@ async def test_nixmox_serve_end_to_end(
             assert await until(deploy_state, what="deploy status") == "success"
             assert fake.last_status(merged, "nixmox/deploy/gitea")["state"] == "success"
             (deployment,) = fake.deployments.values()
-            assert [s["state"] for s in fake.deployment_statuses[deployment["id"]]] == [
+
+            def deployment_states() -> list[str] | None:
+                # the Deployment's final status is posted just after `nixmox/deploy`
+                states = [s["state"] for s in fake.deployment_statuses[deployment["id"]]]
+                return states if len(states) >= 2 else None
+
+            assert await until(deployment_states, what="deployment statuses") == [
                 "in_progress",
                 "success",
             ]
