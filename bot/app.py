@@ -31,7 +31,7 @@ from bot.dashboard import setup_dashboard
 from bot.jobs import JobWorker
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
 from planner.escape import html_text
-from planner.render import render_json, render_text
+from planner.render import render_json, render_markdown
 from runners.base import utcnow
 from runners.config import RunnerConfig
 from runners.deploy import DEFAULT_LOCK_LEASE
@@ -186,7 +186,8 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def plan_page(request: web.Request) -> web.Response:
-    """A plan the bot posted: text for people, JSON for tools."""
+    """A plan the bot posted: its Markdown (what a PR comment shows) for people, JSON for
+    tools, the raw Markdown with `?format=markdown`."""
     ctx = request.app[CONTEXT]
     key = request.match_info["key"]
     plan = await asyncio.to_thread(ctx.plans.load, key) if ctx.plans else None
@@ -194,7 +195,10 @@ async def plan_page(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"no plan {key[:100]}")
     if wants_json(request):
         return web.Response(text=render_json(plan), content_type="application/json")
-    return page(f"NixMox plan {key[:12]}", render_text(plan))
+    markdown = "\n\n".join(render_markdown(plan))
+    if request.query.get("format") == "markdown":
+        return web.Response(text=markdown, content_type="text/markdown")
+    return page(f"NixMox plan {key[:12]}", markdown)
 
 
 def context_of(app: web.Application) -> BotContext:
