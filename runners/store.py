@@ -28,7 +28,6 @@ from sqlalchemy.pool import StaticPool
 
 from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan
-from runners._intake import LocalSqlite, PreparedInsert, SqliteBusy
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,
@@ -44,6 +43,7 @@ from runners.base import (
     Trigger,
     utcnow,
 )
+from runners.bulk_writes import LocalSqlite, PreparedInsert, SqliteBusy
 
 log = logging.getLogger(__name__)
 

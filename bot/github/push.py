@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bot.context import BotContext, DeploymentRequest
-from bot.github.gitcache import GitFetchError, is_sha, remote_for
+from bot.gitcache import GitFetchError, is_sha, remote_for
 from bot.github.pulls import plan_between, plan_status
-from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState, set_status
+from bot.github.rest import DEPLOY_CONTEXT, Repo, StatusState, set_status
 from planner.plan import Plan
 from planner.source import PlanningError
 from runners.base import Trigger

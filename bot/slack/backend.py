@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bot.context import BotContext, DeploymentRequest
-from bot.github.gitcache import (
+from bot.gitcache import (
     SHA_PATTERN,
     GitCache,
     GitFetchError,
