@@ -10,13 +10,12 @@ from typing import Any
 
 import click
 
-from planner.findings import ManifestError, attribute
+from cli.manifest import EXIT_EVAL, EXIT_INVALID, eval_options, load_or_exit
+from planner.findings import attribute
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_json, render_markdown, render_slack, render_text
-from planner.revisions import plan_revisions
-from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError, load_manifest
+from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError
 
-EXIT_OK, EXIT_INVALID, EXIT_EVAL = 0, 1, 2
 FORMATS = ("text", "json", "markdown", "slack")
 
 
@@ -55,34 +54,13 @@ def main() -> None:
     """NixMox bot: plan, deploy and roll back a NixMox homelab from Git and chat."""
 
 
-def _eval_options(func):  # type: ignore[no-untyped-def]
-    func = click.option(
-        "--eval-timeout",
-        type=float,
-        default=30.0,
-        show_default=True,
-        help="Seconds before Nix evaluation is stopped.",
-    )(func)
-    return func
-
-
-def load_or_exit(path: Path, eval_timeout: float) -> object:
-    """Load a manifest; on failure print the findings and exit 1 (invalid) or 2 (evaluation)."""
-    try:
-        return load_manifest(path, limits=EvalLimits(timeout=eval_timeout))
-    except ManifestError as exc:
-        for finding in exc.findings:
-            click.echo(f"error: {finding.render()}", err=True)
-        sys.exit(EXIT_EVAL if exc.evaluation_failed else EXIT_INVALID)
-
-
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@_eval_options
+@eval_options
 def validate(path: Path, eval_timeout: float) -> None:
     """Check a manifest: exit 0 valid, 1 invalid, 2 could not evaluate."""
     manifest = load_or_exit(path, eval_timeout)
-    plan = plan_full(manifest)  # type: ignore[arg-type]
+    plan = plan_full(manifest)
     attribute([*plan.errors, *plan.warnings], path.name)
     for finding in plan.errors:
         click.echo(f"error: {finding.render()}", err=True)
@@ -127,7 +105,7 @@ def emit_plan(plan: Plan, fmt: str) -> None:
 )
 @click.option("--service", help="Plan only this service and everything it needs.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True)
-@_eval_options
+@eval_options
 def plan(
     path: Path | None,
     repo: Path | None,
@@ -150,7 +128,7 @@ def plan(
         raise click.UsageError("--base needs --repo")
     manifest = load_or_exit(path, eval_timeout)
     try:
-        result = plan_full(manifest, service=service)  # type: ignore[arg-type]
+        result = plan_full(manifest, service=service)
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
     attribute([*result.errors, *result.warnings], path.name)
@@ -161,6 +139,8 @@ def plan_repo(
     repo: Path, base: str | None, head: str, manifest_path: str, service: str | None, timeout: float
 ) -> Plan:
     """Plan base..head of a repository; the bot's own failures exit 2 with the reason."""
+    from planner.revisions import plan_revisions  # Git (gitpython) only for --repo
+
     try:
         return plan_revisions(
             repo,

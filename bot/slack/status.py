@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot.slack.blocks import escape, format_time, mention
-from cli.deploy import STATUS_TITLE, short, step_counts
+from bot.status_text import STATUS_TITLE, short, step_counts
 from planner.render import summary
 from runners.store import DeploymentRecord, LockRecord, ServiceRecord, Store
 
