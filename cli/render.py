@@ -15,7 +15,7 @@ import click
 
 from cli.manifest import DEFAULT_EVAL_TIMEOUT, load_or_exit
 from planner.models import Manifest
-from runners.config import RunnerConfig
+from runners.config import ConfigError, RunnerConfig
 from runners.health import health_check_script
 from runners.terraform import TerraformRunner, rendered_workspaces
 
@@ -75,6 +75,8 @@ def render(
     manifest = load_or_exit(path, eval_timeout)
     try:
         config = RunnerConfig.from_toml(config_file) if config_file else RunnerConfig()
+    except ConfigError as exc:  # names the file and each unknown key
+        raise click.UsageError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise click.UsageError(f"{config_file}: {exc}") from None
     files = render_files(manifest, config, root.resolve())
