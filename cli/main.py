@@ -13,7 +13,6 @@ import click
 from cli.manifest import EXIT_EVAL, EXIT_INVALID, eval_options, load_or_exit
 from planner.findings import attribute
 from planner.plan import Plan, UnknownService, plan_full
-from planner.render import render_json, render_markdown, render_slack, render_text
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError
 
 FORMATS = ("text", "json", "markdown", "slack")
@@ -73,6 +72,8 @@ def validate(path: Path, eval_timeout: float) -> None:
 
 def emit_plan(plan: Plan, fmt: str) -> None:
     """Print a plan in the asked format; exit 1 when it carries validation errors."""
+    from planner.render import render_json, render_markdown, render_slack, render_text
+
     if fmt == "json":
         click.echo(render_json(plan))
     elif fmt == "markdown":

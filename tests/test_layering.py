@@ -7,10 +7,16 @@ Front ends (`bot`, `cli`) -> deployment core (`deployments`) -> `runners` and `s
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
+from click.testing import CliRunner
+
+from cli.main import LAZY_COMMANDS, main
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("planner", "state", "runners", "deployments", "bot", "cli")
@@ -151,6 +157,65 @@ def test_the_graph_covers_every_package_that_exists() -> None:
     expected = {p for p in PACKAGES if (ROOT / p).is_dir()}
     assert present == expected
     assert {"planner.plan", "cli.main", "bot.app", "runners.executor"} <= set(modules)
+
+
+# --- what the planning commands load ----------------------------------------------------------
+
+# libraries `validate` and `plan FILE` do not need; each costs 0.1-0.5 s at import
+HEAVY_LIBRARIES = (
+    "sqlalchemy",
+    "aiohttp",
+    "slack_bolt",
+    "slack_sdk",
+    "git",
+    "gidgethub",
+    "rich",
+    "msgspec",
+    "prometheus_client",
+    "aiosqlite",
+    "asyncpg",
+)
+LOADED_BY = """
+import json, sys
+from cli.main import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except SystemExit:
+    pass
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})), file=sys.stderr)
+"""
+
+
+def libraries_loaded_by(*args: str) -> set[str]:
+    """The top-level modules a fresh interpreter holds after running `nixmox ARGS`."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED_BY, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    loaded: list[str] = json.loads(result.stderr.strip().splitlines()[-1])
+    return set(loaded)
+
+
+def test_validate_and_plan_of_a_file_load_no_heavy_library() -> None:
+    small = str(ROOT / "manifests" / "small.nix")
+    for args in (("validate", small), ("plan", small), ("plan", small, "--format", "json")):
+        loaded = libraries_loaded_by(*args)
+        assert "planner" in loaded and "pydantic" in loaded, args  # the command did run
+        assert not loaded & set(HEAVY_LIBRARIES), (
+            f"nixmox {' '.join(args)}: {sorted(loaded & set(HEAVY_LIBRARIES))}"
+        )
+
+
+def test_help_still_lists_every_command() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    listed = {
+        line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()
+    }
+    assert listed == {"validate", "plan", *LAZY_COMMANDS}
 
 
 # --- the checker itself, on a planted tree ------------------------------------------------------
