@@ -5,14 +5,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING
 
+from planner import digraph as nx  # networkx's API, without its 0.2 s import
 from planner.findings import Finding, error, warning
 from planner.graph import Dependency, find_cycle, orders_deployment, section, service_graph
 from planner.models import Manifest, Service, unknown_keys
-
-if TYPE_CHECKING:
-    import networkx as nx
 
 
 def validate(

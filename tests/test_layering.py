@@ -172,6 +172,7 @@ HEAVY_LIBRARIES = (
     "rich",
     "msgspec",
     "prometheus_client",
+    "networkx",  # the step DAG only (the executor); planning uses planner.digraph
     "aiosqlite",
     "asyncpg",
 )
