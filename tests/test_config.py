@@ -201,10 +201,13 @@ def environment_reads_at_import(path: Path) -> list[int]:
             inside_functions.update(id(child) for child in ast.walk(node))
     lines: list[int] = []
     for node in ast.walk(tree):
-        reads = (isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv"}) or (
-            isinstance(node, ast.Name) and node.id in {"environ", "getenv"}
-        )
-        if reads and id(node) not in inside_functions:
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+        elif isinstance(node, ast.Name):
+            name = node.id
+        else:
+            continue
+        if name in {"environ", "getenv"} and id(node) not in inside_functions:
             lines.append(node.lineno)
     return sorted(lines)
 
