@@ -121,8 +121,8 @@ def _resources(
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
         session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
         if settings.github_enabled:
+            from bot.gitcache import GitCache
             from bot.github.client import GitHubClientFactory
-            from bot.github.gitcache import GitCache
 
             ctx.github = GitHubClientFactory(
                 settings, session, policy=github_policy, sleeper=github_sleeper

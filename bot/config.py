@@ -1,7 +1,18 @@
-"""Bot configuration: read once at start-up from NIXMOX_* variables and an optional TOML file."""
+"""Bot configuration: read once at start-up from NIXMOX_* variables and an optional TOML file.
+
+One TOML file holds the settings (top level) and the runners' `[runners]` table; it is parsed
+once, by `load_configuration`, and unknown keys anywhere in it are an error naming the key.
+Unknown `NIXMOX_*` environment variables are only warned about: shells carry old variables.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -9,21 +20,37 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
+from runners.config import RUNNERS_TABLE, ConfigError, RunnerConfig, unknown_setting
+
+__all__ = ["ConfigError", "Configuration", "Settings", "load_configuration", "load_settings"]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "NIXMOX_"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.nixmox/state.db"
+# NIXMOX_* variables that are not settings but are read by name elsewhere
+OTHER_VARIABLES = frozenset(
+    {
+        "NIXMOX_CONFIG",  # the CLI's --config
+        "NIXMOX_LOCK_LEASE",  # the CLI's --lock-lease
+        "NIXMOX_TESTDATA",  # ./dev test's cache of test data
+    }
+)
+UNKNOWN_VARIABLE = "unknown environment variable {name} ignored{hint}"
 CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
     """Every setting of `nixmox serve` and the CLI; see the README's configuration table."""
 
-    model_config = SettingsConfigDict(env_prefix="NIXMOX_", extra="ignore")
-    toml_file: ClassVar[Path | None] = None
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    file_table: ClassVar[dict[str, Any]] = {}
 
     # state and execution
     database_url: str = DEFAULT_DATABASE_URL
@@ -98,18 +125,75 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        if cls.file_table:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=cls.file_table))
         return tuple(sources)
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Environment variables win over the TOML file; explicit overrides win over both."""
+@dataclass(frozen=True)
+class Configuration:
+    """Everything read at start-up: the settings, the runners' table, what to warn about."""
 
-    if config_file is not None and not config_file.is_file():
+    settings: Settings
+    runners: RunnerConfig
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_table(config_file: Path) -> dict[str, Any]:
+    """The TOML file's content (FileNotFoundError, or tomllib's error for bad syntax)."""
+    if not config_file.is_file():
         raise FileNotFoundError(f"configuration file {config_file} does not exist")
+    with config_file.open("rb") as handle:
+        return tomllib.load(handle)
+
+
+def check_top_level(table: Mapping[str, Any], file: str) -> None:
+    """ConfigError naming every top-level key that is neither a setting nor `[runners]`."""
+    known = [*Settings.model_fields, RUNNERS_TABLE]
+    unknown = [key for key in table if key not in known]
+    if unknown:
+        raise ConfigError("\n".join(unknown_setting(file, "", key, known) for key in unknown))
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for every NIXMOX_* variable that is neither a setting nor read elsewhere."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    suffixes = sorted(name.removeprefix(ENV_PREFIX) for name in known)
+    found: list[str] = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            # compared without the prefix, which every candidate shares
+            close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+            found.append(UNKNOWN_VARIABLE.format(name=name, hint=hint))
+    return found
+
+
+def load_configuration(
+    config_file: Path | None = None, *, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Configuration:
+    """Read the TOML file once: environment variables win over it, `overrides` over both.
+
+    Raises FileNotFoundError, ValueError for TOML syntax, ConfigError for unknown keys and
+    pydantic's ValidationError for values of the wrong type.
+    """
+    table = read_table(config_file) if config_file is not None else {}
+    file = str(config_file)
+    check_top_level(table, file)
+    runners = RunnerConfig.from_table(table.pop(RUNNERS_TABLE, {}), file)
 
     class FromFile(Settings):
-        toml_file = config_file
+        file_table = table
 
-    return FromFile(**overrides)
+    settings = FromFile(**overrides)
+    warnings = unknown_variables(os.environ if environ is None else environ)
+    return Configuration(settings=settings, runners=runners, warnings=warnings)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """The settings alone (see `load_configuration`); unknown variables are logged as warnings."""
+    configuration = load_configuration(config_file, **overrides)
+    for warning in configuration.warnings:
+        log.warning(warning)
+    return configuration.settings

@@ -26,8 +26,8 @@ from runners.base import DeploymentKind, Subscriber, Trigger
 from runners.config import RunnerConfig
 
 if TYPE_CHECKING:
+    from bot.gitcache import GitCache
     from bot.github.client import GitHubClientFactory
-    from bot.github.gitcache import GitCache
     from bot.jobs import JobWorker
     from runners.deploy import RollbackPlan
     from state.deployments import DeploymentRecord

@@ -15,6 +15,7 @@ from typing import Any, TextIO, TypeVar
 import click
 
 from bot.config import Settings, load_settings
+from bot.status_text import STATUS_TITLE, short, step_counts
 from planner.findings import ManifestError
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_text, summary
@@ -50,8 +51,6 @@ from state.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_EVAL, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_LOCK_LEASE = 60.0
-SHORT_REV = 12
-STATUS_TITLE = "NixMox Service Status"
 NOTHING_TO_DO = "No deployment needed"
 STATE_MARKS = {
     StepState.SUCCEEDED: "✓",
@@ -302,14 +301,6 @@ def progress_for(plan: Plan, as_json: bool, verbose: bool) -> PlainProgress | Li
 # --- output ------------------------------------------------------------------------------------
 
 
-def short(rev: str | None) -> str:
-    """A commit id's first 12 characters; a manifest digest keeps its `sha256:` prefix."""
-    if not rev:
-        return "-"
-    prefix = "sha256:" if rev.startswith("sha256:") else ""
-    return prefix + rev[len(prefix) : len(prefix) + SHORT_REV]
-
-
 def when(value: datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
@@ -318,13 +309,6 @@ def duration(record: DeploymentRecord) -> str:
     if record.started_at and record.finished_at:
         return f"{(record.finished_at - record.started_at).total_seconds():.1f}s"
     return "-"
-
-
-def step_counts(record: DeploymentRecord) -> str:
-    counts: dict[str, int] = {}
-    for step in record.steps:
-        counts[step.state.value] = counts.get(step.state.value, 0) + 1
-    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no steps"
 
 
 def print_result(record: DeploymentRecord, as_json: bool, verbose: bool) -> None:

@@ -10,20 +10,12 @@ from typing import Any
 
 import click
 
-from planner.findings import ManifestError, attribute
+from cli.manifest import EXIT_EVAL, EXIT_INVALID, eval_options, load_or_exit
+from planner.findings import attribute
 from planner.perf import gc_paused
 from planner.plan import Plan, UnknownService, plan_full
-from planner.render import render_json, render_markdown, render_slack, render_text
-from planner.revisions import plan_revisions
-from planner.source import (
-    DEFAULT_MANIFEST_PATH,
-    EvalLimits,
-    PlanningError,
-    load_manifest,
-    locate,
-)
+from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError, locate
 
-EXIT_OK, EXIT_INVALID, EXIT_EVAL = 0, 1, 2
 FORMATS = ("text", "json", "markdown", "slack")
 
 
@@ -62,36 +54,13 @@ def main() -> None:
     """NixMox bot: plan, deploy and roll back a NixMox homelab from Git and chat."""
 
 
-def _eval_options(func):  # type: ignore[no-untyped-def]
-    func = click.option(
-        "--eval-timeout",
-        type=float,
-        default=30.0,
-        show_default=True,
-        help="Seconds before Nix evaluation is stopped.",
-    )(func)
-    return func
-
-
-def load_or_exit(path: Path, eval_timeout: float) -> object:
-    """Load a manifest; on failure print the findings and exit 1 (invalid) or 2 (evaluation)."""
-    try:
-        return load_manifest(path, limits=EvalLimits(timeout=eval_timeout))
-    except ManifestError as exc:
-        if not exc.evaluation_failed:
-            locate(exc.findings, path, limits=EvalLimits(timeout=eval_timeout))
-        for finding in exc.findings:
-            click.echo(f"error: {finding.render()}", err=True)
-        sys.exit(EXIT_EVAL if exc.evaluation_failed else EXIT_INVALID)
-
-
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@_eval_options
+@eval_options
 def validate(path: Path, eval_timeout: float) -> None:
     """Check a manifest: exit 0 valid, 1 invalid, 2 could not evaluate."""
     manifest = load_or_exit(path, eval_timeout)
-    plan = plan_full(manifest)  # type: ignore[arg-type]
+    plan = plan_full(manifest)
     located(plan, path, eval_timeout)
     for finding in plan.errors:
         click.echo(f"error: {finding.render()}", err=True)
@@ -111,6 +80,8 @@ def located(plan: Plan, path: Path, eval_timeout: float) -> None:
 
 def emit_plan(plan: Plan, fmt: str) -> None:
     """Print a plan in the asked format; exit 1 when it carries validation errors."""
+    from planner.render import render_json, render_markdown, render_slack, render_text
+
     if fmt == "json":
         click.echo(render_json(plan))
     elif fmt == "markdown":
@@ -163,7 +134,7 @@ def emit_file_explanation(plan: Plan, fmt: str) -> None:
     is_flag=True,
     help="With --repo and --base: each changed file, the steps it selected and why (or why none).",
 )
-@_eval_options
+@eval_options
 def plan(
     path: Path | None,
     repo: Path | None,
@@ -193,7 +164,7 @@ def plan(
     manifest = load_or_exit(path, eval_timeout)
     try:
         with gc_paused():  # large manifests: see planner.perf
-            result = plan_full(manifest, service=service)  # type: ignore[arg-type]
+            result = plan_full(manifest, service=service)
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
     located(result, path, eval_timeout)
@@ -204,6 +175,8 @@ def plan_repo(
     repo: Path, base: str | None, head: str, manifest_path: str, service: str | None, timeout: float
 ) -> Plan:
     """Plan base..head of a repository; the bot's own failures exit 2 with the reason."""
+    from planner.revisions import plan_revisions  # Git (gitpython) only for --repo
+
     try:
         return plan_revisions(
             repo,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
+from cli.manifest import DEFAULT_EVAL_TIMEOUT, load_or_exit
 from planner.models import Manifest
-from runners.config import RunnerConfig
+from runners.config import ConfigError, RunnerConfig
 from runners.health import health_check_script
 from runners.paths import PathEscapeError, contained
 from runners.terraform import TerraformRunner, rendered_workspaces
@@ -69,17 +70,16 @@ def write_files(out: Path, files: dict[str, str]) -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="TOML file whose [runners] table configures terraform and health defaults.",
 )
-@click.option("--eval-timeout", type=float, default=30.0, show_default=True)
+@click.option("--eval-timeout", type=float, default=DEFAULT_EVAL_TIMEOUT, show_default=True)
 def render(
     path: Path, out: Path, root: Path, config_file: Path | None, eval_timeout: float
 ) -> None:
     """Write per-service health-check scripts and terraform workspace files."""
-    from cli.main import load_or_exit  # the CLI's manifest loading (exit codes, messages)
-
     manifest = load_or_exit(path, eval_timeout)
-    assert isinstance(manifest, Manifest)
     try:
         config = RunnerConfig.from_toml(config_file) if config_file else RunnerConfig()
+    except ConfigError as exc:  # names the file and each unknown key
+        raise click.UsageError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise click.UsageError(f"{config_file}: {exc}") from None
     try:

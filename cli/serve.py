@@ -9,7 +9,7 @@ import click
 from aiohttp import web
 from pydantic import ValidationError
 
-from bot.config import Settings, load_settings
+from bot.config import ConfigError, Settings, load_configuration
 from runners.config import RunnerConfig
 from runners.registry import RunnerKind
 
@@ -63,9 +63,10 @@ def startup_problems(settings: Settings) -> list[str]:
 def read_configuration(config_file: Path | None) -> tuple[Settings, RunnerConfig]:
     """Settings (environment over TOML) and the TOML's `[runners]` table, or a click error."""
     try:
-        settings = load_settings(config_file)
-        runner_config = RunnerConfig.from_toml(config_file) if config_file else RunnerConfig()
+        configuration = load_configuration(config_file)
     except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ConfigError as exc:  # unknown keys: the message names the file and each key
         raise click.ClickException(str(exc)) from None
     except ValidationError as exc:
         details = "; ".join(
@@ -74,7 +75,9 @@ def read_configuration(config_file: Path | None) -> tuple[Settings, RunnerConfig
         raise click.ClickException(f"invalid configuration: {details}") from None
     except ValueError as exc:  # TOML syntax
         raise click.ClickException(f"invalid configuration file {config_file}: {exc}") from None
-    return settings, runner_config
+    for warning in configuration.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return configuration.settings, configuration.runners
 
 
 @click.command()

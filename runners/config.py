@@ -6,14 +6,82 @@ file's `[runners]` table) and handed to `runners.registry.build_runners`.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runners.redact import DEFAULT_SECRET_NAMES
+
+RUNNERS_TABLE = "runners"
+UNKNOWN_SETTING = "{file}: unknown setting {where}{key}{hint}"
+
+
+class ConfigError(ValueError):
+    """A configuration file the bot cannot use; the message names the file, the key and a fix."""
+
+
+def unknown_setting(file: str, section: str, key: str, known: Iterable[str]) -> str:
+    """`nixmox.toml: unknown setting [runners.nixos] biuld (did you mean build?)`."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return UNKNOWN_SETTING.format(
+        file=file,
+        where=f"[{section}] " if section else "",
+        key=key,
+        hint=f" (did you mean {close[0]}?)" if close else "",
+    )
+
+
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, directly or in a list/optional (`list[Template] | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (list, Union, UnionType):
+        for arg in get_args(annotation):
+            found = model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that holds the keys at `loc` (list indexes skipped), None past a plain dict."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if current is not None else None
+        current = model_in(field.annotation) if field is not None else None
+    return current
+
+
+def section_name(prefix: str, loc: tuple[int | str, ...]) -> str:
+    """`runners.nixos.deploy[0]`: where a key sits, TOML-style."""
+    name = prefix
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name
+
+
+def raise_unknown_keys(
+    error: ValidationError, model: type[BaseModel], file: str, prefix: str
+) -> None:
+    """Turn pydantic's `extra_forbidden` errors into one ConfigError naming every unknown key."""
+    lines: list[str] = []
+    for item in error.errors():
+        if item["type"] != "extra_forbidden":
+            continue
+        *where, key = item["loc"]
+        holder = model_at(model, tuple(where))
+        known = holder.model_fields if holder is not None else ()
+        lines.append(unknown_setting(file, section_name(prefix, tuple(where)), str(key), known))
+    if lines:
+        raise ConfigError("\n".join(lines)) from None
 
 
 class Strict(BaseModel):
@@ -212,4 +280,13 @@ class RunnerConfig(Strict):
         """The `[runners]` table of a TOML file (an empty config when it has none)."""
         with path.open("rb") as handle:
             data: dict[str, Any] = tomllib.load(handle)
-        return cls.model_validate(data.get("runners", {}))
+        return cls.from_table(data.get(RUNNERS_TABLE, {}), str(path))
+
+    @classmethod
+    def from_table(cls, table: Any, file: str) -> RunnerConfig:
+        """A parsed `[runners]` table; unknown keys raise ConfigError naming each one."""
+        try:
+            return cls.model_validate(table)
+        except ValidationError as exc:
+            raise_unknown_keys(exc, cls, file, RUNNERS_TABLE)
+            raise

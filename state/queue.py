@@ -14,8 +14,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from state._intake import LocalSqlite, PreparedInsert, SqliteBusy
 from state.base import Repository
+from state.bulk_writes import LocalSqlite, PreparedInsert, SqliteBusy
 from state.engine import sqlite_file
 from state.events import utcnow
 from state.schema import deliveries, jobs

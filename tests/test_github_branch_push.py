@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bot.github.statuses import short
+from bot.github.rest import short
 from state.store import Store
 from tests.fakes.github import FakeGitHub
 from tests.fixtures_github import ManifestRepo, Payloads, add_port, break_manifest
@@ -242,7 +242,7 @@ async def test_planning_calls_arriving_together_share_one_plan(
     make_bot: Any, manifest_repo: ManifestRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The shared plan itself: concurrent callers wait for the one computation."""
-    from bot.github.gitcache import Remote
+    from bot.gitcache import Remote
     from bot.github.pulls import shared_plan
 
     planned = count_plans(monkeypatch)

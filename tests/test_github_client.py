@@ -19,7 +19,7 @@ from bot.github.client import (
     GitHubUnavailable,
     RetryPolicy,
 )
-from bot.github.statuses import Repo, StatusState, set_status
+from bot.github.rest import Repo, StatusState, set_status
 from tests.fakes.github import DEFAULT_TOKEN, Failure, FakeGitHub
 from tests.fixtures_github import TEST_REPO
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bot.commands import HELP_TEXT
+from bot.chat_commands import HELP_TEXT
 from bot.github.comments import Requirement, configured_requirements
 from runners.base import DeploymentState, Trigger
 from tests.fakes.github import FakeGitHub

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from bot.config import Settings
-from bot.github.gitcache import GitCache, GitFetchError, Remote, remote_for, safe_url
+from bot.gitcache import GitCache, GitFetchError, Remote, remote_for, safe_url
 from tests.fixtures_github import ManifestRepo, add_port
 
 TOKEN = "ghs_secret_installation_token"

@@ -12,7 +12,7 @@ from bot.github.pulls import (
     success_description,
     upsert_plan_comment,
 )
-from bot.github.statuses import Repo
+from bot.github.rest import Repo
 from planner.synthetic import synthetic_manifest
 from tests.fakes.github import FakeGitHub
 from tests.fixtures_github import (

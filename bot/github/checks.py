@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from bot.github.client import GitHubClient
-from bot.github.statuses import Repo, StatusState, set_status
+from bot.github.rest import Repo, StatusState, set_status
 from planner.findings import Finding, Severity
 
 log = logging.getLogger(__name__)

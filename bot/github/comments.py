@@ -15,7 +15,7 @@ from typing import Any
 
 import gidgethub
 
-from bot.commands import (
+from bot.chat_commands import (
     HELP_TEXT,
     ApplyCommand,
     HelpCommand,
@@ -35,7 +35,7 @@ from bot.github.pulls import (
     plan_comments,
     plan_pull_request,
 )
-from bot.github.statuses import Reaction, Repo, comment, get_pull, react
+from bot.github.rest import Reaction, Repo, comment, get_pull, react
 from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError

@@ -13,7 +13,7 @@ from typing import Any
 
 from gidgethub import routing, sansio
 
-from bot.commands import is_command
+from bot.chat_commands import is_command
 from bot.config import Settings
 from planner.diff import glob_match
 

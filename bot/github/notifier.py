@@ -17,7 +17,7 @@ from typing import Any
 from bot.context import BotContext, DeploymentRequest
 from bot.github.checks import CheckRuns, Report
 from bot.github.client import GitHubClient
-from bot.github.statuses import (
+from bot.github.rest import (
     DEPLOY_CONTEXT,
     Repo,
     StatusState,

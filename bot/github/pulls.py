@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.context import BotContext
+from bot.gitcache import GitFetchError, remote_for
 from bot.github.checks import CommitChecks, Report, commit_checks
 from bot.github.client import GitHubClient
-from bot.github.gitcache import GitFetchError, remote_for
-from bot.github.statuses import (
+from bot.github.rest import (
     PLAN_CONTEXT,
     Repo,
     StatusState,

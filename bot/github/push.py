@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.context import BotContext, DeploymentRequest
+from bot.gitcache import GitFetchError, is_sha, remote_for
 from bot.github.checks import CommitChecks, Report
 from bot.github.client import GitHubClient
-from bot.github.gitcache import GitFetchError, is_sha, remote_for
 from bot.github.pulls import (
     archive_plan,
     checks_for,
@@ -38,7 +38,7 @@ from bot.github.pulls import (
     shared_plan,
     with_plan_status,
 )
-from bot.github.statuses import DEPLOY_CONTEXT, Repo, StatusState
+from bot.github.rest import DEPLOY_CONTEXT, Repo, StatusState
 from planner.plan import Plan
 from planner.source import PlanningError
 from runners.base import Trigger

@@ -9,19 +9,18 @@ plans through `BotContext.deploy` / `BotContext.rollback`, so every registered n
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from bot.context import BotContext, DeploymentRequest
-from bot.github.gitcache import (
+from bot.gitcache import (
     SHA_PATTERN,
     GitCache,
     GitFetchError,
     Remote,
+    ls_remote,
     remote_for,
-    safe_url,
 )
 from planner.models import Manifest
 from planner.plan import Plan
@@ -31,7 +30,6 @@ from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_r
 from state.approvals import ApprovalRecord
 from state.deployments import DeploymentRecord
 
-LS_REMOTE_TIMEOUT = 60.0
 NO_REMOTE = (
     "the bot does not know where the manifest repository is: set NIXMOX_GIT_REMOTE "
     "(or NIXMOX_REPO for a GitHub repository)"
@@ -220,8 +218,8 @@ class RepoBackend:
 
     async def require_on_a_branch(self, remote: Remote, sha: str) -> None:
         """RefRefused unless `sha` is in the history of one of the remote's branches."""
-        heads = await ls_remote(remote, ["--heads"])
         try:
+            heads = await ls_remote(remote, ["--heads"])
             await self.git.fetch(remote, list(heads.values()), refs=list(heads))
         except GitFetchError as exc:
             raise PlanFailure(str(exc)) from None
@@ -287,7 +285,10 @@ class RepoBackend:
 
 async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
     """`git ls-remote`: the commit of a branch or tag (None: the default branch, HEAD)."""
-    refs = await ls_remote(remote, ["--symref"], ["HEAD" if ref is None else ref])
+    try:
+        refs = await ls_remote(remote, ["--symref"], ["HEAD" if ref is None else ref])
+    except GitFetchError as exc:
+        raise PlanFailure(str(exc)) from None
     wanted = (
         ["HEAD"]
         if ref is None
@@ -298,35 +299,3 @@ async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list
             fetch_name = name.removesuffix("^{}")
             return refs[name], [fetch_name]
     raise PlanFailure(UNKNOWN_REF.format(ref=ref or "HEAD"))
-
-
-async def ls_remote(
-    remote: Remote, options: list[str], patterns: list[str] | None = None
-) -> dict[str, str]:
-    """`git ls-remote OPTIONS URL PATTERNS`: ref name → commit id."""
-    args = ["git", "ls-remote", *options, remote.url, *(patterns or [])]
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **remote.environment()},
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), LS_REMOTE_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise PlanFailure(f"{safe_url(remote.url)} did not answer in time") from None
-    if proc.returncode != 0:
-        lines = stderr.decode(errors="replace").strip().splitlines()
-        detail = lines[-1] if lines else f"git ls-remote exited {proc.returncode}"
-        if remote.token:
-            detail = detail.replace(remote.token, "<redacted>")
-        raise PlanFailure(f"cannot read {safe_url(remote.url)}: {detail}")
-    refs: dict[str, str] = {}
-    for line in stdout.decode(errors="replace").splitlines():
-        value, _, name = line.partition("\t")
-        if not value.startswith("ref:"):
-            refs[name.strip()] = value.strip()
-    return refs

@@ -24,7 +24,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.commands import (
+from bot.chat_commands import (
     ApplyCommand,
     Command,
     DeployCommand,

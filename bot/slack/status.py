@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot.slack.blocks import format_time, mention
-from cli.deploy import STATUS_TITLE, short, step_counts
+from bot.status_text import STATUS_TITLE, short, step_counts
 from planner.escape import slack_code, slack_lines, slack_text
 from planner.render import summary
 from state.deployments import DeploymentRecord

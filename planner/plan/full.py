@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-import networkx as nx
-
+from planner import digraph as nx  # networkx's API, without its 0.2 s import
 from planner.findings import Finding, Severity
 from planner.graph import Dependency, dependencies, orders_deployment, service_graph
 from planner.models import Manifest

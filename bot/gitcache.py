@@ -1,4 +1,6 @@
-"""A bare cache clone of the manifest repository, fetched by commit id for each plan.
+"""The bot's Git access to the manifest repository: `ls-remote` and a bare cache clone.
+
+The cache is fetched by commit id for each plan; `ls_remote` reads a remote's refs.
 
 The bot never checks anything out: the planner reads trees from this bare repository. When the
 remote is GitHub, the token goes in an HTTP header passed through the environment (never on a
@@ -20,6 +22,7 @@ import git
 from bot.config import Settings
 
 FETCH_TIMEOUT = 300.0
+LS_REMOTE_TIMEOUT = 60.0
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 ZERO_SHA = "0" * 40
 BRANCH_REFS = "refs/nixmox/branches/"  # where the cache keeps the tips of fetched branches
@@ -138,7 +141,7 @@ class GitCache:
     async def _git_fetch(self, remote: Remote, what: list[str]) -> str | None:
         """Run one `git fetch`; return its (credential-free) error text, None on success."""
         await asyncio.to_thread(self.repo)
-        env = {**os.environ, **remote.environment()}
+        env = git_environment(remote)
         proc = await asyncio.create_subprocess_exec(
             "git",
             "-C",
@@ -177,6 +180,41 @@ class GitCache:
         except git.GitCommandError:
             return None
         return bases[0].hexsha if bases else None
+
+
+def git_environment(remote: Remote) -> dict[str, str]:
+    """The environment a `git` talking to `remote` runs with (our own plus its settings)."""
+    return {**os.environ, **remote.environment()}
+
+
+async def ls_remote(
+    remote: Remote, options: list[str], patterns: list[str] | None = None
+) -> dict[str, str]:
+    """`git ls-remote OPTIONS URL PATTERNS`: ref name → commit id (GitFetchError if unreadable)."""
+    args = ["git", "ls-remote", *options, remote.url, *(patterns or [])]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=git_environment(remote),
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), LS_REMOTE_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise GitFetchError(f"{safe_url(remote.url)} did not answer in time") from None
+    if proc.returncode != 0:
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        detail = lines[-1] if lines else f"git ls-remote exited {proc.returncode}"
+        raise GitFetchError(f"cannot read {safe_url(remote.url)}: {redact(detail, remote.token)}")
+    refs: dict[str, str] = {}
+    for line in stdout.decode(errors="replace").splitlines():
+        value, _, name = line.partition("\t")
+        if not value.startswith("ref:"):
+            refs[name.strip()] = value.strip()
+    return refs
 
 
 def safe_url(url: str) -> str:
