@@ -3,14 +3,15 @@ service runs afterwards."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from planner.plan import NIX_PHASES, Phase
+from planner.plan import NIX_PHASES, Phase, Plan
 from state.events import (
     DeploymentFinished,
+    DeploymentKind,
     DeploymentStarted,
     DeploymentState,
     Event,
@@ -25,8 +26,16 @@ from state.events import (
 from state.schema import deployments, steps
 from state.services import Health, set_health_in, upsert_service
 
-if TYPE_CHECKING:
-    from state.deployments import DeploymentRepository
+
+class DeploymentWriter(Protocol):
+    """What recording needs of the deployments repository (which itself owns a recorder)."""
+
+    async def create(
+        self, *, kind: DeploymentKind | str, trigger: Trigger | str, plan: Plan, deployment_id: str
+    ) -> Any: ...
+
+    async def set_state(self, deployment_id: str, state: DeploymentState) -> None: ...
+
 
 MAX_OUTPUT = 256 * 1024  # characters of step output kept (the tail)
 ROLLBACK_NOTE = "--- {cause} failed: rolling {service} back ---\n"
@@ -40,7 +49,7 @@ def tail(text: str) -> str:
 class EventRecorder:
     """Persists every transition of a deployment as it happens."""
 
-    def __init__(self, engine: AsyncEngine, deployments: DeploymentRepository) -> None:
+    def __init__(self, engine: AsyncEngine, deployments: DeploymentWriter) -> None:
         self.engine = engine
         self.deployments = deployments
 
