@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -25,7 +27,7 @@ from bot.commands import (
     StatusCommand,
     parse_command,
 )
-from bot.context import BotContext, DeploymentRequest
+from bot.context import BotContext
 from bot.github.client import GitHubClient
 from bot.github.pulls import (
     PullRef,
@@ -36,10 +38,21 @@ from bot.github.pulls import (
     plan_pull_request,
 )
 from bot.github.statuses import Reaction, Repo, comment, get_pull, react
-from planner.render import render_text
+from bot.request import DeploymentRequest
+from deployments import DeployError
+from deployments.views import (
+    HISTORY_HEADERS,
+    NOTHING_DEPLOYED,
+    STATUS_HEADERS,
+    STATUS_TITLE,
+    HistoryView,
+    StatusView,
+    history_view,
+    status_view,
+)
+from planner.render import md_cell, render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
-from runners.deploy import DeployError
 from runners.store import DeploymentRecord
 
 log = logging.getLogger(__name__)
@@ -68,6 +81,7 @@ REFUSED = "`/nixmox apply` refused for {sha}:\n{reasons}"
 STARTING = "Deploying {sha} ({size}), requested by @{user}; deployment `{id}`."
 NOTHING_TO_APPLY = "Nothing to apply: the plan for {sha} needs no deployment."
 FINISHED = "Deployment `{id}` of {sha} **{state}**.\n\n```\n{steps}\n```"
+HISTORY_LIMIT = 10
 
 
 class Requirement(StrEnum):
@@ -361,48 +375,72 @@ async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) ->
         log.warning("could not comment on PR #%d", number, exc_info=True)
 
 
-async def status_text(ctx: BotContext, service: str | None) -> str:
-    store = ctx.require_store()
-    services = await store.services()
-    lines = ["| service | revision | health | last deployment |", "| --- | --- | --- | --- |"]
-    for name, record in sorted(services.items()):
-        if service and name != service:
-            continue
+def md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(md_cell(cell) for cell in cells) + " |"
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return [md_row(headers), md_row("---" for _ in headers), *(md_row(row) for row in rows)]
+
+
+def md_when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M UTC") if at else "-"
+
+
+def status_markdown(view: StatusView) -> str:
+    """The status view as a PR comment (the CLI's columns and words)."""
+    if view.last is None and not view.rows:
+        return view.empty_text or NOTHING_DEPLOYED
+    lines = [f"### {STATUS_TITLE}"]
+    if view.last is None:
+        lines.append(NOTHING_DEPLOYED)
+    else:
+        row = view.last.row
+        by = f" by {row.requested_by}" if row.requested_by else ""
         lines.append(
-            f"| {name} | {(record.revision or '-')[:12]} | {record.last_health or '-'} "
-            f"| {record.last_deployment_id or '-'} |"
+            md_cell(
+                f"Last deployment: {row.id} {row.kind} {row.state} ({row.trigger}{by}) at "
+                f"{md_when(row.started)}, revision {row.revision}"
+            )
         )
-    if len(lines) == 2:
-        return (
-            f"No deployment of {service} recorded yet."
-            if service
-            else ("No deployment recorded yet.")
-        )
-    locks = await store.locks()
-    if locks:
-        lines.append("")
-        lines += [
-            f"🔒 {lock.service} locked by {lock.holder}"
-            + (f": {lock.reason}" if lock.reason else "")
-            for lock in locks
-        ]
+        lines.append(md_cell(f"plan: {view.last.plan}; steps: {row.steps}"))
+        if view.last.note:
+            lines.append(md_cell(view.last.note))
+    lines.append("")
+    if view.rows:
+        lines += md_table(STATUS_HEADERS, [row.cells() for row in view.rows])
+    else:
+        lines.append(view.empty_text or "")
     return "\n".join(lines)
+
+
+def history_markdown(view: HistoryView) -> str:
+    """The history view as a PR comment (the CLI's columns and words)."""
+    if view.empty_text is not None:
+        return view.empty_text
+    rows = [
+        (
+            row.id,
+            row.kind,
+            row.state,
+            row.trigger,
+            row.requested_by or "-",
+            row.revision,
+            md_when(row.started),
+            row.took,
+            row.steps,
+        )
+        for row in view.rows
+    ]
+    return "\n".join([f"### {view.title}", *md_table(HISTORY_HEADERS, rows)])
+
+
+async def status_text(ctx: BotContext, service: str | None) -> str:
+    return status_markdown(await status_view(ctx.require_store(), service))
 
 
 async def history_text(ctx: BotContext, service: str | None) -> str:
-    records = await ctx.require_store().history(service, limit=10)
-    if not records:
-        return "No deployments yet."
-    lines = [
-        "| deployment | kind | state | revision | requested by |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for record in records:
-        lines.append(
-            f"| {record.id} | {record.kind.value} | {record.state.value} "
-            f"| {(record.head or '-')[:12]} | {record.requested_by or '-'} |"
-        )
-    return "\n".join(lines)
+    return history_markdown(await history_view(ctx.require_store(), service, HISTORY_LIMIT))
 
 
 async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:

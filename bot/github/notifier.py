@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bot.context import BotContext, DeploymentRequest
+from bot.context import BotContext
 from bot.github.client import GitHubClient
 from bot.github.statuses import (
     DEPLOY_CONTEXT,
@@ -24,6 +24,7 @@ from bot.github.statuses import (
     set_status,
     short,
 )
+from bot.request import DeploymentRequest
 from planner.plan import Plan
 from runners.base import (
     DeploymentFinished,

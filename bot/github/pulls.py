@@ -195,8 +195,7 @@ async def plan_between(ctx: BotContext, base: str | None, head: str) -> Plan:
 
 def pull_lock(ctx: BotContext, number: int) -> asyncio.Lock:
     """One plan at a time per PR in this process (the head check covers other replicas)."""
-    locks: dict[int, asyncio.Lock] = ctx.extras.setdefault("github.pull_locks", {})
-    return locks.setdefault(number, asyncio.Lock())
+    return ctx.locks.pull(number)
 
 
 async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:

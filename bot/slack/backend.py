@@ -2,7 +2,7 @@
 
 `RepoBackend` plans against the manifest repository (the default branch head, or `--ref`,
 fetched into the bot's bare Git cache) and the deployed state in the store, and runs approved
-plans through `BotContext.deploy` / `BotContext.rollback`, so every registered notifier
+plans through `BotContext.deploy` / `BotContext.rollback` (the deployment core), so every registered notifier
 (Slack progress, GitHub statuses and Deployment) follows the deployment.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bot.context import BotContext, DeploymentRequest
+from bot.context import BotContext
 from bot.github.gitcache import (
     SHA_PATTERN,
     GitCache,
@@ -23,11 +23,12 @@ from bot.github.gitcache import (
     remote_for,
     safe_url,
 )
+from bot.request import DeploymentRequest
+from deployments import DeployError, GitSource, RollbackPlan, plan_for_deploy, prepare_rollback
 from planner.models import Manifest
 from planner.plan import Plan
 from planner.source import PlanningError, UnknownRevision
 from runners.base import DeploymentKind, Subscriber
-from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_rollback
 from runners.store import ApprovalRecord, DeploymentRecord
 
 LS_REMOTE_TIMEOUT = 60.0
@@ -275,10 +276,11 @@ class RepoBackend:
     ) -> DeploymentRecord | None:
         if planned.rollback is not None:
             return await self.ctx.rollback(request, planned.rollback, subscribers=subscribers)
+        source = GitSource(self.git.path, request.revision, self.ctx.settings.manifest_path)
         return await self.ctx.deploy(
             request,
             planned.plan,
-            repo_dir=self.git.path,
+            source=source,
             scope=planned.scope,
             subscribers=subscribers,
         )

@@ -23,10 +23,10 @@ from bot.slack.blocks import (
     mention,
     pack_lines,
     section,
-    short_rev,
     truncate,
 )
 from planner.plan import Plan
+from planner.render import short_rev
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,

@@ -1,78 +1,77 @@
-"""`/nixmox status` and `/nixmox history` as Slack text, mirroring `nixmox status` / `history`."""
+"""`/nixmox status` and `/nixmox history` as Slack text: the deployment core's views
+(`deployments.views`) with the CLI's columns and words."""
 
 from __future__ import annotations
 
 from bot.slack.blocks import escape, format_time, mention
-from cli.deploy import STATUS_TITLE, short, step_counts
-from planner.render import summary
-from runners.store import DeploymentRecord, LockRecord, ServiceRecord, Store
+from deployments.views import (
+    NOTHING_DEPLOYED,
+    STATUS_TITLE,
+    DeploymentRow,
+    HistoryView,
+    ServiceRow,
+    StatusView,
+    history_view,
+    status_view,
+)
+from runners.store import Store
 
 HISTORY_LIMIT = 10
-NOTHING_DEPLOYED = "No deployment recorded yet."
 
 
-def deployment_line(record: DeploymentRecord) -> str:
+def deployment_line(row: DeploymentRow) -> str:
     """`d-… deploy succeeded (slack by @x) at …, revision abc`."""
-    by = f" by {mention(record.requested_by)}" if record.requested_by else ""
-    at = record.started_at or record.created_at
-    when = f" at {format_time(at)}" if at else ""
+    by = f" by {mention(row.requested_by)}" if row.requested_by else ""
+    when = f" at {format_time(row.started)}" if row.started else ""
     return (
-        f"`{escape(record.id)}` {record.kind.value} *{record.state.value}* "
-        f"({escape(str(record.trigger))}{by}){when}, revision `{short(record.head)}`"
+        f"`{escape(row.id)}` {row.kind} *{row.state}* "
+        f"({escape(row.trigger)}{by}){when}, revision `{escape(row.revision)}`"
     )
 
 
-def service_status_line(name: str, record: ServiceRecord | None, lock: LockRecord | None) -> str:
+def service_status_line(row: ServiceRow) -> str:
     """SERVICE, REVISION, HEALTH, SYSTEM, DEPLOYMENT, LOCKED BY — as one line."""
-    health = record.last_health if record is not None and record.last_health else "unknown"
-    parts = [
-        f"*{escape(name)}*",
-        f"revision `{short(record.revision if record else None)}`",
-        escape(health),
-    ]
-    if record is not None and record.system_path:
-        parts.append(f"`{escape(record.system_path)}`")
-    if record is not None and record.last_deployment_id:
-        parts.append(f"deployment `{escape(record.last_deployment_id)}`")
-    if lock is not None:
-        reason = f" ({escape(lock.reason)})" if lock.reason else ""
-        parts.append(f":lock: locked by {mention(lock.holder)}{reason}")
+    parts = [f"*{escape(row.service)}*", f"revision `{escape(row.revision)}`", escape(row.health)]
+    if row.system != "-":
+        parts.append(f"`{escape(row.system)}`")
+    if row.deployment != "-":
+        parts.append(f"deployment `{escape(row.deployment)}`")
+    if row.locked_by:
+        reason = f" ({escape(row.lock_reason)})" if row.lock_reason else ""
+        parts.append(f":lock: locked by {mention(row.locked_by)}{reason}")
     return " · ".join(parts)
 
 
-async def status_text(store: Store, service: str | None = None) -> str:
+def status_slack(view: StatusView) -> str:
     """The last deployment, then per service its revision, health, system and lock."""
-    last = await store.last_deployment(finished=False)
-    services = await store.services()
-    locks = {lock.service: lock for lock in await store.locks()}
     lines = [f"*{STATUS_TITLE}*"]
-    if last is None:
+    if view.last is None:
         lines.append(NOTHING_DEPLOYED)
     else:
-        lines.append(f"Last deployment: {deployment_line(last)}")
-        lines.append(f"plan: {escape(summary(last.plan))}; steps: {step_counts(last)}")
-        if last.note:
-            lines.append(escape(last.note))
-    names = sorted(set(services) | set(locks))
-    if service is not None:
-        if service not in names:
-            lines.append(f"`{escape(service)}` has never been deployed and is not locked.")
-            return "\n".join(lines)
-        names = [service]
-    lines += [f"• {service_status_line(n, services.get(n), locks.get(n))}" for n in names]
+        lines.append(f"Last deployment: {deployment_line(view.last.row)}")
+        lines.append(f"plan: {escape(view.last.plan)}; steps: {escape(view.last.row.steps)}")
+        if view.last.note:
+            lines.append(escape(view.last.note))
+    if view.service is not None and not view.rows:
+        lines.append(escape(view.empty_text or ""))
+    lines += [f"• {service_status_line(row)}" for row in view.rows]
     return "\n".join(lines)
+
+
+def history_slack(view: HistoryView) -> str:
+    """The newest deployments first (only those touching `service`)."""
+    if view.empty_text is not None:
+        return escape(view.empty_text)
+    lines = [f"*{escape(view.title)}*"]
+    for row in view.rows:
+        took = f", took {row.took}" if row.took != "-" else ""
+        lines.append(f"• {deployment_line(row)}{took}; {escape(row.steps)}")
+    return "\n".join(lines)
+
+
+async def status_text(store: Store, service: str | None = None) -> str:
+    return status_slack(await status_view(store, service))
 
 
 async def history_text(store: Store, service: str | None = None) -> str:
-    """The newest deployments first (only those touching `service`)."""
-    records = await store.history(service, limit=HISTORY_LIMIT)
-    if not records:
-        return "No deployments recorded" + (f" for {escape(service)}." if service else ".")
-    title = f"*Recent deployments{f' of {escape(service)}' if service else ''}*"
-    lines = [title]
-    for record in records:
-        took = ""
-        if record.started_at and record.finished_at:
-            took = f", took {(record.finished_at - record.started_at).total_seconds():.0f}s"
-        lines.append(f"• {deployment_line(record)}{took}; {step_counts(record)}")
-    return "\n".join(lines)
+    return history_slack(await history_view(store, service, HISTORY_LIMIT))
