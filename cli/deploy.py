@@ -96,7 +96,13 @@ def finish(record: DeploymentRecord | None, as_json: bool, verbose: bool) -> NoR
 def nothing_to_do(plan: Plan, kind: DeploymentKind, as_json: bool) -> None:
     note = summary(plan)
     if as_json:
-        body = {"id": None, "kind": kind.value, "state": "succeeded", "steps": [], "note": note}
+        body: dict[str, object] = {
+            "id": None,
+            "kind": kind.value,
+            "state": "succeeded",
+            "steps": [],
+            "note": note,
+        }
         click.echo(json.dumps(body, indent=2))
     else:
         click.echo(note)

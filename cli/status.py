@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -43,7 +44,7 @@ NOTHING_TO_CHECK = "no deployment recorded: nothing to check"
 # --- status, history, unlock -------------------------------------------------------------------
 
 
-def format_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain aligned columns: readable on a terminal, in a log and in a pipe alike."""
     columns = zip(headers, *rows, strict=True)
     widths = [max(len(cell) for cell in column) for column in columns]

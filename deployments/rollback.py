@@ -215,7 +215,9 @@ async def _to_revision(
     plan = await plan_for_deploy(
         store, repo_dir, ref, service=service, manifest_path=manifest_path, limits=limits
     )
-    head = plan.head or await asyncio.to_thread(resolve_revision, repo_dir, ref)
+    head = plan.head
+    if head is None:
+        head = await asyncio.to_thread(resolve_revision, repo_dir, ref)
     manifest = await asyncio.to_thread(
         load_manifest_at, repo_dir, head, manifest_path, limits=limits
     )

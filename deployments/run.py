@@ -102,9 +102,9 @@ def preparer(source: Source, plan: Plan, manifest: Manifest | None) -> Prepare:
 
     async def prepare(tree: Path) -> tuple[Manifest, str | None]:
         revision = await fill_tree(source, plan, tree)
-        found = manifest or await asyncio.to_thread(
-            load_manifest, tree / source.manifest_path, tree
-        )
+        if manifest is not None:
+            return manifest, revision
+        found = await asyncio.to_thread(load_manifest, tree / source.manifest_path, tree)
         return found, revision
 
     return prepare

@@ -128,7 +128,8 @@ async def plan_push(
         raise PlanningError("the Git cache is not set up")
     store = ctx.require_store()
     deployed = await store.last_deployed_revision()
-    await fetch_push(ctx, payload, after, [s for s in (after, before, deployed) if is_sha(s)])
+    wanted = [sha for sha in (after, before, deployed) if sha is not None and is_sha(sha)]
+    await fetch_push(ctx, payload, after, wanted)
     if deployed and await already_contained(git, after, deployed):
         log.info("push %s is already contained in deployed %s", after[:12], deployed[:12])
         return None
