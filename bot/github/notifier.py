@@ -245,8 +245,9 @@ class GitHubNotifier:
             event.state, (StatusState.ERROR, DeploymentStatusState.ERROR)
         )
         description = f"{event.state.value}: {self.summary_of(event)}"
-        await self.status(state, DEPLOY_CONTEXT, description)
+        # the Deployment first: whoever sees `nixmox/deploy` final finds the Deployment final too
         await self.deployment_status(deployment_state, description)
+        await self.status(state, DEPLOY_CONTEXT, description)
 
     def summary_of(self, event: DeploymentFinished) -> str:
         counts: dict[str, int] = defaultdict(int)
