@@ -32,7 +32,9 @@ from deployments.views import (
     Checked,
     HistoryView,
     StatusView,
+    history_cells,
     history_view,
+    last_deployment_lines,
     status_view,
 )
 from runners.registry import RunnerKind
@@ -61,15 +63,8 @@ def status_text(view: StatusView) -> str:
     if view.last is None:
         lines.append(NOTHING_DEPLOYED)
     else:
-        row = view.last.row
-        by = f" by {row.requested_by}" if row.requested_by else ""
-        lines.append(
-            f"Last deployment: {row.id} {row.kind} {row.state} ({row.trigger}{by}) at "
-            f"{when(row.started)}, revision {row.revision}"
-        )
-        lines.append(f"  plan: {view.last.plan}; steps: {row.steps}")
-        if view.last.note:
-            lines.append(f"  {view.last.note}")
+        first, *rest = last_deployment_lines(view.last, when)
+        lines += [first, *(f"  {line}" for line in rest)]
     if view.rows:
         lines.append(format_table(STATUS_HEADERS, [row.cells() for row in view.rows]))
     return "\n".join(lines)
@@ -130,21 +125,7 @@ def history_text(view: HistoryView) -> str:
     """The history view as terminal text."""
     if view.empty_text is not None:
         return view.empty_text
-    rows = [
-        (
-            row.id,
-            row.kind,
-            row.state,
-            row.trigger,
-            row.requested_by or "-",
-            row.revision,
-            when(row.started),
-            row.took,
-            row.steps,
-        )
-        for row in view.rows
-    ]
-    return format_table(HISTORY_HEADERS, rows)
+    return format_table(HISTORY_HEADERS, [history_cells(row, when) for row in view.rows])
 
 
 @click.command()

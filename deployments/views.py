@@ -3,6 +3,7 @@ comment) renders these views with the same columns and the same empty-state word
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -172,6 +173,37 @@ class HistoryView:
     @property
     def title(self) -> str:
         return f"{HISTORY_TITLE} of {self.service}" if self.service else HISTORY_TITLE
+
+
+Clock = Callable[[datetime | None], str]
+"""How a surface writes a time (local time on a terminal, UTC in a comment)."""
+
+
+def last_deployment_lines(last: LastDeployment, when: Clock) -> list[str]:
+    """`Last deployment: …`, its plan and steps, and its note: plain text, every surface."""
+    row = last.row
+    by = f" by {row.requested_by}" if row.requested_by else ""
+    lines = [
+        f"Last deployment: {row.id} {row.kind} {row.state} ({row.trigger}{by}) at "
+        f"{when(row.started)}, revision {row.revision}",
+        f"plan: {last.plan}; steps: {row.steps}",
+    ]
+    return [*lines, last.note] if last.note else lines
+
+
+def history_cells(row: DeploymentRow, when: Clock) -> tuple[str, ...]:
+    """A history row's cells, in HISTORY_HEADERS order."""
+    return (
+        row.id,
+        row.kind,
+        row.state,
+        row.trigger,
+        row.requested_by or NONE,
+        row.revision,
+        when(row.started),
+        row.took,
+        row.steps,
+    )
 
 
 def last_deployment(record: DeploymentRecord | None) -> LastDeployment | None:

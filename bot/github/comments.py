@@ -47,7 +47,9 @@ from deployments.views import (
     STATUS_TITLE,
     HistoryView,
     StatusView,
+    history_cells,
     history_view,
+    last_deployment_lines,
     status_view,
 )
 from planner.render import md_cell, render_text
@@ -395,17 +397,7 @@ def status_markdown(view: StatusView) -> str:
     if view.last is None:
         lines.append(NOTHING_DEPLOYED)
     else:
-        row = view.last.row
-        by = f" by {row.requested_by}" if row.requested_by else ""
-        lines.append(
-            md_cell(
-                f"Last deployment: {row.id} {row.kind} {row.state} ({row.trigger}{by}) at "
-                f"{md_when(row.started)}, revision {row.revision}"
-            )
-        )
-        lines.append(md_cell(f"plan: {view.last.plan}; steps: {row.steps}"))
-        if view.last.note:
-            lines.append(md_cell(view.last.note))
+        lines += [md_cell(line) for line in last_deployment_lines(view.last, md_when)]
     lines.append("")
     if view.rows:
         lines += md_table(STATUS_HEADERS, [row.cells() for row in view.rows])
@@ -418,20 +410,7 @@ def history_markdown(view: HistoryView) -> str:
     """The history view as a PR comment (the CLI's columns and words)."""
     if view.empty_text is not None:
         return view.empty_text
-    rows = [
-        (
-            row.id,
-            row.kind,
-            row.state,
-            row.trigger,
-            row.requested_by or "-",
-            row.revision,
-            md_when(row.started),
-            row.took,
-            row.steps,
-        )
-        for row in view.rows
-    ]
+    rows = [history_cells(row, md_when) for row in view.rows]
     return "\n".join([f"### {view.title}", *md_table(HISTORY_HEADERS, rows)])
 
 
