@@ -20,11 +20,6 @@ from runners.store import DeploymentRecord
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Method(StrEnum):
-    GET = "GET"
-    POST = "POST"
-
-
 @dataclass(frozen=True)
 class Route:
     """One HTTP route a front end serves."""
@@ -33,6 +28,13 @@ class Route:
     path: str
     handler: Handler
     name: str | None = None
+
+
+class Method(StrEnum):
+    """The HTTP methods a front end's routes answer."""
+
+    GET = "GET"
+    POST = "POST"
 
 
 class FrontEnd(Protocol):

@@ -286,13 +286,7 @@ async def deploy(
     service: str | None,
     dry_run: bool,
     no_auto_rollback: bool,
-    runner: str | None,
-    simulate_fail: tuple[str, ...],
-    simulate_duration: tuple[str, ...],
-    simulate_scale: float | None,
-    parallel: int | None,
-    lock_wait: float,
-    lock_lease: float | None,
+    flags: RunnerFlags,
     verbose: bool,
     as_json: bool,
     database_url: str | None,
@@ -307,9 +301,6 @@ async def deploy(
     """
     check_deploy_args(path, repo, ref)
     settings = settings_for(config_file, database_url)
-    flags = RunnerFlags(
-        runner, simulate_fail, simulate_duration, simulate_scale, parallel, lock_wait, lock_lease
-    )
     options = execution_for(settings, config_file, flags, auto_rollback=not no_auto_rollback)
     limits = EvalLimits(timeout=eval_timeout)
     store = await open_store(settings)
@@ -386,13 +377,7 @@ async def rollback(
     repo: Path | None,
     manifest_path: str | None,
     dry_run: bool,
-    runner: str | None,
-    simulate_fail: tuple[str, ...],
-    simulate_duration: tuple[str, ...],
-    simulate_scale: float | None,
-    parallel: int | None,
-    lock_wait: float,
-    lock_lease: float | None,
+    flags: RunnerFlags,
     verbose: bool,
     as_json: bool,
     database_url: str | None,
@@ -402,9 +387,6 @@ async def rollback(
     ran before it; --to DEPLOYMENT_ID restores the systems that deployment installed; --to REF
     deploys that revision. Recorded as a deployment of kind rollback."""
     settings = settings_for(config_file, database_url)
-    flags = RunnerFlags(
-        runner, simulate_fail, simulate_duration, simulate_scale, parallel, lock_wait, lock_lease
-    )
     options = execution_for(settings, config_file, flags)
     where = manifest_path or settings.manifest_path
     store = await open_store(settings)

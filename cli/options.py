@@ -99,9 +99,32 @@ def runner_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-v", "--verbose", is_flag=True, help="Show every step's output."),
         click.option("--json", "as_json", is_flag=True, help="Print the final record as JSON."),
     ]
+    collected = collect_flags(func)
     for option in reversed(options):
-        func = option(func)
-    return func
+        collected = option(collected)
+    return collected
+
+
+FLAG_NAMES = (
+    "runner",
+    "simulate_fail",
+    "simulate_duration",
+    "simulate_scale",
+    "parallel",
+    "lock_wait",
+    "lock_lease",
+)
+
+
+def collect_flags(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Hand the command its runner options as one `flags: RunnerFlags`."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = RunnerFlags(**{name: kwargs.pop(name) for name in FLAG_NAMES})
+        return func(*args, flags=flags, **kwargs)
+
+    return wrapper
 
 
 def settings_for(config_file: Path | None, database_url: str | None) -> Settings:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployments.errors import DeployError, DeploymentRefused
@@ -146,29 +146,24 @@ async def run_locked(
     return await run.run()
 
 
+@dataclass
 class LockedRun:
     """One deployment between taking its locks and releasing them."""
 
-    def __init__(
-        self,
-        store: Store,
-        work: Work,
-        requester: Requester,
-        options: ExecutionOptions,
-        listeners: Listeners,
-    ) -> None:
-        self.store = store
-        self.work = work
-        self.requester = requester
-        self.options = options
-        self.listeners = listeners
-        self.deployment_id = store.new_deployment_id()
+    store: Store
+    work: Work
+    requester: Requester
+    options: ExecutionOptions
+    listeners: Listeners
+    guard: LeaseGuard = field(default_factory=LeaseGuard)
+    runners: RunnerSet | None = None
+    created: bool = False
+
+    def __post_init__(self) -> None:
+        self.deployment_id = self.store.new_deployment_id()
         self.holder = holder_name(self.deployment_id)
-        self.services = lock_names(work.plan)
-        self.tree = options.work_root / self.deployment_id
-        self.guard = LeaseGuard()
-        self.runners: RunnerSet | None = None
-        self.created = False
+        self.services = lock_names(self.work.plan)
+        self.tree = self.options.work_root / self.deployment_id
 
     async def acquire(self) -> None:
         """Take the locks (waiting up to the lock wait); refused: audited, nothing recorded."""

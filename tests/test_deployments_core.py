@@ -23,16 +23,8 @@ from deployments import (
     base_revision,
     plan_for_deploy,
     start_deployment,
+    views,
 )
-from deployments.views import (
-    HISTORY_HEADERS,
-    NO_HISTORY_OF,
-    NOTHING_DEPLOYED,
-    STATUS_HEADERS,
-    history_view,
-    status_view,
-)
-from planner.render import short_rev
 from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind
 from runners.store import Store
@@ -132,32 +124,34 @@ def test_the_bot_takes_lock_lease_and_execution_from_the_settings(
 
 
 async def test_every_surface_says_the_same_when_nothing_is_recorded(store: Store) -> None:
-    status = await status_view(store)
-    assert NOTHING_DEPLOYED in status_text(status)
-    assert NOTHING_DEPLOYED in status_slack(status)
-    assert status_markdown(status) == NOTHING_DEPLOYED
-    history = await history_view(store, "gitea")
-    words = NO_HISTORY_OF.format(service="gitea")
+    status = await views.status_view(store)
+    assert views.NOTHING_DEPLOYED in status_text(status)
+    assert views.NOTHING_DEPLOYED in status_slack(status)
+    assert status_markdown(status) == views.NOTHING_DEPLOYED
+    history = await views.history_view(store, "gitea")
+    words = views.NO_HISTORY_OF.format(service="gitea")
     assert history_text(history) == history_slack(history) == history_markdown(history) == words
 
 
 async def test_every_surface_shows_the_same_columns_and_revisions(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
+    from planner.render import short_rev  # the one short-revision function
+
     await deploy_head(store, repo, simulated(tmp_path))
     short = short_rev(repo.head.commit.hexsha)
-    status = await status_view(store)
+    status = await views.status_view(store)
     assert [row.service for row in status.rows] == ["gitea", "postgresql"]
     assert {row.revision for row in status.rows} == {short}
     cli, markdown, slack = status_text(status), status_markdown(status), status_slack(status)
     [header] = [line for line in cli.split("\n") if line.startswith("SERVICE")]
-    assert header.split() == " ".join(STATUS_HEADERS).split()
-    assert "| " + " | ".join(STATUS_HEADERS) + " |" in markdown
+    assert header.split() == " ".join(views.STATUS_HEADERS).split()
+    assert "| " + " | ".join(views.STATUS_HEADERS) + " |" in markdown
     for text in (cli, markdown, slack):
         assert short in text and "gitea" in text
-    history = await history_view(store)
-    assert "| " + " | ".join(HISTORY_HEADERS) + " |" in history_markdown(history)
-    assert history_text(history).split("\n")[0].split() == list(HISTORY_HEADERS)
+    history = await views.history_view(store)
+    assert "| " + " | ".join(views.HISTORY_HEADERS) + " |" in history_markdown(history)
+    assert history_text(history).split("\n")[0].split() == list(views.HISTORY_HEADERS)
     assert short in history_slack(history)
 
 

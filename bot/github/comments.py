@@ -39,19 +39,7 @@ from bot.github.pulls import (
 )
 from bot.github.statuses import Reaction, Repo, comment, get_pull, react
 from bot.request import DeploymentRequest
-from deployments import DeployError
-from deployments.views import (
-    HISTORY_HEADERS,
-    NOTHING_DEPLOYED,
-    STATUS_HEADERS,
-    STATUS_TITLE,
-    HistoryView,
-    StatusView,
-    history_cells,
-    history_view,
-    last_deployment_lines,
-    status_view,
-)
+from deployments import DeployError, views
 from planner.render import md_cell, render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
@@ -389,37 +377,37 @@ def md_when(at: datetime | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M UTC") if at else "-"
 
 
-def status_markdown(view: StatusView) -> str:
+def status_markdown(view: views.StatusView) -> str:
     """The status view as a PR comment (the CLI's columns and words)."""
     if view.last is None and not view.rows:
-        return view.empty_text or NOTHING_DEPLOYED
-    lines = [f"### {STATUS_TITLE}"]
+        return view.empty_text or views.NOTHING_DEPLOYED
+    lines = [f"### {views.STATUS_TITLE}"]
     if view.last is None:
-        lines.append(NOTHING_DEPLOYED)
+        lines.append(views.NOTHING_DEPLOYED)
     else:
-        lines += [md_cell(line) for line in last_deployment_lines(view.last, md_when)]
+        lines += [md_cell(line) for line in views.last_deployment_lines(view.last, md_when)]
     lines.append("")
     if view.rows:
-        lines += md_table(STATUS_HEADERS, [row.cells() for row in view.rows])
+        lines += md_table(views.STATUS_HEADERS, [row.cells() for row in view.rows])
     else:
         lines.append(view.empty_text or "")
     return "\n".join(lines)
 
 
-def history_markdown(view: HistoryView) -> str:
+def history_markdown(view: views.HistoryView) -> str:
     """The history view as a PR comment (the CLI's columns and words)."""
     if view.empty_text is not None:
         return view.empty_text
-    rows = [history_cells(row, md_when) for row in view.rows]
-    return "\n".join([f"### {view.title}", *md_table(HISTORY_HEADERS, rows)])
+    rows = [views.history_cells(row, md_when) for row in view.rows]
+    return "\n".join([f"### {view.title}", *md_table(views.HISTORY_HEADERS, rows)])
 
 
 async def status_text(ctx: BotContext, service: str | None) -> str:
-    return status_markdown(await status_view(ctx.require_store(), service))
+    return status_markdown(await views.status_view(ctx.require_store(), service))
 
 
 async def history_text(ctx: BotContext, service: str | None) -> str:
-    return history_markdown(await history_view(ctx.require_store(), service, HISTORY_LIMIT))
+    return history_markdown(await views.history_view(ctx.require_store(), service, HISTORY_LIMIT))
 
 
 async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:

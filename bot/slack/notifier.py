@@ -140,8 +140,7 @@ class SlackNotifier:
         self.redact = redact
         self.now = now
         self.on_message = on_message
-        # a last line below the outcome (e.g. how to resume an interrupted deployment)
-        self.footer = footer
+        self.footer = footer  # a last line below the outcome (how to resume an interruption)
         self._linked = False
         self.progress: Progress | None = None
         self.updates_sent = 0
