@@ -4,7 +4,9 @@ HTTP: `POST /slack/events` checks Slack's signature and the 5-minute timestamp w
 (anything wrong or unreadable → 401, before bolt sees it), then hands the request to
 slack-bolt's `AsyncApp` through its aiohttp adapter. Listeners acknowledge at once with a short
 line; planning and deploying run afterwards, as jobs in the store's queue (so a restart loses
-no accepted request), and talk back through the Web API.
+no accepted request), and talk back through the Web API. The work is split by concern:
+`slash` (the command), `buttons` (Approve / Cancel / Re-plan), `runs` (approved requests),
+`services` (what they share), `recovery` (interrupted deployments).
 """
 
 from __future__ import annotations
