@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
@@ -26,21 +26,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bot.auth import setup_dashboard_auth
 from bot.config import Settings
-from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
-from bot.dashboard import setup_dashboard
+from bot.context import CONTEXT, BotContext
+from bot.dashboard import DashboardFrontEnd
+from bot.frontend import FrontEnd, add_routes
 from bot.jobs import JobWorker
+from bot.metrics import Metrics
+from bot.plan_archive import PlanArchive
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
 from planner.escape import html_text
 from planner.render import render_json, render_markdown
 from runners.base import utcnow
 from runners.config import RunnerConfig
-from runners.deploy import DEFAULT_LOCK_LEASE
 from state.store import Store
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 26 * 1024 * 1024  # GitHub caps webhook payloads at 25 MB
 HTTP_TIMEOUT = ClientTimeout(total=60, connect=10)
+FrontEndFactory = Callable[[web.Application, BotContext], FrontEnd]
+"""Makes a front end for the application and its context (called once by `build_app`)."""
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f8fa;padding:1em}}</style>
@@ -58,12 +62,15 @@ def build_app(
     github_policy: Any = None,
     github_sleeper: Any = None,
     recovery_interval: float | None = None,
+    front_ends: Sequence[FrontEndFactory] | None = None,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
     `start_worker=False` leaves queued jobs for the caller (`ctx.jobs.drain()` in tests).
     `github_policy` / `github_sleeper` tune the GitHub client's retries (tests).
     `recovery_interval`: seconds between recovery sweeps (default: the deployment lock lease).
+    `front_ends`: the front ends to plug in (default: the dashboard, then GitHub and Slack
+    when configured; the modules of front ends not configured are not imported).
     """
     ctx = BotContext(
         settings=settings,
@@ -75,7 +82,9 @@ def build_app(
     app = web.Application(client_max_size=MAX_BODY)
     app[CONTEXT] = ctx
     setup_dashboard_auth(app, settings)
-    setup_dashboard(app, ctx)
+    factories = configured_front_ends(settings) if front_ends is None else front_ends
+    for factory in factories:
+        register(app, ctx, factory(app, ctx))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/plans/{key}", plan_page)
@@ -85,18 +94,50 @@ def build_app(
             start_worker=start_worker,
             github_policy=github_policy,
             github_sleeper=github_sleeper,
-            recovery_interval=recovery_interval or DEFAULT_LOCK_LEASE.total_seconds(),
+            recovery_interval=recovery_interval or settings.lock_lease.total_seconds(),
         )
     )
-    if settings.github_enabled:
-        from bot.github import setup_github
-
-        setup_github(app, ctx)
-    if settings.slack_enabled:
-        from bot.slack import setup_slack  # type: ignore[attr-defined]
-
-        setup_slack(app, ctx)
+    for front_end in ctx.front_ends:
+        app.cleanup_ctx.append(lifecycle(front_end))
     return app
+
+
+def configured_front_ends(settings: Settings) -> list[FrontEndFactory]:
+    """The dashboard (first: it owns `/deployments/{id}`), then GitHub and Slack if enabled."""
+    factories: list[FrontEndFactory] = [DashboardFrontEnd.create]
+    if settings.github_enabled:
+        from bot.github import GitHubFrontEnd
+
+        factories.append(GitHubFrontEnd.create)
+    if settings.slack_enabled:
+        from bot.slack import SlackFrontEnd
+
+        factories.append(SlackFrontEnd.create)
+    return factories
+
+
+def register(app: web.Application, ctx: BotContext, front_end: FrontEnd) -> None:
+    """Plug one front end in: routes, job handlers, deployment subscriber, recovery report."""
+    ctx.front_ends.append(front_end)
+    add_routes(app, front_end)
+    for kind, handler in front_end.job_handlers().items():
+        if kind in ctx.job_handlers:
+            raise ValueError(f"two front ends handle job kind {kind!r}")
+        ctx.job_handlers[kind] = handler
+    ctx.subscriber_factories.append(front_end.subscriber_for)
+
+
+def lifecycle(front_end: FrontEnd) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Start a front end once the shared resources are up; close it before they go."""
+
+    async def run(_: web.Application) -> AsyncIterator[None]:
+        await front_end.start()
+        try:
+            yield
+        finally:
+            await front_end.close()
+
+    return run
 
 
 def _resources(

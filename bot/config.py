@@ -46,6 +46,14 @@ UNKNOWN_VARIABLE = "unknown environment variable {name} ignored{hint}"
 CommaList = Annotated[list[str], NoDecode]
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class Settings(BaseSettings):
     """Every setting of `nixmox serve` and the CLI; see the README's configuration table."""
 
@@ -77,6 +85,8 @@ class Settings(BaseSettings):
     plan_branches: CommaList = Field(default_factory=list)  # globs of those; empty: all
     environment: str = "homelab"
     apply_requirements: CommaList = Field(default_factory=lambda: ["approved", "mergeable"])
+    # seconds a deployment's locks outlive a crashed process (renewed while it runs)
+    lock_lease: timedelta = timedelta(seconds=60)
     merge_lock_wait: float = 600.0  # seconds a merge deploy waits for a locked service
 
     # Slack
@@ -99,11 +109,11 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("approval_ttl", mode="before")
+    @field_validator("approval_ttl", "lock_lease", mode="before")
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """A bare number is seconds."""
-        if isinstance(value, int | float) or (isinstance(value, str) and value.isdigit()):
+        if isinstance(value, int | float) or (isinstance(value, str) and _is_number(value)):
             return timedelta(seconds=float(value))
         return value
 

@@ -16,13 +16,14 @@ Nothing from the settings is shown: no tokens, secrets or database address.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from urllib.parse import quote
 
 from aiohttp import web
 
 from bot.context import CONTEXT, BotContext
+from bot.frontend import BaseFrontEnd, Method, Route
 from planner.escape import html_text
 from planner.render import short_rev, summary
 from runners.base import DeploymentKind, DeploymentState, StepState
@@ -417,11 +418,21 @@ async def service_page(request: web.Request) -> web.StreamResponse:
     return html_response(document(f"Service {name}", body))
 
 
-def setup_dashboard(app: web.Application, ctx: BotContext) -> None:
-    """Register the dashboard pages (before any other `/deployments/{id}` route)."""
-    app.router.add_get("/", overview, name="dashboard")
-    app.router.add_get("/deployments/{deployment_id}", deployment_detail)
-    app.router.add_get("/services/{name}", service_page)
+class DashboardFrontEnd(BaseFrontEnd):
+    """The dashboard pages (registered before any other `/deployments/{id}` route)."""
+
+    name = "dashboard"
+
+    @classmethod
+    def create(cls, app: web.Application, ctx: BotContext) -> DashboardFrontEnd:
+        return cls()
+
+    def routes(self) -> Sequence[Route]:
+        return (
+            Route(Method.GET, "/", overview, name="dashboard"),
+            Route(Method.GET, "/deployments/{deployment_id}", deployment_detail),
+            Route(Method.GET, "/services/{name}", service_page),
+        )
 
 
-__all__ = ["setup_dashboard"]
+__all__ = ["DashboardFrontEnd"]

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bot.context import Metrics
+    from bot.metrics import Metrics
     from state.queue import Job
     from state.store import Store
 

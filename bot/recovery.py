@@ -1,18 +1,10 @@
 """Deployments a dead process left running: reported where a live deployment reports its end.
 
 At start-up `store.deployments.recover_interrupted()` marks them `interrupted`. `start_reporting` then, in
-the background, replays the end of each one through the live notifiers, primed with what the
-store recorded:
-
-- GitHub: a `GitHubNotifier` gets `DeploymentFinished(interrupted)`, so `nixmox/deploy` and the
-  `nixmox/deploy/<service>` statuses still pending become `error` ("interrupted: the bot stopped
-  during verify:gitea") and the GitHub Deployment (found by its `nixmox_deployment` payload) gets
-  an `error` status.
-- Slack: a `SlackNotifier` edits the deployment's message (recorded in `slack_messages` when it was
-  posted, see `state.slack_messages`) to its final, interrupted state, with a line saying
-  where it stopped and how to resume or undo it; without a known message (or if it cannot be
-  edited) the same is posted as a new message in `NIXMOX_SLACK_CHANNEL`.
-- The audit log gets one `deployment.interrupted` entry per deployment, saying what was reported.
+the background, hands each one to every front end's `report_interrupted` (`bot.frontend`),
+which replays its end through the live notifiers, primed with what the store recorded (GitHub:
+`bot.github.recovery`, Slack: `bot.slack.recovery`). The audit log gets one
+`deployment.interrupted` entry per deployment, saying what each front end reported.
 
 While the bot runs, `start_sweeping` repeats the recovery every lease period, so a crash
 followed by a restart within the lease (whose deployment was not yet stale at start-up) is
@@ -25,16 +17,14 @@ Every failure is logged and swallowed: reporting never keeps the bot from starti
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bot.context import BotContext, DeploymentRequest
-from bot.github.client import GitHubClient
-from bot.github.notifier import GitHubNotifier
+from bot.context import BotContext
+from bot.request import DeploymentRequest
 from planner.plan import Step
 from runners.base import (
     DeploymentFinished,
@@ -46,22 +36,14 @@ from runners.base import (
     utcnow,
 )
 from state.deployments import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
-from state.slack_messages import SlackMessage
-
-if TYPE_CHECKING:
-    from bot.slack.bot import SlackBot
 
 log = logging.getLogger(__name__)
 
 ACTOR = "nixmox"
-REPORT_TASK = "recovery_report"  # key of the reporting task in `BotContext.extras`
-# audit entries searched for earlier reports of interrupted deployments
-MESSAGE_LINK_WINDOW = 5000
-# GitHub Deployments of the head commit searched for the one a deployment created
-GITHUB_DEPLOYMENT_WINDOW = 300
+# audit entries searched for deployments another bot instance reported already
+AUDIT_WINDOW = 5000
 SHUTDOWN_GRACE = 10.0  # seconds a report still in progress may delay the bot's shutdown
 BOT_STOPPED = "the bot stopped while it ran"
-SWEEP_TASK = "recovery_sweep"  # key of the periodic recovery task in `BotContext.extras`
 SWEEP_WINDOW = 50  # latest deployments the sweep looks at for ones another process recovered
 # the note `store.deployments.recover_interrupted` leaves on a deployment it interrupted
 RECOVERED_NOTE = INTERRUPTED_NOTE.split("{", 1)[0]
@@ -171,196 +153,10 @@ def replayed_steps(record: DeploymentRecord) -> Iterable[StepStarted | StepFinis
             yield StepFinished(record.id, step, record_step.state, reason=record_step.reason, at=at)
 
 
-# -- GitHub -----------------------------------------------------------------------------------
-
-
-class RecoveredGitHubNotifier(GitHubNotifier):
-    """The live GitHub notifier, primed with a recovered deployment, to report its end.
-
-    Services whose steps had all finished before the process died were reported then; the
-    others (a step running, or started ones with steps never reached) are reported now.
-    """
-
-    def __init__(
-        self,
-        ctx: BotContext,
-        record: DeploymentRecord,
-        client: Callable[[], Awaitable[GitHubClient]],
-    ) -> None:
-        super().__init__(ctx, request_of(record), client)
-        self.record = record
-        self.deployment_id = record.id
-        by_service: dict[str, list[StepRecord]] = {}
-        for step in record.steps:
-            if step.service:
-                by_service.setdefault(step.service, []).append(step)
-        for service, service_steps in by_service.items():
-            self.prime(service, service_steps)
-
-    def prime(self, service: str, steps: list[StepRecord]) -> None:
-        interrupted = any(step.state is StepState.INTERRUPTED for step in steps)
-        for step in steps:
-            self.steps_of[service].add(step.id)
-            state = step.state
-            if state is StepState.INTERRUPTED:
-                self.reasons[step.id] = BOT_STOPPED
-            elif never_started(step):
-                # the service's next step never ran: that is this service's interruption
-                state = StepState.SKIPPED if interrupted else StepState.INTERRUPTED
-                self.reasons[step.id] = NEVER_STARTED
-            elif step.reason:
-                self.reasons[step.id] = step.reason
-            self.final[service][step.id] = state
-        touched = interrupted or any(never_started(step) for step in steps)
-        started = any(step.started_at is not None for step in steps)
-        if started:
-            self.started.add(service)
-        if not (touched and started):
-            # reported when its last step ended, or never started: no pending status to end
-            self.reported.add(service)
-
-    def summary_of(self, event: DeploymentFinished) -> str:
-        return where_stopped(self.record)
-
-    async def find_github_deployment(self) -> int | None:
-        """The GitHub Deployment the dead process created for this deployment, if any."""
-        try:
-            gh = await self.gh()
-            seen = 0
-            async for item in gh.getiter(
-                "/repos/{owner}/{repo}/deployments{?sha,environment,per_page}",
-                url_vars=self.repo.vars(
-                    sha=self.sha, environment=self.ctx.settings.environment, per_page=100
-                ),
-            ):
-                if payload_deployment(item) == self.record.id and isinstance(item.get("id"), int):
-                    return int(item["id"])
-                seen += 1
-                if seen >= GITHUB_DEPLOYMENT_WINDOW:
-                    break
-        except Exception:
-            self._failed("finding the Deployment of %s", self.record.id)
-        return None
-
-
-def payload_deployment(item: Any) -> str | None:
-    """The `nixmox_deployment` of a listed GitHub Deployment (its payload may be a string)."""
-    if not isinstance(item, dict):
-        return None
-    payload = item.get("payload")
-    if isinstance(payload, str):
-        try:
-            payload = json.loads(payload)
-        except ValueError:
-            return None
-    if not isinstance(payload, dict):
-        return None
-    value = payload.get("nixmox_deployment")
-    return str(value) if value is not None else None
-
-
-async def report_to_github(ctx: BotContext, record: DeploymentRecord) -> dict[str, Any] | None:
-    """Replay the deployment's end to GitHub; what was done, or None when GitHub is off."""
-    github = ctx.github
-    if github is None or not ctx.settings.repo or not record.head:
-        return None
-
-    async def client() -> GitHubClient:
-        return await github.client(None)
-
-    notifier = RecoveredGitHubNotifier(ctx, record, client)
-    services = sorted(set(notifier.steps_of) - notifier.reported)
-    notifier.github_deployment = await notifier.find_github_deployment()
-    await notifier(finished_event(record))
-    return {
-        "revision": record.head,
-        "github_deployment": notifier.github_deployment,
-        "services": services,
-        "failures": notifier.failures,
-    }
-
-
-# -- Slack ------------------------------------------------------------------------------------
-
-
-async def message_links(ctx: BotContext, deployment_ids: set[str]) -> dict[str, SlackMessage]:
-    """The recorded Slack message of each deployment (the latest record wins)."""
-    return await ctx.require_store().slack_messages.of(deployment_ids)
-
-
-def slack_notifier(
-    bot: SlackBot, record: DeploymentRecord, channel: str, link: SlackMessage | None
-) -> Any:
-    """The live Slack notifier for `record`, primed with its recorded steps."""
-    from bot.slack.blocks import MAX_BLOCKS, section, truncate
-    from bot.slack.bot import origin
-    from bot.slack.notifier import SlackNotifier
-    from bot.slack.progress import Progress
-
-    hint = resume_hint(record)
-
-    class RecoveredSlackNotifier(SlackNotifier):
-        """The progress message, with where it stopped and how to go on below the outcome."""
-
-        def _render(self) -> tuple[str, list[dict[str, Any]]]:
-            text, blocks = super()._render()
-            return truncate(f"{text}\n{hint}", 3000), [
-                *blocks[: MAX_BLOCKS - 1],
-                section(hint, block_id="nixmox_interrupted"),
-            ]
-
-    same_channel = link is not None and link.channel == channel
-    notifier = RecoveredSlackNotifier(
-        bot.client,
-        channel,
-        ts=link.ts if link is not None and same_channel else None,
-        pacer=bot.pacer,
-        redact=bot.redactor.text,
-    )
-    progress = Progress(
-        record.id,
-        record.plan,
-        kind=record.kind,
-        title=link.title if link is not None else None,
-        requested_by=record.requested_by,
-        approved_by=record.approved_by,
-        origin=(link.origin if link is not None else None) or origin(request_of(record)),
-        started_at=record.started_at,
-        redact=bot.redactor.text,
-    )
-    for event in replayed_steps(record):
-        progress.apply(event)  # thread notes were posted by the dead process: not again
-    notifier.progress = progress
-    return notifier
-
-
-async def report_to_slack(
-    ctx: BotContext, record: DeploymentRecord, link: SlackMessage | None
-) -> dict[str, Any] | None:
-    """Finish the deployment's message (or announce the interruption); what was done."""
-    bot = ctx.extras.get("slack")
-    if bot is None:
-        return None
-    if link is not None:
-        notifier = slack_notifier(bot, record, link.channel, link)
-        await notifier(finished_event(record))
-        if notifier.updates_sent:
-            return {"channel": link.channel, "ts": link.ts, "updated": True}
-        log.warning("could not update the Slack message of deployment %s; announcing", record.id)
-    channel = ctx.settings.slack_channel
-    if not channel:
-        return {"updated": False, "error": "no message known and NIXMOX_SLACK_CHANNEL unset"}
-    notifier = slack_notifier(bot, record, channel, None)
-    await notifier(finished_event(record))
-    return {"channel": channel, "ts": notifier.ts, "updated": False, "posted": bool(notifier.ts)}
-
-
 # -- the report -------------------------------------------------------------------------------
 
 
-async def report_one(
-    ctx: BotContext, record: DeploymentRecord, link: SlackMessage | None
-) -> dict[str, Any]:
+async def report_one(ctx: BotContext, record: DeploymentRecord) -> dict[str, Any]:
     """Report one recovered deployment everywhere, then audit what was reported."""
     detail: dict[str, Any] = {
         "deployment": record.id,
@@ -370,16 +166,16 @@ async def report_one(
         "stopped_during": stopped_in(record),
         "note": record.note,
     }
-    reports = {
-        "github": lambda: report_to_github(ctx, record),
-        "slack": lambda: report_to_slack(ctx, record, link),
-    }
-    for channel, report in reports.items():
+    for front_end in ctx.front_ends:
         try:
-            detail[channel] = await report()
+            reported = await front_end.report_interrupted(record)
         except Exception as exc:
-            log.exception("could not report interrupted deployment %s to %s", record.id, channel)
-            detail[channel] = {"error": type(exc).__name__}
+            log.exception(
+                "could not report interrupted deployment %s to %s", record.id, front_end.name
+            )
+            reported = {"error": type(exc).__name__}
+        if reported is not None:
+            detail[front_end.name] = reported
     try:
         await ctx.require_store().audit.record(ACTOR, RecoveryAudit.INTERRUPTED, detail)
     except Exception:
@@ -389,19 +185,12 @@ async def report_one(
 
 async def report_interrupted(ctx: BotContext, records: list[DeploymentRecord]) -> None:
     """Report every deployment recovered as interrupted (oldest first)."""
-    if not records:
-        return
-    try:
-        links = await message_links(ctx, {record.id for record in records})
-    except Exception:
-        log.exception("could not read the Slack messages of interrupted deployments")
-        links = {}
     for record in sorted(records, key=lambda r: r.created_at or datetime.min):
-        await report_one(ctx, record, links.get(record.id))
+        await report_one(ctx, record)
 
 
 def start_reporting(ctx: BotContext, records: list[DeploymentRecord]) -> asyncio.Task[None] | None:
-    """Report in the background (the bot serves meanwhile); the task is in `ctx.extras`."""
+    """Report in the background (the bot serves meanwhile); the task is in `ctx.tasks`."""
     if not records:
         return None
 
@@ -412,7 +201,7 @@ def start_reporting(ctx: BotContext, records: list[DeploymentRecord]) -> asyncio
             log.exception("reporting interrupted deployments failed")
 
     task = asyncio.create_task(run(), name="nixmox-recovery-report")
-    ctx.extras[REPORT_TASK] = task
+    ctx.tasks.recovery_report = task
     return task
 
 
@@ -463,9 +252,7 @@ class RecoverySweeper:
         fresh = {i: record for i, record in found.items() if i not in self.reported}
         if fresh:
             # another bot instance may have reported it already
-            audited = await store.audit.entries(
-                MESSAGE_LINK_WINDOW, action=RecoveryAudit.INTERRUPTED
-            )
+            audited = await store.audit.entries(AUDIT_WINDOW, action=RecoveryAudit.INTERRUPTED)
             for entry in audited:
                 fresh.pop(str(entry.detail.get("deployment")), None)
         self.reported.update(fresh)
@@ -486,10 +273,10 @@ class RecoverySweeper:
 def start_sweeping(
     ctx: BotContext, interval: float, since: datetime, reported: Iterable[str] = ()
 ) -> asyncio.Task[None]:
-    """Sweep in the background while the bot runs; the task is in `ctx.extras`."""
+    """Sweep in the background while the bot runs; the task is in `ctx.tasks`."""
     sweeper = RecoverySweeper(ctx, interval, since, reported)
     task = asyncio.create_task(sweeper.run(), name="nixmox-recovery-sweep")
-    ctx.extras[SWEEP_TASK] = task
+    ctx.tasks.recovery_sweep = task
     return task
 
 
@@ -503,9 +290,6 @@ async def stop_sweeping(task: asyncio.Task[None] | None) -> None:
 
 
 __all__ = [
-    "REPORT_TASK",
-    "SWEEP_TASK",
-    "RecoveredGitHubNotifier",
     "RecoveryAudit",
     "RecoverySweeper",
     "report_interrupted",

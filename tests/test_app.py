@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
-import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ from aiohttp import web
 
 from bot.app import build_app
 from bot.config import Settings
-from bot.context import CONTEXT, BotContext, DeploymentRequest
+from bot.context import CONTEXT, BotContext
+from bot.frontend import BaseFrontEnd, Method, Route
+from bot.jobs import JobHandler
+from bot.request import DeploymentRequest
 from planner.plan import Plan, Step
 from runners.base import Trigger
 from state.store import SCHEMA_REVISION, Store
@@ -86,34 +90,74 @@ async def test_a_given_store_is_used_and_left_open(aiohttp_client: Any, tmp_path
     await store.close()
 
 
-async def test_slack_joins_through_setup_slack(
-    aiohttp_client: Any, tmp_path: Path, monkeypatch: Any
-) -> None:
-    """With NIXMOX_SLACK_SIGNING_SECRET, `bot.slack.setup_slack(app, ctx)` adds its parts."""
-    calls: list[tuple[web.Application, BotContext]] = []
+class RecordingFrontEnd(BaseFrontEnd):
+    """A front end that records what the application does with it."""
 
-    async def slack_events(request: web.Request) -> web.Response:
-        return web.Response(text="slack")
+    name = "recording"
 
-    def setup_slack(app: web.Application, ctx: BotContext) -> None:
-        calls.append((app, ctx))
-        app.router.add_post("/slack/events", slack_events)
+    def __init__(self) -> None:
+        self.calls: list[str] = []
 
-        async def subscriber_factory(request: DeploymentRequest) -> None:
-            return None
+    def routes(self) -> Sequence[Route]:
+        async def events(request: web.Request) -> web.Response:
+            return web.Response(text="recorded")
 
-        ctx.subscriber_factories.append(subscriber_factory)
+        return (Route(Method.POST, "/slack/events", events),)
 
-    fake_slack = types.ModuleType("bot.slack")
-    fake_slack.setup_slack = setup_slack  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "bot.slack", fake_slack)
-    app = build_app(plain_settings(tmp_path, slack_signing_secret="s"))
-    client = await aiohttp_client(app)
-    ((called_app, ctx),) = calls
+    def job_handlers(self) -> Mapping[str, JobHandler]:
+        async def handle(payload: dict[str, Any]) -> None:
+            self.calls.append(f"job {payload['n']}")
+
+        return {"recording.job": handle}
+
+    async def subscriber_for(self, request: DeploymentRequest) -> None:
+        self.calls.append(f"subscriber for {request.requested_by}")
+        return None
+
+    async def start(self) -> None:
+        self.calls.append("start")
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+
+async def test_a_front_end_plugs_in_through_build_app(aiohttp_client: Any, tmp_path: Path) -> None:
+    """Routes, job handlers, the deployment subscriber and the lifecycle of a front end."""
+    front_end = RecordingFrontEnd()
+    made: list[tuple[web.Application, BotContext]] = []
+
+    def factory(app: web.Application, ctx: BotContext) -> RecordingFrontEnd:
+        made.append((app, ctx))
+        return front_end
+
+    app = build_app(plain_settings(tmp_path), front_ends=[factory], start_worker=False)
+    ((called_app, ctx),) = made
     assert called_app is app and ctx is app[CONTEXT]
+    assert ctx.front_ends == [front_end]
+    client = await aiohttp_client(app)
+    assert front_end.calls == ["start"]
     assert (await client.post("/slack/events")).status == 200
+    await ctx.require_jobs().enqueue("recording.job", {"n": 1})
+    await ctx.require_jobs().drain()
     request = DeploymentRequest(trigger=Trigger.SLACK, requested_by="slack:U1", revision=None)
     assert await ctx.subscribers_for(request) == []
+    assert front_end.calls == ["start", "job 1", "subscriber for slack:U1"]
+    await client.close()
+    assert front_end.calls[-1] == "close"
+
+
+def test_build_app_imports_no_front_end_that_is_not_configured(tmp_path: Path) -> None:
+    """Neither GitHub's nor Slack's modules are loaded unless they are configured."""
+    script = (
+        "import sys; from pathlib import Path; from bot.app import build_app; "
+        "from bot.config import Settings; "
+        f"app = build_app(Settings(workdir=Path({str(tmp_path)!r}))); "
+        "print(sorted(m for m in sys.modules if m.startswith(('bot.github', 'bot.slack'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
 
 
 async def test_a_failing_subscriber_factory_is_skipped(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from bot.context import Metrics
 from bot.jobs import MAX_ATTEMPTS, JobWorker, UnknownJobKind
+from bot.metrics import Metrics
 from state.queue import JobState
 from state.store import Store
 

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from bot.app import build_app
 from bot.config import Settings
+from deployments import ExecutionOptions, GitSource, Requester, plan_for_deploy, start_deployment
 from planner.plan import Phase, Step
 from runners.base import (
     Context,
@@ -22,7 +23,6 @@ from runners.base import (
     StepState,
 )
 from runners.config import RunnerConfig, SimulateConfig
-from runners.deploy import plan_for_deploy, run_deployment
 from runners.registry import RunnerKind, RunnerSet, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store
@@ -43,20 +43,26 @@ class MarkupVerifier:
         return StepResult(True, f"{step.id}: {MARKUP}")
 
 
-async def deploy(store: Store, repo: git.Repo, tmp_path: Path, **options: Any) -> DeploymentRecord:
+async def deploy(
+    store: Store,
+    repo: git.Repo,
+    tmp_path: Path,
+    runner_config: RunnerConfig = FAST,
+    runners: RunnerSet | None = None,
+) -> DeploymentRecord:
     """Plan from the store's deployed revision and run it with simulated runners."""
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
-    options.setdefault("runner_kind", "simulate")
-    options.setdefault("runner_config", FAST)
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        work_root=tmp_path / "work",
-        requested_by="github:alice",
-        approved_by="slack:U2",
-        **options,
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        requester=Requester(requested_by="github:alice", approved_by="slack:U2"),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE,
+            runner_config=runner_config,
+            runners=runners,
+            work_root=tmp_path / "work",
+        ),
     )
     assert record is not None
     return record

@@ -10,6 +10,23 @@ from pathlib import Path
 import git
 import pytest
 
+from deployments import (
+    DeployError,
+    DeploymentRefused,
+    DirectorySource,
+    ExecutionOptions,
+    GitSource,
+    Requester,
+    RollbackError,
+    check_health,
+    holder_name,
+    lock_names,
+    plan_for_deploy,
+    prepare_rollback,
+    preview_deployment,
+    start_deployment,
+    start_rollback,
+)
 from planner.plan import Phase, Step
 from runners.base import (
     Context,
@@ -18,22 +35,10 @@ from runners.base import (
     Event,
     StepResult,
     StepState,
+    Trigger,
     utcnow,
 )
 from runners.config import RunnerConfig, SimulateConfig
-from runners.deploy import (
-    DeployError,
-    DeploymentRefused,
-    RollbackError,
-    check_health,
-    holder_name,
-    lock_names,
-    plan_for_deploy,
-    prepare_rollback,
-    preview_deployment,
-    run_deployment,
-    run_rollback,
-)
 from runners.registry import RunnerKind, RunnerSet
 from state.locks import LockBusy
 from state.schema import locks
@@ -98,13 +103,11 @@ async def test_deploys_the_exported_revision_not_the_working_copy(
     live = Path(repo.working_tree_dir) / MANIFEST
     live.write_text(live.read_text() + "\n# live edit, never deployed\n")
     recorder = Recorder()
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        runners=recording_set(recorder),
-        work_root=tmp_path / "work",
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        options=ExecutionOptions(runners=recording_set(recorder), work_root=tmp_path / "work"),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert record.head == first
@@ -125,13 +128,14 @@ async def test_a_plain_directory_is_snapshotted(store: Store, tmp_path: Path) ->
 
     manifest = load_manifest(source / MANIFEST)
     recorder = Recorder()
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan_full(manifest),
+        DirectorySource(Path(source)),
+        options=ExecutionOptions(
+            runners=recording_set(recorder), work_root=source / ".nixmox" / "work"
+        ),
         manifest=manifest,
-        workdir=source,
-        runners=recording_set(recorder),
-        work_root=source / ".nixmox" / "work",
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert {text for _, _, text in recorder.seen} == {SMALL}
@@ -143,19 +147,18 @@ async def test_second_deploy_of_the_same_revision_has_nothing_to_do(
 ) -> None:
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert plan.base is None and len(plan.steps) == 5
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        runner_kind="simulate",
-        runner_config=FAST,
-        work_root=tmp_path / "work",
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert again.steps == []
-    assert await run_deployment(store, again, repo_dir=repo.working_tree_dir) is None
+    assert await start_deployment(store, again, GitSource(Path(repo.working_tree_dir))) is None
     # a change plans only what it needs, from the deployed revision
     second = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
     change = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
@@ -168,14 +171,13 @@ async def test_a_failed_deployment_is_planned_again(
 ) -> None:
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     config = RunnerConfig(simulate=SimulateConfig(scale=0.005, fail=["tf:infra"]))
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        runner_kind="simulate",
-        runner_config=config,
-        work_root=tmp_path / "work",
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=config, work_root=tmp_path / "work"
+        ),
     )
     assert record is not None and record.state is DeploymentState.FAILED
     assert record.step("verify:gitea").state is StepState.SKIPPED  # type: ignore[union-attr]
@@ -191,7 +193,7 @@ async def test_a_locked_service_refuses_the_deployment_naming_the_holder(
         plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
         await store.locks.lock("gitea", "alice", "database migration")
         with pytest.raises(DeploymentRefused) as refused:
-            await run_deployment(store, plan, repo_dir=repo.working_tree_dir, runners=None)
+            await start_deployment(store, plan, GitSource(Path(repo.working_tree_dir)))
         assert "gitea is locked by alice (database migration)" in str(refused.value)
         assert "nixmox unlock gitea" in str(refused.value)
         assert await store.deployments.history() == []  # nothing ran, nothing recorded
@@ -210,25 +212,33 @@ async def test_a_second_deployment_is_refused_then_waits(
     try:
         plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
         recorder = Recorder(release=asyncio.Event())
-        common = {
-            "repo_dir": repo.working_tree_dir,
-            "manifest_path": MANIFEST,
-            "work_root": tmp_path / "work",
-        }
+        source = GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST)
+        work_root = tmp_path / "work"
         first = asyncio.create_task(
-            run_deployment(store, plan, runners=recording_set(recorder), **common)
+            start_deployment(
+                store,
+                plan,
+                source,
+                options=ExecutionOptions(runners=recording_set(recorder), work_root=work_root),
+            )
         )
         while not recorder.seen:  # the first deployment holds its locks and runs
             await asyncio.sleep(0.02)
         [running] = await store.deployments.history()
         with pytest.raises(DeploymentRefused) as refused:
-            await run_deployment(store, plan, runners=recording_set(Recorder()), **common)
+            await start_deployment(
+                store,
+                plan,
+                source,
+                options=ExecutionOptions(runners=recording_set(Recorder()), work_root=work_root),
+            )
         assert refused.value.busy.holder == holder_name(running.id)
         assert f"locked by deployment {running.id}" in str(refused.value)
         # with --lock-wait, the second one waits for the first and then runs
-        second = asyncio.create_task(
-            run_deployment(store, plan, runners=recording_set(Recorder()), lock_wait=30, **common)
+        waiting = ExecutionOptions(
+            runners=recording_set(Recorder()), lock_wait=30, work_root=work_root
         )
+        second = asyncio.create_task(start_deployment(store, plan, source, options=waiting))
         await asyncio.sleep(0.5)
         assert not second.done()
         recorder.release.set()  # type: ignore[union-attr]
@@ -247,14 +257,15 @@ async def test_locks_are_renewed_while_running_and_released_after(
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     lease = timedelta(seconds=0.3)
     task = asyncio.create_task(
-        run_deployment(
+        start_deployment(
             store,
             plan,
-            repo_dir=repo.working_tree_dir,
-            manifest_path=MANIFEST,
-            runners=recording_set(Recorder(seconds=0.25)),  # 5 steps: well past the lease
-            lock_lease=lease,
-            work_root=tmp_path / "work",
+            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+            options=ExecutionOptions(
+                runners=recording_set(Recorder(seconds=0.25)),  # 5 steps: well past the lease
+                lock_lease=lease,
+                work_root=tmp_path / "work",
+            ),
         )
     )
     await asyncio.sleep(0.9)
@@ -275,13 +286,11 @@ async def test_cancelled_deployment_is_recorded_interrupted(
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     recorder = Recorder(release=asyncio.Event())
     task = asyncio.create_task(
-        run_deployment(
+        start_deployment(
             store,
             plan,
-            repo_dir=repo.working_tree_dir,
-            manifest_path=MANIFEST,
-            runners=recording_set(recorder),
-            work_root=tmp_path / "work",
+            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+            options=ExecutionOptions(runners=recording_set(recorder), work_root=tmp_path / "work"),
         )
     )
     while not recorder.seen:
@@ -319,14 +328,15 @@ async def test_a_deployment_that_loses_a_lock_stops_interrupted(
         plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
         recorder = Recorder(release=asyncio.Event())  # the first step runs until released
         task = asyncio.create_task(
-            run_deployment(
+            start_deployment(
                 store,
                 plan,
-                repo_dir=repo.working_tree_dir,
-                manifest_path=MANIFEST,
-                runners=recording_set(recorder),
-                lock_lease=timedelta(seconds=0.6),
-                work_root=tmp_path / "work",
+                GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+                options=ExecutionOptions(
+                    runners=recording_set(recorder),
+                    lock_lease=timedelta(seconds=0.6),
+                    work_root=tmp_path / "work",
+                ),
             )
         )
         while not recorder.seen:
@@ -353,13 +363,13 @@ async def test_unknown_revision_is_a_deploy_error_and_frees_the_locks(
 ) -> None:
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     with pytest.raises(DeployError, match="cannot prepare the files to deploy"):
-        await run_deployment(
+        await start_deployment(
             store,
             plan,
-            repo_dir=repo.working_tree_dir,
-            revision="0" * 40,
-            runners=recording_set(Recorder()),
-            work_root=tmp_path / "work",
+            GitSource(Path(repo.working_tree_dir), "0" * 40),
+            options=ExecutionOptions(
+                runners=recording_set(Recorder()), work_root=tmp_path / "work"
+            ),
         )
     assert await store.deployments.history() == []
     assert await store.locks.all() == []
@@ -371,8 +381,8 @@ async def test_invalid_and_empty_plans(store: Store, repo: git.Repo) -> None:
 
     broken = invalid_plan([error("type", "bad", field="services.x.ip")])
     with pytest.raises(DeployError, match="1 error"):
-        await run_deployment(store, broken, repo_dir=repo.working_tree_dir)
-    assert await run_deployment(store, Plan(), repo_dir=repo.working_tree_dir) is None
+        await start_deployment(store, broken, GitSource(Path(repo.working_tree_dir)))
+    assert await start_deployment(store, Plan(), GitSource(Path(repo.working_tree_dir))) is None
 
 
 async def deploy_twice(store: Store, repo: git.Repo, tmp_path: Path) -> tuple[str, str]:
@@ -382,14 +392,13 @@ async def deploy_twice(store: Store, repo: git.Repo, tmp_path: Path) -> tuple[st
         if change:
             commit(repo, *change, "gitea port")
         plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
-        record = await run_deployment(
+        record = await start_deployment(
             store,
             plan,
-            repo_dir=repo.working_tree_dir,
-            manifest_path=MANIFEST,
-            runner_kind="simulate",
-            runner_config=FAST,
-            work_root=tmp_path / "work",
+            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+            options=ExecutionOptions(
+                runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+            ),
         )
         assert record is not None and record.state is DeploymentState.SUCCEEDED
         ids.append(record.id)
@@ -413,13 +422,13 @@ async def test_rollback_undoes_the_last_deployment(
     assert prepared.targets == {"gitea": nix.previous_system}
     assert prepared.source_deployment == second
     assert [s.id for s in prepared.plan.steps] == ["nix:service-config:gitea", "verify:gitea"]
-    record = await run_rollback(
+    record = await start_rollback(
         store,
         prepared,
-        runner_kind="simulate",
-        runner_config=FAST,
-        requested_by="alice",
-        work_root=tmp_path / "work",
+        requester=Requester(requested_by="alice"),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
     )
     assert record is not None
     assert (record.kind, record.state) == (DeploymentKind.ROLLBACK, DeploymentState.SUCCEEDED)
@@ -451,8 +460,12 @@ async def test_rollback_to_a_deployment_and_per_service(
         await prepare_rollback(store, to=first, service="caddy")
     with pytest.raises(RollbackError, match="needs a Git repository"):
         await prepare_rollback(store, to="no-such-deployment")
-    record = await run_rollback(
-        store, prepared, runner_kind="simulate", runner_config=FAST, work_root=tmp_path / "w"
+    record = await start_rollback(
+        store,
+        prepared,
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "w"
+        ),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert (await store.services.all())["gitea"].system_path == installed
@@ -468,13 +481,13 @@ async def test_rollback_to_a_revision_deploys_it(
         store, to="main~1", repo_dir=repo.working_tree_dir, manifest_path=MANIFEST
     )
     assert prepared.by_revision and prepared.plan.services() == ["gitea"]
-    record = await run_rollback(
+    record = await start_rollback(
         store,
         prepared,
         manifest_path=MANIFEST,
-        runner_kind="simulate",
-        runner_config=FAST,
-        work_root=tmp_path / "work",
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
     )
     assert record is not None and record.kind is DeploymentKind.ROLLBACK
     assert record.state is DeploymentState.SUCCEEDED
@@ -495,7 +508,7 @@ async def test_dry_run_lists_exact_commands_and_changes_nothing(
 
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     manifest = load_manifest_at(repo.working_tree_dir, "main", MANIFEST)
-    preview = await preview_deployment(plan, manifest=manifest, runner_kind="real")
+    preview = await preview_deployment(plan, manifest=manifest, options=ExecutionOptions())
     commands = dict(preview)
     assert list(commands) == [s for wave in plan.waves for s in wave]
     assert any(
@@ -509,9 +522,8 @@ async def test_check_health_records_live_results(store: Store) -> None:
     from planner.source import load_manifest
 
     manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
-    results = await check_health(
-        store, manifest, ["gitea", "postgresql"], runner_kind="simulate", runner_config=FAST
-    )
+    simulated = ExecutionOptions(runner_kind=RunnerKind.SIMULATE, runner_config=FAST)
+    results = await check_health(store, manifest, ["gitea", "postgresql"], options=simulated)
     assert {name: ok for name, (ok, _) in results.items()} == {"gitea": True, "postgresql": True}
     services = await store.services.all()
     assert services["gitea"].last_health == "healthy" and services["gitea"].health_at
@@ -529,18 +541,15 @@ async def test_subscribers_receive_events_and_a_failing_one_changes_nothing(
     async def broken(event: Event) -> None:
         raise RuntimeError("slack is down")
 
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        runner_kind="simulate",
-        runner_config=FAST,
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        requester=Requester(trigger=Trigger.SLACK, requested_by="U_ALICE", approved_by="U_BOB"),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
         subscribers=[broken, listen],
-        trigger="slack",
-        requested_by="U_ALICE",
-        approved_by="U_BOB",
-        work_root=tmp_path / "work",
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert (record.trigger, record.requested_by, record.approved_by) == (
@@ -559,27 +568,26 @@ async def test_planning_after_a_file_deploy_or_per_service(
     from planner.source import load_manifest
 
     manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
-    from_file = await run_deployment(
+    from_file = await start_deployment(
         store,
         plan_full(manifest),
+        DirectorySource(Path(REPO_ROOT / "manifests")),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
         manifest=manifest,
-        workdir=REPO_ROOT / "manifests",
-        runner_kind="simulate",
-        runner_config=FAST,
-        work_root=tmp_path / "work",
     )
     assert from_file is not None and from_file.head.startswith("sha256:")  # type: ignore[union-attr]
     # the repository does not know that revision: plan everything
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert plan.base is None and len(plan.steps) == 5
-    await run_deployment(
+    await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        runner_kind="simulate",
-        runner_config=FAST,
-        work_root=tmp_path / "work",
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
     )
     head = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
     only = await plan_for_deploy(
@@ -587,15 +595,14 @@ async def test_planning_after_a_file_deploy_or_per_service(
     )
     assert (only.base, only.head) == (plan.head, head)
     assert only.services() == ["gitea"]
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         only,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
         scope="gitea",
-        runner_kind="simulate",
-        runner_config=FAST,
-        work_root=tmp_path / "work",
     )
     assert record is not None and record.scope == "gitea"
     # gitea runs the new revision; the homelab as a whole is still at the old one

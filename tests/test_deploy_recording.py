@@ -13,9 +13,10 @@ import git
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from deployments import ExecutionOptions, GitSource, plan_for_deploy, recording, start_deployment
+from deployments.recording import record_result
 from planner.plan import plan_full
 from planner.source import load_manifest
-from runners import deploy
 from runners.base import (
     Context,
     DeploymentFinished,
@@ -26,7 +27,6 @@ from runners.base import (
     StepState,
 )
 from runners.config import RunnerConfig, SimulateConfig
-from runners.deploy import plan_for_deploy, record_result, run_deployment
 from runners.executor import Executor, RecordingFailed
 from runners.registry import RunnerKind, build_runners
 from state.deployments import DeploymentRecord
@@ -40,7 +40,7 @@ FAST = RunnerConfig(simulate=SimulateConfig(scale=0.001))
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retry store writes without the production backoff (the count is unchanged)."""
-    monkeypatch.setattr(deploy, "RECORD_BACKOFF", 0.001)
+    monkeypatch.setattr(recording, "RECORD_BACKOFF", 0.001)
 
 
 def database_down() -> OperationalError:
@@ -84,15 +84,14 @@ def first_calls(count: int) -> Callable[[Event], bool]:
 
 async def deploy_main(store: Store, repo: git.Repo, tmp_path: Path, **options: object) -> object:
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
-    return await run_deployment(
+    return await start_deployment(
         store,
         plan,
-        repo_dir=repo.working_tree_dir,
-        manifest_path=MANIFEST,
-        runner_kind=RunnerKind.SIMULATE,
-        runner_config=FAST,
-        work_root=tmp_path / "work",
-        **options,  # type: ignore[arg-type]
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        options=ExecutionOptions(
+            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
+        ),
+        **options,
     )
 
 
@@ -130,7 +129,7 @@ async def test_a_store_that_stays_down_fails_the_deployment_loudly(
     with pytest.raises(RecordingFailed, match="could not record StepFinished"):
         await deploy_main(store, repo, tmp_path)
 
-    assert flaky.failures == deploy.RECORD_RETRIES + 1  # bounded retries, then it stops
+    assert flaky.failures == recording.RECORD_RETRIES + 1  # bounded retries, then it stops
     [record] = await store.deployments.history()
     assert record.state is DeploymentState.FAILED  # not left `running`
     assert record.note is not None and "could not record StepFinished" in record.note

@@ -6,11 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from deployments import (
+    DirectorySource,
+    ExecutionOptions,
+    RollbackError,
+    prepare_rollback,
+    start_deployment,
+)
 from planner.models import Manifest
 from planner.plan import Plan, finalize, plan_full
 from runners.base import DeploymentState, StepState
 from runners.config import RunnerConfig, SimulateConfig
-from runners.deploy import RollbackError, prepare_rollback, run_deployment
 from runners.registry import RunnerSet, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store
@@ -47,13 +53,12 @@ def verify_only(plan: Plan, service: str) -> Plan:
 
 
 async def deploy(store: Store, plan: Plan, runners: RunnerSet, tmp_path: Path) -> DeploymentRecord:
-    record = await run_deployment(
+    record = await start_deployment(
         store,
         plan,
+        DirectorySource(Path(tmp_path)),
+        options=ExecutionOptions(runners=runners, work_root=tmp_path / "work"),
         manifest=manifest(),
-        workdir=tmp_path,
-        runners=runners,
-        work_root=tmp_path / "work",
     )
     assert record is not None
     return record

@@ -409,7 +409,7 @@ async def test_the_author_and_triagers_may_read(
     reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40, author="alice")
     reviewers.permissions["tina"] = "triage"
     (reply,) = await command(bot, payloads, "/nixmox history", user="alice")  # no permission
-    assert reply["body"] == "No deployments yet."
+    assert reply["body"] == "No deployments recorded."
     (reply,) = await command(bot, payloads, "/nixmox status", user="tina", comment_id=556)
     assert reply["body"] == "No deployment recorded yet."
     assert reactions(reviewers) == ["eyes"] and reactions(reviewers, 556) == ["eyes"]

@@ -257,13 +257,13 @@ def test_a_relative_and_type_checking_import_against_the_layers_is_reported(
             "bot/__init__.py": "",
             "bot/config.py": "from cli import main\n",
             "cli/__init__.py": "",
-            "cli/main.py": "import bot.config, runners.store, planner.plan\n",
+            "cli/main.py": "import bot.config, state.store, planner.plan\n",
         },
     )
     found = layer_violations(imports_of(tmp_path), tmp_path)
     assert [line.split(" (")[0] for line in found] == [
         "bot/config.py:1: bot.config imports cli.main",
-        "planner/plan.py:3: planner.plan imports runners.store",
+        "planner/plan.py:3: planner.plan imports state.store",
         "runners/base.py:1: runners.base imports bot.config",
     ]
 

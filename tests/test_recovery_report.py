@@ -17,9 +17,9 @@ from typing import Any
 
 from bot.app import build_app
 from bot.context import BotContext, DeploymentRequest
-from bot.recovery import REPORT_TASK, SWEEP_TASK, RecoveryAudit, RecoverySweeper
+from bot.recovery import RecoveryAudit, RecoverySweeper
 from bot.slack import SLACK_BOT
-from bot.slack.bot import Audit
+from bot.slack.names import Audit
 from planner.plan import Plan, plan_full
 from planner.source import load_manifest
 from runners.base import (
@@ -138,7 +138,7 @@ async def die(subscribers: list[Subscriber]) -> None:
 
 async def reported(ctx: BotContext) -> None:
     """Wait for the start-up report of the interrupted deployments."""
-    task = ctx.extras.get(REPORT_TASK)
+    task = ctx.tasks.recovery_report
     assert task is not None, "the bot did not start reporting interrupted deployments"
     await asyncio.wait_for(task, 60)
 
@@ -313,7 +313,7 @@ async def test_a_slack_deployment_gets_its_ending_in_the_approval_message(
     assert "The bot stopped during `nix:service-config:gitea`" in text
     assert "`/nixmox deploy gitea` resumes it, `/nixmox rollback gitea` undoes" in text
     detail = await audit_entry(bot_ctx.require_store(), RecoveryAudit.INTERRUPTED, deployment_id)
-    assert detail["github"] is None  # GitHub is not configured
+    assert "github" not in detail  # GitHub is not configured: nothing reported there
     assert detail["slack"]["updated"] is True
 
 
@@ -450,11 +450,11 @@ async def test_a_restart_within_the_lease_is_reported_once_the_lease_runs_out(
     )
     ctx = bot.app[SLACK_BOT].ctx
     store = ctx.require_store()
-    assert ctx.extras.get(REPORT_TASK) is None
+    assert ctx.tasks.recovery_report is None
     record = await store.deployments.get(deployment_id)
     assert record is not None and record.state is DeploymentState.RUNNING
     assert fake_slack.channel_messages(CHANNEL) == []
-    assert not ctx.extras[SWEEP_TASK].done()
+    assert not ctx.tasks.recovery_sweep.done()
 
     # no restart: the periodic sweep interrupts and reports it after the lease
     [message] = await fake_slack.wait_for(lambda: fake_slack.channel_messages(CHANNEL))

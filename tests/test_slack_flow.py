@@ -16,7 +16,7 @@ from aiohttp import web
 from bot.app import build_app
 from bot.context import CONTEXT, BotContext
 from bot.slack import SLACK_BOT, SlackBot
-from bot.slack.bot import JobKind
+from bot.slack.names import JobKind
 from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
 from runners.config import RunnerConfig, SimulateConfig
 from state.approvals import ApprovalRecord, ApprovalState
@@ -134,7 +134,7 @@ async def test_deploy_approve_progress_success(
     text = message.all_text()
     assert "Deploy gitea" in text and f"<@{REQUESTER}>" in text
     assert "*gitea*" in text and "*postgresql*" in text  # a line per service
-    assert f"revision `{head[:10]}`" in text
+    assert f"revision `{head[:12]}`" in text
     assert approval.state is ApprovalState.PENDING
     assert approval.requested_by == f"slack:{REQUESTER}"
     assert approval.plan is not None and approval.digest == approval.plan.digest
@@ -439,7 +439,7 @@ async def test_plan_of_a_branch_and_a_broken_manifest(
     text = message.all_text()
     assert "Could not plan: the manifest has 2 error(s)" in text
     assert "nope" in text  # the validation errors are listed
-    assert f"revision `{broken[:10]}`" in text
+    assert f"revision `{broken[:12]}`" in text
     assert message.buttons() == []  # nothing to approve
     failed = [d for _, action, d in await bot.audit() if action == "slack.request.failed"]
     assert failed and failed[0]["ref"] == "bad"
@@ -583,7 +583,7 @@ async def test_fork_code_is_refused(
 
     await bot.driver.command(f"deploy gitea --ref {feature}")
     message = await bot.pending_request()
-    assert f"revision `{feature[:10]}`" in message.all_text()
+    assert f"revision `{feature[:12]}`" in message.all_text()
 
 
 async def test_two_approvers_at_once_deploy_once(

@@ -56,7 +56,7 @@ async def test_a_merge_is_announced_and_followed_in_slack(
     assert record.trigger == Trigger.MERGE and record.state is DeploymentState.SUCCEEDED
     [message] = fake_slack.channel_messages(CHANNEL)
     text = message.all_text()
-    assert f"deployment `{record.id}` · on merge · revision `{after[:10]}`" in text
+    assert f"deployment `{record.id}` · on merge · revision `{after[:12]}`" in text
     assert "requested by github:alice" in text
     assert ":white_check_mark: *gitea* — succeeded · 2/2 steps" in text
     assert "Succeeded" in message.text

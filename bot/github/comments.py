@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -25,7 +27,7 @@ from bot.chat_commands import (
     StatusCommand,
     parse_command,
 )
-from bot.context import BotContext, DeploymentRequest
+from bot.context import BotContext
 from bot.github.client import GitHubClient
 from bot.github.pulls import (
     PullRef,
@@ -36,11 +38,12 @@ from bot.github.pulls import (
     plan_pull_request,
 )
 from bot.github.rest import Reaction, Repo, comment, get_pull, react
+from bot.request import DeploymentRequest
+from deployments import DeployError, views
 from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError
 from runners.base import DeploymentStarted, Event, Trigger
-from runners.deploy import DeployError
 from state.deployments import DeploymentRecord
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ REFUSED = "`/nixmox apply` refused for {sha}:\n{reasons}"
 STARTING = "Deploying {sha} ({size}), requested by @{user}; deployment `{id}`."
 NOTHING_TO_APPLY = "Nothing to apply: the plan for {sha} needs no deployment."
 FINISHED = "Deployment {id} of {sha} **{state}**.\n\n{steps}"
+HISTORY_LIMIT = 10
 
 
 class Requirement(StrEnum):
@@ -369,53 +373,49 @@ async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) ->
         log.warning("could not comment on PR #%d", number, exc_info=True)
 
 
-def _cell(value: str | None) -> str:
-    """A table cell of stored text (escaped), `-` when there is none."""
-    return md_text(value) if value else "-"
+def md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(md_text(cell) if cell else "-" for cell in cells) + " |"
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return [md_row(headers), md_row("---" for _ in headers), *(md_row(row) for row in rows)]
+
+
+def md_when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M UTC") if at else "-"
+
+
+def status_markdown(view: views.StatusView) -> str:
+    """The status view as a PR comment (the CLI's columns and words)."""
+    if view.last is None and not view.rows:
+        return view.empty_text or views.NOTHING_DEPLOYED
+    lines = [f"### {views.STATUS_TITLE}"]
+    if view.last is None:
+        lines.append(views.NOTHING_DEPLOYED)
+    else:
+        lines += [md_text(line) for line in views.last_deployment_lines(view.last, md_when)]
+    lines.append("")
+    if view.rows:
+        lines += md_table(views.STATUS_HEADERS, [row.cells() for row in view.rows])
+    else:
+        lines.append(view.empty_text or "")
+    return "\n".join(lines)
+
+
+def history_markdown(view: views.HistoryView) -> str:
+    """The history view as a PR comment (the CLI's columns and words)."""
+    if view.empty_text is not None:
+        return view.empty_text
+    rows = [views.history_cells(row, md_when) for row in view.rows]
+    return "\n".join([f"### {view.title}", *md_table(views.HISTORY_HEADERS, rows)])
 
 
 async def status_text(ctx: BotContext, service: str | None) -> str:
-    store = ctx.require_store()
-    services = await store.services.all()
-    lines = ["| service | revision | health | last deployment |", "| --- | --- | --- | --- |"]
-    for name, record in sorted(services.items()):
-        if service and name != service:
-            continue
-        lines.append(
-            f"| {_cell(name)} | {_cell((record.revision or '')[:12])} "
-            f"| {_cell(record.last_health)} | {_cell(record.last_deployment_id)} |"
-        )
-    if len(lines) == 2:
-        return (
-            f"No deployment of {md_text(service)} recorded yet."
-            if service
-            else ("No deployment recorded yet.")
-        )
-    locks = await store.locks.all()
-    if locks:
-        lines.append("")
-        lines += [
-            f"🔒 {md_text(lock.service)} locked by {md_text(lock.holder)}"
-            + (f": {md_text(lock.reason)}" if lock.reason else "")
-            for lock in locks
-        ]
-    return "\n".join(lines)
+    return status_markdown(await views.status_view(ctx.require_store(), service))
 
 
 async def history_text(ctx: BotContext, service: str | None) -> str:
-    records = await ctx.require_store().deployments.history(service, limit=10)
-    if not records:
-        return "No deployments yet."
-    lines = [
-        "| deployment | kind | state | revision | requested by |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for record in records:
-        lines.append(
-            f"| {_cell(record.id)} | {record.kind.value} | {record.state.value} "
-            f"| {_cell((record.head or '')[:12])} | {_cell(record.requested_by)} |"
-        )
-    return "\n".join(lines)
+    return history_markdown(await views.history_view(ctx.require_store(), service, HISTORY_LIMIT))
 
 
 async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:

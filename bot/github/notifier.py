@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bot.context import BotContext, DeploymentRequest
+from bot.context import BotContext
 from bot.github.checks import CheckRuns, Report
 from bot.github.client import GitHubClient
 from bot.github.rest import (
@@ -25,6 +25,7 @@ from bot.github.rest import (
     set_status,
     short,
 )
+from bot.request import DeploymentRequest
 from planner.escape import md_code
 from planner.plan import Plan
 from runners.base import (
@@ -287,8 +288,9 @@ class GitHubNotifier:
             event.state, (StatusState.ERROR, DeploymentStatusState.ERROR)
         )
         description = f"{event.state.value}: {self.summary_of(event)}"
-        await self.deploy_check(state, description)
+        # the Deployment first: whoever sees `nixmox/deploy` final finds the Deployment final too
         await self.deployment_status(deployment_state, description)
+        await self.deploy_check(state, description)
 
     def summary_of(self, event: DeploymentFinished) -> str:
         counts: dict[str, int] = defaultdict(int)

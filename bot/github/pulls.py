@@ -48,7 +48,6 @@ NO_DEPLOYMENT = "no deployment needed"
 COULD_NOT_PLAN = "could not plan: {reason}"
 INTERNAL_ERROR = "internal error (see the bot's log)"
 INVALID = "invalid manifest: {count} error{s}"
-SHARED_PLANS = "github.shared_plans"
 SHARED_PLANS_KEPT = 64  # (base, head) plans remembered per process
 
 
@@ -187,9 +186,7 @@ async def shared_plan(ctx: BotContext, base: str | None, head: str) -> Plan:
     the same plan: the first computes it, the others wait for that result. A plan depends only
     on the two commits, so it is kept; a planning failure is not, so the next job tries again.
     """
-    plans: OrderedDict[tuple[str | None, str], asyncio.Future[Plan]] = ctx.extras.setdefault(
-        SHARED_PLANS, OrderedDict()
-    )
+    plans = ctx.shared_plans
     key = (base, head)
     found = plans.get(key)
     if found is None:
@@ -233,8 +230,7 @@ async def plan_between(ctx: BotContext, base: str | None, head: str) -> Plan:
 
 def pull_lock(ctx: BotContext, number: int) -> asyncio.Lock:
     """One plan at a time per PR in this process (the head check covers other replicas)."""
-    locks: dict[int, asyncio.Lock] = ctx.extras.setdefault("github.pull_locks", {})
-    return locks.setdefault(number, asyncio.Lock())
+    return ctx.locks.pull(number)
 
 
 async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:

@@ -1,20 +1,14 @@
 """Deploy on merge: a push to the default branch deploys what changed since the last deployment.
 
-The plan goes from the last successfully deployed revision in the store to `after`. With an
-empty store (a bot installed on a running homelab) it goes from the push's `before`; when
-deployments were attempted but none of everything succeeded yet, it deploys everything, so
-services a failed first deployment skipped are not left behind. Deployments from pushes run
+The plan goes from the base revision of the deployment core's one rule (`deployments.base`:
+the last successfully deployed revision; everything when deployments were attempted but none
+fully succeeded yet; with an empty store, a bot installed on a running homelab, the push's
+`before`) to `after`. Deployments from pushes run
 one at a time in a process, each planned after the previous one finished, and a push whose
 commit is already contained in the deployed revision (a late delivery) deploys nothing. A
 merge whose services are locked waits up to NIXMOX_MERGE_LOCK_WAIT seconds (`nixmox/deploy`
 pending, naming the lock), then gives up with `error`: the merge is not deployed and someone
 has to look.
-
-A push to any other branch is planned like a pull request (`plan_branch_push`): from the merge
-base with the default branch to the pushed head, with the same Git cache, evaluation cache and
-shared plan, and reported as `nixmox/plan` on the head (no comment: there is no PR). When the
-branch is the head of an open pull request, the PR's own plan job reports it instead, so a
-push and its `synchronize` are planned once.
 """
 
 from __future__ import annotations
@@ -25,24 +19,30 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bot.context import BotContext, DeploymentRequest
-from bot.gitcache import GitFetchError, is_sha, remote_for
+from bot.context import BotContext
+from bot.gitcache import GitCache, GitFetchError, is_sha, remote_for
 from bot.github.checks import CommitChecks, Report
 from bot.github.client import GitHubClient
 from bot.github.pulls import (
     archive_plan,
     checks_for,
-    plan_between,
     plan_status,
     report_plan_status,
     shared_plan,
     with_plan_status,
 )
 from bot.github.rest import DEPLOY_CONTEXT, Repo, StatusState
+from bot.request import DeploymentRequest
+from deployments import (
+    NOT_YET_DEPLOYED,
+    DeployError,
+    DeploymentRefused,
+    lock_names,
+    plan_for_deploy,
+)
 from planner.plan import Plan
 from planner.source import PlanningError
 from runners.base import Trigger
-from runners.deploy import DeployError, DeploymentRefused, lock_names
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +51,11 @@ NO_DEPLOYMENT = "no deployment needed"
 ALREADY_DEPLOYED = "already deployed: the deployed revision contains this commit"
 COULD_NOT_PLAN = "could not plan: {reason}"
 COULD_NOT_START = "could not start: {reason}"
-MERGE_LOCK = "github.merge_lock"
 INTERNAL_ERROR = "internal error (see the bot's log)"
 STOPPED = "the deployment stopped on an internal error (see the bot's log)"
 WAITING = "waiting for {service} locked by {holder}"
 STILL_LOCKED = "not deployed: {service} still locked by {holder} after {wait:g} s"
-NOT_YET_DEPLOYED = "no successful full deployment yet: deploying everything"
 FIRST_ERROR = "{description}; {error}"
-
-
-def merge_lock(ctx: BotContext) -> asyncio.Lock:
-    lock = ctx.extras.get(MERGE_LOCK)
-    if lock is None:
-        lock = ctx.extras[MERGE_LOCK] = asyncio.Lock()
-    return lock
 
 
 async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
@@ -92,7 +83,7 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
             log.warning("could not set %s on %s", DEPLOY_CONTEXT, after[:12], exc_info=True)
 
     await status(StatusState.PENDING, PLANNING)
-    async with merge_lock(ctx):
+    async with ctx.locks.merge_deploys:
         try:
             plan = await plan_push(ctx, payload, before, after)
         except PlanningError as exc:
@@ -150,17 +141,36 @@ async def announce_wait(
 async def plan_push(
     ctx: BotContext, payload: dict[str, Any], before: str, after: str
 ) -> Plan | None:
-    """The plan from what is deployed to `after`; None when `after` is already deployed."""
+    """The plan from the base revision (`deployments.base`; the push's `before` is what runs
+    when nothing was deployed yet) to `after`; None when `after` is already deployed."""
     git = ctx.git
     if git is None:
         raise PlanningError("the Git cache is not set up")
     store = ctx.require_store()
     deployed = await store.deployments.last_deployed_revision()
-    # attempted but never fully succeeded: a diff would leave what that attempt skipped behind
-    never_succeeded = deployed is None and bool(await store.deployments.history(limit=1))
+    wanted = [sha for sha in (after, before, deployed) if sha is not None and is_sha(sha)]
+    await fetch_push(ctx, payload, after, wanted)
+    if deployed and await already_contained(git, after, deployed):
+        log.info("push %s is already contained in deployed %s", after[:12], deployed[:12])
+        return None
+    return await plan_for_deploy(
+        store,
+        git.path,
+        after,
+        running=before if is_sha(before) else None,
+        manifest_path=ctx.settings.manifest_path,
+        cache=ctx.eval_cache,
+    )
+
+
+async def fetch_push(
+    ctx: BotContext, payload: dict[str, Any], after: str, wanted: list[str]
+) -> None:
+    """Fetch the push's commits (and the deployed one) into the Git cache."""
+    git = ctx.git
+    assert git is not None
     token = await ctx.require_github().token(payload.get("installation_id"))
     remote = remote_for(ctx.settings, payload.get("clone_url"), token)
-    wanted = [sha for sha in (after, before, deployed) if is_sha(sha)]
     try:
         await git.fetch(remote, wanted, [str(payload["ref"])] if payload.get("ref") else None)
     except GitFetchError as exc:
@@ -168,25 +178,13 @@ async def plan_push(
             raise PlanningError(str(exc)) from exc
         # an old base that the remote no longer has: plan from what we can see
         log.warning("planning the push without some base commits: %s", exc)
-    if deployed and await asyncio.to_thread(git.has_commit, deployed):
-        if await asyncio.to_thread(git.is_ancestor, after, deployed):
-            log.info("push %s is already contained in deployed %s", after[:12], deployed[:12])
-            return None
-        base: str | None = deployed
-    elif never_succeeded:
-        return mark_full(await plan_between(ctx, None, after))
-    elif is_sha(before) and await asyncio.to_thread(git.has_commit, before):
-        base = before
-    else:
-        base = None  # a new branch or unknown history: deploy everything
-    return await plan_between(ctx, base, after)
 
 
-def mark_full(plan: Plan) -> Plan:
-    """The full plan, noting why everything is deployed (shown in Slack and the status)."""
-    if not plan.ok or not plan.steps:
-        return plan
-    return plan.model_copy(update={"note": NOT_YET_DEPLOYED})
+async def already_contained(git: GitCache, after: str, deployed: str) -> bool:
+    """A late delivery: the deployed revision already contains `after`."""
+    if not await asyncio.to_thread(git.has_commit, deployed):
+        return False
+    return await asyncio.to_thread(git.is_ancestor, after, deployed)
 
 
 # --- pushes to other branches: planned, never deployed --------------------------------------

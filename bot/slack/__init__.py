@@ -1,41 +1,62 @@
 """The Slack bot: `/nixmox` slash commands, approvals, live progress, announcements.
 
-`setup_slack(app, ctx)` mounts `POST /slack/events`, registers the Slack job kinds and adds the
-Slack progress notifier to `ctx.subscriber_factories`, so every deployment (from Slack, a merge,
-`/nixmox apply` or the CLI through the bot) is reported in Slack.
+`SlackFrontEnd` plugs into `bot.app.build_app` (`bot.frontend`): it mounts
+`POST /slack/events`, runs the Slack job kinds, and subscribes the Slack progress notifier to
+every deployment (from Slack, a merge, `/nixmox apply` or the CLI through the bot), and
+reports in Slack the deployments a dead process left interrupted.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
 
 from bot.context import BotContext
-from bot.slack.bot import EVENTS_PATH, JobKind, SlackBot
+from bot.frontend import BaseFrontEnd, Method, Route
+from bot.jobs import JobHandler
+from bot.request import DeploymentRequest
+from bot.slack.bot import EVENTS_PATH, SlackBot
+from bot.slack.names import JobKind
 from bot.slack.notifier import SlackNotifier
+from runners.base import Subscriber
+from state.deployments import DeploymentRecord
 
 SLACK_BOT: web.AppKey[SlackBot] = web.AppKey("nixmox_slack", SlackBot)
 
 
-def setup_slack(app: web.Application, ctx: BotContext) -> None:
-    """Mount the Slack endpoint and wire the Slack bot into the application."""
-    bot = SlackBot(ctx)
-    app[SLACK_BOT] = bot
-    ctx.extras["slack"] = bot
-    app.router.add_post(EVENTS_PATH, bot.handle)
-    ctx.job_handlers[JobKind.REQUEST] = bot.run_request_job
-    ctx.job_handlers[JobKind.DEPLOY] = bot.run_deploy_job
-    ctx.subscriber_factories.append(bot.subscriber_for)
+class SlackFrontEnd(BaseFrontEnd):
+    """The Slack bot as a front end of the application."""
 
-    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await bot.start()
-        try:
-            yield
-        finally:
-            await bot.close()
+    name = "slack"
 
-    app.cleanup_ctx.append(lifecycle)
+    def __init__(self, bot: SlackBot) -> None:
+        self.bot = bot
+
+    @classmethod
+    def create(cls, app: web.Application, ctx: BotContext) -> SlackFrontEnd:
+        bot = SlackBot(ctx)
+        app[SLACK_BOT] = bot
+        return cls(bot)
+
+    def routes(self) -> Sequence[Route]:
+        return (Route(Method.POST, EVENTS_PATH, self.bot.handle),)
+
+    def job_handlers(self) -> Mapping[str, JobHandler]:
+        return {JobKind.REQUEST: self.bot.run_request_job, JobKind.DEPLOY: self.bot.run_deploy_job}
+
+    async def subscriber_for(self, request: DeploymentRequest) -> Subscriber | None:
+        return await self.bot.subscriber_for(request)
+
+    async def report_interrupted(self, record: DeploymentRecord) -> dict[str, Any] | None:
+        return await self.bot.report_interrupted(record)
+
+    async def start(self) -> None:
+        await self.bot.start()
+
+    async def close(self) -> None:
+        await self.bot.close()
 
 
-__all__ = ["SLACK_BOT", "SlackBot", "SlackNotifier", "setup_slack"]
+__all__ = ["SLACK_BOT", "SlackBot", "SlackFrontEnd", "SlackNotifier"]

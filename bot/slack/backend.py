@@ -2,7 +2,7 @@
 
 `RepoBackend` plans against the manifest repository (the default branch head, or `--ref`,
 fetched into the bot's bare Git cache) and the deployed state in the store, and runs approved
-plans through `BotContext.deploy` / `BotContext.rollback`, so every registered notifier
+plans through `BotContext.deploy` / `BotContext.rollback` (the deployment core), so every registered notifier
 (Slack progress, GitHub statuses and Deployment) follows the deployment.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bot.context import BotContext, DeploymentRequest
+from bot.context import BotContext
 from bot.gitcache import (
     SHA_PATTERN,
     GitCache,
@@ -22,11 +22,12 @@ from bot.gitcache import (
     ls_remote,
     remote_for,
 )
+from bot.request import DeploymentRequest
+from deployments import DeployError, GitSource, RollbackPlan, plan_for_deploy, prepare_rollback
 from planner.models import Manifest
 from planner.plan import Plan
 from planner.source import PlanningError, UnknownRevision
 from runners.base import DeploymentKind, Subscriber
-from runners.deploy import DeployError, RollbackPlan, plan_for_deploy, prepare_rollback
 from state.approvals import ApprovalRecord
 from state.deployments import DeploymentRecord
 
@@ -274,10 +275,11 @@ class RepoBackend:
     ) -> DeploymentRecord | None:
         if planned.rollback is not None:
             return await self.ctx.rollback(request, planned.rollback, subscribers=subscribers)
+        source = GitSource(self.git.path, request.revision, self.ctx.settings.manifest_path)
         return await self.ctx.deploy(
             request,
             planned.plan,
-            repo_dir=self.git.path,
+            source=source,
             scope=planned.scope,
             subscribers=subscribers,
         )

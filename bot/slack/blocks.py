@@ -11,7 +11,7 @@ from typing import Any
 from bot.slack.approvals import SLACK_ACTOR_PREFIX, button_value
 from planner.escape import slack_block, slack_code, slack_lines, slack_text
 from planner.plan import Plan
-from planner.render import render_slack
+from planner.render import render_slack, short_rev
 from runners.base import DeploymentKind
 
 Block = dict[str, Any]
@@ -125,14 +125,6 @@ def format_time(at: datetime) -> str:
     stamp = int(at.timestamp())
     fallback = at.strftime("%Y-%m-%d %H:%M UTC")
     return f"<!date^{stamp}^{{date_short_pretty}} {{time}}|{fallback}>"
-
-
-def short_rev(revision: str | None) -> str:
-    """A commit's first 10 characters (a manifest digest keeps its `sha256:` prefix)."""
-    if not revision:
-        return "?"
-    prefix = "sha256:" if revision.startswith("sha256:") else ""
-    return prefix + revision[len(prefix) : len(prefix) + 10]
 
 
 # -- the approval message --------------------------------------------------------------------

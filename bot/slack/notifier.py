@@ -21,6 +21,7 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.slack.blocks import MAX_BLOCKS, MAX_FALLBACK_TEXT, section, truncate
 from bot.slack.progress import (
     Failure,
     Note,
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 1.0  # seconds between two edits of one message
 DEFAULT_FINISH_TIMEOUT = 20.0  # how long the final edit may hold up the end of a deployment
 DEFAULT_RETRY_AFTER = 1.0
+FOOTER_BLOCK = "nixmox_interrupted"
 
 MessageLink = Callable[[str, str, str], Awaitable[None]]
 """Told `(deployment_id, channel, ts)` once a deployment's message is known."""
@@ -124,6 +126,7 @@ class SlackNotifier:
         redact: Callable[[str], str] = str,
         now: Callable[[], datetime] = utcnow,
         on_message: MessageLink | None = None,
+        footer: str | None = None,
     ) -> None:
         self.client = client
         self.channel = channel
@@ -137,6 +140,7 @@ class SlackNotifier:
         self.redact = redact
         self.now = now
         self.on_message = on_message
+        self.footer = footer  # a last line below the outcome (how to resume an interruption)
         self._linked = False
         self.progress: Progress | None = None
         self.updates_sent = 0
@@ -243,7 +247,14 @@ class SlackNotifier:
     def _render(self) -> tuple[str, list[dict[str, Any]]]:
         assert self.progress is not None
         now = self.now()
-        return progress_text(self.progress, now), progress_blocks(self.progress, now)
+        text, blocks = progress_text(self.progress, now), progress_blocks(self.progress, now)
+        if self.footer is None:
+            return text, blocks
+        footer = section(self.footer, block_id=FOOTER_BLOCK)
+        return truncate(f"{text}\n{self.footer}", MAX_FALLBACK_TEXT), [
+            *blocks[: MAX_BLOCKS - 1],
+            footer,
+        ]
 
     async def _post_main(self) -> None:
         self._dirty = False

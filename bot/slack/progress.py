@@ -22,11 +22,11 @@ from bot.slack.blocks import (
     mention,
     pack_lines,
     section,
-    short_rev,
     truncate,
 )
 from planner.escape import slack_code, slack_lines, slack_text
 from planner.plan import Plan
+from planner.render import short_rev
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,

@@ -1,82 +1,84 @@
-"""`/nixmox status` and `/nixmox history` as Slack text, mirroring `nixmox status` / `history`."""
+"""`/nixmox status` and `/nixmox history` as Slack text: the deployment core's views
+(`deployments.views`) with the CLI's columns and words."""
 
 from __future__ import annotations
 
 from bot.slack.blocks import format_time, mention
-from bot.status_text import STATUS_TITLE, short, step_counts
+from deployments.views import (
+    NOTHING_DEPLOYED,
+    STATUS_TITLE,
+    DeploymentRow,
+    HistoryView,
+    ServiceRow,
+    StatusView,
+    history_view,
+    status_view,
+)
 from planner.escape import slack_code, slack_lines, slack_text
-from planner.render import summary
-from state.deployments import DeploymentRecord
-from state.locks import LockRecord
-from state.services import ServiceRecord
 from state.store import Store
 
 HISTORY_LIMIT = 10
-NOTHING_DEPLOYED = "No deployment recorded yet."
 
 
-def deployment_line(record: DeploymentRecord) -> str:
+def deployment_line(row: DeploymentRow) -> str:
     """`d-… deploy succeeded (slack by @x) at …, revision abc`."""
-    by = f" by {mention(record.requested_by)}" if record.requested_by else ""
-    at = record.started_at or record.created_at
-    when = f" at {format_time(at)}" if at else ""
+    by = f" by {mention(row.requested_by)}" if row.requested_by else ""
+    when = f" at {format_time(row.started)}" if row.started else ""
     return (
-        f"{slack_code(record.id)} {record.kind.value} *{record.state.value}* "
-        f"({slack_text(str(record.trigger))}{by}){when}, revision {slack_code(short(record.head))}"
+        f"{slack_code(row.id)} {row.kind} *{row.state}* "
+        f"({slack_text(row.trigger)}{by}){when}, revision {slack_code(row.revision)}"
     )
 
 
-def service_status_line(name: str, record: ServiceRecord | None, lock: LockRecord | None) -> str:
+def service_status_line(row: ServiceRow) -> str:
     """SERVICE, REVISION, HEALTH, SYSTEM, DEPLOYMENT, LOCKED BY — as one line."""
-    health = record.last_health if record is not None and record.last_health else "unknown"
     parts = [
-        f"*{slack_text(name)}*",
-        f"revision {slack_code(short(record.revision if record else None))}",
-        slack_text(health),
+        f"*{slack_text(row.service)}*",
+        f"revision {slack_code(row.revision)}",
+        slack_text(row.health),
     ]
-    if record is not None and record.system_path:
-        parts.append(slack_code(record.system_path))
-    if record is not None and record.last_deployment_id:
-        parts.append(f"deployment {slack_code(record.last_deployment_id)}")
-    if lock is not None:
-        reason = f" ({slack_text(lock.reason)})" if lock.reason else ""
-        parts.append(f":lock: locked by {mention(lock.holder)}{reason}")
+    if row.system != "-":
+        parts.append(f"{slack_code(row.system)}")
+    if row.deployment != "-":
+        parts.append(f"deployment {slack_code(row.deployment)}")
+    if row.locked_by:
+        reason = f" ({slack_text(row.lock_reason)})" if row.lock_reason else ""
+        parts.append(f":lock: locked by {mention(row.locked_by)}{reason}")
     return " · ".join(parts)
 
 
-async def status_text(store: Store, service: str | None = None) -> str:
+def status_slack(view: StatusView) -> str:
     """The last deployment, then per service its revision, health, system and lock."""
-    last = await store.deployments.last(finished=False)
-    services = await store.services.all()
-    locks = {lock.service: lock for lock in await store.locks.all()}
     lines = [f"*{STATUS_TITLE}*"]
-    if last is None:
+    if view.last is None:
         lines.append(NOTHING_DEPLOYED)
     else:
-        lines.append(f"Last deployment: {deployment_line(last)}")
-        lines.append(f"plan: {slack_text(summary(last.plan))}; steps: {step_counts(last)}")
-        if last.note:
-            lines.append(slack_lines(last.note))
-    names = sorted(set(services) | set(locks))
-    if service is not None:
-        if service not in names:
-            lines.append(f"{slack_code(service)} has never been deployed and is not locked.")
-            return "\n".join(lines)
-        names = [service]
-    lines += [f"• {service_status_line(n, services.get(n), locks.get(n))}" for n in names]
+        lines.append(f"Last deployment: {deployment_line(view.last.row)}")
+        lines.append(
+            f"plan: {slack_text(view.last.plan)}; steps: {slack_text(view.last.row.steps)}"
+        )
+        if view.last.note:
+            lines.append(slack_lines(view.last.note))
+    if view.service is not None and not view.rows:
+        lines.append(slack_text(view.empty_text or ""))
+    lines += [f"• {service_status_line(row)}" for row in view.rows]
     return "\n".join(lines)
+
+
+def history_slack(view: HistoryView) -> str:
+    """The newest deployments first (only those touching `service`)."""
+    if view.empty_text is not None:
+        return slack_text(view.empty_text)
+    lines = [f"*{slack_text(view.title)}*"]
+    for row in view.rows:
+        took = f", took {row.took}" if row.took != "-" else ""
+        lines.append(f"• {deployment_line(row)}{took}; {slack_text(row.steps)}")
+    return "\n".join(lines)
+
+
+async def status_text(store: Store, service: str | None = None) -> str:
+    return status_slack(await status_view(store, service))
 
 
 async def history_text(store: Store, service: str | None = None) -> str:
-    """The newest deployments first (only those touching `service`)."""
-    records = await store.deployments.history(service, limit=HISTORY_LIMIT)
-    if not records:
-        return "No deployments recorded" + (f" for {slack_text(service)}." if service else ".")
-    title = f"*Recent deployments{f' of {slack_text(service)}' if service else ''}*"
-    lines = [title]
-    for record in records:
-        took = ""
-        if record.started_at and record.finished_at:
-            took = f", took {(record.finished_at - record.started_at).total_seconds():.0f}s"
-        lines.append(f"• {deployment_line(record)}{took}; {step_counts(record)}")
-    return "\n".join(lines)
+    return history_slack(await history_view(store, service, HISTORY_LIMIT))
