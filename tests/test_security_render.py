@@ -32,6 +32,7 @@ from bot.slack.progress import (
 from bot.slack.status import service_status_line
 from cli.main import main
 from cli.render import write_files
+from deployments.views import ServiceRow
 from planner.escape import (
     WORD_JOINER,
     html_text,
@@ -323,7 +324,8 @@ def test_slack_progress_approval_and_status_escape_every_field() -> None:
         progress.failures.append(failure)
         assert_safe_slack(failure_blocks(failure))
         assert_safe_slack(rollback_blocks(RollbackView(name, "", ok=False, detail=name)))
-        assert_safe_slack(service_status_line(name, None, None))
+        row = ServiceRow(name, "-", name, name, name, locked_by=name, lock_reason=name)
+        assert_safe_slack(service_status_line(row))
     assert_safe_slack(progress_blocks(progress, progress.started_at or _now()))
     assert_safe_slack(progress_text(progress, _now()))
     view = RequestView(
