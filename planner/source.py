@@ -9,20 +9,25 @@ import signal
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from planner.findings import ManifestError, error
+from planner.findings import Finding, ManifestError, error
 from planner.models import Manifest
+from planner.nesting import TooDeep, loads_bounded
 from planner.plan import AnalysisMemo, gc_paused
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
 DEFAULT_MEMORY_LIMIT = 2 * 1024 * 1024 * 1024
 NIX_ERROR_LINES = 40
+MANIFEST_LEAVES_TREE = "the manifest is a symbolic link (or lies under one) leading out of the tree"
+MANIFEST_LEAVES_TREE_HINT = "commit the manifest itself, or a link to a file inside the repository"
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ def evaluate_nix(
         if proc.returncode != 0:
             message = _nix_error(err_path.read_text(errors="replace"), path)
             raise _eval_failure(message, "fix the Nix error above (file:line:column)")
-        return json.loads(out_path.read_bytes())
+        return parse_json(out_path.read_bytes(), path.name)
 
 
 def _eval_failure(
@@ -129,20 +134,57 @@ def _eval_failure(
     return kind([error("evaluation", message, hint=hint)], evaluation_failed=True)
 
 
+def _stays_inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symlink followed, is under `root` (a loop is not)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
+
+
 def read_manifest_data(
     path: Path, include_dir: Path | None = None, limits: EvalLimits | None = None
 ) -> Any:
-    """Raw manifest data from a `.nix` (evaluated) or `.json` file."""
+    """Raw manifest data from a `.nix` (evaluated) or `.json` file.
+
+    With `include_dir` (a repository tree), a manifest reached through a symlink that leads
+    out of that tree is refused: its content is never read.
+    """
+    if include_dir is not None and not _stays_inside(path, include_dir.resolve()):
+        raise _eval_failure(MANIFEST_LEAVES_TREE, MANIFEST_LEAVES_TREE_HINT)
     if not path.exists():
         raise _eval_failure(f"{path} does not exist", "check the manifest path")
     if path.suffix == ".json":
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise _eval_failure(
-                f"{path.name}:{exc.lineno}:{exc.colno}: {exc.msg}", "fix the JSON syntax"
-            ) from exc
+        return parse_json(path.read_bytes(), path.name)
     return evaluate_nix(path, include_dir, limits)
+
+
+def parse_json(raw: bytes, name: str) -> Any:
+    """Manifest data from JSON text (a `.json` file or Nix's output), nesting bounded."""
+    try:
+        return loads_bounded(raw)
+    except TooDeep as exc:
+        raise ManifestError([_too_deep_finding(exc)]) from None
+    except UnicodeDecodeError as exc:
+        raise _eval_failure(
+            f"{name}: byte {exc.start} is not UTF-8", "save the manifest as UTF-8"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise _eval_failure(
+            f"{name}:{exc.lineno}:{exc.colno}: {exc.msg}", "fix the JSON syntax"
+        ) from None
+
+
+def _too_deep_finding(exc: TooDeep) -> Finding:
+    parts = exc.path.split(".")
+    in_service = len(parts) > 1 and parts[0] in ("services", "core_services")
+    return error(
+        "too-deep",
+        f"nested deeper than {exc.limit} levels",
+        service=parts[1].split("[")[0] if in_service else None,
+        field=exc.path,
+        hint=f"a manifest holds at most {exc.limit} levels of attribute sets and lists",
+    )
 
 
 def parse_manifest(data: Any, file: str | None = None) -> Manifest:
@@ -201,9 +243,16 @@ def load_manifest(
 DEFAULT_MANIFEST_PATH = "nixos/service-manifest.nix"
 REPO_CONFIG_FILE = ".nixmox.toml"
 DEFAULT_CACHE_SIZE = 32
+GIT_MODE_TYPE = 0o170000
+GIT_MODE_TREE = 0o040000
+GIT_MODE_FILE = 0o100000
 GIT_MODE_SYMLINK = 0o120000
 GIT_MODE_EXECUTABLE = 0o100755
 GIT_MODE_SUBMODULE = 0o160000
+MAX_TREE_DEPTH = 256
+GIT_ID_SIZE = 20
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class PlanningError(Exception):
@@ -277,39 +326,192 @@ def changed_files(repo_dir: Path | str, base: str, head: str) -> list[str]:
     return sorted(paths)
 
 
-def _safe_target(dest: Path, rel: str) -> Path:
-    """Where a tree entry goes; refuses paths that would leave `dest` (crafted trees)."""
-    parts = Path(rel).parts
-    if not parts or any(part in ("", ".", "..") for part in parts) or Path(rel).is_absolute():
-        raise PlanningError(f"refusing to export the tree entry {rel!r}")
-    target = dest.joinpath(*parts)
-    parent = target.parent
-    if parent.resolve() != parent.absolute() and dest.resolve() not in parent.resolve().parents:
-        raise PlanningError(f"refusing to write {rel!r} through a symlinked directory")
-    return target
+class UnsafeTree(PlanningError):
+    """A tree Git itself refuses (`git fsck`): exporting it could write outside its directory."""
+
+
+class EntryKind(Enum):
+    """What a Git tree entry becomes in the export."""
+
+    TREE = "tree"
+    FILE = "file"
+    EXECUTABLE = "executable"
+    SYMLINK = "symlink"
+    SUBMODULE = "submodule"
+
+
+@dataclass
+class _Entry:
+    """One checked tree entry; a tree's entries are its children."""
+
+    name: str
+    kind: EntryKind
+    binsha: bytes
+    children: list[_Entry] = field(default_factory=list)
+
+
+def _is_dotgit(name: str) -> bool:
+    """`.git` as Git refuses it: in any case, and NTFS's `.git.`, `.git ` and `git~1` spellings."""
+    folded = name.lower()
+    return folded.rstrip(". ") == ".git" or folded == "git~1"
+
+
+def _name_problem(name: str, seen: set[str]) -> str | None:
+    """Why a tree entry's name cannot be written (None: it can)."""
+    if not name:
+        return "it has an empty name"
+    if name in (".", ".."):
+        return f"{name!r} names a directory itself"
+    if "/" in name:
+        return "its name holds a '/' (an absolute or nested path)"
+    if _is_dotgit(name):
+        return "it is a .git entry (Git's own directory)"
+    if name in seen:
+        return "its name appears twice in the same tree"
+    return None
+
+
+def _entry_kind(mode: int) -> EntryKind | None:
+    """The kind of entry a Git mode gives (None: not a mode Git writes)."""
+    kind = mode & GIT_MODE_TYPE
+    if kind == GIT_MODE_TREE:
+        return EntryKind.TREE
+    if kind == GIT_MODE_SYMLINK:
+        return EntryKind.SYMLINK
+    if kind == GIT_MODE_SUBMODULE:
+        return EntryKind.SUBMODULE
+    if kind == GIT_MODE_FILE:
+        return EntryKind.EXECUTABLE if mode & 0o111 else EntryKind.FILE
+    return None
+
+
+def _refuse(rev: str, rel: str, why: str) -> UnsafeTree:
+    return UnsafeTree(
+        f"refusing to export revision {rev[:12]}: the tree entry {rel!r}: {why} "
+        "(Git itself refuses such trees: git fsck)"
+    )
+
+
+def _object_data(repo: Any, binsha: bytes, kind: bytes, rev: str, rel: str) -> bytes:
+    """The content of a Git object that must be of type `kind` (b"tree", b"blob")."""
+    import git
+
+    try:
+        stream = repo.odb.stream(binsha)
+    except (git.BadObject, ValueError) as exc:
+        raise _refuse(rev, rel or "/", "its object is missing") from exc
+    if stream.type != kind:
+        raise _refuse(rev, rel or "/", f"it is a {stream.type.decode()}, not a {kind.decode()}")
+    return bytes(stream.read())
+
+
+def _tree_entries(data: bytes) -> Iterator[tuple[bytes, int, str]]:
+    """(id, mode, name) of each raw entry `MODE NAME\\0<20-byte id>`, names left unchecked.
+
+    Parsed here, not by gitpython: its checks vary between versions and end in bare errors.
+    """
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        nul = data.index(b"\0", space)
+        binsha = data[nul + 1 : nul + 1 + GIT_ID_SIZE]
+        if len(binsha) != GIT_ID_SIZE:
+            raise ValueError("truncated tree entry")
+        yield (
+            binsha,
+            int(data[pos:space], 8),
+            data[space + 1 : nul].decode("utf-8", "surrogateescape"),
+        )
+        pos = nul + 1 + GIT_ID_SIZE
+
+
+def _read_tree(repo: Any, rev: str, root: bytes) -> list[_Entry]:
+    """Every entry of a revision's tree, checked before anything is written."""
+    top: list[_Entry] = []
+    pending: list[tuple[bytes, str, list[_Entry]]] = [(root, "", top)]
+    while pending:
+        binsha, prefix, entries = pending.pop()
+        seen: set[str] = set()
+        data = _object_data(repo, binsha, b"tree", rev, prefix.rstrip("/"))
+        try:
+            parsed = list(_tree_entries(data))
+        except ValueError as exc:
+            raise _refuse(rev, prefix.rstrip("/") or "/", "it is not a well-formed tree") from exc
+        for entry_sha, mode, name in parsed:
+            rel = prefix + name
+            problem = _name_problem(name, seen)
+            kind = _entry_kind(mode)
+            if problem is None and kind is None:
+                problem = f"its mode {mode:o} is not one Git writes"
+            if problem is not None or kind is None:
+                raise _refuse(rev, rel, problem or "unknown")
+            seen.add(name)
+            entry = _Entry(name, kind, entry_sha)
+            entries.append(entry)
+            if kind is EntryKind.TREE:
+                if prefix.count("/") + 1 > MAX_TREE_DEPTH:
+                    raise _refuse(rev, rel, f"directories nest deeper than {MAX_TREE_DEPTH}")
+                pending.append((entry_sha, rel + "/", entry.children))
+    return top
+
+
+def _write_entry(repo: Any, rev: str, dir_fd: int, entry: _Entry, rel: str) -> int | None:
+    """Create one entry in the open directory `dir_fd`; never follows or replaces a link.
+
+    Returns the new directory's descriptor for a tree.
+    """
+    if entry.kind is EntryKind.TREE:
+        os.mkdir(entry.name, 0o777, dir_fd=dir_fd)
+        return os.open(entry.name, DIR_FLAGS, dir_fd=dir_fd)
+    if entry.kind is EntryKind.SUBMODULE:
+        os.mkdir(entry.name, 0o777, dir_fd=dir_fd)  # its content is not in this repository
+        return None
+    data = _object_data(repo, entry.binsha, b"blob", rev, rel)
+    if entry.kind is EntryKind.SYMLINK:
+        os.symlink(data.decode("utf-8", "surrogateescape"), entry.name, dir_fd=dir_fd)
+        return None
+    with os.fdopen(os.open(entry.name, FILE_FLAGS, 0o666, dir_fd=dir_fd), "wb") as out:
+        out.write(data)
+        if entry.kind is EntryKind.EXECUTABLE:
+            os.fchmod(out.fileno(), 0o755)
+    return None
+
+
+def _write_tree(repo: Any, rev: str, entries: list[_Entry], dest: Path) -> None:
+    """Write checked entries under `dest`, each relative to its directory's descriptor."""
+    stack = [(os.open(dest, DIR_FLAGS), iter(entries), "")]
+    try:
+        while stack:
+            dir_fd, todo, prefix = stack[-1]
+            entry = next(todo, None)
+            if entry is None:
+                os.close(stack.pop()[0])
+                continue
+            rel = prefix + entry.name
+            try:
+                child = _write_entry(repo, rev, dir_fd, entry, rel)
+            except (OSError, ValueError) as exc:
+                raise PlanningError(f"cannot export {rel!r} of revision {rev[:12]}: {exc}") from exc
+            if child is not None:
+                stack.append((child, iter(entry.children), rel + "/"))
+    finally:
+        for dir_fd, _, _ in stack:
+            os.close(dir_fd)
 
 
 def export_tree(repo_dir: Path | str, rev: str, dest: Path) -> Path:
     """Write a revision's whole tree (files, executable bits, symlinks) into `dest`.
 
-    Reads Git objects only: the working copy and the index are never touched.
+    Reads Git objects only: the working copy and the index are never touched. Every entry is
+    checked first (no `..`, `/`, `.git` or duplicate names); files are then created relative
+    to directory descriptors, never through a symlink and never over an existing file.
     """
     repo = _open_repo(repo_dir)
     commit = _commit(repo, rev)
+    entries = _read_tree(repo, commit.hexsha, commit.tree.binsha)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for item in commit.tree.traverse():
-        target = _safe_target(dest, item.path)
-        if item.type == "tree":
-            target.mkdir(exist_ok=True)
-        elif item.type == "commit" or item.mode == GIT_MODE_SUBMODULE:
-            target.mkdir(exist_ok=True)  # a submodule: its content is not in this repository
-        elif item.mode == GIT_MODE_SYMLINK:
-            os.symlink(item.data_stream.read().decode("utf-8", "surrogateescape"), target)
-        else:
-            target.write_bytes(item.data_stream.read())
-            if item.mode == GIT_MODE_EXECUTABLE:
-                target.chmod(0o755)
+    _write_tree(repo, commit.hexsha, entries, dest)
     return dest
 
 
@@ -404,8 +606,13 @@ def _evaluate_at(
 ) -> Manifest | ManifestError:
     """Export the tree to a temporary directory and evaluate the manifest there."""
     with tempfile.TemporaryDirectory(prefix="nixmox-tree-") as tmp:
-        root = export_tree(repo_dir, rev, Path(tmp))
+        root = export_tree(repo_dir, rev, Path(tmp)).resolve()
         path = root / manifest_path
+        if not _stays_inside(path, root):  # before any stat: nothing outside is even probed
+            return _eval_failure(
+                f"{manifest_path} at revision {rev[:12]}: {MANIFEST_LEAVES_TREE}",
+                MANIFEST_LEAVES_TREE_HINT,
+            )
         if not path.is_file():
             return _eval_failure(
                 f"{manifest_path} does not exist at revision {rev[:12]}",

@@ -22,6 +22,10 @@ from bot.config import Settings
 FETCH_TIMEOUT = 300.0
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 ZERO_SHA = "0" * 40
+# every object received is checked: Git refuses trees with duplicate, `..` or `/` names
+FSCK_OPTIONS = ("-c", "fetch.fsckObjects=true", "-c", "transfer.fsckObjects=true")
+FSCK_ERROR = re.compile(r"^error: object ([0-9a-f]+): (\w+): (.*)$")
+FSCK_MESSAGE = "the fetched objects fail Git's checks (fsck): object {object}: {check}: {detail}"
 
 
 class GitFetchError(Exception):
@@ -46,6 +50,11 @@ class Remote:
                 "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
             }
         return env
+
+
+def git_command(*args: str) -> list[str]:
+    """The command line of a git call that talks to a remote (objects checked on receipt)."""
+    return ["git", *FSCK_OPTIONS, *args]
 
 
 def remote_for(settings: Settings, clone_url: str | None, token: str | None) -> Remote:
@@ -116,13 +125,9 @@ class GitCache:
         await asyncio.to_thread(self.repo)
         env = {**os.environ, **remote.environment()}
         proc = await asyncio.create_subprocess_exec(
-            "git",
-            "-C",
-            str(self.path),
-            "fetch",
-            "--no-tags",
-            "--quiet",
-            "--no-write-fetch-head",
+            *git_command(
+                "-C", str(self.path), "fetch", "--no-tags", "--quiet", "--no-write-fetch-head"
+            ),
             remote.url,
             *what,
             stdin=asyncio.subprocess.DEVNULL,
@@ -139,7 +144,7 @@ class GitCache:
         if proc.returncode == 0:
             return None
         text = stderr.decode(errors="replace").strip().splitlines()
-        message = text[-1] if text else f"git fetch exited {proc.returncode}"
+        message = fetch_failure(text) or f"git fetch exited {proc.returncode}"
         return redact(message, remote.token)
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
@@ -153,6 +158,15 @@ class GitCache:
         except git.GitCommandError:
             return None
         return bases[0].hexsha if bases else None
+
+
+def fetch_failure(lines: list[str]) -> str | None:
+    """The line of git's stderr that says why a fetch failed (a failed object check first)."""
+    for line in lines:
+        found = FSCK_ERROR.match(line)
+        if found:
+            return FSCK_MESSAGE.format(object=found[1][:12], check=found[2], detail=found[3])
+    return lines[-1] if lines else None
 
 
 def safe_url(url: str) -> str:

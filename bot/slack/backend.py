@@ -20,6 +20,7 @@ from bot.github.gitcache import (
     GitCache,
     GitFetchError,
     Remote,
+    git_command,
     remote_for,
     safe_url,
 )
@@ -303,7 +304,7 @@ async def ls_remote(
     remote: Remote, options: list[str], patterns: list[str] | None = None
 ) -> dict[str, str]:
     """`git ls-remote OPTIONS URL PATTERNS`: ref name → commit id."""
-    args = ["git", "ls-remote", *options, remote.url, *(patterns or [])]
+    args = git_command("ls-remote", *options, remote.url, *(patterns or []))
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
