@@ -479,7 +479,11 @@ def _write_entry(repo: Any, rev: str, dir_fd: int, entry: _Entry, rel: str) -> i
 
 def _write_tree(repo: Any, rev: str, entries: list[_Entry], dest: Path) -> None:
     """Write checked entries under `dest`, each relative to its directory's descriptor."""
-    stack = [(os.open(dest, DIR_FLAGS), iter(entries), "")]
+    try:
+        top = os.open(dest, DIR_FLAGS)
+    except OSError as exc:
+        raise PlanningError(f"cannot export into {dest}: {exc.strerror}") from exc
+    stack = [(top, iter(entries), "")]
     try:
         while stack:
             dir_fd, todo, prefix = stack[-1]
