@@ -19,8 +19,9 @@ import pytest
 from gitdb import IStream
 
 from bot.github.gitcache import GitCache, GitFetchError, Remote
+from planner.gitexport import UnsafeTree
 from planner.revisions import plan_revisions
-from planner.source import EvalCache, PlanningError, UnsafeTree, export_tree
+from planner.source import EvalCache, PlanningError, export_tree
 from tests.fakes.slack import FakeSlack
 from tests.fixtures_github import ManifestRepo
 from tests.test_slack_flow import start_bot
