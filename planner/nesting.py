@@ -31,15 +31,41 @@ class TooDeep(ValueError):
         super().__init__(f"{path or '(top level)'}: nested deeper than {limit} levels")
 
 
-def nesting_depth(raw: bytes) -> int:
-    """How deep brackets nest in a UTF-8 JSON text (brackets inside strings do not count)."""
+def _brackets(raw: bytes) -> bytes:
+    """The brackets of a UTF-8 JSON text that lie outside strings, in order."""
     # without escaped backslashes and escaped quotes, every `"` left opens or closes a string
-    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in raw else raw
     # brackets and quotes only; `""` (a string with no bracket in it) never changes the depth
     marks = text.translate(None, NOT_MARKS).replace(b'""', b"")
     if b'"' in marks:  # rare: strings holding brackets; keep what lies between strings
         marks = b"".join(marks.split(b'"')[0::2])
-    return max(accumulate(map(DEPTH_STEP.__getitem__, marks)), default=0)
+    return marks
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep brackets nest in a UTF-8 JSON text (brackets inside strings do not count)."""
+    return _depth(_brackets(raw))
+
+
+def _depth(brackets: bytes) -> int:
+    return max(accumulate(map(DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def nests_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether a UTF-8 JSON text nests deeper than `limit`: `nesting_depth(raw) > limit`, faster.
+
+    Each pass deletes every innermost `{}` then every `[]`: one or two levels. A manifest
+    (a few levels) is cleared in a few passes over a short string, with no per-byte Python.
+    """
+    brackets = marks = _brackets(raw)
+    for passes in range(1, limit + 1):
+        shorter = marks.replace(b"{}", b"").replace(b"[]", b"")
+        if not shorter and 2 * passes <= limit:
+            return False
+        if not shorter or shorter == marks:  # 1 or 2 levels per pass; or unbalanced
+            return _depth(brackets) > limit
+        marks = shorter
+    return _depth(brackets) > limit  # a hostile text: count exactly
 
 
 def loads_bounded(raw: bytes, limit: int = MAX_NESTING) -> Any:
@@ -48,7 +74,7 @@ def loads_bounded(raw: bytes, limit: int = MAX_NESTING) -> Any:
     Also raises UnicodeDecodeError (not UTF-8) and json.JSONDecodeError (bad syntax).
     """
     text = raw.decode("utf-8")  # the depth count reads bytes: other encodings would fool it
-    if nesting_depth(raw) > limit:
+    if nests_deeper_than(raw, limit):
         raise TooDeep(too_deep_path(raw, limit), limit)
     return json.loads(text)
 

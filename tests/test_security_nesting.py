@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from planner.findings import ManifestError
-from planner.nesting import MAX_NESTING, TooDeep, loads_bounded, nesting_depth, too_deep_path
+from planner.nesting import (
+    MAX_NESTING,
+    TooDeep,
+    loads_bounded,
+    nesting_depth,
+    nests_deeper_than,
+    too_deep_path,
+)
 from planner.plan import plan_full
 from planner.revisions import plan_revisions
 from planner.source import load_manifest
@@ -168,7 +175,20 @@ def test_the_depth_count_ignores_brackets_quotes_and_backslashes_inside_strings(
     for _ in range(2000):
         value = random_value(rng, 0)
         for text in (json.dumps(value), json.dumps(value, ensure_ascii=False, indent=1)):
-            assert nesting_depth(text.encode()) == reference_depth(value), text
+            depth = reference_depth(value)
+            assert nesting_depth(text.encode()) == depth, text
+            for limit in (depth - 2, depth - 1, depth, depth + 1, 2 * depth):
+                assert nests_deeper_than(text.encode(), limit) == (depth > limit), (text, limit)
+
+
+def test_alternating_lists_and_objects_near_the_limit_are_counted_exactly() -> None:
+    for depth in (1, 2, 63, 64, 65, 66, 129, 130):
+        value: Any = "leaf"
+        for level in range(depth):
+            value = [value, "]}", 3] if level % 2 else {"k": value, "[": '{\\"[\\'}
+        text = json.dumps(value).encode()
+        assert reference_depth(value) == nesting_depth(text) == depth
+        assert nests_deeper_than(text, MAX_NESTING) == (depth > MAX_NESTING)
 
 
 def test_the_path_counts_keys_and_list_indexes_as_json_has_them() -> None:
