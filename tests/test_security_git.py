@@ -328,11 +328,18 @@ def test_a_manifest_under_a_symlinked_directory_out_of_the_tree_is_refused(
     (outside / "m.json").write_text(f'{{"network": {{"domain": "{SECRET}"}}}}')
     commit_link(manifest_repo, "conf", outside)
 
-    plan = plan_revisions(manifest_repo.path, None, "main", manifest_path="conf/m.json")
+    commit_link(manifest_repo, "nixos/gone.json", outside / "missing.json")
 
-    assert not plan.ok
+    plan = plan_revisions(manifest_repo.path, None, "main", manifest_path="conf/m.json")
+    missing = plan_revisions(manifest_repo.path, None, "main", manifest_path="nixos/gone.json")
+
+    assert not plan.ok and not missing.ok
     text = "\n".join(f.render() for f in plan.errors)
     assert "leading out of the tree" in text and SECRET not in text
+    # a missing target says the same: the bot's files cannot be probed this way
+    assert [f.message.split(": ", 1)[1] for f in missing.errors] == [
+        f.message.split(": ", 1)[1] for f in plan.errors
+    ]
 
 
 def test_a_manifest_symlinked_inside_the_tree_still_works(manifest_repo: ManifestRepo) -> None:
