@@ -26,6 +26,10 @@ LS_REMOTE_TIMEOUT = 60.0
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 ZERO_SHA = "0" * 40
 BRANCH_REFS = "refs/nixmox/branches/"  # where the cache keeps the tips of fetched branches
+# every object received is checked: Git refuses trees with duplicate, `..` or `/` names
+FSCK_OPTIONS = ("-c", "fetch.fsckObjects=true", "-c", "transfer.fsckObjects=true")
+FSCK_ERROR = re.compile(r"^error: object ([0-9a-f]+): (\w+): (.*)$")
+FSCK_MESSAGE = "the fetched objects fail Git's checks (fsck): object {object}: {check}: {detail}"
 
 
 class GitFetchError(Exception):
@@ -50,6 +54,11 @@ class Remote:
                 "GIT_CONFIG_VALUE_0": f"Authorization: Basic {basic}",
             }
         return env
+
+
+def git_command(*args: str) -> list[str]:
+    """The command line of a git call that talks to a remote (objects checked on receipt)."""
+    return ["git", *FSCK_OPTIONS, *args]
 
 
 def remote_for(settings: Settings, clone_url: str | None, token: str | None) -> Remote:
@@ -143,13 +152,9 @@ class GitCache:
         await asyncio.to_thread(self.repo)
         env = git_environment(remote)
         proc = await asyncio.create_subprocess_exec(
-            "git",
-            "-C",
-            str(self.path),
-            "fetch",
-            "--no-tags",
-            "--quiet",
-            "--no-write-fetch-head",
+            *git_command(
+                "-C", str(self.path), "fetch", "--no-tags", "--quiet", "--no-write-fetch-head"
+            ),
             remote.url,
             *what,
             stdin=asyncio.subprocess.DEVNULL,
@@ -166,7 +171,7 @@ class GitCache:
         if proc.returncode == 0:
             return None
         text = stderr.decode(errors="replace").strip().splitlines()
-        message = text[-1] if text else f"git fetch exited {proc.returncode}"
+        message = fetch_failure(text) or f"git fetch exited {proc.returncode}"
         return redact(message, remote.token)
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
@@ -191,7 +196,7 @@ async def ls_remote(
     remote: Remote, options: list[str], patterns: list[str] | None = None
 ) -> dict[str, str]:
     """`git ls-remote OPTIONS URL PATTERNS`: ref name → commit id (GitFetchError if unreadable)."""
-    args = ["git", "ls-remote", *options, remote.url, *(patterns or [])]
+    args = git_command("ls-remote", *options, remote.url, *(patterns or []))
     proc = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
@@ -215,6 +220,15 @@ async def ls_remote(
         if not value.startswith("ref:"):
             refs[name.strip()] = value.strip()
     return refs
+
+
+def fetch_failure(lines: list[str]) -> str | None:
+    """The line of git's stderr that says why a fetch failed (a failed object check first)."""
+    for line in lines:
+        found = FSCK_ERROR.match(line)
+        if found:
+            return FSCK_MESSAGE.format(object=found[1][:12], check=found[2], detail=found[3])
+    return lines[-1] if lines else None
 
 
 def safe_url(url: str) -> str:

@@ -16,8 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from planner.errors import PlanningError
 from planner.findings import Finding, ManifestError, error
+from planner.gitexport import GIT_MODE_SYMLINK, read_checked_tree, write_tree
 from planner.models import Manifest
+from planner.nesting import TooDeep, loads_bounded
 from planner.perf import gc_paused
 from planner.plan import AnalysisMemo
 from planner.positions import (
@@ -32,6 +35,8 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024
 DEFAULT_MEMORY_LIMIT = 2 * 1024 * 1024 * 1024
 NIX_ERROR_LINES = 40
+MANIFEST_LEAVES_TREE = "the manifest is a symbolic link (or lies under one) leading out of the tree"
+MANIFEST_LEAVES_TREE_HINT = "commit the manifest itself, or a link to a file inside the repository"
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ def evaluate_nix(
         if proc.returncode != 0:
             message = _nix_error(err_path.read_text(errors="replace"), path)
             raise _eval_failure(message, "fix the Nix error above (file:line:column)")
-        return json.loads(out_path.read_bytes())
+        return parse_json(out_path.read_bytes(), path.name)
 
 
 def _eval_failure(
@@ -143,20 +148,57 @@ def _eval_failure(
     return kind([error("evaluation", message, hint=hint)], evaluation_failed=True)
 
 
+def _stays_inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symlink followed, is under `root` (a loop is not)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return False
+
+
 def read_manifest_data(
     path: Path, include_dir: Path | None = None, limits: EvalLimits | None = None
 ) -> Any:
-    """Raw manifest data from a `.nix` (evaluated) or `.json` file."""
+    """Raw manifest data from a `.nix` (evaluated) or `.json` file.
+
+    With `include_dir` (a repository tree), a manifest reached through a symlink that leads
+    out of that tree is refused: its content is never read.
+    """
+    if include_dir is not None and not _stays_inside(path, include_dir.resolve()):
+        raise _eval_failure(MANIFEST_LEAVES_TREE, MANIFEST_LEAVES_TREE_HINT)
     if not path.exists():
         raise _eval_failure(f"{path} does not exist", "check the manifest path")
     if path.suffix == ".json":
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise _eval_failure(
-                f"{path.name}:{exc.lineno}:{exc.colno}: {exc.msg}", "fix the JSON syntax"
-            ) from exc
+        return parse_json(path.read_bytes(), path.name)
     return evaluate_nix(path, include_dir, limits)
+
+
+def parse_json(raw: bytes, name: str) -> Any:
+    """Manifest data from JSON text (a `.json` file or Nix's output), nesting bounded."""
+    try:
+        return loads_bounded(raw)
+    except TooDeep as exc:
+        raise ManifestError([_too_deep_finding(exc)]) from None
+    except UnicodeDecodeError as exc:
+        raise _eval_failure(
+            f"{name}: byte {exc.start} is not UTF-8", "save the manifest as UTF-8"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise _eval_failure(
+            f"{name}:{exc.lineno}:{exc.colno}: {exc.msg}", "fix the JSON syntax"
+        ) from None
+
+
+def _too_deep_finding(exc: TooDeep) -> Finding:
+    parts = exc.path.split(".")
+    in_service = len(parts) > 1 and parts[0] in ("services", "core_services")
+    return error(
+        "too-deep",
+        f"nested deeper than {exc.limit} levels",
+        service=parts[1].split("[")[0] if in_service else None,
+        field=exc.path,
+        hint=f"a manifest holds at most {exc.limit} levels of attribute sets and lists",
+    )
 
 
 def parse_manifest(data: Any, file: str | None = None) -> Manifest:
@@ -241,16 +283,6 @@ def locate(
 DEFAULT_MANIFEST_PATH = "nixos/service-manifest.nix"
 REPO_CONFIG_FILE = ".nixmox.toml"
 DEFAULT_CACHE_SIZE = 32
-GIT_MODE_SYMLINK = 0o120000
-GIT_MODE_EXECUTABLE = 0o100755
-GIT_MODE_SUBMODULE = 0o160000
-
-
-class PlanningError(Exception):
-    """The bot itself could not plan (Git failure, unknown revision, evaluation timeout).
-
-    Problems in the manifest are not planning errors: they become findings on the Plan.
-    """
 
 
 class UnknownRevision(PlanningError):
@@ -317,39 +349,19 @@ def changed_files(repo_dir: Path | str, base: str, head: str) -> list[str]:
     return sorted(paths)
 
 
-def _safe_target(dest: Path, rel: str) -> Path:
-    """Where a tree entry goes; refuses paths that would leave `dest` (crafted trees)."""
-    parts = Path(rel).parts
-    if not parts or any(part in ("", ".", "..") for part in parts) or Path(rel).is_absolute():
-        raise PlanningError(f"refusing to export the tree entry {rel!r}")
-    target = dest.joinpath(*parts)
-    parent = target.parent
-    if parent.resolve() != parent.absolute() and dest.resolve() not in parent.resolve().parents:
-        raise PlanningError(f"refusing to write {rel!r} through a symlinked directory")
-    return target
-
-
 def export_tree(repo_dir: Path | str, rev: str, dest: Path) -> Path:
     """Write a revision's whole tree (files, executable bits, symlinks) into `dest`.
 
-    Reads Git objects only: the working copy and the index are never touched.
+    Reads Git objects only: the working copy and the index are never touched. Every entry is
+    checked first (no `..`, `/`, `.git` or duplicate names); files are then created relative
+    to directory descriptors, never through a symlink and never over an existing file.
     """
     repo = _open_repo(repo_dir)
     commit = _commit(repo, rev)
+    entries = read_checked_tree(repo, commit.hexsha, commit.tree.binsha)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for item in commit.tree.traverse():
-        target = _safe_target(dest, item.path)
-        if item.type == "tree":
-            target.mkdir(exist_ok=True)
-        elif item.type == "commit" or item.mode == GIT_MODE_SUBMODULE:
-            target.mkdir(exist_ok=True)  # a submodule: its content is not in this repository
-        elif item.mode == GIT_MODE_SYMLINK:
-            os.symlink(item.data_stream.read().decode("utf-8", "surrogateescape"), target)
-        else:
-            target.write_bytes(item.data_stream.read())
-            if item.mode == GIT_MODE_EXECUTABLE:
-                target.chmod(0o755)
+    write_tree(repo, commit.hexsha, entries, dest)
     return dest
 
 
@@ -460,8 +472,13 @@ def _evaluate_at(
 ) -> Manifest | ManifestError:
     """Export the tree to a temporary directory and evaluate the manifest there."""
     with tempfile.TemporaryDirectory(prefix="nixmox-tree-") as tmp:
-        root = export_tree(repo_dir, rev, Path(tmp))
+        root = export_tree(repo_dir, rev, Path(tmp)).resolve()
         path = root / manifest_path
+        if not _stays_inside(path, root):  # before any stat: nothing outside is even probed
+            return _eval_failure(
+                f"{manifest_path} at revision {rev[:12]}: {MANIFEST_LEAVES_TREE}",
+                MANIFEST_LEAVES_TREE_HINT,
+            )
         if not path.is_file():
             return _eval_failure(
                 f"{manifest_path} does not exist at revision {rev[:12]}",

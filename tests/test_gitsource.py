@@ -266,3 +266,39 @@ def test_works_on_a_bare_clone(repo: GitRepo, tmp_path: Path) -> None:
     bare = git.Repo.clone_from(str(repo.path), str(tmp_path / "bare.git"), bare=True)
     manifest = load_manifest_at(bare.git_dir, rev)
     assert manifest.services["gitea"].depends_on == ["postgresql"]
+
+
+def test_export_tree_keeps_submodules_deep_directories_and_odd_names(
+    repo: GitRepo, tmp_path: Path
+) -> None:
+    """The checked export still writes everything an honest tree holds."""
+    deep = "/".join(f"d{i}" for i in range(40)) + "/leaf.txt"
+    repo.write(deep, "deep")
+    repo.write("weird name ü\n[x].txt", "odd but legal")
+    repo.write(".github/workflows/ci.yml", "on: push\n")  # `.git` only as a whole name
+    repo.write(".gitignore", "result\n")
+    repo.write("a/.gitkeep", "")
+    os.symlink("/nonexistent/target", repo.path / "dangling")
+    repo.repo.git.add("--all")
+    repo.repo.git.update_index("--add", "--cacheinfo", f"160000,{'ab' * 20},vendor/lib")
+    repo.repo.git.commit("-q", "-m", "odd tree")
+    rev = repo.repo.head.commit.hexsha
+
+    dest = export_tree(repo.path, rev, tmp_path / "out")
+
+    assert (dest / deep).read_text() == "deep"
+    assert (dest / "weird name ü\n[x].txt").read_text() == "odd but legal"
+    assert (dest / ".github/workflows/ci.yml").exists() and (dest / ".gitignore").exists()
+    assert (dest / "a/.gitkeep").read_text() == ""
+    assert os.readlink(dest / "dangling") == "/nonexistent/target"  # kept, never followed
+    assert (dest / "vendor/lib").is_dir() and not any((dest / "vendor/lib").iterdir())
+
+
+def test_export_tree_refuses_a_destination_that_is_a_symlink(repo: GitRepo, tmp_path: Path) -> None:
+    repo.write("a.txt", "a")
+    rev = repo.commit()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PlanningError, match=r"cannot export into .*/out"):
+        export_tree(repo.path, rev, tmp_path / "out")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
