@@ -30,6 +30,7 @@ from bot.config import Settings
 from bot.context import CONTEXT, BotContext, Metrics, PlanArchive
 from bot.dashboard import setup_dashboard
 from bot.jobs import JobWorker
+from bot.limits import GITHUB_LIMIT, OTHER_ROUTES_LIMIT, SLACK_LIMIT, BodyLimits, BodyRule
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
 from planner.render import render_json, render_text
 from runners.base import utcnow
@@ -39,7 +40,6 @@ from runners.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 26 * 1024 * 1024  # GitHub caps webhook payloads at 25 MB
 HTTP_TIMEOUT = ClientTimeout(total=60, connect=10)
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
@@ -72,7 +72,9 @@ def build_app(
         runner_config=runner_config or RunnerConfig(),
         plans=PlanArchive(settings.workdir / "plans"),
     )
-    app = web.Application(client_max_size=MAX_BODY)
+    limits = BodyLimits(settings.body_bytes_in_flight)
+    # first middleware: bodies are limited before anything else looks at a request
+    app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])
     app[CONTEXT] = ctx
     setup_dashboard_auth(app, settings)
     setup_dashboard(app, ctx)
@@ -89,12 +91,15 @@ def build_app(
         )
     )
     if settings.github_enabled:
-        from bot.github import setup_github
+        from bot.github import WEBHOOK_PATH, setup_github
 
+        limits.add(WEBHOOK_PATH, BodyRule(GITHUB_LIMIT, settings.github_body_timeout))
         setup_github(app, ctx)
     if settings.slack_enabled:
         from bot.slack import setup_slack  # type: ignore[attr-defined]
+        from bot.slack.bot import EVENTS_PATH
 
+        limits.add(EVENTS_PATH, BodyRule(SLACK_LIMIT, settings.slack_body_timeout))
         setup_slack(app, ctx)
     return app
 

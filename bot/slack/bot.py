@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.async_app import AsyncAck, AsyncRespond
 from slack_sdk.errors import SlackApiError
@@ -40,6 +40,7 @@ from bot.commands import (
     parse_command,
 )
 from bot.context import BotContext, DeploymentRequest
+from bot.limits import received_body
 from bot.slack.approvals import (
     REFUSAL_TEXT,
     Policy,
@@ -70,6 +71,7 @@ from bot.slack.blocks import (
     request_text,
     text_blocks,
 )
+from bot.slack.intake import Unreadable, bolt_request, first_time
 from bot.slack.notifier import MessagePacer, SecretRedactor, SlackNotifier
 from bot.slack.status import history_text, status_text
 from planner.render import render_slack
@@ -117,7 +119,7 @@ class Audit(StrEnum):
 
 
 UNAUTHORIZED = {"error": "invalid request signature"}
-MALFORMED = {"error": "the request body is not a Slack payload"}
+REPLAYED = "Slack: a repeat of an already handled request (same timestamp and signature) ignored"
 ACK_PLANNING = ":hourglass_flowing_sand: Planning {what}… the plan will be posted in <#{channel}>."
 ACK_PLAN = ":hourglass_flowing_sand: Planning {what}…"
 ACK_LOOKUP = ":mag: Looking that up…"
@@ -211,15 +213,22 @@ class SlackBot:
     # -- HTTP ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """`POST /slack/events`: 401 unless signed by Slack in the last 5 minutes."""
-        body = await request.read()
+        """`POST /slack/events`: 401 unless signed by Slack in the last 5 minutes; once each."""
+        body = received_body(request)  # within its size and time limits (bot.limits)
         if not verify_signature(self.verifier, body, request.headers):
             return web.json_response(UNAUTHORIZED, status=401)
         try:
-            bolt_request = await to_bolt_request(request)  # parses the form / JSON payload
-        except ValueError:  # not UTF-8, or a `payload` that is not JSON
-            return web.json_response(MALFORMED, status=400)
-        response = await self.bolt.async_dispatch(bolt_request)
+            parsed = bolt_request(request, body)  # the form / JSON payload, depth checked
+        except Unreadable as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        try:
+            if not await first_time(self.ctx.require_store(), request.headers):
+                log.info(REPLAYED)
+                return web.Response(status=200)
+        except Exception:
+            log.exception("Slack: could not record the request")
+            return web.Response(text=STORE_UNAVAILABLE)
+        response = await self.bolt.async_dispatch(parsed)
         return await to_aiohttp_response(response)
 
     # -- background work -----------------------------------------------------------------
