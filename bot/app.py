@@ -12,6 +12,7 @@ stops. Routes:
   (`bot.dashboard`)
 
 With `NIXMOX_DASHBOARD_PASSWORD` set, every GET page but `/healthz` needs it (`bot.auth`).
+Request bodies are limited per route in size, time and bytes received at once (`bot.limits`).
 """
 
 from __future__ import annotations

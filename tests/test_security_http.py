@@ -288,6 +288,7 @@ async def test_many_concurrent_oversized_uploads_keep_the_servers_memory_bounded
             assert response.status == 200
     finally:
         server.stop()
+    print(f"serve RSS before the uploads {before} kB, peak {peak} kB")  # shown with -rP
     # twenty 27 MB bodies buffered whole would be 540 MB; at most 64 MiB are received at once
     assert (peak - before) * 1024 < 200 * MB, f"grew from {before} kB to a peak of {peak} kB"
 
