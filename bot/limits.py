@@ -58,12 +58,20 @@ class BodyBudget:
         self.free = capacity
         self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
-    async def acquire(self, size: int) -> int:
-        """Wait until `size` bytes (at most the capacity) are free; returns what was taken."""
+    def take(self, size: int) -> int | None:
+        """`size` bytes (at most the capacity) if they are free now and nobody waits, else None."""
         size = min(size, self.capacity)
         if not self._waiting and self.free >= size:
             self.free -= size
             return size
+        return None
+
+    async def acquire(self, size: int) -> int:
+        """Wait until `size` bytes (at most the capacity) are free; returns what was taken."""
+        taken = self.take(size)
+        if taken is not None:
+            return taken
+        size = min(size, self.capacity)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (size, waiter)
         self._waiting.append(entry)
@@ -110,11 +118,14 @@ class BodyLimits:
         if length is not None and length > rule.limit:
             return refuse(request, 413, TOO_LARGE.format(limit=rule.limit))
         deadline = asyncio.get_running_loop().time() + rule.seconds
-        try:
-            async with asyncio.timeout_at(deadline):
-                held = await self.budget.acquire(rule.limit if length is None else length)
-        except TimeoutError:
-            return refuse(request, 503, TOO_BUSY)
+        wanted = rule.limit if length is None else length
+        held = self.budget.take(wanted)  # the usual case: room at once, nothing to wait for
+        if held is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    held = await self.budget.acquire(wanted)
+            except TimeoutError:
+                return refuse(request, 503, TOO_BUSY)
         try:
             try:
                 async with asyncio.timeout_at(deadline):

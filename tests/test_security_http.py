@@ -208,6 +208,32 @@ async def test_a_trickled_body_is_cut_off_after_the_configured_time(
     assert b"did not arrive within 1 seconds" in answer
 
 
+async def test_a_body_waits_for_room_in_the_budget_within_its_own_time(
+    aiohttp_client: Any, tmp_path: Path, fake_github: FakeGitHub, fake_slack: FakeSlack,
+    manifest_repo: ManifestRepo,
+) -> None:  # fmt: skip
+    bot = await start_both(
+        aiohttp_client, tmp_path, fake_github, fake_slack, manifest_repo,
+        github_body_timeout=1.0, slack_body_timeout=3.0, body_bytes_in_flight=1000,
+    )  # fmt: skip
+    port = port_of(bot.driver.client)
+    headers = {"Content-Type": "application/json", "Content-Length": "900"}
+    # a Slack body holds 900 of the 1000 bytes while it trickles for 3 s; a GitHub body
+    # (1 s to arrive) finds no room in its time
+    first = asyncio.create_task(
+        raw_request(port, head_of("/slack/events", headers), [b" "] * 900, pause=0.3)
+    )
+    await asyncio.sleep(0.2)
+    status, answer = await raw_request(port, head_of("/github/webhook", headers), [b" " * 900])
+    assert status == 503, answer[:300]
+    assert (await first)[0] == 408
+    # once both are answered the room is back: a small body goes through to the handler
+    status, _ = await raw_request(
+        port, head_of("/github/webhook", {**headers, "Content-Length": "2"}), [b"{}"]
+    )
+    assert status == 401
+
+
 def test_body_timeouts_are_settings_with_defaults() -> None:
     from bot.config import Settings
 
