@@ -1,8 +1,9 @@
 """The Slack front end: `/nixmox` commands, the approval flow, and the progress notifier.
 
 HTTP: `POST /slack/events` checks Slack's signature and the 5-minute timestamp window itself
-(anything wrong or unreadable → 401, before bolt sees it), then hands the request to
-slack-bolt's `AsyncApp` through its aiohttp adapter. Listeners acknowledge at once with a short
+(anything wrong or unreadable → 401, before bolt sees it), refuses payloads nested too deeply
+(400) and answers a replay of an already handled request with an empty 200 (`bot.slack.intake`),
+then hands the request to slack-bolt's `AsyncApp`. Listeners acknowledge at once with a short
 line; planning and deploying run afterwards, as jobs in the store's queue (so a restart loses
 no accepted request), and talk back through the Web API.
 """
