@@ -42,6 +42,9 @@ from runners.store import Store
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT = ClientTimeout(total=60, connect=10)
+# where `bot.slack` mounts its endpoint (`bot.slack.bot.EVENTS_PATH`); named here so that its
+# body limit is set without importing the Slack bot
+SLACK_EVENTS_PATH = "/slack/events"
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f8fa;padding:1em}}</style>
@@ -98,9 +101,8 @@ def build_app(
         setup_github(app, ctx)
     if settings.slack_enabled:
         from bot.slack import setup_slack  # type: ignore[attr-defined]
-        from bot.slack.bot import EVENTS_PATH
 
-        limits.add(EVENTS_PATH, BodyRule(SLACK_LIMIT, settings.slack_body_timeout))
+        limits.add(SLACK_EVENTS_PATH, BodyRule(SLACK_LIMIT, settings.slack_body_timeout))
         setup_slack(app, ctx)
     return app
 

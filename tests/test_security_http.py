@@ -234,6 +234,13 @@ async def test_a_body_waits_for_room_in_the_budget_within_its_own_time(
     assert status == 401
 
 
+def test_the_slack_body_limit_covers_the_slack_endpoint() -> None:
+    from bot.app import SLACK_EVENTS_PATH
+    from bot.slack.bot import EVENTS_PATH
+
+    assert SLACK_EVENTS_PATH == EVENTS_PATH
+
+
 def test_body_timeouts_are_settings_with_defaults() -> None:
     from bot.config import Settings
 
