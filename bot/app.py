@@ -12,6 +12,7 @@ stops. Routes:
   (`bot.dashboard`)
 
 With `NIXMOX_DASHBOARD_PASSWORD` set, every GET page but `/healthz` needs it (`bot.auth`).
+Request bodies are limited per route in size, time and bytes received at once (`bot.limits`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bot.context import CONTEXT, BotContext
 from bot.dashboard import DashboardFrontEnd
 from bot.frontend import FrontEnd, add_routes
 from bot.jobs import JobWorker
+from bot.limits import GITHUB_LIMIT, OTHER_ROUTES_LIMIT, SLACK_LIMIT, BodyLimits, BodyRule
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
@@ -41,10 +43,12 @@ from state.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 26 * 1024 * 1024  # GitHub caps webhook payloads at 25 MB
 HTTP_TIMEOUT = ClientTimeout(total=60, connect=10)
 FrontEndFactory = Callable[[web.Application, BotContext], FrontEnd]
 """Makes a front end for the application and its context (called once by `build_app`)."""
+# where `bot.slack` mounts its endpoint (`bot.slack.bot.EVENTS_PATH`); named here so that its
+# body limit is set without importing the Slack bot
+SLACK_EVENTS_PATH = "/slack/events"
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f8fa;padding:1em}}</style>
@@ -79,7 +83,9 @@ def build_app(
         runner_config=runner_config or RunnerConfig(),
         plans=PlanArchive(settings.workdir / "plans"),
     )
-    app = web.Application(client_max_size=MAX_BODY)
+    limits = BodyLimits(settings.body_bytes_in_flight)
+    # first middleware: bodies are limited before anything else looks at a request
+    app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])
     app[CONTEXT] = ctx
     setup_dashboard_auth(app, settings)
     factories = configured_front_ends(settings) if front_ends is None else front_ends
@@ -100,6 +106,16 @@ def build_app(
     for front_end in ctx.front_ends:
         app.cleanup_ctx.append(lifecycle(front_end))
     return app
+
+
+def add_body_rules(limits: BodyLimits, settings: Settings) -> None:
+    """The webhooks' own size and time limits (every other route: OTHER_ROUTES_LIMIT)."""
+    if settings.github_enabled:
+        from bot.github import WEBHOOK_PATH
+
+        limits.add(WEBHOOK_PATH, BodyRule(GITHUB_LIMIT, settings.github_body_timeout))
+    if settings.slack_enabled:
+        limits.add(SLACK_EVENTS_PATH, BodyRule(SLACK_LIMIT, settings.slack_body_timeout))
 
 
 def configured_front_ends(settings: Settings) -> list[FrontEndFactory]:

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8080"
     workdir: Path = Path(".nixmox")
     dashboard_password: SecretStr | None = None  # Basic auth of the pages (bot.auth)
+    # HTTP bodies (bot.limits): seconds to receive a whole body, bytes received at once
+    github_body_timeout: float = Field(default=30.0, gt=0)
+    slack_body_timeout: float = Field(default=10.0, gt=0)
+    body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, gt=0)
 
     # GitHub
     github_webhook_secret: SecretStr | None = None

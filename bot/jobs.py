@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bot.metrics import Metrics
-    from state.queue import Job
+    from state.queue import DeliveryKey, Job
     from state.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class UnknownJobKind(Exception):
 class _Intake:
     """One webhook delivery waiting to be recorded with its jobs."""
 
-    delivery_id: str
+    delivery_id: DeliveryKey
     jobs: list[tuple[str, dict[str, Any]]]
     future: asyncio.Future[bool]
 
@@ -83,7 +83,9 @@ class DeliveryIntake:
         if self._pending:
             self._wake.set()
 
-    async def submit(self, delivery_id: str, jobs: list[tuple[str, dict[str, Any]]]) -> bool:
+    async def submit(
+        self, delivery_id: DeliveryKey, jobs: list[tuple[str, dict[str, Any]]]
+    ) -> bool:
         """Record the delivery and queue its jobs; False for a redelivery (nothing queued)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append(_Intake(delivery_id, jobs, future))
@@ -187,7 +189,7 @@ class JobWorker:
         return job_id
 
     async def enqueue_delivery(
-        self, delivery_id: str, jobs: list[tuple[str, dict[str, Any]]]
+        self, delivery_id: DeliveryKey, jobs: list[tuple[str, dict[str, Any]]]
     ) -> bool:
         """Record a webhook delivery and queue its jobs atomically (False: seen before)."""
         for kind, _ in jobs:

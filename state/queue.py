@@ -30,8 +30,11 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
-# a webhook delivery id and the jobs (kind, payload) it queues: `QueueRepository.record_deliveries`
-DeliveryJobs = tuple[str, list[tuple[str, dict[str, Any]]]]
+# what identifies a delivery: its id, or its id and other keys (e.g. its body's signature);
+# it is a duplicate when any of them was seen before
+DeliveryKey = str | tuple[str, ...]
+# a delivery and the jobs (kind, payload) it queues: `QueueRepository.record_deliveries`
+DeliveryJobs = tuple[DeliveryKey, list[tuple[str, dict[str, Any]]]]
 
 
 @dataclass
@@ -76,9 +79,10 @@ class QueueRepository(Repository):
     async def record_deliveries(self, items: Sequence[DeliveryJobs]) -> list[bool]:
         """Record new deliveries with their jobs, all in one transaction (a group commit).
 
-        Each item is a delivery id and the jobs `(kind, payload)` it queues. Per item: True
-        when recorded now (its jobs queued), False when the id was seen before, in an
-        earlier call or earlier in `items` (nothing queued).
+        Each item is a delivery id (or a tuple of keys: the id and, say, the body's
+        signature) and the jobs `(kind, payload)` it queues. Per item: True when recorded
+        now (all its keys, its jobs queued), False when any of its keys was seen before, in
+        an earlier call or earlier in `items` (nothing recorded or queued).
         """
         if not items:
             return []
@@ -96,7 +100,7 @@ class QueueRepository(Repository):
             except SqliteBusy:
                 # another writer holds the database: take the asynchronous path and wait
                 log.info("SQLite is busy; recording deliveries asynchronously")
-        wanted = list(dict.fromkeys(delivery_id for delivery_id, _ in items))
+        wanted = _all_keys(items)
         async with self.engine.begin() as conn:
             seen = sa.select(deliveries.c.delivery_id).where(deliveries.c.delivery_id.in_(wanted))
             rows = _IntakeRows.of(items, set((await conn.execute(seen)).scalars()))
@@ -112,7 +116,7 @@ class QueueRepository(Repository):
 
     def _record_now(self, local: LocalSqlite, items: Sequence[DeliveryJobs]) -> list[bool]:
         """`_record_together` on the synchronous SQLite connection (SqliteBusy: nothing done)."""
-        wanted = list(dict.fromkeys(delivery_id for delivery_id, _ in items))
+        wanted = _all_keys(items)
         delivery_insert, job_insert = _intake_inserts(local.dialect)
         with local.transaction() as cursor:
             found = cursor.execute(f"{_SEEN_SQL}({','.join('?' * len(wanted))})", wanted)
@@ -121,7 +125,9 @@ class QueueRepository(Repository):
             job_insert.run_now(cursor, rows.jobs)
         return rows.recorded
 
-    async def _record_alone(self, delivery_id: str, work: list[tuple[str, dict[str, Any]]]) -> bool:
+    async def _record_alone(
+        self, delivery_id: DeliveryKey, work: list[tuple[str, dict[str, Any]]]
+    ) -> bool:
         """One delivery and its jobs in their own transaction; False when seen before."""
         try:
             async with self.engine.begin() as conn:
@@ -242,18 +248,28 @@ class _IntakeRows:
 
     @classmethod
     def of(cls, items: Sequence[DeliveryJobs], seen: set[str]) -> _IntakeRows:
-        """Ids in `seen` are not new; of several items with one id, only the first is."""
+        """An item with a key in `seen` is not new; of several sharing a key, only the first is."""
         now = utcnow()  # one object for every row: PreparedInsert binds it once
         queued = str(JobState.QUEUED)
         rows = cls([], [], [])
-        for delivery_id, work in items:
-            new = delivery_id not in seen
+        for delivery, work in items:
+            keys = _keys(delivery)
+            new = seen.isdisjoint(keys)
             rows.recorded.append(new)
             if new:
-                seen.add(delivery_id)
-                rows.deliveries.append((delivery_id, now))
+                seen.update(keys)
+                rows.deliveries.extend((key, now) for key in keys)
                 rows.jobs.extend((kind, payload, queued, 0, now) for kind, payload in work)
         return rows
+
+
+def _keys(delivery: DeliveryKey) -> tuple[str, ...]:
+    return (delivery,) if isinstance(delivery, str) else tuple(dict.fromkeys(delivery))
+
+
+def _all_keys(items: Sequence[DeliveryJobs]) -> list[str]:
+    """Every key of every item, once each."""
+    return list(dict.fromkeys(key for delivery, _ in items for key in _keys(delivery)))
 
 
 def _job(row: Any) -> Job:

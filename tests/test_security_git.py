@@ -18,7 +18,7 @@ import git
 import pytest
 from gitdb import IStream
 
-from bot.github.gitcache import GitCache, GitFetchError, Remote
+from bot.gitcache import GitCache, GitFetchError, Remote
 from planner.gitexport import UnsafeTree
 from planner.revisions import plan_revisions
 from planner.source import EvalCache, PlanningError, export_tree

@@ -2,8 +2,10 @@
 
 Order matters: the signature is checked before anything else is looked at (401, nothing
 recorded); then headers and body (400); then the repository filter; then the delivery id is
-recorded in the store (a redelivery does nothing twice, across restarts and replicas); then
-the jobs are enqueued and the response goes out. No GitHub call and no planning happens here.
+recorded in the store together with the body's signature (a redelivery, or a captured body
+resent under a new delivery id, does nothing twice, across restarts and replicas); then the
+jobs are enqueued and the response goes out. No GitHub call and no planning happens here.
+The body itself was received, within its size and time limits, by `bot.limits`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from prometheus_client import Counter
 from bot.context import CONTEXT, BotContext
 from bot.github.events import BadPayload, Delivery, handles, router
 from bot.github.payloads import PayloadError, decode
+from bot.limits import received_body
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ EVENT_HEADER = "X-GitHub-Event"
 DELIVERY_HEADER = "X-GitHub-Delivery"
 MAX_HEADER_LENGTH = 200
 CACHED_ANSWERS = 256  # distinct (outcome, message, jobs) answers kept encoded
+TOO_DEEP = "the payload is nested too deeply"
 
 
 class Outcome(StrEnum):
@@ -76,6 +80,14 @@ def decode_body(event: str, content_type: str, body: bytes) -> dict[str, Any]:
         raise Rejected(400, Outcome.BAD_REQUEST, "the body is not a JSON payload") from None
     except PayloadError as exc:
         raise Rejected(400, Outcome.BAD_REQUEST, str(exc)) from None
+    except RecursionError:
+        # msgspec's own depth limit (about 1,000 levels; GitHub's payloads nest a dozen)
+        raise Rejected(400, Outcome.BAD_REQUEST, TOO_DEEP) from None
+
+
+def replay_key(signature: str) -> str:
+    """The key a verified body is remembered by: `sha256:<hex>` of its signature."""
+    return "sha256:" + signature.removeprefix("sha256=")
 
 
 def header(request: web.Request, name: str) -> str:
@@ -99,8 +111,8 @@ def repository_of(data: dict[str, Any]) -> str | None:
     return None
 
 
-async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, int]:
-    """Everything after parsing: filter, route, record, enqueue."""
+async def accept(ctx: BotContext, event: sansio.Event, body_key: str) -> tuple[Outcome, str, int]:
+    """Everything after parsing: filter, route, record (by delivery id and body), enqueue."""
     if event.event == "ping":
         return Outcome.PONG, "pong", 0
     if not handles(event.event):
@@ -121,7 +133,7 @@ async def accept(ctx: BotContext, event: sansio.Event) -> tuple[Outcome, str, in
     if not delivery.jobs:
         return Outcome.IGNORED, "; ".join(delivery.ignored) or "nothing to do", 0
     specs = [(str(spec.kind), spec.payload) for spec in delivery.jobs]
-    if not await ctx.require_jobs().enqueue_delivery(event.delivery_id, specs):
+    if not await ctx.require_jobs().enqueue_delivery((event.delivery_id, body_key), specs):
         return Outcome.DUPLICATE, "delivery already processed", 0
     return Outcome.ACCEPTED, "queued", len(specs)
 
@@ -159,12 +171,13 @@ async def _handle(
     ctx: BotContext, request: web.Request, secret: Any, started: float
 ) -> web.Response:
     try:
-        body = await request.read()
+        body = received_body(request)
         if secret is None:  # `nixmox serve` refuses to start like this; be safe anyway
             raise Rejected(401, Outcome.UNAUTHORIZED, "no webhook secret is configured")
-        verify_signature(body, request.headers.get(SIGNATURE_HEADER), secret.get_secret_value())
+        signature = request.headers.get(SIGNATURE_HEADER)
+        verify_signature(body, signature, secret.get_secret_value())
         event = parse_event(request, body)
-        outcome, message, queued = await accept(ctx, event)
+        outcome, message, queued = await accept(ctx, event, replay_key(str(signature)))
     except Rejected as exc:
         # the event header of an unverified request is not trusted as a metric label
         _counter(ctx.metrics.webhooks, "-", exc.outcome).inc()

@@ -1,8 +1,9 @@
 """The Slack front end: `/nixmox` commands, the approval flow, and the progress notifier.
 
 HTTP: `POST /slack/events` checks Slack's signature and the 5-minute timestamp window itself
-(anything wrong or unreadable → 401, before bolt sees it), then hands the request to
-slack-bolt's `AsyncApp` through its aiohttp adapter. Listeners acknowledge at once with a short
+(anything wrong or unreadable → 401, before bolt sees it), refuses payloads nested too deeply
+(400) and answers a replay of an already handled request with an empty 200 (`bot.slack.intake`),
+then hands the request to slack-bolt's `AsyncApp`. Listeners acknowledge at once with a short
 line; planning and deploying run afterwards, as jobs in the store's queue (so a restart loses
 no accepted request), and talk back through the Web API. The work is split by concern:
 `slash` (the command), `buttons` (Approve / Cancel / Re-plan), `runs` (approved requests),
@@ -17,11 +18,12 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.app.async_app import AsyncApp
 from slack_sdk.signature import SignatureVerifier
 
 from bot.context import BotContext
+from bot.limits import received_body
 from bot.request import DeploymentRequest
 from bot.slack.backend import (
     Backend,
@@ -31,12 +33,13 @@ from bot.slack.blocks import (
     RequestStatus,
 )
 from bot.slack.buttons import ApprovalButtons
+from bot.slack.intake import Unreadable, bolt_request, first_time
 from bot.slack.names import SYSTEM_ACTOR, Audit, origin
 from bot.slack.notifier import SlackNotifier
 from bot.slack.recovery import InterruptionReport
 from bot.slack.runs import ApprovedRuns
 from bot.slack.services import SlackServices, view_of
-from bot.slack.slash import SlashCommands
+from bot.slack.slash import STORE_UNAVAILABLE, SlashCommands
 from runners.base import (
     Subscriber,
 )
@@ -50,7 +53,7 @@ EXPIRY_SWEEP_INTERVAL = 60.0
 
 
 UNAUTHORIZED = {"error": "invalid request signature"}
-MALFORMED = {"error": "the request body is not a Slack payload"}
+REPLAYED = "Slack: a repeat of an already handled request (same timestamp and signature) ignored"
 
 
 def verify_signature(verifier: SignatureVerifier, body: bytes, headers: Any) -> bool:
@@ -120,15 +123,22 @@ class SlackBot:
         return await self.interruptions.report(record)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """`POST /slack/events`: 401 unless signed by Slack in the last 5 minutes."""
-        body = await request.read()
+        """`POST /slack/events`: 401 unless signed by Slack in the last 5 minutes; once each."""
+        body = received_body(request)  # within its size and time limits (bot.limits)
         if not verify_signature(self.verifier, body, request.headers):
             return web.json_response(UNAUTHORIZED, status=401)
         try:
-            bolt_request = await to_bolt_request(request)  # parses the form / JSON payload
-        except ValueError:  # not UTF-8, or a `payload` that is not JSON
-            return web.json_response(MALFORMED, status=400)
-        response = await self.bolt.async_dispatch(bolt_request)
+            parsed = bolt_request(request, body)  # the form / JSON payload, depth checked
+        except Unreadable as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        try:
+            if not await first_time(self.ctx.require_store(), request.headers):
+                log.info(REPLAYED)
+                return web.Response(status=200)
+        except Exception:
+            log.exception("Slack: could not record the request")
+            return web.Response(text=STORE_UNAVAILABLE)
+        response = await self.bolt.async_dispatch(parsed)
         return await to_aiohttp_response(response)
 
     async def start(self) -> None:
