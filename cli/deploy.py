@@ -662,6 +662,7 @@ async def status(
             )
         services = await store.services()
         locks = {lock.service: lock for lock in await store.locks()}
+        latest = await latest_checks(store)
     finally:
         await store.close()
     if as_json:
@@ -672,12 +673,22 @@ async def status(
             "checked": {
                 name: {"healthy": ok, "detail": detail} for name, (ok, detail) in checked.items()
             },
+            "health": {name: check.to_json() for name, check in latest.items()},
         }
         click.echo(json.dumps(body, indent=2))
     else:
-        print_status(last, services, locks, checked)
+        print_status(last, services, locks, checked, latest)
     if check and not all(ok for ok, _ in checked.values()):
         sys.exit(EXIT_FAILED)
+
+
+async def latest_checks(store: Store) -> dict[str, Any]:
+    """The latest recorded health check per service (`nixmox health`, the monitor)."""
+    from state.health import HealthRepository
+
+    repo = HealthRepository(store.engine)
+    await repo.ensure()
+    return dict(await repo.latest())
 
 
 def format_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -696,6 +707,7 @@ def print_status(
     services: dict[str, Any],
     locks: dict[str, Any],
     checked: dict[str, tuple[bool, str]],
+    latest: dict[str, Any] | None = None,
 ) -> None:
     click.echo(STATUS_TITLE)
     if last is None:
@@ -717,6 +729,14 @@ def print_status(
     for name in names:
         record = services.get(name)
         health = record.last_health if record is not None and record.last_health else "unknown"
+        if record is not None and record.health_at is not None:
+            health += f" (checked {when(record.health_at)})"
+        check = (latest or {}).get(name)
+        if check is not None and (
+            record is None or record.health_at is None or check.checked_at >= record.health_at
+        ):
+            state = "healthy" if check.healthy else "unhealthy"
+            health = f"{state} ({check.check}, checked {when(check.checked_at)})"
         if name in checked:
             ok, detail = checked[name]
             health = ("healthy" if ok else f"unhealthy: {detail}") + " (checked now)"

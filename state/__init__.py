@@ -1,0 +1,1 @@
+"""State store aggregates beyond runners.store (health checks, drift findings)."""
