@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.models import Manifest
-from planner.plan import GLOBAL_PHASES, Phase, Plan
+from planner.plan import GLOBAL_PHASES, Phase, Plan, UnknownService
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, export_tree, resolve_revision
 from runners.base import Context, DeploymentKind
 from runners.config import RunnerConfig
@@ -179,17 +179,30 @@ async def pending_drift(
     manifest_path: str = DEFAULT_MANIFEST_PATH,
     limits: EvalLimits | None = None,
 ) -> Pending | None:
-    """The default branch's head, when deploying it has steps to run."""
+    """The default branch's head, when deploying it has steps to run: for the homelab as last
+    deployed, and for each service a scoped deployment or rollback left at another revision."""
     revision = await asyncio.to_thread(resolve_revision, repo_dir, head)
     deployed = await store.last_deployed_revision()
-    if deployed == revision:
-        return None
-    plan = await plan_for_deploy(
-        store, repo_dir, revision, manifest_path=manifest_path, limits=limits
+    behind = sorted(
+        name
+        for name, record in (await store.services()).items()
+        if record.revision is not None and record.revision != revision
     )
-    if plan.ok and not plan.steps:
+    if deployed == revision and not behind:
         return None
-    return Pending(revision, len(plan.steps), deployed)
+    scopes: list[str | None] = [None] if deployed != revision else behind
+    steps: set[str] = set()
+    for scope in scopes:
+        try:
+            plan = await plan_for_deploy(
+                store, repo_dir, revision, service=scope, manifest_path=manifest_path, limits=limits
+            )
+        except UnknownService:
+            continue  # the service is gone from the default branch: the whole plan covers it
+        if not plan.ok:
+            return Pending(revision, 0, deployed)  # not deployable as it is: still not deployed
+        steps.update(step.id for step in plan.steps)
+    return Pending(revision, len(steps), deployed) if steps else None
 
 
 async def rollback_note(store: Store) -> str | None:

@@ -114,6 +114,7 @@ kind = "local"
 current_system = "{self.root}/hosts/{{service}}/current-system"
 system_profile = "{self.root}/hosts/{{service}}/system"
 deploy = [{{ run = {json.dumps(deploy)} }}]
+rollback = [{{ run = "ln -sfn {{prev}} {{current_system}}", on = "host" }}]
 
 [runners.health]
 interval = 0
