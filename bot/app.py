@@ -58,12 +58,14 @@ def build_app(
     github_policy: Any = None,
     github_sleeper: Any = None,
     recovery_interval: float | None = None,
+    start_monitor: bool = True,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
     `start_worker=False` leaves queued jobs for the caller (`ctx.jobs.drain()` in tests).
     `github_policy` / `github_sleeper` tune the GitHub client's retries (tests).
     `recovery_interval`: seconds between recovery sweeps (default: the deployment lock lease).
+    `start_monitor=False` keeps the health and drift monitor off whatever NIXMOX_MONITOR says.
     """
     ctx = BotContext(
         settings=settings,
@@ -96,6 +98,10 @@ def build_app(
         from bot.slack import setup_slack  # type: ignore[attr-defined]
 
         setup_slack(app, ctx)
+    if settings.monitor and start_monitor:
+        from bot.monitoring import setup_monitoring
+
+        setup_monitoring(app, ctx)
     return app
 
 

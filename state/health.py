@@ -230,9 +230,14 @@ class HealthRepository:
         return [_drift(row) for row in rows]
 
     async def replace_drift(
-        self, found: Iterable[DriftRecord], *, at: datetime | None = None
+        self,
+        found: Iterable[DriftRecord],
+        *,
+        at: datetime | None = None,
+        kinds: set[str] | None = None,
     ) -> tuple[list[DriftRecord], list[DriftRecord]]:
-        """Make `found` the active findings: returns (new ones, cleared ones)."""
+        """Make `found` the active findings (of `kinds`, default all, the kinds that were
+        looked at): returns (new ones, cleared ones)."""
         now = at or utcnow()
         wanted = {record.key: record for record in found}
         async with self.engine.begin() as conn:
@@ -245,7 +250,7 @@ class HealthRepository:
             new: list[DriftRecord] = []
             cleared: list[DriftRecord] = []
             for key, row in active.items():
-                if key not in wanted:
+                if key not in wanted and (kinds is None or row.kind in kinds):
                     await conn.execute(
                         drift_findings.update()
                         .where(drift_findings.c.id == row.id)
