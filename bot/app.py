@@ -36,6 +36,7 @@ from runners.base import utcnow
 from runners.config import RunnerConfig
 from runners.deploy import DEFAULT_LOCK_LEASE
 from runners.store import Store
+from state.health import HealthRepository
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def _resources(
         if ctx.store is None:
             ctx.store = await Store.open(settings.database_url)
         store = ctx.store
+        await HealthRepository(store.engine).ensure()  # health and drift tables (state.health)
         started = utcnow()
         interrupted = await store.recover_interrupted()
         for record in interrupted:

@@ -190,7 +190,7 @@ async def pending_drift(
     )
     if deployed == revision and not behind:
         return None
-    scopes: list[str | None] = [None] if deployed != revision else behind
+    scopes: list[str | None] = [None] if deployed != revision else list(behind)
     steps: set[str] = set()
     for scope in scopes:
         try:

@@ -68,7 +68,8 @@ async def check_service(
     runner: HealthRunner, redactor: Redactor, service: str, manifest: Manifest, source: str
 ) -> Checked:
     """Startup then liveness with their retries; the first failing check decides."""
-    kind, command, lines = "startup", "", []
+    kind, command = "startup", ""
+    lines: list[str] = []
     healthy = True
     try:
         for found in checks(service, manifest):

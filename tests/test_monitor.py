@@ -11,18 +11,24 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from bot.app import build_app
+from bot.config import Settings
+from bot.context import CONTEXT
+from bot.monitoring import BotListener
 from deployments.drift import DriftReport
 from deployments.health import deployed_manifest
 from deployments.monitor import ChangeKind, HealthChange, Monitor, MonitorOptions
-from runners.config import RunnerConfig
+from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind, build_runners
 from runners.store import Store
 from state.health import DriftRecord, HealthRepository
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
-from tests.fixtures_slack import CHANNEL, SIGNING_SECRET
+from tests.fixtures_github import ManifestRepo
+from tests.fixtures_slack import CHANNEL, REQUESTER, SIGNING_SECRET, SlackDriver, slack_settings
 from tests.homelab import Homelab
 from tests.test_serve import Server
 
@@ -227,3 +233,77 @@ async def test_serve_alerts_once_then_recovers_and_metrics_go_0_then_1(
     assert [b["text"]["text"] for b in drift[0].buttons()] == ["Redeploy"]
     assert 'nixmox_drift{kind="system",service="postgresql"} 1.0' in metrics
     assert 'nixmox_service_health_checked_timestamp_seconds{service="gitea"}' in metrics
+
+
+async def test_the_dashboard_shows_health_history_and_a_drift_section(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    lab = Homelab(tmp_path, retries=1)
+    await asyncio.to_thread(lab.deploy)
+    heard, clock = Heard(), Clock()
+    store, monitor = await open_monitor(lab, heard, clock)
+    try:
+        manifest = await deployed_manifest(store)
+        assert manifest is not None
+        await monitor.check("gitea", manifest)
+        lab.set_up("gitea", False)
+        await monitor.check("gitea", manifest)
+        lab.rebuild_by_hand("postgresql")
+        monitor.options.drift = True
+        report = await monitor.drift_round()
+        assert report is not None and set(report.services) == {"postgresql"}
+        assert [(r.subject, r.kind) for r in heard.drifts[0][0]] == [("postgresql", "system")]
+        assert await monitor.drift_round() is not None and len(heard.drifts) == 1  # not new
+
+        settings = Settings(database_url=f"sqlite+aiosqlite:///{lab.root / 'state.db'}",
+                            workdir=lab.root / "bot")  # fmt: skip
+        app = build_app(settings, store=store, start_worker=False, start_monitor=False)
+        client = await aiohttp_client(app)
+        page = await (await client.get("/services/gitea")).text()
+        assert "<h2>Health history</h2>" in page
+        assert page.count("monitor (transition)") == 2
+        assert "<code>exit status 1</code>" in page  # the failing check's last output line
+        assert "liveness at" in page  # the latest check and when it ran
+        overview = await (await client.get("/")).text()
+        drift_part = overview.split("<h2>Drift</h2>", 1)[1]
+        assert "postgresql" in drift_part and "system" in drift_part
+        assert f"{lab.systems}/postgresql-manual" in drift_part
+    finally:
+        await monitor.runners.close()
+        await store.close()
+
+
+async def test_the_redeploy_button_asks_for_a_deployment_through_the_approval_flow(
+    aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
+) -> None:
+    settings = slack_settings(tmp_path, fake_slack, manifest_repo.path)
+    app = build_app(settings, runner_config=RunnerConfig(simulate=SimulateConfig(scale=0.01)))
+    client = await aiohttp_client(app)
+    driver = SlackDriver(client, fake_slack)
+    ctx = app[CONTEXT]
+    listener = BotListener(ctx, ctx.extras["monitor_metrics"])
+    record = DriftRecord("gitea", "system", "/nix/store/a", "/nix/store/b", None,
+                         datetime.now().astimezone(), datetime.now().astimezone())  # fmt: skip
+    await listener.drift_changed([record], [], DriftReport())
+    drift = await fake_slack.wait_for(lambda: messages_about(fake_slack, "Drift on *gitea*"))
+    sent = await driver.click(drift[0], "Redeploy", user=REQUESTER)
+    assert sent.status == 200
+
+    def request() -> Message | None:
+        return next(
+            (m for m in fake_slack.channel_messages(CHANNEL)
+             if "Approve" in [b["text"]["text"] for b in m.buttons()]),
+            None,
+        )  # fmt: skip
+
+    pending = await fake_slack.wait_for(request)
+    assert "gitea" in pending.all_text()
+    approve = next(b for b in pending.buttons() if b["text"]["text"] == "Approve")
+    approval = await ctx.require_store().get_approval(approve["value"].split(" ")[0])
+    assert approval is not None
+    assert (approval.kind, approval.service, approval.requested_by) == (
+        "deploy",
+        "gitea",
+        f"slack:{REQUESTER}",
+    )
+    assert str(approval.state) == "pending"
