@@ -28,12 +28,24 @@ log = logging.getLogger(__name__)
 
 MONITOR = "monitor"  # ctx.extras key of the running monitor
 OUTPUT_CHARS = 1500
-DOWN = ":red_circle: *{service}* is unhealthy: its {check} check failed {failures} time(s) in a row (since {since})."
+DOWN = (
+    ":red_circle: *{service}* is unhealthy: its {check} check failed {failures} time(s) "
+    "in a row (since {since})."
+)
 REMINDER = ":red_circle: *{service}* is still unhealthy (since {since}): its {check} check fails."
-UP = ":large_green_circle: *{service}* is healthy again: its {check} check passes (it was unhealthy since {since})."
+UP = (
+    ":large_green_circle: *{service}* is healthy again: its {check} check passes "
+    "(it was unhealthy since {since})."
+)
 DRIFT_NEW = {
-    DriftKind.SYSTEM: ":warning: Drift on *{subject}*: the host runs `{actual}`, not the deployed `{expected}` (rebuilt or rolled back by hand?).",
-    DriftKind.PENDING: ":warning: Pending: `{actual_short}` on the default branch is not deployed ({detail} to deploy it).",
+    DriftKind.SYSTEM: (
+        ":warning: Drift on *{subject}*: the host runs `{actual}`, not the deployed "
+        "`{expected}` (rebuilt or rolled back by hand?)."
+    ),
+    DriftKind.PENDING: (
+        ":warning: Pending: `{actual_short}` on the default branch is not deployed "
+        "({detail} to deploy it)."
+    ),
     DriftKind.TERRAFORM: ":warning: Terraform drift in *{subject}*: resources would change.",
 }
 DRIFT_CLEARED = ":white_check_mark: Drift cleared: {kind} on *{subject}*."

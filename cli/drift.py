@@ -1,4 +1,4 @@
-"""`nixmox drift`: report what differs from the last deployment (hosts, default branch, terraform)."""
+"""`nixmox drift`: what differs from the last deployment (hosts, default branch, terraform)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from cli.deploy import open_store, run_async, runner_config_for, settings_for, s
 
 EXIT_CLEAN, EXIT_DRIFTED = 0, 1
 TITLE = "Drift:"
+NO_DEPLOYMENT = "no deployment recorded yet: there is nothing to compare the hosts with"
 NOTHING = "No drift: every host runs what was deployed, and nothing is pending."
 
 
@@ -92,6 +93,8 @@ async def drift(
         click.echo(TITLE)
         lines = report_lines(report)
         click.echo("\n".join(lines) if report.drifted else "\n".join([*lines, NOTHING]))
+    if manifest is None:
+        report.notes.append(NO_DEPLOYMENT)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     sys.exit(EXIT_DRIFTED if report.drifted else EXIT_CLEAN)

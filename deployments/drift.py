@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shlex
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -32,7 +31,6 @@ from runners.nixos import HostError, NixosRunner, RecordError
 from runners.redact import Redactor
 from runners.store import Store
 from runners.terraform import TerraformRunner, Workspace
-from runners.transport import run_process
 from state.health import DriftRecord
 
 IN_SYNC = "in sync"
@@ -240,20 +238,13 @@ async def root_drift(
     ws = Workspace(phase, None, root, directory, runner.config.global_workspace)
     ctx = Context("drift", manifest, Plan(), tree)
     redactor = runner.redactor.with_values(runner.step_secrets([ws], ctx))
-    runner._prepare(ws)  # the same backend and variables files a deployment writes
-    tf = runner._tf(ws)
-    lines = runner.lines(ws)[:-2]  # init and workspace selection, not plan/apply
-    async with runner._lock(directory):
-        for line in [*lines, TF_PLAN.format(tf=tf)]:
-            result = await run_process(
-                shlex.split(line), timeout=runner.config.timeout, env=runner.env(ws), cwd=directory
-            )
-            if result.rc == TF_DRIFTED_RC and line.startswith(tf + " plan"):
-                return TerraformState(DRIFTED, changes_of(result.stdout, redactor))
-            if not result.ok:
-                last = [text for text in result.combined().splitlines() if text.strip()]
-                detail = redactor.text(last[-1].strip() if last else f"exit status {result.rc}")
-                return TerraformState(f"error: {detail}")
+    planned, result = await runner.drift_plan(ws, TF_PLAN)
+    if planned and result.rc == TF_DRIFTED_RC:
+        return TerraformState(DRIFTED, changes_of(result.stdout, redactor))
+    if not result.ok:
+        last = [text for text in result.combined().splitlines() if text.strip()]
+        detail = redactor.text(last[-1].strip() if last else f"exit status {result.rc}")
+        return TerraformState(f"error: {detail}")
     return TerraformState(IN_SYNC)
 
 

@@ -125,7 +125,8 @@ async def test_a_reminder_at_most_once_per_alert_repeat(tmp_path: Path) -> None:
         manifest = await deployed_manifest(store)
         assert manifest is not None
         lab.set_up("postgresql", False)
-        assert (await monitor.check("postgresql", manifest)).kind is ChangeKind.DOWN  # type: ignore[union-attr]
+        down = await monitor.check("postgresql", manifest)
+        assert down is not None and down.kind is ChangeKind.DOWN
         clock.now += timedelta(minutes=10)
         assert await monitor.check("postgresql", manifest) is None
         clock.now += timedelta(minutes=25)  # 35 minutes after the alert: one reminder
