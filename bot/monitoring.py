@@ -157,13 +157,25 @@ class BotListener:
         notes = [escape(redact(note)) for note in report.notes]
         blocks.append(context(REPORT_ONLY, *notes))
         target = record.subject if record.kind == DriftKind.SYSTEM else ALL
+        value = f"{record.kind} {target}"
         blocks.append(
             actions(
                 "nixmox_drift",
-                button(REDEPLOY_LABEL, ActionId.REDEPLOY, target, style="primary"),
+                button(REDEPLOY_LABEL, ActionId.REDEPLOY, value, style="primary"),
             )
         )
         await slack.api("chat.postMessage", channel=channel, text=text, blocks=blocks)
+
+
+def redeploy_ask(kind: str, target: str) -> Any:
+    """What Redeploy asks for: a drifted host's service in full (its revision is deployed, so a
+    diff plan would be empty), the whole homelab in full for terraform drift, and the usual
+    plan from the deployed revision for pending changes."""
+    from bot.slack.backend import Ask
+    from runners.base import DeploymentKind
+
+    service = None if target == ALL else target
+    return Ask(DeploymentKind.DEPLOY, service, redeploy=kind != DriftKind.PENDING)
 
 
 def register_redeploy(ctx: BotContext) -> None:
@@ -172,9 +184,7 @@ def register_redeploy(ctx: BotContext) -> None:
     if slack is None:
         return
     from bot.slack.approvals import REFUSAL_TEXT, request_refusal, slack_actor
-    from bot.slack.backend import Ask
     from bot.slack.blocks import ActionId
-    from runners.base import DeploymentKind
 
     async def on_redeploy(
         ack: Any, body: dict[str, Any], action: dict[str, Any], respond: Any
@@ -187,8 +197,8 @@ def register_redeploy(ctx: BotContext) -> None:
             await slack.ephemeral(channel, user, REFUSAL_TEXT[refusal])
             await slack.audit(slack_actor(user), "slack.request.refused", {"redeploy": True})
             return
-        target = str(action.get("value") or ALL)
-        ask = Ask(DeploymentKind.DEPLOY, None if target == ALL else target)
+        kind, _, target = str(action.get("value") or "").partition(" ")
+        ask = redeploy_ask(kind, target or ALL)
         target_channel = ctx.settings.slack_channel or channel
         slack.spawn(slack.post_request(ask, user, target_channel, respond))
 

@@ -23,12 +23,20 @@ from deployments.drift import DriftReport
 from deployments.health import deployed_manifest
 from deployments.monitor import ChangeKind, HealthChange, Monitor, MonitorOptions
 from runners.config import RunnerConfig, SimulateConfig
+from runners.deploy import plan_for_deploy, run_deployment
 from runners.registry import RunnerKind, build_runners
 from runners.store import Store
 from state.health import DriftRecord, HealthRepository
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
 from tests.fixtures_github import ManifestRepo
-from tests.fixtures_slack import CHANNEL, REQUESTER, SIGNING_SECRET, SlackDriver, slack_settings
+from tests.fixtures_slack import (
+    APPROVER,
+    CHANNEL,
+    REQUESTER,
+    SIGNING_SECRET,
+    SlackDriver,
+    slack_settings,
+)
 from tests.homelab import Homelab
 from tests.test_serve import Server
 
@@ -278,10 +286,19 @@ async def test_the_redeploy_button_asks_for_a_deployment_through_the_approval_fl
     aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
 ) -> None:
     settings = slack_settings(tmp_path, fake_slack, manifest_repo.path)
-    app = build_app(settings, runner_config=RunnerConfig(simulate=SimulateConfig(scale=0.01)))
+    fast = RunnerConfig(simulate=SimulateConfig(scale=0.01))
+    app = build_app(settings, runner_config=fast)
     client = await aiohttp_client(app)
     driver = SlackDriver(client, fake_slack)
     ctx = app[CONTEXT]
+    store = ctx.require_store()
+    plan = await plan_for_deploy(store, manifest_repo.path, "main")
+    deployed = await run_deployment(
+        store, plan, repo_dir=manifest_repo.path, runner_kind="simulate", runner_config=fast
+    )
+    assert deployed is not None and deployed.state.value == "succeeded"
+    # deployed at the head already: a plain `deploy gitea` has nothing to do
+    assert not (await plan_for_deploy(store, manifest_repo.path, "main", service="gitea")).steps
     listener = BotListener(ctx, ctx.extras["monitor_metrics"])
     record = DriftRecord("gitea", "system", "/nix/store/a", "/nix/store/b", None,
                          datetime.now().astimezone(), datetime.now().astimezone())  # fmt: skip
@@ -308,3 +325,9 @@ async def test_the_redeploy_button_asks_for_a_deployment_through_the_approval_fl
         f"slack:{REQUESTER}",
     )
     assert str(approval.state) == "pending"
+    assert approval.args.get("redeploy") is True
+    assert approval.plan is not None  # planned in full although its revision is deployed
+    assert {"nix:service-config:gitea", "verify:gitea"} <= {step.id for step in approval.plan.steps}
+    assert (await driver.click(pending, "Approve", user=APPROVER)).status == 200
+    await fake_slack.wait_for(lambda: "Succeeded" in pending.text or "Failed" in pending.text)
+    assert "Succeeded" in pending.text

@@ -883,11 +883,18 @@ def _message(approval: ApprovalRecord, body: dict[str, Any]) -> tuple[str, str]:
 
 
 def _ask(ask: Ask) -> dict[str, Any]:
-    return {"service": ask.service, "ref": ask.ref, "to": ask.to}
+    extra = {"redeploy": True} if ask.redeploy else {}
+    return {"service": ask.service, "ref": ask.ref, "to": ask.to, **extra}
 
 
 def _ask_from(kind: str, data: dict[str, Any]) -> Ask:
-    return Ask(DeploymentKind(kind), data.get("service"), ref=data.get("ref"), to=data.get("to"))
+    return Ask(
+        DeploymentKind(kind),
+        data.get("service"),
+        ref=data.get("ref"),
+        to=data.get("to"),
+        redeploy=bool(data.get("redeploy")),
+    )
 
 
 def _secrets(ctx: BotContext) -> list[str]:
