@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,6 +15,10 @@ from planner.findings import ManifestError
 from planner.models import Manifest
 from planner.source import EvalLimits, PlanningError, load_manifest, load_manifest_at
 from runners.registry import RunnerKind, build_runners
+from runners.store import Store
+
+if TYPE_CHECKING:
+    from deployments.health import Checked
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR = 0, 1, 2
 TITLE = "Service Health:"
@@ -45,11 +50,10 @@ def fail(message: str) -> None:
 
 
 async def manifest_for(
-    store: object, path: Path | None, repo: Path | None, ref: str | None, manifest_path: str
+    store: Store, path: Path | None, repo: Path | None, ref: str | None, manifest_path: str
 ) -> Manifest:
     """The manifest of PATH, of --repo/--ref, else of the last deployment."""
     from deployments.health import deployed_manifest
-    from runners.store import Store
 
     limits = EvalLimits()
     try:
@@ -65,7 +69,6 @@ async def manifest_for(
         sys.exit(EXIT_ERROR)
     except PlanningError as exc:
         fail(str(exc))
-    assert isinstance(store, Store)
     found = await deployed_manifest(store)
     if found is None:
         fail(NO_MANIFEST)
@@ -73,13 +76,13 @@ async def manifest_for(
     return found
 
 
-def summary_line(checked: object) -> str:
-    from deployments.health import Checked, shorten
-
-    assert isinstance(checked, Checked)
+def summary_line(checked: Checked) -> str:
+    """`✓ name`, or `✗ name  (kind: command failed: last output line)`."""
     result = checked.result
     if result.healthy:
         return f"✓ {result.service}"
+    from deployments.health import shorten
+
     what = f"{result.check}: {shorten(checked.command)}" if checked.command else result.check
     return f"✗ {result.service}  ({what} failed: {checked.last_line})"
 

@@ -52,13 +52,21 @@ def test_health_json_and_the_status_show_the_latest_check_with_when_it_ran(tmp_p
     assert "unhealthy" in row and pg["checked_at"][:10] in row
 
 
-def test_health_of_one_service_and_of_a_manifest_path(tmp_path: Path) -> None:
+def test_health_of_one_service_of_a_manifest_path_and_of_a_revision(tmp_path: Path) -> None:
     lab = Homelab(tmp_path)
     lab.set_up("gitea", False)
     manifest = lab.repo_dir / "nixos" / "service-manifest.nix"
     result = lab.nixmox("health", "postgresql", str(manifest), "--config", str(lab.config))
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["Service Health:", "✓ postgresql"]
+    result = lab.nixmox("health", "--repo", str(lab.repo_dir), "--ref", "main", "--config",
+                        str(lab.config))  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[1:] == [
+        f"✗ gitea  (startup: {shorten(f'test -f {tmp_path}/up/gitea')} failed: "
+        "startup attempt 2/2: exit status 1: no output)",
+        "✓ postgresql",
+    ]
     result = lab.nixmox("health", "nosuch", str(manifest), "--config", str(lab.config))
     assert result.exit_code == 2
     assert "nosuch is not an enabled service of the manifest" in result.output
