@@ -67,6 +67,7 @@ def build_app(
     github_sleeper: Any = None,
     recovery_interval: float | None = None,
     front_ends: Sequence[FrontEndFactory] | None = None,
+    start_monitor: bool = True,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
@@ -75,6 +76,7 @@ def build_app(
     `recovery_interval`: seconds between recovery sweeps (default: the deployment lock lease).
     `front_ends`: the front ends to plug in (default: the dashboard, then GitHub and Slack
     when configured; the modules of front ends not configured are not imported).
+    `start_monitor=False` keeps the health and drift monitor off whatever NIXMOX_MONITOR says.
     """
     ctx = BotContext(
         settings=settings,
@@ -105,6 +107,10 @@ def build_app(
     )
     for front_end in ctx.front_ends:
         app.cleanup_ctx.append(lifecycle(front_end))
+    if settings.monitor and start_monitor:
+        from bot.monitoring import setup_monitoring
+
+        setup_monitoring(app, ctx)
     return app
 
 

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     slack_allow_self_approval: bool = False
     approval_ttl: timedelta = timedelta(minutes=15)
 
+    # monitoring (`nixmox serve`): health checks between deployments, drift, alerts
+    monitor: bool = True
+    alert_repeat: timedelta = timedelta(hours=6)  # at most one reminder per service per this
+    drift_interval: timedelta = timedelta(minutes=15)
+
     @field_validator(
         "apply_requirements", "slack_approvers", "slack_deployers", "plan_branches", mode="before"
     )
@@ -113,7 +118,7 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("approval_ttl", "lock_lease", mode="before")
+    @field_validator("approval_ttl", "lock_lease", "alert_repeat", "drift_interval", mode="before")
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """A bare number is seconds."""

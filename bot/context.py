@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from bot.gitcache import GitCache
     from bot.github.client import GitHubClientFactory
     from bot.jobs import JobWorker
+    from deployments.monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class BackgroundTasks:
 
     recovery_report: asyncio.Task[None] | None = None
     recovery_sweep: asyncio.Task[None] | None = None
+    monitor: Monitor | None = None  # health checks and drift between deployments
 
 
 @dataclass

@@ -6,7 +6,10 @@
   their progress and the last deployments; refreshes itself every few seconds
 - `GET /deployments/{id}`: one deployment, its plan summary, steps and their output, rollback
   (the `target_url` of `nixmox/deploy`; `?format=json` or `Accept: application/json` for JSON)
-- `GET /services/{name}`: one service and the deployments that touched it
+- `GET /services/{name}`: one service, its latest health check and health history (the
+  monitor's transitions, `nixmox health` runs), and the deployments that touched it
+- on `/`, a drift section: hosts running another system than deployed, undeployed commits,
+  terraform roots with changes (`deployments.drift`, found by the monitor)
 
 No JavaScript. Every value from the store goes through `planner.escape.html_text` (step output holds whatever
 a command printed); markup this module builds itself is marked `Html` so it is not escaped twice.
@@ -28,6 +31,7 @@ from planner.escape import html_text
 from planner.render import short_rev, summary
 from runners.base import DeploymentKind, DeploymentState, StepState
 from state.deployments import ACTIVE_STATES, DeploymentRecord, StepRecord
+from state.health import DriftRecord, HealthCheck
 from state.locks import LockRecord
 from state.services import ServiceRecord
 
@@ -45,6 +49,9 @@ NO_SERVICE = "No service {name} has been deployed, checked or locked."
 NOTHING_RUNNING = "Nothing is running."
 NO_DEPLOYMENTS = "No deployments yet."
 NO_SERVICES = "No service has been deployed yet."
+NO_DRIFT = "No drift found: hosts run what was deployed, nothing is pending."
+NO_HEALTH_HISTORY = "No health check recorded yet."
+HEALTH_HISTORY = 50  # checks and transitions listed on a service's page
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
 
 STYLE = """
@@ -359,6 +366,51 @@ def wants_json(request: web.Request) -> bool:
     )
 
 
+def health_state(healthy: bool) -> str:
+    return "healthy" if healthy else "unhealthy"
+
+
+def drift_table(found: list[DriftRecord]) -> Html:
+    rows = [
+        [
+            service_link(record.subject) if record.kind == "system" else code(record.subject),
+            esc(record.kind),
+            code(record.expected) if record.expected else esc(None),
+            code(record.actual) if record.actual else esc(None),
+            code(record.detail) if record.detail else esc(None),
+            when(record.first_seen),
+        ]
+        for record in found
+    ]
+    headers = ["where", "kind", "expected", "actual", "detail", "since"]
+    return table(headers, rows, NO_DRIFT)
+
+
+def latest_check(check: HealthCheck | None) -> Html | None:
+    """`unhealthy: liveness at <time> (since <time>)` for a service's facts."""
+    if check is None:
+        return None
+    since = Html(f" (since {when(check.since)})") if check.since else Html("")
+    return Html(
+        f"{badge(health_state(check.healthy))} {esc(check.check)} at {when(check.checked_at)}"
+        f"{since}"
+    )
+
+
+def health_history_table(checks: list[HealthCheck]) -> Html:
+    rows = [
+        [
+            when(check.checked_at),
+            badge(health_state(check.healthy)),
+            esc(check.check),
+            esc(check.source + (" (transition)" if check.transition else "")),
+            code(check.output.splitlines()[-1]) if check.output.strip() else esc(None),
+        ]
+        for check in checks
+    ]
+    return table(["when", "health", "check", "by", "last output line"], rows, NO_HEALTH_HISTORY)
+
+
 @store_guarded
 async def overview(request: web.Request) -> web.StreamResponse:
     """Every service, what runs now and the last deployments."""
@@ -372,6 +424,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
         other_locks(services, locks),
         section("Running", running_list(running)),
         section(f"Last {RECENT} deployments", deployments_table(recent)),
+        section("Drift", drift_table(await store.health.active_drift())),
     ]
     return html_response(document("NixMox", body, refresh=True))
 
@@ -400,21 +453,29 @@ async def service_page(request: web.Request) -> web.StreamResponse:
     record = (await store.services.all()).get(name)
     lock = next((lock for lock in await store.locks.all() if lock.service == name), None)
     history = await store.deployments.history(service=name, limit=SERVICE_HISTORY)
-    if record is None and lock is None and not history:
+    health = store.health
+    checks = await health.history(name, limit=HEALTH_HISTORY)
+    if record is None and lock is None and not history and not checks:
         return not_found(NO_SERVICE.format(name=name))
+    latest = (await health.latest()).get(name)
     record = record or ServiceRecord(name=name)
     state = facts(
         [
             ("revision", revision(record.revision)),
             ("health", badge(record.last_health)),
             ("checked", when(record.health_at)),
+            ("latest check", latest_check(latest)),
             ("system", code(record.system_path) if record.system_path else None),
             ("previous system", code(record.previous_system) if record.previous_system else None),
             ("last deployment", deployment_link(record.last_deployment_id)),
             ("lock", lock_text(lock)),
         ]
     )
-    body = [state, section("Deployments", deployments_table(history))]
+    body = [
+        state,
+        section("Health history", health_history_table(checks)),
+        section("Deployments", deployments_table(history)),
+    ]
     return html_response(document(f"Service {name}", body))
 
 

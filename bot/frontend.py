@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -16,6 +16,9 @@ from bot.jobs import JobHandler
 from bot.request import DeploymentRequest
 from runners.base import Subscriber
 from state.deployments import DeploymentRecord
+
+if TYPE_CHECKING:
+    from deployments.monitor import MonitorListener
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,6 +61,10 @@ class FrontEnd(Protocol):
         reported here)."""
         ...
 
+    def monitor_listener(self) -> MonitorListener | None:
+        """Who hears about health transitions and drift here (None: nobody)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -78,6 +85,9 @@ class BaseFrontEnd:
         return None
 
     async def report_interrupted(self, record: DeploymentRecord) -> dict[str, Any] | None:
+        return None
+
+    def monitor_listener(self) -> MonitorListener | None:
         return None
 
     async def start(self) -> None:

@@ -45,6 +45,8 @@ LAZY_COMMANDS = {
     "unlock": "cli.deploy:unlock",
     "serve": "cli.serve:serve",
     "render": "cli.render:render",
+    "health": "cli.health:health",
+    "drift": "cli.drift:drift",
 }
 
 

@@ -78,6 +78,7 @@ def status_json(view: StatusView, checked: Checked) -> str:
         "checked": {
             name: {"healthy": ok, "detail": detail} for name, (ok, detail) in checked.items()
         },
+        "health": {name: check.to_json() for name, check in view.health.items()},
     }
     return json.dumps(body, indent=2)
 

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from planner.render import short_rev, summary
 from state.deployments import DeploymentRecord
+from state.health import HealthCheck
 from state.locks import LockRecord
 from state.services import ServiceRecord
 from state.store import Store
@@ -25,6 +26,8 @@ NONE = "-"  # an empty cell
 UNKNOWN_HEALTH = "unknown"
 NO_STEPS = "no steps"
 CHECKED_NOW = " (checked now)"
+LATEST_CHECK = "{state} ({check}, checked {at})"
+CHECK_TIME = "%Y-%m-%d %H:%M UTC"
 DEFAULT_HISTORY = 20
 
 Checked = dict[str, tuple[bool, str]]
@@ -112,11 +115,22 @@ class ServiceRow:
         )
 
 
-def health_cell(record: ServiceRecord | None, checked: tuple[bool, str] | None) -> str:
-    """The recorded health, or the result of a check just run."""
+def health_cell(
+    record: ServiceRecord | None,
+    checked: tuple[bool, str] | None,
+    latest: HealthCheck | None = None,
+) -> str:
+    """The result of a check just run; else the latest health check (`nixmox health`, the
+    monitor) with when it ran, unless a deployment's verify is newer; else the recorded health."""
     if checked is not None:
         ok, detail = checked
         return ("healthy" if ok else f"unhealthy: {detail}") + CHECKED_NOW
+    verified_at = record.health_at if record is not None else None
+    if latest is not None and (verified_at is None or latest.checked_at >= verified_at):
+        state = "healthy" if latest.healthy else "unhealthy"
+        return LATEST_CHECK.format(
+            state=state, check=latest.check, at=latest.checked_at.strftime(CHECK_TIME)
+        )
     return record.last_health if record is not None and record.last_health else UNKNOWN_HEALTH
 
 
@@ -125,11 +139,12 @@ def service_row(
     record: ServiceRecord | None,
     lock: LockRecord | None,
     checked: tuple[bool, str] | None = None,
+    latest: HealthCheck | None = None,
 ) -> ServiceRow:
     return ServiceRow(
         service=name,
         revision=revision_cell(record.revision if record else None),
-        health=health_cell(record, checked),
+        health=health_cell(record, checked, latest),
         system=(record.system_path or NONE) if record else NONE,
         deployment=(record.last_deployment_id or NONE) if record else NONE,
         locked_by=lock.holder if lock else "",
@@ -148,6 +163,7 @@ class StatusView:
     last_record: DeploymentRecord | None = None
     services: dict[str, ServiceRecord] = field(default_factory=dict)
     locks: dict[str, LockRecord] = field(default_factory=dict)
+    health: dict[str, HealthCheck] = field(default_factory=dict)  # the latest health checks
 
     @property
     def empty_text(self) -> str | None:
@@ -223,11 +239,14 @@ async def status_view(
     last = await store.deployments.last(finished=False)
     services = await store.services.all()
     locks = {lock.service: lock for lock in await store.locks.all()}
+    latest = await store.health.latest()
     names = sorted(set(services) | set(locks) | set(checked))
     if service is not None:
         names = [name for name in names if name == service]
-    rows = [service_row(n, services.get(n), locks.get(n), checked.get(n)) for n in names]
-    return StatusView(last_deployment(last), rows, service, last, services, locks)
+    rows = [
+        service_row(n, services.get(n), locks.get(n), checked.get(n), latest.get(n)) for n in names
+    ]
+    return StatusView(last_deployment(last), rows, service, last, services, locks, latest)
 
 
 async def history_view(

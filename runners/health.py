@@ -17,7 +17,7 @@ from planner.plan import Step
 from runners.base import Context, StepResult
 from runners.config import HealthConfig
 from runners.nixos import HostError, HostResolver
-from runners.transport import Transport
+from runners.transport import CommandResult, Transport
 
 CHECK_KINDS = ("startup", "liveness")
 NO_CHECKS = "{service} defines no health checks (interface.health): nothing to verify"
@@ -100,6 +100,24 @@ class HealthRunner:
             if not await self._until_ok(service, kind, host, command, rules, lines):
                 return StepResult(False, "\n".join(lines), commands=commands)
         return StepResult(True, "\n".join(lines), commands=commands)
+
+    async def until_ok(self, service: str, kind: str, manifest: Manifest, lines: list[str]) -> bool:
+        """Run one of the service's checks with its retries (as `verify` does); log to lines."""
+        command = dict(checks(service, manifest)).get(kind)
+        if command is None:
+            return True
+        host = self.hosts.address(service, manifest)
+        rules = policy(service, manifest, self.config)
+        return await self._until_ok(service, kind, host, command, rules, lines)
+
+    async def check_once(self, service: str, kind: str, manifest: Manifest) -> CommandResult:
+        """One attempt of one check, bounded by its timeout (the monitor counts the retries)."""
+        command = dict(checks(service, manifest)).get(kind)
+        if command is None:
+            return CommandResult(0, NO_CHECKS.format(service=service), "")
+        host = self.hosts.address(service, manifest)
+        rules = policy(service, manifest, self.config)
+        return await self.transport.run(host, command, timeout=rules.timeout)
 
     async def _until_ok(
         self,

@@ -116,8 +116,9 @@ class NixosRunner:
             "host": address,
             "target": f"{self.config.user}@{address}" if self.config.user else address,
             "user": self.config.user,
-            "system_profile": self.config.system_profile,
-            "current_system": self.config.current_system,
+            # `{service}` in these paths: one profile and link per host (emulated hosts, tests)
+            "system_profile": self.config.system_profile.replace("{service}", service),
+            "current_system": self.config.current_system.replace("{service}", service),
             "revision": ctx.revision or "",
             **extra,
         }

@@ -436,6 +436,25 @@ class TerraformRunner:
         if self.config.manage_backend and not declares_backend(ws.directory):
             (ws.directory / BACKEND_FILE).write_text(backend_block(self.key_dir(ws.module)))
 
+    async def drift_plan(self, ws: Workspace, plan_line: str) -> tuple[bool, CommandResult]:
+        """Init (and select the workspace of) a run as a deployment would, then `plan_line`
+        (`{tf}` filled): (whether the plan ran, the result of the last command run)."""
+        self._prepare(ws)
+        async with self._lock(ws.directory):
+            for line in self.lines(ws)[:-2]:  # init and workspace selection: no plan, no apply
+                result = await run_process(
+                    shlex.split(line),
+                    timeout=self.config.timeout,
+                    env=self.env(ws),
+                    cwd=ws.directory,
+                )
+                if not result.ok:
+                    return False, result
+            line = plan_line.format(tf=self._tf(ws))
+            return True, await run_process(
+                shlex.split(line), timeout=self.config.timeout, env=self.env(ws), cwd=ws.directory
+            )
+
     async def _run_workspace(
         self, ws: Workspace, ctx: Context, log: _Log, redactor: Redactor
     ) -> bool:

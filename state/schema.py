@@ -177,3 +177,47 @@ slack_messages = sa.Table(
     sa.Column("origin", sa.Text),
     sa.Column("posted_at", UTCDateTime, nullable=False),
 )
+
+# health checks and drift findings (state.health)
+health_latest = sa.Table(
+    "health_latest",
+    metadata,
+    sa.Column("service", NAME, primary_key=True),
+    sa.Column("healthy", sa.Boolean, nullable=False),
+    sa.Column("check_kind", STATE, nullable=False),
+    sa.Column("output", sa.Text, nullable=False, default=""),
+    sa.Column("source", STATE, nullable=False),
+    sa.Column("checked_at", UTCDateTime, nullable=False),
+    # when the service entered its current state (healthy or not)
+    sa.Column("since", UTCDateTime, nullable=False),
+)
+
+health_history = sa.Table(
+    "health_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("service", NAME, nullable=False),
+    sa.Column("healthy", sa.Boolean, nullable=False),
+    sa.Column("check_kind", STATE, nullable=False),
+    sa.Column("output", sa.Text, nullable=False, default=""),
+    sa.Column("source", STATE, nullable=False),
+    sa.Column("transition", sa.Boolean, nullable=False, default=False),
+    sa.Column("checked_at", UTCDateTime, nullable=False),
+    sa.Index("ix_health_history_service", "service", "checked_at"),
+)
+
+drift_findings = sa.Table(
+    "drift_findings",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # a service name, or a global scope (`pending`, `tf:infra`)
+    sa.Column("subject", NAME, nullable=False),
+    sa.Column("kind", STATE, nullable=False),
+    sa.Column("expected", sa.Text),
+    sa.Column("actual", sa.Text),
+    sa.Column("detail", sa.Text),
+    sa.Column("first_seen", UTCDateTime, nullable=False),
+    sa.Column("last_seen", UTCDateTime, nullable=False),
+    sa.Column("cleared_at", UTCDateTime),
+    sa.Index("ix_drift_active", "cleared_at"),
+)

@@ -14,6 +14,7 @@ from state.audit import AuditRepository
 from state.base import StoreError
 from state.deployments import DeploymentRepository
 from state.engine import make_engine, normalize_url
+from state.health import HealthRepository
 from state.locks import LockRepository
 from state.migrate import current_revision, migrate
 from state.queue import QueueRepository
@@ -22,7 +23,7 @@ from state.slack_messages import SlackMessageRepository
 
 __all__ = ["SCHEMA_REVISION", "Store", "StoreError"]
 
-SCHEMA_REVISION = "0002"  # the head of state/migrations (a test checks they agree)
+SCHEMA_REVISION = "0003"  # the head of state/migrations (a test checks they agree)
 
 
 class Store:
@@ -39,6 +40,7 @@ class Store:
         self.approvals = ApprovalRepository(engine)
         self.audit = AuditRepository(engine)
         self.slack_messages = SlackMessageRepository(engine)
+        self.health = HealthRepository(engine)
 
     @classmethod
     async def open(cls, url: str) -> Store:

@@ -97,7 +97,9 @@ async def client(aiohttp_client: Any, store: Store, tmp_path: Path) -> Any:
         workdir=tmp_path / "bot",
         github_webhook_secret=SECRET,
     )
-    return await aiohttp_client(build_app(settings, store=store, start_worker=False))
+    return await aiohttp_client(
+        build_app(settings, store=store, start_worker=False, start_monitor=False)
+    )
 
 
 async def test_overview_shows_services_locks_and_recent_deployments(

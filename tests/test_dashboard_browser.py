@@ -74,7 +74,9 @@ async def base_url(store: Store, tmp_path: Path) -> AsyncIterator[str]:
         workdir=tmp_path / "bot",
         github_webhook_secret=SECRET,
     )
-    runner = web.AppRunner(build_app(settings, store=store, start_worker=False))
+    runner = web.AppRunner(
+        build_app(settings, store=store, start_worker=False, start_monitor=False)
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -20,6 +20,7 @@ from bot.request import DeploymentRequest
 from bot.slack.bot import EVENTS_PATH, SlackBot
 from bot.slack.names import JobKind
 from bot.slack.notifier import SlackNotifier
+from deployments.monitor import MonitorListener
 from runners.base import Subscriber
 from state.deployments import DeploymentRecord
 
@@ -51,6 +52,9 @@ class SlackFrontEnd(BaseFrontEnd):
 
     async def report_interrupted(self, record: DeploymentRecord) -> dict[str, Any] | None:
         return await self.bot.report_interrupted(record)
+
+    def monitor_listener(self) -> MonitorListener | None:
+        return self.bot.alerts
 
     async def start(self) -> None:
         await self.bot.start()

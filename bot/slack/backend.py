@@ -26,6 +26,7 @@ from bot.request import DeploymentRequest
 from deployments import DeployError, GitSource, RollbackPlan, plan_for_deploy, prepare_rollback
 from planner.models import Manifest
 from planner.plan import Plan
+from planner.revisions import plan_revisions
 from planner.source import PlanningError, UnknownRevision
 from runners.base import DeploymentKind, Subscriber
 from state.approvals import ApprovalRecord
@@ -71,13 +72,15 @@ class Ask:
     service: str | None = None
     ref: str | None = None  # deploy --ref
     to: str | None = None  # rollback --to (a deployment id or a Git ref)
+    # the drift message's Redeploy: plan the service in full, even at the deployed revision
+    redeploy: bool = False
 
     @property
     def target(self) -> str:
         return self.service or "all"
 
     def args(self) -> dict[str, Any]:
-        return {"ref": self.ref, "to": self.to}
+        return {"ref": self.ref, "to": self.to, **({"redeploy": True} if self.redeploy else {})}
 
     @classmethod
     def from_approval(cls, approval: ApprovalRecord) -> Ask:
@@ -87,6 +90,7 @@ class Ask:
             service=approval.service,
             ref=args.get("ref"),
             to=args.get("to"),
+            redeploy=bool(args.get("redeploy")),
         )
 
 
@@ -238,6 +242,17 @@ class RepoBackend:
             if ask.kind is DeploymentKind.ROLLBACK:
                 return await self._plan_rollback(ask)
             sha = await self.fetch(ask.ref)
+            if ask.redeploy:
+                plan = await asyncio.to_thread(
+                    plan_revisions,
+                    self.git.path,
+                    None,
+                    sha,
+                    manifest_path=settings.manifest_path,
+                    service=ask.service,
+                    cache=self.ctx.eval_cache,
+                )
+                return Planned(plan=plan, revision=sha, scope=ask.service)
             plan = await plan_for_deploy(
                 store,
                 self.git.path,

@@ -32,6 +32,7 @@ class ActionId(StrEnum):
     APPROVE = "nixmox_approve"
     CANCEL = "nixmox_cancel"
     REPLAN = "nixmox_replan"
+    REDEPLOY = "nixmox_redeploy"  # on a drift message: asks for a deployment (approval flow)
 
 
 APPROVAL_ACTIONS_BLOCK = "nixmox_approval"

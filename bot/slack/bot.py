@@ -25,6 +25,7 @@ from slack_sdk.signature import SignatureVerifier
 from bot.context import BotContext
 from bot.limits import received_body
 from bot.request import DeploymentRequest
+from bot.slack.alerts import SlackAlerts
 from bot.slack.backend import (
     Backend,
 )
@@ -84,6 +85,7 @@ class SlackBot:
         self.slash = SlashCommands(self.core)
         self.buttons = ApprovalButtons(self.core)
         self.runs = ApprovedRuns(self.core)
+        self.alerts = SlackAlerts(self.core, self.slash)
         self.interruptions = InterruptionReport(
             self.client,
             self.pacer,
@@ -103,6 +105,7 @@ class SlackBot:
         self.bolt.action(str(ActionId.APPROVE))(self.buttons.on_approve)
         self.bolt.action(str(ActionId.CANCEL))(self.buttons.on_cancel)
         self.bolt.action(str(ActionId.REPLAN))(self.buttons.on_replan)
+        self.bolt.action(str(ActionId.REDEPLOY))(self.alerts.on_redeploy)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def idle(self) -> None:

@@ -164,11 +164,18 @@ def message_of(approval: ApprovalRecord, body: dict[str, Any]) -> tuple[str, str
 
 
 def ask_json(ask: Ask) -> dict[str, Any]:
-    return {"service": ask.service, "ref": ask.ref, "to": ask.to}
+    extra = {"redeploy": True} if ask.redeploy else {}
+    return {"service": ask.service, "ref": ask.ref, "to": ask.to, **extra}
 
 
 def ask_from(kind: str, data: dict[str, Any]) -> Ask:
-    return Ask(DeploymentKind(kind), data.get("service"), ref=data.get("ref"), to=data.get("to"))
+    return Ask(
+        DeploymentKind(kind),
+        data.get("service"),
+        ref=data.get("ref"),
+        to=data.get("to"),
+        redeploy=bool(data.get("redeploy")),
+    )
 
 
 def secrets_of(ctx: BotContext) -> list[str]:
