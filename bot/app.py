@@ -31,7 +31,7 @@ from bot.context import CONTEXT, BotContext
 from bot.dashboard import DashboardFrontEnd
 from bot.frontend import FrontEnd, add_routes
 from bot.jobs import JobWorker
-from bot.limits import GITHUB_LIMIT, OTHER_ROUTES_LIMIT, SLACK_LIMIT, BodyLimits, BodyRule
+from bot.limits import LIMITS, OTHER_ROUTES_LIMIT, BodyLimits
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
@@ -46,9 +46,6 @@ log = logging.getLogger(__name__)
 HTTP_TIMEOUT = ClientTimeout(total=60, connect=10)
 FrontEndFactory = Callable[[web.Application, BotContext], FrontEnd]
 """Makes a front end for the application and its context (called once by `build_app`)."""
-# where `bot.slack` mounts its endpoint (`bot.slack.bot.EVENTS_PATH`); named here so that its
-# body limit is set without importing the Slack bot
-SLACK_EVENTS_PATH = "/slack/events"
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f6f8fa;padding:1em}}</style>
@@ -89,6 +86,7 @@ def build_app(
     # first middleware: bodies are limited before anything else looks at a request
     app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])
     app[CONTEXT] = ctx
+    app[LIMITS] = limits
     setup_dashboard_auth(app, settings)
     factories = configured_front_ends(settings) if front_ends is None else front_ends
     for factory in factories:
@@ -114,16 +112,6 @@ def build_app(
     return app
 
 
-def add_body_rules(limits: BodyLimits, settings: Settings) -> None:
-    """The webhooks' own size and time limits (every other route: OTHER_ROUTES_LIMIT)."""
-    if settings.github_enabled:
-        from bot.github import WEBHOOK_PATH
-
-        limits.add(WEBHOOK_PATH, BodyRule(GITHUB_LIMIT, settings.github_body_timeout))
-    if settings.slack_enabled:
-        limits.add(SLACK_EVENTS_PATH, BodyRule(SLACK_LIMIT, settings.slack_body_timeout))
-
-
 def configured_front_ends(settings: Settings) -> list[FrontEndFactory]:
     """The dashboard (first: it owns `/deployments/{id}`), then GitHub and Slack if enabled."""
     factories: list[FrontEndFactory] = [DashboardFrontEnd.create]
@@ -141,7 +129,7 @@ def configured_front_ends(settings: Settings) -> list[FrontEndFactory]:
 def register(app: web.Application, ctx: BotContext, front_end: FrontEnd) -> None:
     """Plug one front end in: routes, job handlers, deployment subscriber, recovery report."""
     ctx.front_ends.append(front_end)
-    add_routes(app, front_end)
+    add_routes(app, front_end, app[LIMITS])
     for kind, handler in front_end.job_handlers().items():
         if kind in ctx.job_handlers:
             raise ValueError(f"two front ends handle job kind {kind!r}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 from bot.jobs import JobHandler
+from bot.limits import BodyLimits, BodyRule
 from bot.request import DeploymentRequest
 from runners.base import Subscriber
 from state.deployments import DeploymentRecord
@@ -31,6 +32,8 @@ class Route:
     path: str
     handler: Handler
     name: str | None = None
+    # a webhook's own body size and time limits (others get `bot.limits.OTHER_ROUTES_LIMIT`)
+    body: BodyRule | None = None
 
 
 class Method(StrEnum):
@@ -97,7 +100,9 @@ class BaseFrontEnd:
         return None
 
 
-def add_routes(app: web.Application, front_end: FrontEnd) -> None:
-    """Mount a front end's routes on the application."""
+def add_routes(app: web.Application, front_end: FrontEnd, limits: BodyLimits) -> None:
+    """Mount a front end's routes on the application, with their body limits."""
     for route in front_end.routes():
         app.router.add_route(str(route.method), route.path, route.handler, name=route.name)
+        if route.body is not None:
+            limits.add(route.path, route.body)

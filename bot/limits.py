@@ -199,3 +199,6 @@ __all__ = [
     "nesting_depth",
     "received_body",
 ]
+
+
+LIMITS: web.AppKey[BodyLimits] = web.AppKey("nixmox_body_limits", BodyLimits)

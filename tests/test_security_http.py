@@ -234,11 +234,14 @@ async def test_a_body_waits_for_room_in_the_budget_within_its_own_time(
     assert status == 401
 
 
-def test_the_slack_body_limit_covers_the_slack_endpoint() -> None:
-    from bot.app import SLACK_EVENTS_PATH
+async def test_each_webhook_route_declares_its_body_limit(both: Any) -> None:
+    from bot.github import WEBHOOK_PATH
+    from bot.limits import LIMITS
     from bot.slack.bot import EVENTS_PATH
 
-    assert SLACK_EVENTS_PATH == EVENTS_PATH
+    rules = both.app[LIMITS].rules
+    assert rules[WEBHOOK_PATH].limit == GITHUB_LIMIT
+    assert rules[EVENTS_PATH].limit == SLACK_LIMIT
 
 
 def test_body_timeouts_are_settings_with_defaults() -> None:

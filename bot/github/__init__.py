@@ -19,6 +19,7 @@ from bot.github.push import deploy_push, plan_branch_push
 from bot.github.recovery import report_to_github
 from bot.github.webhook import github_webhook
 from bot.jobs import JobHandler
+from bot.limits import GITHUB_LIMIT, BodyRule
 from bot.request import DeploymentRequest
 from runners.base import Subscriber
 from state.deployments import DeploymentRecord
@@ -40,7 +41,8 @@ class GitHubFrontEnd(BaseFrontEnd):
         return cls(ctx)
 
     def routes(self) -> Sequence[Route]:
-        return (Route(Method.POST, WEBHOOK_PATH, github_webhook),)
+        body = BodyRule(GITHUB_LIMIT, self.ctx.settings.github_body_timeout)
+        return (Route(Method.POST, WEBHOOK_PATH, github_webhook, body=body),)
 
     def job_handlers(self) -> Mapping[str, JobHandler]:
         return {

@@ -16,6 +16,7 @@ from aiohttp import web
 from bot.context import BotContext
 from bot.frontend import BaseFrontEnd, Method, Route
 from bot.jobs import JobHandler
+from bot.limits import SLACK_LIMIT, BodyRule
 from bot.request import DeploymentRequest
 from bot.slack.bot import EVENTS_PATH, SlackBot
 from bot.slack.names import JobKind
@@ -42,7 +43,8 @@ class SlackFrontEnd(BaseFrontEnd):
         return cls(bot)
 
     def routes(self) -> Sequence[Route]:
-        return (Route(Method.POST, EVENTS_PATH, self.bot.handle),)
+        body = BodyRule(SLACK_LIMIT, self.bot.settings.slack_body_timeout)
+        return (Route(Method.POST, EVENTS_PATH, self.bot.handle, body=body),)
 
     def job_handlers(self) -> Mapping[str, JobHandler]:
         return {JobKind.REQUEST: self.bot.run_request_job, JobKind.DEPLOY: self.bot.run_deploy_job}
