@@ -407,6 +407,11 @@ async def guarded(coro: Awaitable[T]) -> T:
 )
 @click.option("--service", help="Deploy only this service and what it needs.")
 @click.option("--dry-run", is_flag=True, help="Print what would run, with exact commands.")
+@click.option(
+    "--preview",
+    is_flag=True,
+    help="With --dry-run: build the hosts' systems and show what changes on them.",
+)
 @click.option("--no-auto-rollback", is_flag=True, help="Do not roll back a failing service.")
 @runner_options
 @store_options
@@ -420,6 +425,7 @@ async def deploy(
     workdir: Path | None,
     service: str | None,
     dry_run: bool,
+    preview: bool,
     no_auto_rollback: bool,
     runner: str | None,
     simulate_fail: tuple[str, ...],
@@ -444,6 +450,8 @@ async def deploy(
         raise click.UsageError("give either a manifest PATH or --repo/--ref, not both")
     if path is None and repo is None and ref is None:
         raise click.UsageError("give a manifest PATH, or --repo DIR [--ref REF]")
+    if preview and not dry_run:
+        raise click.UsageError("--preview goes with --dry-run")
     settings = settings_for(config_file, database_url)
     config = runner_config_for(config_file, simulate_fail, simulate_duration, simulate_scale)
     limits = EvalLimits(timeout=eval_timeout)
@@ -486,15 +494,19 @@ async def deploy(
         if dry_run:
             if manifest is None:
                 manifest = await guarded(_manifest_at(source, plan, limits))
-            preview = await preview_deployment(
+            where = source.get("workdir") or source["repo_dir"]
+            if preview:
+                await print_host_previews(plan, manifest, source, config, config_file, as_json)
+                return
+            steps = await preview_deployment(
                 plan,
                 manifest=manifest,
-                workdir=source.get("workdir") or source["repo_dir"],
+                workdir=where,
                 revision=plan.head,
                 runner_kind=kind,
                 runner_config=config,
             )
-            print_preview(preview, as_json)
+            print_preview(steps, as_json)
             return
         if not as_json:
             click.echo(summary(plan))
@@ -524,6 +536,44 @@ async def deploy(
     assert record is not None  # the plan has steps
     print_result(record, as_json, verbose)
     sys.exit(exit_code(record))
+
+
+async def print_host_previews(
+    plan: Plan,
+    manifest: Any,
+    source: dict[str, Any],
+    config: RunnerConfig,
+    config_file: Path | None,
+    as_json: bool,
+) -> None:
+    """`deploy --dry-run --preview`: the commands, then what changes on each host."""
+    from planner.preview import preview_json
+    from planner.render_preview import text_host_previews
+    from runners.config import PreviewConfig
+    from runners.preview import preview_plan, preview_revision
+
+    try:
+        previewing = PreviewConfig.from_toml(config_file) if config_file else PreviewConfig()
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"{config_file}: {exc}") from None
+    if "repo_dir" in source:
+        plan, previews = await guarded(
+            preview_revision(plan, source["repo_dir"], source["manifest_path"], config, previewing)
+        )
+        workdir = source["repo_dir"]
+    else:
+        workdir = source["workdir"]
+        plan, previews = await preview_plan(plan, manifest, workdir, None, config, previewing)
+    steps = await preview_deployment(
+        plan, manifest=manifest, workdir=workdir, revision=plan.head, runner_config=config
+    )
+    if as_json:
+        body = {"dry_run": True, "steps": [{"id": s, "commands": c} for s, c in steps]}
+        click.echo(json.dumps({**body, "preview": preview_json(previews)}, indent=2))
+        return
+    print_preview(steps, as_json)
+    for line in text_host_previews(previews):
+        click.echo(line)
 
 
 async def _manifest_at(source: dict[str, Any], plan: Plan, limits: EvalLimits) -> Any:
