@@ -211,7 +211,8 @@ def plan(
             raise click.UsageError("give either a manifest PATH or --repo, not both")
         result = plan_repo(repo, base, head, manifest_path, service, eval_timeout)
         if preview and result.ok and result.head is not None:
-            emit_plan(*preview_repo(result, repo, manifest_path, config_file), fmt)
+            completed, previews = preview_repo(result, repo, manifest_path, config_file)
+            emit_plan(completed, fmt, previews)
             return
         (emit_file_explanation if explain_files else emit_plan)(result, fmt)
         return
@@ -227,7 +228,8 @@ def plan(
         raise click.BadParameter(str(exc), param_hint="--service") from None
     located(result, path, eval_timeout)
     if preview and result.ok:
-        emit_plan(*preview_path(result, manifest, path, config_file), fmt)  # type: ignore[arg-type]
+        completed, previews = preview_path(result, manifest, path, config_file)  # type: ignore[arg-type]
+        emit_plan(completed, fmt, previews)
         return
     emit_plan(result, fmt)
 
