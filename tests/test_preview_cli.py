@@ -94,9 +94,7 @@ def test_plan_preview_json_and_markdown(lab: dict[str, object]) -> None:
     steps = {step["id"]: step for step in data["steps"]}
     assert steps["nix:service-config:forgejo"]["reasons"] == ["its system changes (1 package)"]
     assert "nix:service-config:nextcloud" not in steps
-    assert steps["nix:service-config:vaultwarden"]["reasons"] != [
-        "its system changes (1 package)"
-    ]
+    assert steps["nix:service-config:vaultwarden"]["reasons"] != ["its system changes (1 package)"]
 
     md = run(tmp, *plan_args(lab, "markdown"))
     assert md.returncode == 0, md.stderr
