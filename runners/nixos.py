@@ -41,7 +41,7 @@ WRONG_SYSTEM = "after the rollback {service} runs {actual}, not {expected}"
 ALREADY_RUNNING = "already running {system}"
 CACHED_BUILD = "# built before: {path} (build cache)"
 NO_BUILD_PATH = "the build printed no store path (nix build --json, or a path on its last line)"
-BUILD_FAILED = "the build of {service} failed: nothing was changed on the host"
+BUILD_FAILED = "the build of {service} failed"
 
 
 class HostError(LookupError):
