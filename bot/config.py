@@ -15,6 +15,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from runners.config import PreviewConfig
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///.nixmox/state.db"
 CommaList = Annotated[list[str], NoDecode]
 
@@ -61,6 +63,17 @@ class Settings(BaseSettings):
     slack_deployers: CommaList = Field(default_factory=list)
     slack_allow_self_approval: bool = False
     approval_ttl: timedelta = timedelta(minutes=15)
+
+    # host previews in PR comments: NIXMOX_PREVIEW=true, or the TOML's [preview] table
+    preview: Annotated[PreviewConfig, NoDecode] = Field(default_factory=PreviewConfig)
+
+    @field_validator("preview", mode="before")
+    @classmethod
+    def _preview_flag(cls, value: Any) -> Any:
+        """`NIXMOX_PREVIEW=true` (a flag) turns previews on with the table's defaults."""
+        if isinstance(value, str | bool):
+            return {"enabled": value}
+        return value
 
     @field_validator(
         "apply_requirements", "slack_approvers", "slack_deployers", "plan_branches", mode="before"

@@ -41,8 +41,10 @@ FLAKE = r"""
         dryActivate = h.dry_activate or "";
         kernel = h.kernel or "6.1";
         broken = if h.broken or false then "1" else "";
+        slow = toString (h.sleep or 0);
         hostName = name;
         args = [ "-c" ''
+          if [ "$slow" != 0 ]; then /bin/sleep "$slow"; fi
           if [ -n "$broken" ]; then echo "error: builder for $hostName failed: no such option services.nope" >&2; exit 1; fi
           /bin/mkdir -p $out/bin
           echo $packages > $out/packages
