@@ -152,3 +152,45 @@ async def test_a_newer_push_cancels_the_preview_of_the_older_head(
     assert "- `gitea 1.21.0 → 1.21.1`" in comment["body"]
     older_bodies = [b for b in bodies(fake_github) if digest_in(b)[1] == older]
     assert older_bodies and all(SECTION not in body for body in older_bodies)
+
+
+async def test_hosts_all_completes_the_plan_that_apply_checks(
+    make_bot: Any,
+    manifest_repo: ManifestRepo,
+    payloads: Payloads,
+    fake_github: FakeGitHub,
+    lab: dict[str, Any],
+) -> None:
+    """A flake-only change selects nothing by the rules; building every host finds gitea."""
+    from bot.github.pulls import PullRef, compute_plan
+
+    bot = await make_bot(
+        runner_config=lab["runner_config"], preview={"enabled": True, "hosts": "all"}
+    )
+    head = commit_files(
+        manifest_repo,
+        "f",
+        None,
+        "openssl 3.0.2",
+        versions={**VERSIONS, "openssl": "3.0.2"},
+        hosts=HOSTS,
+    )
+    fake_github.add_pull(7, head_sha=head, base_sha=lab["base"])
+    payload = payloads.pull_request("opened", number=7, head_sha=head, base_sha=lab["base"])
+    await bot.deliver("pull_request", payload)
+    await bot.drain()
+
+    first, *_ = bodies(fake_github)
+    assert "Building every host to show what changes on the hosts" in first
+    (comment,) = fake_github.comments_on(7)
+    body = comment["body"]
+    assert "`its system changes (1 package)`" in body
+    assert "<details><summary>postgresql: unchanged</summary>" in body
+    assert "- `openssl 3.0.1 → 3.0.2`" in body
+    digest, _ = digest_in(body)
+    ref = PullRef(7, head, lab["base"], "main", None, False)
+    fresh = await compute_plan(bot.ctx, ref)  # what `/nixmox apply` compares the comment with
+    assert fresh.digest == digest
+    assert "nix:service-config:gitea" in fresh.by_id()
+    statuses = [s["description"] for s in fake_github.statuses_for(head, "nixmox/plan")]
+    assert statuses[-1] == "1 service, 2 steps"  # the completed plan, after the first report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from planner.escape import md_text
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUNNING = "github.previews"  # ctx.extras: PR number -> the preview task of its newest head
+# ctx.extras: (base, head) -> the plan completed from its builds (`[preview] hosts = "all"` adds
+# the hosts whose systems change), so `/nixmox apply` checks and deploys what the comment shows
+COMPLETED = "github.previewed_plans"
+COMPLETED_KEPT = 64
 PROGRESS = "_⏳ Building {what} to show what changes on the hosts…_"
 FAILED = "_Could not preview the hosts: {error}_"
 
@@ -83,4 +88,23 @@ async def run_preview(ctx: BotContext, number: int, plan: Plan) -> Previewed | N
             del running[number]
     if task.cancelled():
         return None
-    return task.result()
+    completed, previews = task.result()
+    _remember(ctx, plan, completed)
+    return completed, previews
+
+
+def _remember(ctx: BotContext, plan: Plan, completed: Plan) -> None:
+    kept: OrderedDict[tuple[str | None, str | None], Plan] = ctx.extras.setdefault(
+        COMPLETED, OrderedDict()
+    )
+    kept[(plan.base, plan.head)] = completed
+    kept.move_to_end((plan.base, plan.head))
+    while len(kept) > COMPLETED_KEPT:
+        kept.popitem(last=False)
+
+
+def previewed_plan(ctx: BotContext, plan: Plan) -> Plan:
+    """The plan as its finished preview completed it (the plan itself when none did)."""
+    kept: OrderedDict[tuple[str | None, str | None], Plan] = ctx.extras.get(COMPLETED, {})
+    completed = kept.get((plan.base, plan.head))
+    return completed if completed is not None and plan.ok else plan

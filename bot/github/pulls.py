@@ -24,6 +24,7 @@ from bot.github.gitcache import GitFetchError, remote_for
 from bot.github.previews import (
     cancel_preview,
     failed_line,
+    previewed_plan,
     progress_line,
     run_preview,
     wants_preview,
@@ -193,7 +194,7 @@ async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
     except GitFetchError as exc:
         raise PlanningError(str(exc)) from exc
     base = await asyncio.to_thread(git.merge_base, pull.base_sha, pull.head_sha)
-    return await shared_plan(ctx, base or pull.base_sha, pull.head_sha)
+    return previewed_plan(ctx, await shared_plan(ctx, base or pull.base_sha, pull.head_sha))
 
 
 async def shared_plan(ctx: BotContext, base: str | None, head: str) -> Plan:
@@ -339,7 +340,11 @@ async def _plan_and_report(
     posted = await _comment_if_current(ctx, gh, repo, pull, comment_parts(plan, None, progress))
     await report_plan_status(checks, pull.head_sha, plan, target)
     if posted and previewing:
-        await _preview_and_edit(ctx, gh, repo, pull, plan)
+        completed = await _preview_and_edit(ctx, gh, repo, pull, plan)
+        if completed is not None and completed.digest != plan.digest:
+            # the builds found hosts the rules missed: the status describes the completed plan
+            target = await archive_plan(ctx, completed)
+            await report_plan_status(checks, pull.head_sha, completed, target)
 
 
 async def _comment_if_current(
@@ -361,16 +366,18 @@ async def _comment_if_current(
 
 async def _preview_and_edit(
     ctx: BotContext, gh: GitHubClient, repo: Repo, pull: PullRef, plan: Plan
-) -> None:
-    """Build the head's hosts, then edit the comment with what changes on them."""
+) -> Plan | None:
+    """Build the head's hosts, then edit the comment with what changes on them; the plan
+    completed from the builds (None: failed, cancelled, or the PR moved on)."""
     try:
         previewed = await run_preview(ctx, pull.number, plan)
     except Exception as exc:
         log.warning("PR #%d: the host previews failed", pull.number, exc_info=True)
         await _comment_if_current(ctx, gh, repo, pull, comment_parts(plan, None, failed_line(exc)))
-        return
+        return None
     if previewed is None:
         log.info("PR #%d: preview of %s cancelled by a newer push", pull.number, pull.head_sha[:12])
-        return
+        return None
     completed, previews = previewed
-    await _comment_if_current(ctx, gh, repo, pull, comment_parts(completed, previews))
+    posted = await _comment_if_current(ctx, gh, repo, pull, comment_parts(completed, previews))
+    return completed if posted else None
