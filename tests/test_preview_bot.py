@@ -1,6 +1,7 @@
-"""Host previews in the PR flow, against the fake GitHub: the plan comment first (with a
-progress line), then edited in place with what changes on the hosts; a newer push cancels the
-preview of the older head. Real Nix on a flake with no inputs (tests/nixhosts.py)."""
+"""Host previews in the bot, against the fake GitHub and the fake Slack: the plan comment first
+(with a progress line), then edited in place with what changes on the hosts; a newer push
+cancels the preview of the older head; the Slack approval shows a summary per host. Real Nix on
+a flake with no inputs (tests/nixhosts.py)."""
 
 from __future__ import annotations
 
@@ -194,3 +195,45 @@ async def test_hosts_all_completes_the_plan_that_apply_checks(
     assert "nix:service-config:gitea" in fresh.by_id()
     statuses = [s["description"] for s in fake_github.statuses_for(head, "nixmox/plan")]
     assert statuses[-1] == "1 service, 2 steps"  # the completed plan, after the first report
+
+
+async def test_the_slack_approval_shows_a_summary_per_host(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    fake_slack: Any,
+    manifest_repo: ManifestRepo,
+    lab: dict[str, Any],
+) -> None:
+    from bot.app import build_app
+    from bot.slack import SLACK_BOT
+    from tests.fixtures_slack import APPROVER, CHANNEL, SlackDriver, slack_settings
+
+    hosts = {
+        **HOSTS,
+        "gitea": {
+            **HOSTS["gitea"],
+            "kernel": "6.6",
+            "dry_activate": "would restart the following units: gitea.service",
+        },
+    }
+    commit_files(manifest_repo, "main", None, "gitea 1.21.1",
+                 versions={**VERSIONS, "gitea": "1.21.1"}, hosts=hosts)  # fmt: skip
+    settings = slack_settings(tmp_path, fake_slack, manifest_repo.path, preview=True)
+    app = build_app(settings, runner_config=lab["runner_config"])
+    driver = SlackDriver(await aiohttp_client(app), fake_slack)
+
+    assert (await driver.command("deploy gitea")).status == 200
+
+    def summarised() -> Any:
+        for message in fake_slack.channel_messages(CHANNEL):
+            if "What changes on the hosts" in message.all_text():
+                return message
+        return None
+
+    message = await fake_slack.wait_for(summarised, timeout=60)
+    text = message.all_text()
+    assert "• *gitea*: 1 package changed, 1 unit restarts, :warning: reboot needed" in text
+    assert "• *postgresql*: unchanged (no switch)" in text
+    assert "Approve" in [b["text"]["text"] for b in message.buttons()]  # still pending
+    assert (await driver.click(message, "Approve", user=APPROVER)).status == 200
+    await app[SLACK_BOT].idle()

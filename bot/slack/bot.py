@@ -72,6 +72,7 @@ from bot.slack.blocks import (
 from bot.slack.notifier import MessagePacer, SecretRedactor, SlackNotifier
 from bot.slack.status import history_text, status_text
 from planner.escape import slack_lines
+from planner.plan import Plan
 from planner.render import render_slack
 from runners.base import (
     DeploymentKind,
@@ -528,6 +529,21 @@ class SlackBot:
             Audit.REQUEST,
             {**_ask(ask), "approval": approval_id, "digest": plan.digest, "channel": channel},
         )
+        if ask.kind is DeploymentKind.DEPLOY:
+            await self.show_previews(channel, ts, view, plan)
+
+    async def show_previews(self, channel: str, ts: str, view: RequestView, plan: Plan) -> None:
+        """Add the per-host summary to a pending request's message once the builds are done."""
+        from bot.slack.previews import preview_for_approval
+
+        summary = await preview_for_approval(self.ctx, plan, view.head, self.backend.git.path)
+        if summary is None or view.approval_id is None:
+            return
+        approval = await self.ctx.require_store().approvals.get(view.approval_id)
+        if approval is None or approval.state is not ApprovalState.PENDING:
+            return  # approved or cancelled meanwhile: that message stays
+        view.extra = [*view.extra, summary]
+        await self.show_request(channel, ts, view, RequestStatus.PENDING, plan)
 
     # -- buttons -------------------------------------------------------------------------
 
