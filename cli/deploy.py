@@ -496,7 +496,11 @@ async def deploy(
                 manifest = await guarded(_manifest_at(source, plan, limits))
             where = source.get("workdir") or source["repo_dir"]
             if preview:
-                await print_host_previews(plan, manifest, source, config, config_file, as_json)
+                from cli.previews import print_host_previews
+
+                await guarded(
+                    print_host_previews(plan, manifest, source, config, config_file, as_json)
+                )
                 return
             steps = await preview_deployment(
                 plan,
@@ -536,44 +540,6 @@ async def deploy(
     assert record is not None  # the plan has steps
     print_result(record, as_json, verbose)
     sys.exit(exit_code(record))
-
-
-async def print_host_previews(
-    plan: Plan,
-    manifest: Any,
-    source: dict[str, Any],
-    config: RunnerConfig,
-    config_file: Path | None,
-    as_json: bool,
-) -> None:
-    """`deploy --dry-run --preview`: the commands, then what changes on each host."""
-    from planner.preview import preview_json
-    from planner.render_preview import text_host_previews
-    from runners.config import PreviewConfig
-    from runners.preview import preview_plan, preview_revision
-
-    try:
-        previewing = PreviewConfig.from_toml(config_file) if config_file else PreviewConfig()
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"{config_file}: {exc}") from None
-    if "repo_dir" in source:
-        plan, previews = await guarded(
-            preview_revision(plan, source["repo_dir"], source["manifest_path"], config, previewing)
-        )
-        workdir = source["repo_dir"]
-    else:
-        workdir = source["workdir"]
-        plan, previews = await preview_plan(plan, manifest, workdir, None, config, previewing)
-    steps = await preview_deployment(
-        plan, manifest=manifest, workdir=workdir, revision=plan.head, runner_config=config
-    )
-    if as_json:
-        body = {"dry_run": True, "steps": [{"id": s, "commands": c} for s, c in steps]}
-        click.echo(json.dumps({**body, "preview": preview_json(previews)}, indent=2))
-        return
-    print_preview(steps, as_json)
-    for line in text_host_previews(previews):
-        click.echo(line)
 
 
 async def _manifest_at(source: dict[str, Any], plan: Plan, limits: EvalLimits) -> Any:

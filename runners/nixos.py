@@ -109,6 +109,9 @@ class _Log:
         return "\n".join(self.lines)
 
 
+CommandLog = _Log  # for the previews, which run templates through this runner
+
+
 class NixosRunner:
     """`nix:core` and `nix:service-config` steps, and rollback of a service."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from planner.models import Manifest
@@ -20,7 +20,7 @@ from planner.plan import NIX_PHASES, Plan
 from planner.preview import HostPreview, complete_plan, host_preview
 from runners.base import Context
 from runners.config import CommandTemplate, PreviewConfig, PreviewHosts, RunnerConfig, Where
-from runners.nixos import HostError, NixosRunner, RecordError, _Log
+from runners.nixos import CommandLog, HostError, NixosRunner, RecordError
 from runners.redact import Redactor
 from runners.registry import build_runners
 from runners.transport import Transport
@@ -54,7 +54,7 @@ class HostPreviewer:
         build = await self.runner.built(service, ctx)
         if not build.ok or build.path is None:
             return HostPreview(error=_tail(build.output, self.redactor))
-        log = _Log()
+        log = CommandLog()
         try:
             current = await self.runner.record(service, ctx, log)
             values = self.runner.values(service, ctx, new=build.path, current=current)
@@ -153,8 +153,3 @@ async def preview_revision(
         tree = Path(tmp) / "tree"
         await asyncio.to_thread(export_tree, repo_dir, plan.head, tree)
         return await preview_plan(plan, manifest, tree, plan.head, config, preview)
-
-
-def previews_of(previews: Mapping[str, HostPreview]) -> dict[str, HostPreview]:
-    """The previews sorted by host."""
-    return {name: previews[name] for name in sorted(previews)}

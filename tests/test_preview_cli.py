@@ -128,3 +128,21 @@ def test_deploy_dry_run_preview(lab: dict[str, object]) -> None:
     build = commands["nix:service-config:vaultwarden"][1]
     assert build.startswith("nix build --no-link --json ")
     assert "--print-out-paths" not in build
+
+
+def test_deploy_dry_run_preview_text(lab: dict[str, object]) -> None:
+    tmp = Path(str(lab["tmp"]))
+    out = run(
+        tmp,
+        "deploy", "--repo", str(lab["root"]), "--manifest", MANIFEST, "--ref", str(lab["head"]),
+        "--dry-run", "--preview", "--config", str(lab["config"]),
+        "--database-url", f"sqlite+aiosqlite:///{tmp}/state.db",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("dry run: nothing is changed; these steps would run:")
+    assert "What changes on the hosts:\n" in out.stdout
+    assert "  nextcloud: unchanged" in out.stdout
+    assert "  vaultwarden: 1 package\n      openssl 3.0.1 → 3.0.2" in out.stdout
+    # without --dry-run, --preview is refused plainly
+    refused = run(tmp, "deploy", "--repo", str(lab["root"]), "--preview")
+    assert refused.returncode == 2 and "--preview goes with --dry-run" in refused.stderr

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUNNING = "github.previews"  # ctx.extras: PR number -> the preview task of its newest head
+NEWEST = "github.preview_heads"  # ctx.extras: PR number -> the newest head a plan job was for
 # ctx.extras: (base, head) -> the plan completed from its builds (`[preview] hosts = "all"` adds
 # the hosts whose systems change), so `/nixmox apply` checks and deploys what the comment shows
 COMPLETED = "github.previewed_plans"
@@ -54,8 +55,15 @@ def failed_line(error: BaseException) -> str:
     return FAILED.format(error=md_text(str(error) or type(error).__name__))
 
 
+def newer_head(ctx: BotContext, number: int, head: str) -> bool:
+    """A plan job for `head` of PR `number` starts: an older head's preview stops, or does not
+    start if it has not yet (True if one was running)."""
+    ctx.extras.setdefault(NEWEST, {})[number] = head
+    return cancel_preview(ctx, number)
+
+
 def cancel_preview(ctx: BotContext, number: int) -> bool:
-    """Stop the running preview of an older head of PR `number` (True if one ran)."""
+    """Stop the running preview of PR `number` (True if one ran)."""
     running: dict[int, asyncio.Task[Previewed]] = ctx.extras.setdefault(RUNNING, {})
     task = running.pop(number, None)
     if task is None or task.done():
@@ -71,6 +79,9 @@ async def run_preview(ctx: BotContext, number: int, plan: Plan) -> Previewed | N
     from runners.preview import preview_revision
 
     assert ctx.git is not None
+    newest = ctx.extras.setdefault(NEWEST, {}).get(number)
+    if newest is not None and newest != plan.head:
+        return None  # a job for a newer head started while this one was commenting
     running: dict[int, asyncio.Task[Previewed]] = ctx.extras.setdefault(RUNNING, {})
     cancel_preview(ctx, number)
     task = asyncio.ensure_future(

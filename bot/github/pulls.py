@@ -22,8 +22,8 @@ from bot.github.checks import CommitChecks, Report, commit_checks
 from bot.github.client import GitHubClient
 from bot.github.gitcache import GitFetchError, remote_for
 from bot.github.previews import (
-    cancel_preview,
     failed_line,
+    newer_head,
     previewed_plan,
     progress_line,
     run_preview,
@@ -257,7 +257,7 @@ def pull_lock(ctx: BotContext, number: int) -> asyncio.Lock:
 async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:
     """The `github.plan` job: status pending, plan, comment, final status."""
     pull = PullRef.from_job(payload)
-    cancel_preview(ctx, pull.number)  # a newer head: the older one's preview is moot
+    newer_head(ctx, pull.number, pull.head_sha)  # the older head's preview is moot
     async with pull_lock(ctx, pull.number):
         await _plan_pull_request(ctx, pull)
 
