@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from planner.plan import plan_full
 from planner.preview import (
     HostPreview,
@@ -131,7 +133,11 @@ def test_tool_output_is_escaped_in_markdown() -> None:
     assert lines.count("</details>") == markdown.count("<details><summary>")
 
 
-async def test_simulated_builds_run_apart_from_switches(tmp_path: Path) -> None:
+async def test_simulated_builds_run_apart_from_switches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Builds start with the deployment, `build_parallel` at once; a nix step (the switch)
+    starts only after its own build is done."""
     manifest = nixhosts.manifest(["forgejo", "nextcloud", "vaultwarden"])
     plan = plan_full(manifest)
     simulate = SimulateConfig(durations={"build": 0.01}, default_duration=0.0)
@@ -141,12 +147,61 @@ async def test_simulated_builds_run_apart_from_switches(tmp_path: Path) -> None:
     )
     sim = runners.rollback
     assert isinstance(sim, SimulatedRunner) and sim.builds_apart and sim.build_parallel == 2
+    log: list[str] = []
+    running, peak = 0, 0
+    build = sim._build
+
+    async def traced(service: str) -> BuildResult:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        log.append(f"build {service}")
+        result = await build(service)
+        running -= 1
+        log.append(f"built {service}")
+        return result
+
+    activate = sim.hosts.activate
+
+    def switch(service: str, path: str) -> None:
+        log.append(f"switch {service}")
+        activate(service, path)
+
+    monkeypatch.setattr(sim, "_build", traced)
+    monkeypatch.setattr(sim.hosts, "activate", switch)
     ctx = Context("sim-builds", manifest, plan, tmp_path, "rev")
     result = await Executor(runners).execute(plan, ctx)
     assert result.state is DeploymentState.SUCCEEDED
+    assert peak == 2
+    assert log[:2] == ["build forgejo", "build nextcloud"]  # at once, before any switch
+    for name in ("forgejo", "nextcloud", "vaultwarden"):
+        assert log.index(f"built {name}") < log.index(f"switch {name}")
     assert sorted(service for service, _ in sim.hosts.activations) == [
         "forgejo",
         "nextcloud",
         "vaultwarden",
     ]
     assert sim.schedulers == {}  # the deployment's builds are finished with it
+
+
+def test_simulate_duration_build_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--simulate-duration build=SECONDS`: nix steps wait for their simulated builds."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NIXMOX_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/state.db")
+    config = tmp_path / "nixmox.toml"
+    config.write_text("[runners.nixos]\nbuild_parallel = 1\n")
+    small = Path(__file__).resolve().parents[1] / "manifests" / "small.nix"
+    result = CliRunner().invoke(
+        main,
+        ["deploy", str(small), "--runner", "simulate", "--simulate-scale", "0.001",
+         "--simulate-duration", "build=5", "--config", str(config), "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert '"state": "succeeded"' in result.output
