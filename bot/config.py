@@ -26,7 +26,13 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from runners.config import RUNNERS_TABLE, ConfigError, RunnerConfig, unknown_setting
+from runners.config import (
+    RUNNERS_TABLE,
+    ConfigError,
+    PreviewConfig,
+    RunnerConfig,
+    unknown_setting,
+)
 
 __all__ = ["ConfigError", "Configuration", "Settings", "load_configuration", "load_settings"]
 
@@ -107,6 +113,16 @@ class Settings(BaseSettings):
     monitor: bool = True
     alert_repeat: timedelta = timedelta(hours=6)  # at most one reminder per service per this
     drift_interval: timedelta = timedelta(minutes=15)
+    # host previews in PR comments: NIXMOX_PREVIEW=true, or the TOML's [preview] table
+    preview: Annotated[PreviewConfig, NoDecode] = Field(default_factory=PreviewConfig)
+
+    @field_validator("preview", mode="before")
+    @classmethod
+    def _preview_flag(cls, value: Any) -> Any:
+        """`NIXMOX_PREVIEW=true` (a flag) turns previews on with the table's defaults."""
+        if isinstance(value, str | bool):
+            return {"enabled": value}
+        return value
 
     @field_validator(
         "apply_requirements", "slack_approvers", "slack_deployers", "plan_branches", mode="before"

@@ -22,6 +22,7 @@ from bot.frontend import FrontEnd
 from bot.jobs import JobHandler
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
+from bot.preview_tasks import PreviewState
 from bot.request import DeploymentRequest, SubscriberFactory
 from deployments import (
     DeployError,
@@ -96,6 +97,7 @@ class BotContext:
     shared_plans: OrderedDict[tuple[str | None, str], asyncio.Future[Plan]] = field(
         default_factory=OrderedDict
     )
+    previews: PreviewState = field(default_factory=PreviewState)  # bot.github.previews
 
     @property
     def execution(self) -> ExecutionOptions:

@@ -254,6 +254,9 @@ async def run_target(
         )
 
 
+PREVIEW_NEEDS_DRY_RUN = "--preview goes with --dry-run"
+
+
 def check_deploy_args(path: Path | None, repo: Path | None, ref: str | None) -> None:
     if path is not None and (repo is not None or ref is not None):
         raise click.UsageError(BOTH_SOURCES)
@@ -273,6 +276,11 @@ def check_deploy_args(path: Path | None, repo: Path | None, ref: str | None) -> 
 )
 @click.option("--service", help="Deploy only this service and what it needs.")
 @click.option("--dry-run", is_flag=True, help="Print what would run, with exact commands.")
+@click.option(
+    "--preview",
+    is_flag=True,
+    help="With --dry-run: build the hosts' systems and show what changes on them.",
+)
 @click.option("--no-auto-rollback", is_flag=True, help="Do not roll back a failing service.")
 @runner_options
 @store_options
@@ -286,6 +294,7 @@ async def deploy(
     workdir: Path | None,
     service: str | None,
     dry_run: bool,
+    preview: bool,
     no_auto_rollback: bool,
     flags: RunnerFlags,
     verbose: bool,
@@ -301,6 +310,8 @@ async def deploy(
     rolled back or interrupted, 2 the manifest could not be evaluated, 3 refused (locked).
     """
     check_deploy_args(path, repo, ref)
+    if preview and not dry_run:
+        raise click.UsageError(PREVIEW_NEEDS_DRY_RUN)
     settings = settings_for(config_file, database_url)
     options = execution_for(settings, config_file, flags, auto_rollback=not no_auto_rollback)
     limits = EvalLimits(timeout=eval_timeout)
@@ -316,6 +327,16 @@ async def deploy(
             nothing_to_do(target.plan, DeploymentKind.DEPLOY, as_json)
             return
         if dry_run:
+            if preview:
+                from cli.previews import print_host_previews
+
+                manifest = await target_manifest(target, limits)
+                await guarded(
+                    print_host_previews(
+                        target.plan, target.source, manifest, options, config_file, as_json
+                    )
+                )
+                return
             await show_preview(target, options, limits, as_json)
             return
         record = await run_target(store, target, options, service, as_json, verbose)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +16,11 @@ from planner.findings import attribute
 from planner.perf import gc_paused
 from planner.plan import Plan, UnknownService, plan_full
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, PlanningError, locate
+
+if TYPE_CHECKING:
+    from planner.models import Manifest
+    from planner.preview import HostPreview
+    from runners.config import PreviewConfig, RunnerConfig
 
 FORMATS = ("text", "json", "markdown", "slack")
 
@@ -80,18 +86,22 @@ def located(plan: Plan, path: Path, eval_timeout: float) -> None:
     attribute(findings, path.name)
 
 
-def emit_plan(plan: Plan, fmt: str) -> None:
+def emit_plan(plan: Plan, fmt: str, previews: Mapping[str, HostPreview] | None = None) -> None:
     """Print a plan in the asked format; exit 1 when it carries validation errors."""
     from planner.render import render_json, render_markdown, render_slack, render_text
 
-    if fmt == "json":
+    if fmt == "json" and previews is not None:
+        from planner.preview import preview_json
+
+        click.echo(json.dumps({**plan.to_json(), "preview": preview_json(previews)}, indent=2))
+    elif fmt == "json":
         click.echo(render_json(plan))
     elif fmt == "markdown":
-        click.echo("\n\n".join(render_markdown(plan)))
+        click.echo("\n\n".join(render_markdown(plan, previews=previews)))
     elif fmt == "slack":
         click.echo(json.dumps(render_slack(plan), indent=2))
     else:
-        click.echo(render_text(plan))
+        click.echo(render_text(plan, previews))
     if not plan.ok:
         for finding in plan.errors:
             click.echo(f"error: {finding.render()}", err=True)
@@ -136,6 +146,18 @@ def emit_file_explanation(plan: Plan, fmt: str) -> None:
     is_flag=True,
     help="With --repo and --base: each changed file, the steps it selected and why (or why none).",
 )
+@click.option(
+    "--preview",
+    is_flag=True,
+    help="Build the hosts' systems and show what changes on them (packages, units, reboot).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="NIXMOX_CONFIG",
+    help="TOML file of `deploy` ([runners] transport and nixos, [preview]), for --preview.",
+)
 @eval_options
 def plan(
     path: Path | None,
@@ -146,6 +168,8 @@ def plan(
     service: str | None,
     fmt: str,
     explain_files: bool,
+    preview: bool,
+    config_file: Path | None,
     eval_timeout: float,
 ) -> None:
     """Print the deployment plan of a manifest file, or of a Git change (--repo, --base)."""
@@ -153,10 +177,16 @@ def plan(
         raise click.UsageError(
             "--explain-files needs --repo and --base, and text, json or markdown"
         )
+    if preview and (explain_files or fmt == "slack"):
+        raise click.UsageError("--preview goes with text, json or markdown, not --explain-files")
     if repo is not None:
         if path is not None:
             raise click.UsageError("give either a manifest PATH or --repo, not both")
         result = plan_repo(repo, base, head, manifest_path, service, eval_timeout)
+        if preview and result.ok and result.head is not None:
+            completed, previews = preview_repo(result, repo, manifest_path, config_file)
+            emit_plan(completed, fmt, previews)
+            return
         (emit_file_explanation if explain_files else emit_plan)(result, fmt)
         return
     if path is None:
@@ -170,7 +200,54 @@ def plan(
     except UnknownService as exc:
         raise click.BadParameter(str(exc), param_hint="--service") from None
     located(result, path, eval_timeout)
+    if preview and result.ok:
+        completed, previews = preview_path(result, manifest, path, config_file)  # type: ignore[arg-type]
+        emit_plan(completed, fmt, previews)
+        return
     emit_plan(result, fmt)
+
+
+def preview_configs(config_file: Path | None) -> tuple[RunnerConfig, PreviewConfig]:
+    """The `[runners]` and `[preview]` tables of the config file (defaults without one)."""
+    from runners.config import PreviewConfig, RunnerConfig
+
+    if config_file is None:
+        return RunnerConfig(), PreviewConfig()
+    try:
+        return RunnerConfig.from_toml(config_file), PreviewConfig.from_toml(config_file)
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"{config_file}: {exc}") from None
+
+
+def preview_repo(
+    plan: Plan, repo: Path, manifest_path: str, config_file: Path | None
+) -> tuple[Plan, dict[str, HostPreview]]:
+    """The plan of a revision completed from its hosts' builds, and their previews."""
+    import asyncio
+
+    from runners.preview import preview_revision
+
+    runner_config, preview_config = preview_configs(config_file)
+    try:
+        return asyncio.run(
+            preview_revision(plan, repo, manifest_path, runner_config, preview_config)
+        )
+    except PlanningError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_EVAL)
+
+
+def preview_path(
+    plan: Plan, manifest: Manifest, path: Path, config_file: Path | None
+) -> tuple[Plan, dict[str, HostPreview]]:
+    """Previews of a manifest file's plan, built from the manifest's directory."""
+    import asyncio
+
+    from runners.preview import preview_plan
+
+    runner_config, preview_config = preview_configs(config_file)
+    workdir = path.resolve().parent
+    return asyncio.run(preview_plan(plan, manifest, workdir, None, runner_config, preview_config))
 
 
 def plan_repo(

@@ -111,7 +111,9 @@ async def record_checks(store: Store, results: Iterable[HealthCheck]) -> list[He
     stored = []
     for result in results:
         stored.append(await repo.record(result))
-        await store.services.set_health(service=result.service, health=health_of(result.healthy))
+        await store.services.set_health(
+            result.service, health_of(result.healthy), at=result.checked_at
+        )
     return stored
 
 

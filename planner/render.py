@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,18 +17,20 @@ from planner.escape import (
     slack_text,
 )
 from planner.plan import Change, ChangeKind, DependencyInfo, Plan, Step
+from planner.preview import HostPreview, changed_hosts
+from planner.render_preview import md_host_previews, text_host_previews
 
 NO_DEPLOYMENT = "No deployment needed"
 
 
-def summary(plan: Plan) -> str:
+def summary(plan: Plan, previews: Mapping[str, HostPreview] | None = None) -> str:
     """One line: how much work the plan is."""
-    return plan_summary(plan)
+    return plan_summary(plan, previews)
 
 
-def render_text(plan: Plan) -> str:
+def render_text(plan: Plan, previews: Mapping[str, HostPreview] | None = None) -> str:
     """The plan for a terminal: summary, then each wave with its steps and reasons."""
-    lines = [plain_text(summary(plan))]
+    lines = [plain_text(summary(plan, previews))]
     if plan.base is not None:
         lines.append(
             f"base {plain_text(short_rev(plan.base))} → head {plain_text(short_rev(plan.head))}"
@@ -55,6 +57,8 @@ def render_text(plan: Plan) -> str:
     if plan.dependencies:
         lines.append("dependencies:")
         lines.extend(f"  {plain_text(dependency_line(dep))}" for dep in plan.dependencies)
+    if previews is not None:
+        lines.extend(text_host_previews(previews))
     for finding in plan.warnings:
         lines.append(f"warning: {plain_lines(finding.render())}")
     return "\n".join(lines)
@@ -104,18 +108,24 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def plan_summary(plan: Plan) -> str:
-    """One line: `3 services change, 7 steps in 4 waves` (or why nothing or no plan)."""
+def plan_summary(plan: Plan, previews: Mapping[str, HostPreview] | None = None) -> str:
+    """One line: `3 services change, 7 steps in 4 waves` (or why nothing or no plan); with
+    previews, how many hosts really change: `; 2 of 3 hosts change`."""
     if not plan.ok:
         return f"Invalid manifest: {plural(len(plan.errors), 'error')}"
     if not plan.steps:
         return f"{NO_DEPLOYMENT}: {plan.note}" if plan.note else NO_DEPLOYMENT
     services = len(plan.services())
     verb = "changes" if services == 1 else "change"
-    return (
+    line = (
         f"{plural(services, 'service')} {verb}, "
         f"{plural(len(plan.steps), 'step')} in {plural(len(plan.waves), 'wave')}"
     )
+    if previews:
+        changing = len(changed_hosts(previews))
+        verb = "changes" if changing == 1 and len(previews) == 1 else "change"
+        line += f"; {changing} of {plural(len(previews), 'host')} {verb}"
+    return line
 
 
 def shown(items: list[str], limit: int) -> tuple[list[str], int]:
@@ -167,8 +177,8 @@ def service_rows(plan: Plan) -> list[ServiceRow]:
 # --- Markdown (GitHub PR comments) -----------------------------------------------------------
 
 
-def _md_header(plan: Plan) -> list[str]:
-    lines = [f"### NixMox plan: {md_text(plan_summary(plan))}"]
+def _md_header(plan: Plan, previews: Mapping[str, HostPreview] | None = None) -> list[str]:
+    lines = [f"### NixMox plan: {md_text(plan_summary(plan, previews))}"]
     revs = f"base {md_code(short_rev(plan.base))} → head {md_code(short_rev(plan.head))}"
     if plan.digest:
         revs += f" · digest {md_code(plan.digest[:12])}"
@@ -312,6 +322,7 @@ def render_markdown(
     *,
     limit: int = GITHUB_COMMENT_LIMIT,
     commands: Iterable[str] = DEFAULT_APPLY_COMMANDS,
+    previews: Mapping[str, HostPreview] | None = None,
 ) -> list[str]:
     """The PR comment(s): one string, or several when the plan is longer than `limit`.
 
@@ -320,10 +331,11 @@ def render_markdown(
     of UTF-8 (GitHub counts characters; bytes are never fewer).
     """
     commands = list(commands)
-    head = _md_header(plan)
+    head = _md_header(plan, previews)
     blocks = [
         *_md_errors(plan),
         *_md_table_blocks(plan, rows_per_block=200),
+        *md_host_previews(previews),
         *_md_wave_blocks(plan, steps_per_block=150),
         *_md_graph_block(plan),
         *md_changed_files(plan, files_per_block=150),
@@ -333,7 +345,7 @@ def render_markdown(
     single = "\n\n".join([PLAN_MARKER + "\n" + "\n".join(head), *blocks, footer])
     if _size(single) <= limit:
         return [single]
-    return _split_comments(plan, head, blocks, footer, limit)
+    return _split_comments(plan, head, blocks, footer, limit, previews)
 
 
 def _size(text: str) -> int:
@@ -341,10 +353,15 @@ def _size(text: str) -> int:
 
 
 def _split_comments(
-    plan: Plan, head: list[str], blocks: list[str], footer: str, limit: int
+    plan: Plan,
+    head: list[str],
+    blocks: list[str],
+    footer: str,
+    limit: int,
+    previews: Mapping[str, HostPreview] | None = None,
 ) -> list[str]:
     """Pack whole blocks into comments; each gets the marker and a part header."""
-    title = f"### NixMox plan: {md_text(plan_summary(plan))}"
+    title = f"### NixMox plan: {md_text(plan_summary(plan, previews))}"
     reserve = _size(PLAN_MARKER) + _size(title) + 64  # marker, part line, separators
     budget = limit - reserve
     parts: list[list[str]] = [["\n".join(head[1:])]]

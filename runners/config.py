@@ -102,6 +102,11 @@ class Where(StrEnum):
     HOST = "host"
 
 
+class CaptureFormat(StrEnum):
+    LINE = "line"
+    NIX_BUILD_JSON = "nix-build-json"
+
+
 class CommandTemplate(Strict):
     """One command line with `{placeholders}` (values are shell-quoted when substituted).
 
@@ -112,6 +117,9 @@ class CommandTemplate(Strict):
     run: str
     on: Where = Where.LOCAL
     capture: str | None = None
+    # how the captured value is read: the last stdout line, or the out path of the first
+    # result of `nix build --json` (Nix 2.8 has no `--print-out-paths`)
+    capture_format: CaptureFormat = CaptureFormat.LINE
 
 
 class SshConfig(Strict):
@@ -186,6 +194,26 @@ class NixosPreset(StrEnum):
     DEPLOY_RS = "deploy-rs"
 
 
+DEFAULT_BUILD = (
+    "nix build --no-link --json {export}#nixosConfigurations.{service}.config.system.build.toplevel"
+)
+# with a build host: evaluate here, build in the build host's store, copy from there
+BUILD_ON_HOST = (
+    "nix build --no-link --json --eval-store auto --store ssh-ng://{build_host} "
+    "{export}#nixosConfigurations.{service}.config.system.build.toplevel"
+)
+DEFAULT_COPY = "nix-copy-closure --to {target} {new}"
+COPY_FROM_BUILD_HOST = "nix copy --from ssh-ng://{build_host} --to ssh://{target} {new}"
+DEFAULT_DIFF_CLOSURES = (
+    "nix --extra-experimental-features nix-command store diff-closures {current} {new}"
+)
+DEFAULT_DRY_ACTIVATE = "{new}/bin/switch-to-configuration dry-activate"
+# each boot file of both systems, resolved: `FILE<TAB>CURRENT<TAB>NEW` (reboot when they differ)
+DEFAULT_BOOT_CHECK = (
+    "for f in kernel initrd kernel-params; do printf '%s\\t%s\\t%s\\n' \"$f\" "
+    '"$(cksum 2>/dev/null < {current}/$f)" "$(cksum 2>/dev/null < {new}/$f)"; done'
+)
+
 PRESETS: dict[NixosPreset, list[CommandTemplate]] = {
     NixosPreset.NIXOS_REBUILD: [
         CommandTemplate(
@@ -194,11 +222,9 @@ PRESETS: dict[NixosPreset, list[CommandTemplate]] = {
     ],
     NixosPreset.COPY_CLOSURE: [
         CommandTemplate(
-            run="nix build --no-link --print-out-paths "
-            "{export}#nixosConfigurations.{service}.config.system.build.toplevel",
-            capture="new",
+            run=DEFAULT_BUILD, capture="new", capture_format=CaptureFormat.NIX_BUILD_JSON
         ),
-        CommandTemplate(run="nix-copy-closure --to {target} {new}"),
+        CommandTemplate(run=DEFAULT_COPY),
         CommandTemplate(run="nix-env -p {system_profile} --set {new}", on=Where.HOST),
         CommandTemplate(run="{new}/bin/switch-to-configuration switch", on=Where.HOST),
     ],
@@ -224,9 +250,42 @@ class NixosConfig(Strict):
     user: str = "root"
     env: dict[str, str] = Field(default_factory=dict)
     timeout: float = 3600.0
+    # the build of a host's system (copy-closure preset and previews); prints `--json` or a path
+    build: str | None = None
+    # builds running at once, from the start of a deployment
+    build_parallel: int = Field(default=4, ge=1)
+    # build there (`nix build --store ssh-ng://HOST`), not here
+    build_host: str | None = None
+    # copy the built closure to the host (skipped with the local transport)
+    copy_command: str | None = None
+    # previews, run on the host
+    diff_closures: str = DEFAULT_DIFF_CLOSURES
+    dry_activate: str = DEFAULT_DRY_ACTIVATE
+    boot_check: str = DEFAULT_BOOT_CHECK
+    # builds kept per revision, so a deployment of a previewed head builds nothing again
+    build_cache: Path | None = Path(".nixmox/builds")
 
     def deploy_commands(self) -> list[CommandTemplate]:
         return self.deploy if self.deploy is not None else PRESETS[self.preset]
+
+    @property
+    def builds_first(self) -> bool:
+        """Build as a step of its own (from the deployment's start), then copy and switch."""
+        return self.deploy is None and self.preset is NixosPreset.COPY_CLOSURE
+
+    def build_template(self) -> str:
+        if self.build is not None:
+            return self.build
+        return BUILD_ON_HOST if self.build_host else DEFAULT_BUILD
+
+    def copy_template(self) -> str:
+        if self.copy_command is not None:
+            return self.copy_command
+        return COPY_FROM_BUILD_HOST if self.build_host else DEFAULT_COPY
+
+    def switch_commands(self) -> list[CommandTemplate]:
+        """What a build-first deploy runs after the copy: the preset's profile and switch."""
+        return PRESETS[NixosPreset.COPY_CLOSURE][2:]
 
 
 class HealthConfig(Strict):
@@ -263,6 +322,26 @@ class SimulateConfig(Strict):
 class RedactConfig(Strict):
     # regular expressions; every match in any output becomes `<redacted>`
     patterns: list[str] = Field(default_factory=list)
+
+
+class PreviewHosts(StrEnum):
+    SELECTED = "selected"  # the hosts the plan's rules selected
+    ALL = "all"  # every enabled host: finds the ones the rules missed
+
+
+class PreviewConfig(Strict):
+    """The top-level `[preview]` table."""
+
+    enabled: bool = False
+    hosts: PreviewHosts = PreviewHosts.SELECTED
+    # hosts previewed at once (each builds, copies and runs two commands on its host)
+    parallel: int = Field(default=4, ge=1)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> PreviewConfig:
+        with path.open("rb") as handle:
+            data: dict[str, Any] = tomllib.load(handle)
+        return cls.model_validate(data.get("preview", {}))
 
 
 class RunnerConfig(Strict):

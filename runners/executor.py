@@ -45,6 +45,7 @@ from runners.base import (
     Subscriber,
     utcnow,
 )
+from runners.builds import BuildFailed, Prebuilding
 from runners.registry import RunnerSet
 
 log = logging.getLogger(__name__)
@@ -361,13 +362,29 @@ class _Run:
         self.bus.start()
         try:
             await self.emit(DeploymentStarted(self.ctx.deployment_id, self.plan, self.kind))
-            await self._schedule()
+            builders = self._start_builds()
+            try:
+                await self._schedule()
+            finally:
+                for builder in builders:
+                    await builder.finish_builds(self.ctx)
         except (asyncio.CancelledError, RecordingFailed):
             self.stopping = True
             await self._interrupt()
             await self._finish(started, drain=False)
             raise
         return await self._finish(started)
+
+    def _start_builds(self) -> list[Prebuilding]:
+        """Builds start with the deployment (deploys only: a rollback builds nothing)."""
+        if self.kind is not DeploymentKind.DEPLOY:
+            return []
+        builders: list[Prebuilding] = []
+        for runner in {id(r): r for r in self.runners.by_phase.values()}.values():
+            if isinstance(runner, Prebuilding):
+                runner.start_builds(self.plan, self.ctx)
+                builders.append(runner)
+        return builders
 
     async def _finish(self, started: datetime, *, drain: bool = True) -> ExecutionResult:
         state = overall_state(self.outcomes.values())
@@ -475,7 +492,12 @@ class _Run:
         if result.output:
             await self.emit(StepOutput(self.ctx.deployment_id, step.id, result.output))
         state, reason = (StepState.SUCCEEDED, None) if result.ok else (StepState.FAILED, None)
-        if not result.ok:
+        if isinstance(result, BuildFailed):
+            # the build failed before the host was touched: there is nothing to roll back
+            previous = result.previous_system or "its recorded system"
+            note = UNCHANGED.format(service=step.service, system=previous)
+            reason = WITH_NOTE.format(failure=_last_line(result.output) or step.id, note=note)
+        elif not result.ok:
             reason = _last_line(result.output) or f"{step.id} failed"
             if self._should_roll_back(step):
                 state, note = await self._roll_back(step)

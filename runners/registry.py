@@ -126,7 +126,7 @@ def build_runners(
     if kind is RunnerKind.SIMULATE:
         from runners.simulate import SimulatedRunner
 
-        sim = SimulatedRunner(config.simulate)
+        sim = SimulatedRunner(config.simulate, build_parallel=config.nixos.build_parallel)
         return RunnerSet(kind, dict.fromkeys(Phase, sim), sim, redactor)
 
     from runners.health import HealthRunner

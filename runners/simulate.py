@@ -4,6 +4,10 @@ It keeps one "running system" per service, so a deployment and its rollback are 
 a nix step records the running system and activates a new one derived from the revision;
 rollback activates the recorded one. A verify step listed in `fail` fails while the service
 runs what this process deployed, and passes once the service has been rolled back.
+
+With a `build` duration (`--simulate-duration build=SECONDS`), a nix step is a build and a
+switch, simulated apart: every build starts with the deployment, `build_parallel` at once, and
+the nix step (its own duration: the switch) waits for its build.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import asyncio
 import hashlib
 from dataclasses import dataclass, field
 
-from planner.plan import NIX_PHASES, Phase, Step
+from planner.plan import NIX_PHASES, Phase, Plan, Step
 from runners.base import Context, StepResult
+from runners.builds import BuildResult, BuildScheduler
 from runners.config import SimulateConfig
+
+BUILD = "build"
 
 SIMULATED_FAILURE = "simulated failure of {step}"
 
@@ -44,10 +51,42 @@ class SimulatedHosts:
 class SimulatedRunner:
     """Runs every phase by sleeping; also the rollback runner of the simulated set."""
 
-    def __init__(self, config: SimulateConfig | None = None) -> None:
+    def __init__(self, config: SimulateConfig | None = None, *, build_parallel: int = 4) -> None:
         self.config = config or SimulateConfig()
         self.hosts = SimulatedHosts()
         self.fail = set(self.config.fail)
+        self.build_parallel = build_parallel
+        self.schedulers: dict[str, BuildScheduler] = {}
+
+    @property
+    def builds_apart(self) -> bool:
+        return BUILD in self.config.durations
+
+    def build_duration(self) -> float:
+        return self.config.durations.get(BUILD, 0.0) * self.config.scale
+
+    def start_builds(self, plan: Plan, ctx: Context) -> None:
+        """Start every nix step's simulated build (only with a `build` duration)."""
+        if not self.builds_apart:
+            return
+        services = [s.service for s in plan.steps if s.phase in NIX_PHASES and s.service]
+        scheduler = BuildScheduler(self._build, self.build_parallel)
+        self.schedulers[ctx.deployment_id] = scheduler
+        scheduler.start(services)
+
+    async def finish_builds(self, ctx: Context) -> None:
+        scheduler = self.schedulers.pop(ctx.deployment_id, None)
+        if scheduler is not None:
+            await scheduler.cancel()
+
+    async def _build(self, service: str) -> BuildResult:
+        await asyncio.sleep(self.build_duration())
+        return BuildResult(True, None, f"simulated build of {service}")
+
+    async def _await_build(self, step: Step, ctx: Context) -> None:
+        scheduler = self.schedulers.get(ctx.deployment_id)
+        if scheduler is not None and step.phase in NIX_PHASES and step.service:
+            await scheduler.result(step.service)
 
     def duration(self, step: Step) -> float:
         seconds = self.config.durations.get(step.phase.value, self.config.default_duration)
@@ -60,6 +99,7 @@ class SimulatedRunner:
         return [f"simulate {step.id} ({self.duration(step):g}s)"]
 
     async def run(self, step: Step, ctx: Context) -> StepResult:
+        await self._await_build(step, ctx)
         await asyncio.sleep(self.duration(step))
         commands = self.commands(step, ctx)
         if step.phase in NIX_PHASES and step.service:

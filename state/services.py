@@ -65,10 +65,13 @@ async def set_health_in(
 class ServiceRepository(Repository):
     """The services table."""
 
-    async def set_health(self, service: str, health: Health | str) -> None:
-        """Record the result of a live health check (`nixmox status --check`)."""
+    async def set_health(
+        self, service: str, health: Health | str, at: datetime | None = None
+    ) -> None:
+        """Record the result of a live health check (`nixmox status --check`, `nixmox health`)
+        that ran `at` (default: now)."""
         async with self.engine.begin() as conn:
-            await set_health_in(conn, service, health, utcnow())
+            await set_health_in(conn, service, health, at or utcnow())
 
     async def all(self) -> dict[str, ServiceRecord]:
         """Every service the store knows, by name."""

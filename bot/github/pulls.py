@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,14 @@ from bot.context import BotContext
 from bot.gitcache import GitFetchError, remote_for
 from bot.github.checks import CommitChecks, Report, commit_checks
 from bot.github.client import GitHubClient
+from bot.github.previews import (
+    failed_line,
+    newer_head,
+    previewed_plan,
+    progress_line,
+    run_preview,
+    wants_preview,
+)
 from bot.github.rest import (
     PLAN_CONTEXT,
     Repo,
@@ -32,6 +40,7 @@ from bot.github.rest import (
     list_comments,
 )
 from planner.plan import Plan
+from planner.preview import HostPreview
 from planner.render import render_markdown, summary
 from planner.source import PlanningError
 
@@ -110,11 +119,19 @@ def is_plan_comment(body: str | None) -> bool:
     return bool(body) and (body or "").lstrip().startswith(MARKER_PREFIX)
 
 
-def comment_parts(plan: Plan) -> list[str]:
-    """The rendered comments, the first one carrying the digest line after its marker."""
-    parts = list(render_markdown(plan, limit=COMMENT_LIMIT - META_ROOM))
+def comment_parts(
+    plan: Plan,
+    previews: Mapping[str, HostPreview] | None = None,
+    progress: str | None = None,
+) -> list[str]:
+    """The rendered comments, the first one carrying the digest line after its marker (and,
+    with previews, their section; while they run, the progress line in the last one)."""
+    room = META_ROOM + (len(progress.encode()) + 4 if progress else 0)
+    parts = list(render_markdown(plan, limit=COMMENT_LIMIT - room, previews=previews))
     if not parts:
         raise PlanningError("the plan renderer returned nothing")
+    if progress:
+        parts[-1] = f"{parts[-1]}\n\n{progress}"
     meta = META_LINE.format(digest=plan.digest, head=plan.head or "")
     marker, _, rest = parts[0].partition("\n")
     parts[0] = f"{marker}\n{meta}\n{rest}" if rest else f"{marker}\n{meta}"
@@ -176,7 +193,7 @@ async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
     except GitFetchError as exc:
         raise PlanningError(str(exc)) from exc
     base = await asyncio.to_thread(git.merge_base, pull.base_sha, pull.head_sha)
-    return await shared_plan(ctx, base or pull.base_sha, pull.head_sha)
+    return previewed_plan(ctx, await shared_plan(ctx, base or pull.base_sha, pull.head_sha))
 
 
 async def shared_plan(ctx: BotContext, base: str | None, head: str) -> Plan:
@@ -236,6 +253,7 @@ def pull_lock(ctx: BotContext, number: int) -> asyncio.Lock:
 async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:
     """The `github.plan` job: status pending, plan, comment, final status."""
     pull = PullRef.from_job(payload)
+    newer_head(ctx, pull.number, pull.head_sha)  # the older head's preview is moot
     async with pull_lock(ctx, pull.number):
         await _plan_pull_request(ctx, pull)
 
@@ -313,14 +331,49 @@ async def _plan_and_report(
 ) -> None:
     plan = await compute_plan(ctx, pull)
     target = await archive_plan(ctx, plan)
+    previewing = wants_preview(ctx, plan)
+    progress = progress_line(ctx, plan) if previewing else None
+    posted = await _comment_if_current(ctx, gh, repo, pull, comment_parts(plan, None, progress))
+    await report_plan_status(checks, pull.head_sha, plan, target)
+    if posted and previewing:
+        completed = await _preview_and_edit(ctx, gh, repo, pull, plan)
+        if completed is not None and completed.digest != plan.digest:
+            # the builds found hosts the rules missed: the status describes the completed plan
+            target = await archive_plan(ctx, completed)
+            await report_plan_status(checks, pull.head_sha, completed, target)
+
+
+async def _comment_if_current(
+    ctx: BotContext, gh: GitHubClient, repo: Repo, pull: PullRef, parts: list[str]
+) -> bool:
+    """Write the PR's plan comment unless the PR moved on to a newer head."""
     current = await get_pull(gh, repo, pull.number)
-    if current.get("head", {}).get("sha") == pull.head_sha:
-        login = await ctx.require_github().bot_login(pull.installation_id)
-        await upsert_plan_comment(gh, repo, pull.number, comment_parts(plan), login)
-    else:
+    if current.get("head", {}).get("sha") != pull.head_sha:
         log.info(
             "PR #%d moved on from %s; leaving its comment to the newer plan",
             pull.number,
             pull.head_sha[:12],
         )
-    await report_plan_status(checks, pull.head_sha, plan, target)
+        return False
+    login = await ctx.require_github().bot_login(pull.installation_id)
+    await upsert_plan_comment(gh, repo, pull.number, parts, login)
+    return True
+
+
+async def _preview_and_edit(
+    ctx: BotContext, gh: GitHubClient, repo: Repo, pull: PullRef, plan: Plan
+) -> Plan | None:
+    """Build the head's hosts, then edit the comment with what changes on them; the plan
+    completed from the builds (None: failed, cancelled, or the PR moved on)."""
+    try:
+        previewed = await run_preview(ctx, pull.number, plan)
+    except Exception as exc:
+        log.warning("PR #%d: the host previews failed", pull.number, exc_info=True)
+        await _comment_if_current(ctx, gh, repo, pull, comment_parts(plan, None, failed_line(exc)))
+        return None
+    if previewed is None:
+        log.info("PR #%d: preview of %s cancelled by a newer push", pull.number, pull.head_sha[:12])
+        return None
+    completed, previews = previewed
+    posted = await _comment_if_current(ctx, gh, repo, pull, comment_parts(completed, previews))
+    return completed if posted else None

@@ -49,10 +49,12 @@ from bot.slack.names import Audit, JobKind
 from bot.slack.services import SlackServices, ask_from, ask_json
 from bot.slack.status import history_text, status_text
 from planner.escape import slack_lines
+from planner.plan import Plan
 from planner.render import render_slack
 from runners.base import (
     DeploymentKind,
 )
+from state.approvals import ApprovalState
 from state.locks import LockBusy
 
 log = logging.getLogger(__name__)
@@ -326,3 +328,21 @@ class SlashCommands:
             Audit.REQUEST,
             {**ask_json(ask), "approval": approval_id, "digest": plan.digest, "channel": channel},
         )
+        if ask.kind is DeploymentKind.DEPLOY:
+            await self.show_previews(channel, ts, view, plan)
+
+    async def show_previews(self, channel: str, ts: str, view: RequestView, plan: Plan) -> None:
+        """Add the per-host summary to a pending request's message once the builds are done."""
+        from bot.slack.previews import preview_for_approval
+
+        git = self.core.ctx.git
+        if git is None:
+            return
+        summary = await preview_for_approval(self.core.ctx, plan, view.head, git.path)
+        if summary is None or view.approval_id is None:
+            return
+        approval = await self.core.ctx.require_store().approvals.get(view.approval_id)
+        if approval is None or approval.state is not ApprovalState.PENDING:
+            return  # approved or cancelled meanwhile: that message stays
+        view.extra = [*view.extra, summary]
+        await self.core.show_request(channel, ts, view, RequestStatus.PENDING, plan)
