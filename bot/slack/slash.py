@@ -36,6 +36,7 @@ from bot.slack.backend import (
     Ask,
     PlanFailure,
     RefRefused,
+    RepoBackend,
     ref_refusal,
 )
 from bot.slack.blocks import (
@@ -335,10 +336,10 @@ class SlashCommands:
         """Add the per-host summary to a pending request's message once the builds are done."""
         from bot.slack.previews import preview_for_approval
 
-        git = self.core.ctx.git
-        if git is None:
-            return
-        summary = await preview_for_approval(self.core.ctx, plan, view.head, git.path)
+        backend = self.core.backend
+        if not isinstance(backend, RepoBackend):
+            return  # previews build from the manifest repository's Git cache
+        summary = await preview_for_approval(self.core.ctx, plan, view.head, backend.git.path)
         if summary is None or view.approval_id is None:
             return
         approval = await self.core.ctx.require_store().approvals.get(view.approval_id)
