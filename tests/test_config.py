@@ -41,7 +41,9 @@ def config_error(path: Path) -> str:
 
 def test_an_unknown_runners_key_names_the_file_the_table_and_the_key(tmp_path: Path) -> None:
     path = config_file(tmp_path, "[runners.nixos]\nbiuld = true\n")
-    assert config_error(path) == f"{path}: unknown setting [runners.nixos] biuld"
+    assert (
+        config_error(path) == f"{path}: unknown setting [runners.nixos] biuld (did you mean build?)"
+    )
 
 
 def test_a_near_miss_gets_a_suggestion_at_every_level(tmp_path: Path) -> None:

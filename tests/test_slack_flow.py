@@ -351,8 +351,9 @@ async def test_forged_and_stale_requests_get_401(
     driver = bot.driver
     now = int(driver.clock())
     forged = await driver.command("deploy gitea", secret="not-the-signing-secret")
-    stale = await driver.command("deploy gitea", timestamp=now - 301)
-    future = await driver.command("deploy gitea", timestamp=now + 301)
+    # well outside the 5-minute window, so a slow machine cannot move them back into it
+    stale = await driver.command("deploy gitea", timestamp=now - 400)
+    future = await driver.command("deploy gitea", timestamp=now + 400)
     unsigned = await driver.command("deploy gitea", headers={})
     garbage = await driver.command(
         "deploy gitea", headers={"X-Slack-Request-Timestamp": "soon", "X-Slack-Signature": "v0=1"}
