@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
@@ -321,7 +322,7 @@ def _parse_help(args: list[str]) -> HelpCommand:
     return HelpCommand()
 
 
-_PARSERS = {
+_PARSERS: dict[CommandName, Callable[[list[str]], Command]] = {
     CommandName.PLAN: _parse_plan,
     CommandName.DEPLOY: _parse_deploy,
     CommandName.APPLY: _parse_apply,

@@ -176,7 +176,9 @@ class GitCache:
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         """Whether `ancestor` is contained in `descendant`'s history (or is it)."""
-        return bool(self.repo().is_ancestor(ancestor, descendant))
+        repo = self.repo()
+        # GitPython hints Commit but passes both to `git merge-base` as given: any rev works
+        return bool(repo.is_ancestor(ancestor, descendant))  # type: ignore[arg-type]  # str rev
 
     def merge_base(self, a: str, b: str) -> str | None:
         """The best common ancestor of two commits (what a PR's diff is taken against)."""

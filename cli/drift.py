@@ -15,6 +15,7 @@ EXIT_CLEAN, EXIT_DRIFTED = 0, 1
 TITLE = "Drift:"
 NO_DEPLOYMENT = "no deployment recorded yet: there is nothing to compare the hosts with"
 NOTHING = "No drift: every host runs what was deployed, and nothing is pending."
+NO_NIXOS_RUNNER = "the real runners have no nixos runner to read the hosts' systems with"
 
 
 def report_lines(report: Any) -> list[str]:
@@ -63,6 +64,7 @@ async def drift(
     from deployments.drift import detect_drift
     from deployments.health import deployed_manifest
     from planner.source import PlanningError
+    from runners.nixos import NixosRunner
     from runners.registry import RunnerKind, build_runners
 
     settings = settings_for(config_file, database_url)
@@ -70,12 +72,16 @@ async def drift(
     store = await open_store(settings)
     runners = build_runners(RunnerKind.REAL, config)
     try:
+        nixos = runners.rollback
+        if not isinstance(nixos, NixosRunner):  # the real runners always roll back with nixos
+            click.echo(f"error: {NO_NIXOS_RUNNER}", err=True)
+            sys.exit(2)
         manifest = await deployed_manifest(store)
         report = await detect_drift(
             store,
             manifest,
             config,
-            runners.rollback,  # type: ignore[arg-type]
+            nixos,
             runners.redactor,
             repo_dir=repo,
             head=ref,

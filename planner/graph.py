@@ -57,16 +57,21 @@ def dependencies(manifest: Manifest) -> list[Dependency]:
         for index, target in enumerate(svc.depends_on):
             found.append(Dependency(name, target, DepKind.EXPLICIT, f"depends_on[{index}]"))
         for db_name, db in svc.interface.databases().items():
-            target = hosts.get(db.host or "")
-            if target and target != name and target not in explicit:
+            db_host = hosts.get(db.host or "")
+            if db_host and db_host != name and db_host not in explicit:
                 field = f"interface.dbs.{db_name}.host" if db_name else "interface.db.host"
-                found.append(Dependency(name, target, DepKind.DATABASE, field))
-                explicit.add(target)
+                found.append(Dependency(name, db_host, DepKind.DATABASE, field))
+                explicit.add(db_host)
         for path, auth in svc.interface.auths().items():
-            target = auth.provider
-            if target in known and target != name and target not in explicit:
-                found.append(Dependency(name, target, DepKind.AUTH, f"{path}.provider"))
-                explicit.add(target)
+            provider = auth.provider
+            if (
+                provider is not None
+                and provider in known
+                and provider != name
+                and provider not in explicit
+            ):
+                found.append(Dependency(name, provider, DepKind.AUTH, f"{path}.provider"))
+                explicit.add(provider)
     return found
 
 

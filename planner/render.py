@@ -466,7 +466,7 @@ def _slack_service_sections(plan: Plan, room: int) -> list[dict[str, Any]]:
     rows = service_rows(plan)
     per = SLACK_FIELDS_PER_SECTION
     sections = [rows[i : i + per] for i in range(0, len(rows), per)]
-    blocks = [
+    blocks: list[dict[str, Any]] = [
         {"type": "section", "fields": [_slack_field(row) for row in chunk]}
         for chunk in sections[:room]
     ]

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.errors import PlanningError
+from planner.errors import PlanningError as PlanningError  # re-exported: callers import it here
 from planner.findings import Finding, ManifestError, error
 from planner.gitexport import GIT_MODE_SYMLINK, read_checked_tree, write_tree
 from planner.models import Manifest

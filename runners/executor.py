@@ -134,7 +134,7 @@ def overall_state(outcomes: Iterable[StepOutcome]) -> DeploymentState:
 
 
 def remaining_path(
-    plan: Plan, weight: Callable[[Step], float], graph: nx.DiGraph | None = None
+    plan: Plan, weight: Callable[[Step], float], graph: nx.DiGraph[str] | None = None
 ) -> dict[str, float]:
     """For each step, the weight of the longest chain from it to the end of the plan."""
     graph = plan.graph() if graph is None else graph

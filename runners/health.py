@@ -40,12 +40,13 @@ def policy(service: str, manifest: Manifest, config: HealthConfig) -> CheckPolic
     def pick(own: float | None, top: float | None, default: float) -> float:
         return own if own is not None else top if top is not None else default
 
+    own_timeout = health.timeout if health is not None else None
+    own_retries = health.retries if health is not None else None
+    own_interval = health.interval if health is not None else None
     return CheckPolicy(
-        timeout=pick(health and health.timeout, manifest.health_check_timeout, config.timeout),
-        attempts=max(
-            1, int(pick(health and health.retries, manifest.retry_attempts, config.retries))
-        ),
-        interval=pick(health and health.interval, manifest.retry_delay, config.interval),
+        timeout=pick(own_timeout, manifest.health_check_timeout, config.timeout),
+        attempts=max(1, int(pick(own_retries, manifest.retry_attempts, config.retries))),
+        interval=pick(own_interval, manifest.retry_delay, config.interval),
     )
 
 

@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from planner.models import Manifest, Service
 from planner.plan import Phase, Step
 from runners.base import Context, StepResult
@@ -111,6 +113,11 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def _model_values(model: BaseModel) -> Any:
+    """A manifest model as JSON values: only the fields the manifest set, no nulls."""
+    return _drop_none(model.model_dump(mode="json", exclude_unset=True))
+
+
 def service_variables(service: str, manifest: Manifest) -> dict[str, Any]:
     """The values a service's modules receive (`nixmox.auto.tfvars.json`).
 
@@ -119,23 +126,22 @@ def service_variables(service: str, manifest: Manifest) -> dict[str, Any]:
     `interface.terraform.variables`, which win.
     """
     svc: Service = manifest.all_services()[service]
-    dump = lambda model: _drop_none(model.model_dump(mode="json", exclude_unset=True))  # noqa: E731
     values: dict[str, Any] = {"service": service}
     if svc.ip is not None:
         values["ip"] = str(svc.ip)
     if svc.hostname:
         values["hostname"] = svc.hostname
-    values["network"] = dump(manifest.network)
+    values["network"] = _model_values(manifest.network)
     if svc.resources is not None:
-        values["resources"] = dump(svc.resources)
+        values["resources"] = _model_values(svc.resources)
     proxies = svc.interface.proxies()
     if "" in proxies:
-        values["proxy"] = dump(proxies[""])
+        values["proxy"] = _model_values(proxies[""])
     elif proxies:
-        values["proxy"] = {name: dump(entry) for name, entry in proxies.items()}
+        values["proxy"] = {name: _model_values(entry) for name, entry in proxies.items()}
     oidc = next((auth.oidc for auth in svc.interface.auths().values() if auth.oidc), None)
     if oidc is not None:
-        values["oidc"] = dump(oidc)
+        values["oidc"] = _model_values(oidc)
     if svc.interface.terraform is not None:
         values.update(svc.interface.terraform.variables)
     return values
@@ -572,12 +578,15 @@ def workspace_files(runner: TerraformRunner, ws: Workspace) -> dict[str, str]:
     `terraform.tfvars` instead of the runner's `nixmox.auto.tfvars.json`.
     """
     lines = runner.lines(ws)
-    head = lambda what: SCRIPT_HEAD.format(  # noqa: E731
-        what=what,
-        workspace=ws.name or "default",
-        module=ws.module,
-        data_dir=shlex.quote(str(runner.data_dir(ws))),
-    )
+
+    def head(what: str) -> str:
+        return SCRIPT_HEAD.format(
+            what=what,
+            workspace=ws.name or "default",
+            module=ws.module,
+            data_dir=shlex.quote(str(runner.data_dir(ws))),
+        )
+
     backend = shlex.quote(str(ws.directory / BACKEND_FILE))
     install_backend = (
         f"if ! grep -qE '^\\s*(backend\\s+\"|cloud\\s*\\{{)' {shlex.quote(str(ws.directory))}/*.tf "

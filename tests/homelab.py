@@ -162,7 +162,7 @@ state_dir = "{self.root / "tf"}"
             main,
             [*args],
             env=env,
-            catch_exceptions=False,  # type: ignore[arg-type]
+            catch_exceptions=False,
         )
 
     def deploy(self) -> Result:

@@ -180,7 +180,7 @@ async def test_a_failed_deployment_is_planned_again(
         ),
     )
     assert record is not None and record.state is DeploymentState.FAILED
-    assert record.step("verify:gitea").state is StepState.SKIPPED  # type: ignore[union-attr]
+    assert record.step("verify:gitea").state is StepState.SKIPPED  # type: ignore[union-attr]  # a missing step fails the test
     again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert again.digest == plan.digest
 
@@ -241,11 +241,11 @@ async def test_a_second_deployment_is_refused_then_waits(
         second = asyncio.create_task(start_deployment(store, plan, source, options=waiting))
         await asyncio.sleep(0.5)
         assert not second.done()
-        recorder.release.set()  # type: ignore[union-attr]
+        recorder.release.set()  # type: ignore[union-attr]  # made with release=asyncio.Event() above
         done_first, done_second = await asyncio.gather(first, second)
         assert done_first is not None and done_second is not None
         assert done_first.state is done_second.state is DeploymentState.SUCCEEDED
-        assert done_second.started_at >= done_first.finished_at  # type: ignore[operator]
+        assert done_second.started_at >= done_first.finished_at  # type: ignore[operator]  # both ran: both times are set
         assert await store.locks.all() == []
     finally:
         await store.close()
@@ -300,7 +300,7 @@ async def test_cancelled_deployment_is_recorded_interrupted(
         await task
     [record] = await store.deployments.history()
     assert record.state is DeploymentState.INTERRUPTED
-    assert record.step("tf:infra").state is StepState.INTERRUPTED  # type: ignore[union-attr]
+    assert record.step("tf:infra").state is StepState.INTERRUPTED  # type: ignore[union-attr]  # a missing step fails the test
     assert await store.locks.all() == []
     assert not (tmp_path / "work" / record.id).exists()
 
@@ -416,7 +416,7 @@ async def test_rollback_undoes_the_last_deployment(
     # the simulated hosts of a new process start from what the store says they run
     first_record = await store.deployments.get(first)
     assert first_record is not None
-    assert nix.previous_system == first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]
+    assert nix.previous_system == first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]  # a missing step fails the test
 
     prepared = await prepare_rollback(store)
     assert prepared.targets == {"gitea": nix.previous_system}
@@ -451,7 +451,7 @@ async def test_rollback_to_a_deployment_and_per_service(
     first_record = await store.deployments.get(first)
     assert first_record is not None
     prepared = await prepare_rollback(store, to=first, service="gitea")
-    installed = first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]
+    installed = first_record.step("nix:service-config:gitea").new_system  # type: ignore[union-attr]  # a missing step fails the test
     assert prepared.targets == {"gitea": installed}
     assert prepared.scope == "gitea"
     everything = await prepare_rollback(store, to=first)
@@ -577,7 +577,7 @@ async def test_planning_after_a_file_deploy_or_per_service(
         ),
         manifest=manifest,
     )
-    assert from_file is not None and from_file.head.startswith("sha256:")  # type: ignore[union-attr]
+    assert from_file is not None and from_file.head.startswith("sha256:")  # type: ignore[union-attr]  # a directory deployment records its hash as head
     # the repository does not know that revision: plan everything
     plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
     assert plan.base is None and len(plan.steps) == 5

@@ -56,7 +56,7 @@ async def wait_for_running_step(url: str, step_id: str, proc: subprocess.Popen[s
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            assert proc.poll() is None, f"the deploying process ended early: {proc.stderr.read()}"  # type: ignore[union-attr]
+            assert proc.poll() is None, f"the deploying process ended early: {proc.stderr.read()}"  # type: ignore[union-attr]  # started with stderr=PIPE
             for record in await store.deployments.history():
                 step = record.step(step_id)
                 if step is not None and step.state is StepState.RUNNING:

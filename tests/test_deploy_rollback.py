@@ -73,8 +73,8 @@ async def test_rollback_of_a_service_skips_deployments_that_only_verified_it(
     second = await deploy(store, full, runners, tmp_path)
     checked = await deploy(store, verify_only(full, "app"), runners, tmp_path)
     assert checked.state is DeploymentState.SUCCEEDED
-    installed_first = first.step("nix:service-config:app").new_system  # type: ignore[union-attr]
-    assert second.step("nix:service-config:app").previous_system == installed_first  # type: ignore[union-attr]
+    installed_first = first.step("nix:service-config:app").new_system  # type: ignore[union-attr]  # a missing step fails the test
+    assert second.step("nix:service-config:app").previous_system == installed_first  # type: ignore[union-attr]  # a missing step fails the test
 
     per_service = await prepare_rollback(store, service="app")
     assert per_service.source_deployment == second.id
@@ -90,10 +90,10 @@ async def test_rollback_to_a_deployment_refuses_its_rolled_back_system(
     runners = simulated()
     full = plan_full(manifest())
     good = await deploy(store, full, runners, tmp_path)
-    runners.rollback.fail.add("verify:app")  # type: ignore[union-attr]
+    runners.rollback.fail.add("verify:app")  # type: ignore[union-attr]  # the simulated runners roll back
     broken = await deploy(store, full, runners, tmp_path)
-    assert broken.step("verify:app").state is StepState.ROLLED_BACK  # type: ignore[union-attr]
-    assert broken.step("nix:service-config:app").new_system  # type: ignore[union-attr]
+    assert broken.step("verify:app").state is StepState.ROLLED_BACK  # type: ignore[union-attr]  # a missing step fails the test
+    assert broken.step("nix:service-config:app").new_system  # type: ignore[union-attr]  # a missing step fails the test
 
     with pytest.raises(
         RollbackError, match=r"did not leave a working system for app .*rolled back"
@@ -103,6 +103,6 @@ async def test_rollback_to_a_deployment_refuses_its_rolled_back_system(
         await prepare_rollback(store, to=broken.id, service="app")
     # the services that deployment did install can still be restored one at a time
     web = await prepare_rollback(store, to=broken.id, service="web")
-    assert web.targets == {"web": broken.step("nix:service-config:web").new_system}  # type: ignore[union-attr]
+    assert web.targets == {"web": broken.step("nix:service-config:web").new_system}  # type: ignore[union-attr]  # a missing step fails the test
     restored = await prepare_rollback(store, to=good.id, service="app")
-    assert restored.targets == {"app": good.step("nix:service-config:app").new_system}  # type: ignore[union-attr]
+    assert restored.targets == {"app": good.step("nix:service-config:app").new_system}  # type: ignore[union-attr]  # a missing step fails the test

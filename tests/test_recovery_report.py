@@ -11,6 +11,7 @@ anything, and a second application starts on the same store.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def small_plan(head: str, service: str | None = None) -> Plan:
     return plan_full(load_manifest(SMALL), service=service, head=head)
 
 
-async def emit(event: Event, store: Store, subscribers: list[Subscriber]) -> None:
+async def emit(event: Event, store: Store, subscribers: Sequence[Subscriber]) -> None:
     """What the executor does with every event: record it, then tell the notifiers."""
     await store.deployments.record_event(event)
     for subscriber in subscribers:
@@ -87,7 +88,7 @@ async def left_running(
     *,
     done: list[str],
     running: str,
-    subscribers: list[Subscriber] = (),  # type: ignore[assignment]
+    subscribers: Sequence[Subscriber] = (),
     scope: str | None = None,
     lease: timedelta = LEASE,
 ) -> str:

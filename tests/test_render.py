@@ -35,7 +35,7 @@ def upstream(upstream_manifest: Path) -> Manifest:
 @pytest.fixture(scope="module")
 def proxy_plan(upstream: Manifest) -> Plan:
     head = upstream.model_copy(deep=True)
-    head.services["vaultwarden"].interface.proxy.upstream = "192.168.99.14:8081"  # type: ignore[union-attr]
+    head.services["vaultwarden"].interface.proxy.upstream = "192.168.99.14:8081"  # type: ignore[union-attr]  # the fixture gives vaultwarden a proxy
     return plan_changes(upstream, head, base_rev="a" * 40, head_rev="b" * 40)
 
 
@@ -190,6 +190,6 @@ def test_text_rendering(proxy_plan: Plan, upstream: Manifest) -> None:
     assert "  vaultwarden: changed: interface.proxy.upstream" in text
     assert "      because services.vaultwarden.interface.proxy.upstream" in text
     head = upstream.model_copy(deep=True)
-    head.services["vaultwarden"].interface.health.liveness = "true"  # type: ignore[union-attr]
+    head.services["vaultwarden"].interface.health.liveness = "true"  # type: ignore[union-attr]  # the fixture gives vaultwarden health checks
     single = render_text(plan_changes(upstream, head))
     assert single.splitlines()[0] == "1 service changes, 1 step in 1 wave"

@@ -50,7 +50,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Delay before retry number `attempt` (1-based), with a little jitter."""
-        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        delay = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
         return delay * (1 + random.uniform(0, self.jitter))
 
 

@@ -78,11 +78,13 @@ async def set_status(
 
 
 async def comment(gh: GitHubClient, repo: Repo, number: int, body: str) -> dict[str, Any]:
-    return await gh.post(
+    # gidgethub returns the decoded JSON as Any; this endpoint answers with one object
+    created: dict[str, Any] = await gh.post(
         "/repos/{owner}/{repo}/issues/{number}/comments",
         url_vars=repo.vars(number=number),
         data={"body": body},
     )
+    return created
 
 
 async def edit_comment(gh: GitHubClient, repo: Repo, comment_id: int, body: str) -> None:
@@ -119,6 +121,8 @@ async def react(gh: GitHubClient, repo: Repo, comment_id: int, reaction: Reactio
 
 
 async def get_pull(gh: GitHubClient, repo: Repo, number: int) -> dict[str, Any]:
-    return await gh.getitem(
+    # gidgethub returns the decoded JSON as Any; this endpoint answers with one object
+    pull: dict[str, Any] = await gh.getitem(
         "/repos/{owner}/{repo}/pulls/{number}", url_vars=repo.vars(number=number)
     )
+    return pull

@@ -106,9 +106,8 @@ def parse_event(request: web.Request, body: bytes) -> sansio.Event:
 
 def repository_of(data: dict[str, Any]) -> str | None:
     repository = data.get("repository")
-    if isinstance(repository, dict) and isinstance(repository.get("full_name"), str):
-        return repository["full_name"]
-    return None
+    name = repository.get("full_name") if isinstance(repository, dict) else None
+    return name if isinstance(name, str) else None
 
 
 async def accept(ctx: BotContext, event: sansio.Event, body_key: str) -> tuple[Outcome, str, int]:

@@ -205,8 +205,9 @@ class RepoBackend:
         if refusal is not None:
             raise RefRefused(refusal)
         remote = await self.remote()
+        names: list[str] = []
         if ref is not None and SHA_PATTERN.match(ref):
-            sha, names = ref, []
+            sha = ref
         else:
             sha, names = await resolve_remote_ref(remote, ref)
         try:

@@ -10,7 +10,7 @@ before the store is asked.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aiohttp import web
 from slack_bolt.request.async_request import AsyncBoltRequest
@@ -36,6 +36,11 @@ def payload_depth(body: bytes, content_type: str) -> int:
     return max((nesting_depth(value.encode()) for value in fields.get("payload", [])), default=0)
 
 
+def bolt_headers(request: web.Request) -> dict[str, str | Sequence[str]]:
+    """The headers as bolt normalizes them: lower-case names, the last of repeated ones."""
+    return {name.lower(): value for name, value in request.headers.items()}
+
+
 def bolt_request(request: web.Request, body: bytes) -> AsyncBoltRequest:
     """The request as bolt takes it, parsed; `Unreadable` when it is not a Slack payload."""
     if payload_depth(body, request.content_type) > MAX_DEPTH:
@@ -43,9 +48,7 @@ def bolt_request(request: web.Request, body: bytes) -> AsyncBoltRequest:
     try:
         text = body.decode(request.charset or "utf-8")
         return AsyncBoltRequest(
-            body=text,
-            query=request.query_string,
-            headers=request.headers,  # type: ignore[arg-type]
+            body=text, query=request.query_string, headers=bolt_headers(request)
         )
     except (ValueError, RecursionError):  # not UTF-8, or a `payload` that is not JSON
         raise Unreadable("the request body is not a Slack payload") from None

@@ -209,8 +209,7 @@ class Progress:
         elif isinstance(event, StepFinished):
             return self._step_finished(event)
         elif isinstance(event, RollbackStarted):
-            view = RollbackView(event.service, event.cause)
-            self.rollbacks[event.service] = view
+            self.rollbacks[event.service] = RollbackView(event.service, event.cause)
         elif isinstance(event, RollbackFinished):
             return self._rollback_finished(event)
         elif isinstance(event, DeploymentFinished):

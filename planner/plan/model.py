@@ -167,11 +167,11 @@ class Plan(BaseModel):
         """Services with at least one step, sorted."""
         return sorted({step.service for step in self.steps if step.service})
 
-    def graph(self) -> networkx.DiGraph:
+    def graph(self) -> networkx.DiGraph[str]:
         """The step DAG: an edge `a -> b` means b needs a."""
         import networkx  # imported where used: it costs 0.2 s at import
 
-        graph = networkx.DiGraph()
+        graph: networkx.DiGraph[str] = networkx.DiGraph()
         for step in self.steps:
             graph.add_node(step.id)
             graph.add_edges_from((need, step.id) for need in step.needs)

@@ -197,7 +197,7 @@ class FakeGitHub:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started above: the site has its server
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
