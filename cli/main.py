@@ -201,7 +201,7 @@ def plan(
         raise click.BadParameter(str(exc), param_hint="--service") from None
     located(result, path, eval_timeout)
     if preview and result.ok:
-        completed, previews = preview_path(result, manifest, path, config_file)  # type: ignore[arg-type]
+        completed, previews = preview_path(result, manifest, path, config_file)
         emit_plan(completed, fmt, previews)
         return
     emit_plan(result, fmt)
