@@ -35,6 +35,7 @@ from bot.limits import GITHUB_LIMIT, OTHER_ROUTES_LIMIT, SLACK_LIMIT, BodyLimits
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
+from bot.roles import Role
 from planner.escape import html_text
 from planner.render import render_json, render_markdown
 from runners.base import utcnow
@@ -68,6 +69,7 @@ def build_app(
     recovery_interval: float | None = None,
     front_ends: Sequence[FrontEndFactory] | None = None,
     start_monitor: bool = True,
+    role: Role = Role.ALL,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
@@ -77,6 +79,8 @@ def build_app(
     `front_ends`: the front ends to plug in (default: the dashboard, then GitHub and Slack
     when configured; the modules of front ends not configured are not imported).
     `start_monitor=False` keeps the health and drift monitor off whatever NIXMOX_MONITOR says.
+    `role`: `web` serves the front ends' routes and queues (no job worker, monitor, recovery
+    or deployments); `worker` runs all of those and serves only /healthz and /metrics.
     """
     ctx = BotContext(
         settings=settings,
@@ -86,20 +90,22 @@ def build_app(
         plans=PlanArchive(settings.workdir / "plans"),
     )
     limits = BodyLimits(settings.body_bytes_in_flight)
+    add_body_rules(limits, settings)
     # first middleware: bodies are limited before anything else looks at a request
     app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])
     app[CONTEXT] = ctx
     setup_dashboard_auth(app, settings)
     factories = configured_front_ends(settings) if front_ends is None else front_ends
     for factory in factories:
-        register(app, ctx, factory(app, ctx))
+        register(app, ctx, factory(app, ctx), with_routes=role.answers_webhooks)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/plans/{key}", plan_page)
     app.cleanup_ctx.append(
         _resources(
             own_store=store is None,
-            start_worker=start_worker,
+            start_worker=start_worker and role.runs_work,
+            runs_work=role.runs_work,
             github_policy=github_policy,
             github_sleeper=github_sleeper,
             recovery_interval=recovery_interval or settings.lock_lease.total_seconds(),
@@ -107,7 +113,7 @@ def build_app(
     )
     for front_end in ctx.front_ends:
         app.cleanup_ctx.append(lifecycle(front_end))
-    if settings.monitor and start_monitor:
+    if settings.monitor and start_monitor and role.runs_work:
         from bot.monitoring import setup_monitoring
 
         setup_monitoring(app, ctx)
@@ -138,10 +144,13 @@ def configured_front_ends(settings: Settings) -> list[FrontEndFactory]:
     return factories
 
 
-def register(app: web.Application, ctx: BotContext, front_end: FrontEnd) -> None:
+def register(
+    app: web.Application, ctx: BotContext, front_end: FrontEnd, *, with_routes: bool = True
+) -> None:
     """Plug one front end in: routes, job handlers, deployment subscriber, recovery report."""
     ctx.front_ends.append(front_end)
-    add_routes(app, front_end)
+    if with_routes:
+        add_routes(app, front_end)
     for kind, handler in front_end.job_handlers().items():
         if kind in ctx.job_handlers:
             raise ValueError(f"two front ends handle job kind {kind!r}")
@@ -166,6 +175,7 @@ def _resources(
     *,
     own_store: bool,
     start_worker: bool,
+    runs_work: bool,
     github_policy: Any,
     github_sleeper: Any,
     recovery_interval: float,
@@ -179,7 +189,8 @@ def _resources(
             ctx.store = await Store.open(settings.database_url)
         store = ctx.store
         started = utcnow()
-        interrupted = await store.deployments.recover_interrupted()
+        # only processes that run deployments recover them (a web has none of its own)
+        interrupted = await store.deployments.recover_interrupted() if runs_work else []
         for record in interrupted:
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
         session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
@@ -199,8 +210,12 @@ def _resources(
         # reported once GitHub and Slack are ready, in the background: the bot serves meanwhile
         report = start_reporting(ctx, interrupted)
         # a crash and restart within the lease left deployments not yet stale: swept later
-        sweep = start_sweeping(
-            ctx, recovery_interval, started, reported=[record.id for record in interrupted]
+        sweep = (
+            start_sweeping(
+                ctx, recovery_interval, started, reported=[record.id for record in interrupted]
+            )
+            if runs_work
+            else None
         )
         try:
             yield
