@@ -19,7 +19,7 @@ from aiohttp import ClientSession, web
 
 from bot.config import Settings
 from bot.frontend import FrontEnd
-from bot.jobs import JobHandler
+from bot.jobs import JobHandler, current_job
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
 from bot.request import DeploymentRequest, SubscriberFactory
@@ -160,9 +160,13 @@ class BotContext:
         `scope` names the one service a restricted plan deploys, so that the store does not
         take this revision as deployed for every service.
 
-        Returns the recorded deployment (None when the plan has nothing to do); raises
-        `deployments.DeploymentRefused` (locked) and `DeployError` (cannot start).
+        Returns the recorded deployment (None when the plan has nothing to do, or when a
+        job re-run after a crash had started it already: a deployment is never re-run by
+        itself, the recovery reports it); raises `deployments.DeploymentRefused` (locked)
+        and `DeployError` (cannot start).
         """
+        if not await self._first_deployment_of_job():
+            return None
         record = await start_deployment(
             self.require_store(),
             plan,
@@ -175,6 +179,19 @@ class BotContext:
         )
         self.count(request, record)
         return record
+
+    async def _first_deployment_of_job(self) -> bool:
+        """False when the running job already asked for a deployment in an attempt whose
+        worker died; else that this one is asked is recorded (before it starts: at most once)."""
+        job = current_job.get()
+        if job is None:
+            return True
+        step = job.next_step("deployment")
+        if await job.effect(step) is not None:
+            log.warning("job %s started its deployment before its worker died: not re-run", job.id)
+            return False
+        await job.record(step, "requested")
+        return True
 
     async def rollback(
         self,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from aiohttp import web
@@ -83,10 +84,13 @@ def read_configuration(config_file: Path | None) -> tuple[Settings, RunnerConfig
     return configuration.settings, configuration.runners
 
 
-def server_options(default_port: int) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_options(default_port: int) -> Callable[[F], F]:
     """The options `serve` and `worker` share (listen address, configuration, logging)."""
 
-    def wrap(command: Any) -> Any:
+    def wrap(command: F) -> F:
         for option in reversed(
             [
                 click.option(

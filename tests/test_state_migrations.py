@@ -228,7 +228,8 @@ async def test_a_pre_alembic_database_newer_than_this_code_is_refused(db_url: st
     async with engine.begin() as conn:
         await insert(conn, "schema_version", version=7, applied_at=T0)
     await engine.dispose()
-    with pytest.raises(StoreError, match=r"has schema version 7, newer than this nixmox \(0002\)"):
+    newer = rf"has schema version 7, newer than this nixmox \({SCHEMA_REVISION}\)"
+    with pytest.raises(StoreError, match=newer):
         await Store.open(db_url)
 
 

@@ -154,7 +154,8 @@ async def upsert_plan_comment(
                 await edit_comment(gh, repo, int(old["id"]), body)
             ids.append(int(old["id"]))
         else:
-            created = await comment(gh, repo, number, body)
+            # found again by its own marker and edited in place: a re-run never duplicates it
+            created = await comment(gh, repo, number, body, mark=False)
             ids.append(int(created["id"]))
     for extra in existing[len(parts) :]:
         await delete_comment(gh, repo, int(extra["id"]))
