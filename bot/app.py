@@ -34,6 +34,7 @@ from bot.jobs import JobWorker
 from bot.limits import GITHUB_LIMIT, OTHER_ROUTES_LIMIT, SLACK_LIMIT, BodyLimits, BodyRule
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
+from bot.planning import Planning
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
 from bot.roles import Role
 from planner.escape import html_text
@@ -70,6 +71,7 @@ def build_app(
     front_ends: Sequence[FrontEndFactory] | None = None,
     start_monitor: bool = True,
     role: Role = Role.ALL,
+    plan_in_processes: bool = False,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
@@ -81,6 +83,8 @@ def build_app(
     `start_monitor=False` keeps the health and drift monitor off whatever NIXMOX_MONITOR says.
     `role`: `web` serves the front ends' routes and queues (no job worker, monitor, recovery
     or deployments); `worker` runs all of those and serves only /healthz and /metrics.
+    `plan_in_processes`: with role `all`, plan in a process pool (`nixmox serve` does; tests
+    plan in threads).
     """
     ctx = BotContext(
         settings=settings,
@@ -89,6 +93,9 @@ def build_app(
         runner_config=runner_config or RunnerConfig(),
         plans=PlanArchive(settings.workdir / "plans"),
     )
+    if role is Role.ALL and plan_in_processes:
+        # this process acknowledges webhooks: plans must not hold its GIL (bot.planning)
+        ctx.planning = Planning(in_processes=True, cache=ctx.eval_cache)
     limits = BodyLimits(settings.body_bytes_in_flight)
     add_body_rules(limits, settings)
     # first middleware: bodies are limited before anything else looks at a request
@@ -193,6 +200,7 @@ def _resources(
         interrupted = await store.deployments.recover_interrupted() if runs_work else []
         for record in interrupted:
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
+        ctx.planning.start()
         session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
         if settings.github_enabled:
             from bot.gitcache import GitCache
@@ -224,6 +232,7 @@ def _resources(
             await stop_reporting(report)
             await jobs.stop()
             await session.close()
+            ctx.planning.close()
             if own_store:
                 await store.close()
 

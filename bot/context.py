@@ -22,6 +22,7 @@ from bot.frontend import FrontEnd
 from bot.jobs import JobHandler, current_job
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
+from bot.planning import Planning
 from bot.request import DeploymentRequest, SubscriberFactory
 from deployments import (
     DeployError,
@@ -86,6 +87,8 @@ class BotContext:
     plans: PlanArchive | None = None
     runner_config: RunnerConfig = field(default_factory=RunnerConfig)
     eval_cache: EvalCache = field(default_factory=EvalCache)
+    # where plan_revisions runs: threads, or a process pool (`build_app` with role `all`)
+    planning: Planning = field(init=False)
     subscriber_factories: list[SubscriberFactory] = field(default_factory=list)
     # background job handlers by kind; the worker made at start-up runs these
     job_handlers: dict[str, JobHandler] = field(default_factory=dict)
@@ -96,6 +99,9 @@ class BotContext:
     shared_plans: OrderedDict[tuple[str | None, str], asyncio.Future[Plan]] = field(
         default_factory=OrderedDict
     )
+
+    def __post_init__(self) -> None:
+        self.planning = Planning(in_processes=False, cache=self.eval_cache)
 
     @property
     def execution(self) -> ExecutionOptions:

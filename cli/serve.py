@@ -156,7 +156,7 @@ def run_server(host: str, port: int, config_file: Path | None, log_level: str, r
     from bot.app import build_app
 
     try:
-        app = build_app(settings, runner_config=runner_config, role=role)
+        app = build_app(settings, runner_config=runner_config, role=role, plan_in_processes=True)
     except ValueError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
     click.echo(f"nixmox serve ({role.value}): listening on http://{host}:{port}", err=True)
