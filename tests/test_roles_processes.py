@@ -242,3 +242,37 @@ async def test_two_webs_two_workers_one_killed(
         log = server.log.read_text()
         assert "Traceback" not in log or server is victim, log
     assert f"reclaimed job(s) [{victim_job}" in survivor.log.read_text()
+
+
+async def test_a_web_and_a_worker_share_one_sqlite_file(
+    tmp_path: Path, fake_github: FakeGitHub, manifest_repo: ManifestRepo, payloads: Payloads
+) -> None:
+    """On one machine the two roles work on SQLite too (with a warning that says its limits)."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    env = server_env()
+
+    def start(name: str, args: list[str]) -> RoleServer:
+        config = write_config(tmp_path / name, database, fake_github, manifest_repo.path)
+        return RoleServer(args, config, env, tmp_path / f"{name}.log")
+
+    web_server = start("web", ["serve", "--role", "web"])
+    servers = [web_server]
+    try:
+        async with aiohttp.ClientSession() as session:
+            await web_server.wait_ready(session)  # the web made the schema
+            servers.append(start("worker", ["worker"]))
+            await servers[1].wait_ready(session)
+            body = json.dumps(payloads.issue_comment(number=NUMBER, body="/nixmox help")).encode()
+            headers = delivery_headers("issue_comment", body)
+            url = f"{web_server.url}/github/webhook"
+            async with session.post(url, data=body, headers=headers) as response:
+                assert (await response.json())["status"] == "accepted"
+            deadline = time.monotonic() + 20
+            while not replies(fake_github) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(replies(fake_github)) == 1
+    finally:
+        for server in servers:
+            server.stop()
+    assert "--role web on SQLite" in web_server.log.read_text()
+    assert "--role worker on SQLite" in servers[1].log.read_text()
