@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
+from pydantic import SecretStr
 
 from bot.app import build_app
 from bot.config import Settings
@@ -19,8 +20,8 @@ def settings_for(tmp_path: Path) -> Settings:
     return Settings(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
         workdir=tmp_path / "work",
-        github_webhook_secret=WEBHOOK_SECRET,
-        github_token="t",
+        github_webhook_secret=SecretStr(WEBHOOK_SECRET),
+        github_token=SecretStr("t"),
         github_api_url="http://127.0.0.1:9",
         repo="octo-org/homelab",
         runner="real",

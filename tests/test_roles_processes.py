@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 from aiohttp import web
 
 from bot.chat_commands import HELP_TEXT
@@ -141,12 +141,14 @@ async def test_two_webs_two_workers_one_killed(
             for server in servers:
                 await server.wait_ready(session)
 
-            async def deliver(web_server: RoleServer, event: str, body: bytes, delivery: str):
+            async def deliver(
+                web_server: RoleServer, event: str, body: bytes, delivery: str
+            ) -> str:
                 headers = delivery_headers(event, body, delivery=delivery)
                 url = f"{web_server.url}/github/webhook"
                 async with session.post(url, data=body, headers=headers) as response:
                     assert response.status == 200, await response.text()
-                    return (await response.json())["status"]
+                    return str((await response.json())["status"])
 
             # a worker serves only /healthz and /metrics: no webhook there
             async with session.post(f"{workers[0].url}/github/webhook", data=b"{}") as answer:
@@ -204,8 +206,8 @@ async def test_two_webs_two_workers_one_killed(
             by_id = {job["id"]: job for job in table}
             assert by_id[victim_job]["attempts"] == 2  # re-run by the survivor...
             assert str(by_id[victim_job]["worker"]).split(":")[1] == str(survivor.proc.pid)
-            posted = replies(fake)
-            assert sorted(posted) == sorted(by_id)  # ...and still one reply per delivery
+            answered = replies(fake)
+            assert sorted(answered) == sorted(by_id)  # ...and still one reply per delivery
             assert len(fake.comments_on(NUMBER)) == COMMANDS
 
             # 4. a merge push delivered through both webs (and replayed) deploys once
