@@ -133,7 +133,7 @@ def serve_bot(port: int, workdir: str) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-def job_settings(workdir: str, github: str, remote: str) -> object:
+def job_settings(workdir: str, github: str, remote: str, database: str) -> object:
     from bot.config import Settings
 
     return Settings(
@@ -141,7 +141,7 @@ def job_settings(workdir: str, github: str, remote: str) -> object:
         github_token="bench-token",
         github_api_url=github,
         repo=REPO,
-        database_url=f"sqlite+aiosqlite:///{workdir}/state.db",
+        database_url=database,
         workdir=Path(workdir) / f"work-{os.getpid()}",
         git_remote=remote,
         manifest_path=MANIFEST_PATH,
@@ -150,14 +150,14 @@ def job_settings(workdir: str, github: str, remote: str) -> object:
     )
 
 
-def serve_role(role: str, port: int, workdir: str, github: str, remote: str) -> None:
+def serve_role(role: str, port: int, workdir: str, github: str, remote: str, database: str) -> None:
     """`nixmox serve --role ROLE` as `cli.serve` builds it (the planning pool with `all`)."""
     from aiohttp import web
 
     from bot.app import build_app
     from bot.roles import Role
 
-    settings = job_settings(workdir, github, remote)
+    settings = job_settings(workdir, github, remote, database)
     app = build_app(settings, role=Role(role), plan_in_processes=True)  # type: ignore[arg-type]
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
@@ -348,11 +348,36 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def job_states(database: Path) -> dict[str, int]:
-    import sqlite3
+JOB_STATES = "SELECT state, count(*) FROM jobs GROUP BY state"
 
-    with sqlite3.connect(database, timeout=30) as conn:
-        return dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+
+def job_states(database: str) -> dict[str, int]:
+    """Jobs by state, read from the SQLite file or the PostgreSQL database."""
+    if database.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(database.split(":///", 1)[1], timeout=30) as conn:
+            return dict(conn.execute(JOB_STATES).fetchall())
+    return asyncio.run(_pg_fetch(database, JOB_STATES))
+
+
+async def _pg_fetch(database: str, query: str) -> dict[str, int]:
+    import asyncpg
+
+    conn = await asyncpg.connect(database.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        return {row[0]: row[1] for row in await conn.fetch(query)}
+    finally:
+        await conn.close()
+
+
+def fresh_database(server: str | None, workdir: str) -> str:
+    """A new database on the PostgreSQL `server` URL, or a SQLite file in `workdir`."""
+    if server is None:
+        return f"sqlite+aiosqlite:///{workdir}/state.db"
+    name = "bench_" + uuid.uuid4().hex[:8]
+    asyncio.run(_pg_fetch(server, f"CREATE DATABASE {name}"))
+    return server.rsplit("/", 1)[0] + "/" + name
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -363,15 +388,23 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def measure_jobs(mode: str, template: bytes, deliveries: int, concurrency: int, heads: int) -> str:
+def measure_jobs(
+    mode: str,
+    template: bytes,
+    deliveries: int,
+    concurrency: int,
+    heads: int,
+    server: str | None = None,
+) -> str:
     """One jobs case (`all`, or `web+worker`): the line to print."""
     with tempfile.TemporaryDirectory(prefix="nixmox-bench-jobs-") as workdir:
+        database = fresh_database(server, workdir)
         repo, base, shas = make_repo(Path(workdir), heads)
         bodies = [pull_body(template, n + 1, base, sha) for n, sha in enumerate(shas)]
         github_port, web_port = free_port(), free_port()
         github = f"http://127.0.0.1:{github_port}"
         children = [spawn("github", str(github_port))]
-        common = (workdir, github, str(repo))
+        common = (workdir, github, str(repo), database)
         if mode == "all":
             children.append(spawn("role", "all", str(web_port), *common))
         else:
@@ -379,12 +412,12 @@ def measure_jobs(mode: str, template: bytes, deliveries: int, concurrency: int, 
         try:
             url = f"http://127.0.0.1:{web_port}/github/webhook"
             asyncio.run(wait_ready(url))
-            if mode != "all":  # the worker joins once the web has made the schema
+            if mode == "web+worker":  # the worker joins once the web has made the schema
                 children.append(spawn("role", "worker", str(free_port()), *common))
             rate, latencies = asyncio.run(blast_latencies(url, bodies, deliveries, concurrency))
-            database = Path(workdir) / "state.db"
             started = time.monotonic()
-            while time.monotonic() - started < 300:
+            states = job_states(database)
+            while mode != "web" and time.monotonic() - started < 300:
                 states = job_states(database)
                 if not states.get("queued") and not states.get("running"):
                     break
@@ -429,6 +462,17 @@ def main() -> None:
     parser.add_argument("--job-deliveries", type=int, default=400)
     parser.add_argument("--job-concurrency", type=int, default=8)
     parser.add_argument("--heads", type=int, default=24, help="PRs (head commits) to plan")
+    parser.add_argument(
+        "--database-url",
+        help="jobs case on PostgreSQL: a server's postgresql+asyncpg:// URL (a database is "
+        "created per mode); default: a SQLite file",
+    )
+    parser.add_argument(
+        "--modes",
+        default="all,web+worker",
+        help="jobs case modes, comma-separated: all, web+worker, web (no worker: the jobs only "
+        "queue, to tell the intake's own latency)",
+    )
     parser.add_argument("--skip-rate", action="store_true", help="only the jobs case")
     parser.add_argument("--skip-jobs", action="store_true", help="only the rate case")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
@@ -442,10 +486,20 @@ def main() -> None:
     if not args.skip_jobs:
         print(
             f"{args.job_deliveries} pull_request deliveries of {args.heads} PRs, each queueing "
-            f"a plan job the worker runs; {args.job_concurrency} concurrent senders"
+            f"a plan job the worker runs; {args.job_concurrency} concurrent senders; on "
+            f"{'PostgreSQL' if args.database_url else 'SQLite'}"
         )
-        for mode in ("all", "web+worker"):
-            print(measure_jobs(mode, body, args.job_deliveries, args.job_concurrency, args.heads))
+        for mode in args.modes.split(","):
+            print(
+                measure_jobs(
+                    mode,
+                    body,
+                    args.job_deliveries,
+                    args.job_concurrency,
+                    args.heads,
+                    args.database_url,
+                )
+            )
 
 
 def serve_child(spec: list[str]) -> None:
@@ -457,8 +511,8 @@ def serve_child(spec: list[str]) -> None:
     elif kind == "github":
         serve_github(int(port))
     else:  # role ROLE PORT WORKDIR GITHUB REMOTE
-        role, port, workdir, github, remote = spec[1:]
-        serve_role(role, int(port), workdir, github, remote)
+        role, port, workdir, github, remote, database = spec[1:]
+        serve_role(role, int(port), workdir, github, remote, database)
 
 
 def rate_case(body: bytes, args: argparse.Namespace) -> None:
