@@ -34,7 +34,9 @@ from bot.jobs import JobWorker
 from bot.limits import LIMITS, OTHER_ROUTES_LIMIT, BodyLimits
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
+from bot.planning import Planning
 from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_sweeping
+from bot.roles import Role
 from planner.escape import html_text
 from planner.render import render_json, render_markdown
 from runners.base import utcnow
@@ -65,6 +67,8 @@ def build_app(
     recovery_interval: float | None = None,
     front_ends: Sequence[FrontEndFactory] | None = None,
     start_monitor: bool = True,
+    role: Role = Role.ALL,
+    plan_in_processes: bool = False,
 ) -> web.Application:
     """The application; `store` is used as given (and not closed), else opened from settings.
 
@@ -74,6 +78,10 @@ def build_app(
     `front_ends`: the front ends to plug in (default: the dashboard, then GitHub and Slack
     when configured; the modules of front ends not configured are not imported).
     `start_monitor=False` keeps the health and drift monitor off whatever NIXMOX_MONITOR says.
+    `role`: `web` serves the front ends' routes and queues (no job worker, monitor, recovery
+    or deployments); `worker` runs all of those and serves only /healthz and /metrics.
+    `plan_in_processes`: with role `all`, plan in a process pool (`nixmox serve` does; tests
+    plan in threads).
     """
     ctx = BotContext(
         settings=settings,
@@ -82,6 +90,9 @@ def build_app(
         runner_config=runner_config or RunnerConfig(),
         plans=PlanArchive(settings.workdir / "plans"),
     )
+    if role is Role.ALL and plan_in_processes:
+        # this process acknowledges webhooks: plans must not hold its GIL (bot.planning)
+        ctx.planning = Planning(in_processes=True, cache=ctx.eval_cache)
     limits = BodyLimits(settings.body_bytes_in_flight)
     # first middleware: bodies are limited before anything else looks at a request
     app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])
@@ -90,14 +101,15 @@ def build_app(
     setup_dashboard_auth(app, settings)
     factories = configured_front_ends(settings) if front_ends is None else front_ends
     for factory in factories:
-        register(app, ctx, factory(app, ctx))
+        register(app, ctx, factory(app, ctx), with_routes=role.answers_webhooks)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/plans/{key}", plan_page)
     app.cleanup_ctx.append(
         _resources(
             own_store=store is None,
-            start_worker=start_worker,
+            start_worker=start_worker and role.runs_work,
+            runs_work=role.runs_work,
             github_policy=github_policy,
             github_sleeper=github_sleeper,
             recovery_interval=recovery_interval or settings.lock_lease.total_seconds(),
@@ -105,7 +117,7 @@ def build_app(
     )
     for front_end in ctx.front_ends:
         app.cleanup_ctx.append(lifecycle(front_end))
-    if settings.monitor and start_monitor:
+    if settings.monitor and start_monitor and role.runs_work:
         from bot.monitoring import setup_monitoring
 
         setup_monitoring(app, ctx)
@@ -126,10 +138,13 @@ def configured_front_ends(settings: Settings) -> list[FrontEndFactory]:
     return factories
 
 
-def register(app: web.Application, ctx: BotContext, front_end: FrontEnd) -> None:
+def register(
+    app: web.Application, ctx: BotContext, front_end: FrontEnd, *, with_routes: bool = True
+) -> None:
     """Plug one front end in: routes, job handlers, deployment subscriber, recovery report."""
     ctx.front_ends.append(front_end)
-    add_routes(app, front_end, app[LIMITS])
+    if with_routes:
+        add_routes(app, front_end, app[LIMITS])
     for kind, handler in front_end.job_handlers().items():
         if kind in ctx.job_handlers:
             raise ValueError(f"two front ends handle job kind {kind!r}")
@@ -154,6 +169,7 @@ def _resources(
     *,
     own_store: bool,
     start_worker: bool,
+    runs_work: bool,
     github_policy: Any,
     github_sleeper: Any,
     recovery_interval: float,
@@ -167,9 +183,11 @@ def _resources(
             ctx.store = await Store.open(settings.database_url)
         store = ctx.store
         started = utcnow()
-        interrupted = await store.deployments.recover_interrupted()
+        # only processes that run deployments recover them (a web has none of its own)
+        interrupted = await store.deployments.recover_interrupted() if runs_work else []
         for record in interrupted:
             log.warning("deployment %s was left running by a dead process: interrupted", record.id)
+        ctx.planning.start()
         session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
         if settings.github_enabled:
             from bot.gitcache import GitCache
@@ -187,8 +205,12 @@ def _resources(
         # reported once GitHub and Slack are ready, in the background: the bot serves meanwhile
         report = start_reporting(ctx, interrupted)
         # a crash and restart within the lease left deployments not yet stale: swept later
-        sweep = start_sweeping(
-            ctx, recovery_interval, started, reported=[record.id for record in interrupted]
+        sweep = (
+            start_sweeping(
+                ctx, recovery_interval, started, reported=[record.id for record in interrupted]
+            )
+            if runs_work
+            else None
         )
         try:
             yield
@@ -197,6 +219,7 @@ def _resources(
             await stop_reporting(report)
             await jobs.stop()
             await session.close()
+            ctx.planning.close()
             if own_store:
                 await store.close()
 

@@ -19,9 +19,10 @@ from aiohttp import ClientSession, web
 
 from bot.config import Settings
 from bot.frontend import FrontEnd
-from bot.jobs import JobHandler
+from bot.jobs import JobHandler, current_job
 from bot.metrics import Metrics
 from bot.plan_archive import PlanArchive
+from bot.planning import Planning
 from bot.preview_tasks import PreviewState
 from bot.request import DeploymentRequest, SubscriberFactory
 from deployments import (
@@ -87,6 +88,8 @@ class BotContext:
     plans: PlanArchive | None = None
     runner_config: RunnerConfig = field(default_factory=RunnerConfig)
     eval_cache: EvalCache = field(default_factory=EvalCache)
+    # where plan_revisions runs: threads, or a process pool (`build_app` with role `all`)
+    planning: Planning = field(init=False)
     subscriber_factories: list[SubscriberFactory] = field(default_factory=list)
     # background job handlers by kind; the worker made at start-up runs these
     job_handlers: dict[str, JobHandler] = field(default_factory=dict)
@@ -98,6 +101,9 @@ class BotContext:
         default_factory=OrderedDict
     )
     previews: PreviewState = field(default_factory=PreviewState)  # bot.github.previews
+
+    def __post_init__(self) -> None:
+        self.planning = Planning(in_processes=False, cache=self.eval_cache)
 
     @property
     def execution(self) -> ExecutionOptions:
@@ -162,9 +168,13 @@ class BotContext:
         `scope` names the one service a restricted plan deploys, so that the store does not
         take this revision as deployed for every service.
 
-        Returns the recorded deployment (None when the plan has nothing to do); raises
-        `deployments.DeploymentRefused` (locked) and `DeployError` (cannot start).
+        Returns the recorded deployment (None when the plan has nothing to do, or when a
+        job re-run after a crash had started it already: a deployment is never re-run by
+        itself, the recovery reports it); raises `deployments.DeploymentRefused` (locked)
+        and `DeployError` (cannot start).
         """
+        if not await self._first_deployment_of_job():
+            return None
         record = await start_deployment(
             self.require_store(),
             plan,
@@ -177,6 +187,19 @@ class BotContext:
         )
         self.count(request, record)
         return record
+
+    async def _first_deployment_of_job(self) -> bool:
+        """False when the running job already asked for a deployment in an attempt whose
+        worker died; else that this one is asked is recorded (before it starts: at most once)."""
+        job = current_job.get()
+        if job is None:
+            return True
+        step = job.next_step("deployment")
+        if await job.effect(step) is not None:
+            log.warning("job %s started its deployment before its worker died: not re-run", job.id)
+            return False
+        await job.record(step, "requested")
+        return True
 
     async def rollback(
         self,

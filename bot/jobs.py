@@ -1,23 +1,31 @@
 """The background worker: drains the store's job queue, so webhooks only validate and enqueue.
 
 Jobs live in the store (SQLite or PostgreSQL), so work accepted by a webhook survives a restart
-and can be taken by any replica. A worker claims a job with a lease; a crashed worker's job is
-claimed again once the lease has run out. Handlers are registered per job kind.
+and can be taken by any replica. A worker claims a job with a short lease (30 s, renewed every
+10 s while it runs); a crashed worker's job is claimed again once the lease has run out, or at
+once when the crashed process was on this host (its pid is gone). On PostgreSQL a worker
+LISTENs for new jobs (`state.queue.JOBS_CHANNEL`) and polls only as the fallback. Handlers are
+registered per job kind; while one runs, `current_job` is its `JobContext`, through which its
+side effects (comments, messages, deployments) are marked so a re-run does not repeat them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from state.events import utcnow
 
 if TYPE_CHECKING:
     from bot.metrics import Metrics
@@ -32,10 +40,52 @@ JobHandler = Callable[[dict[str, Any]], Awaitable[None]]
 DEFAULT_CONCURRENCY = 4
 MAX_BATCH = 256
 LINGER = 0.005  # at most this long a delivery waits for others to share its commit
-DEFAULT_LEASE = timedelta(minutes=5)  # renewed while the job runs; a dead worker's job waits this
+DEFAULT_LEASE = timedelta(seconds=30)  # renewed every third of it while the job runs
 MAX_ATTEMPTS = 3  # a job whose worker died this many times is given up, not retried forever
 DEFAULT_POLL = 1.0  # other replicas' jobs are noticed this fast; ours wake the worker at once
 ERROR_LIMIT = 2000
+# Slack replay keys (`slack:<ts>:<sig>`) outlive Slack's 5-minute signature window for nothing
+SLACK_REPLAY_PREFIX = "slack:"
+REPLAY_WINDOW = timedelta(minutes=5)
+LISTEN_RETRY = 5.0  # seconds between attempts to (re)open the LISTEN connection
+
+
+@dataclass
+class JobContext:
+    """The job a handler runs: its id, whether this is a re-run, and its side effects."""
+
+    id: int
+    attempts: int
+    store: Store
+    _counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rerun(self) -> bool:
+        """A previous attempt's worker died: its side effects may have happened."""
+        return self.attempts > 1
+
+    def next_step(self, kind: str) -> str:
+        """The name of this job's next side effect of `kind` (`comment-1`, `comment-2`...):
+        the same in every attempt, since a job does the same things in the same order."""
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        return f"{kind}-{self._counts[kind]}"
+
+    def marker(self, step: str) -> str:
+        """The hidden marker of a side effect in a GitHub comment."""
+        return f"<!-- nixmox-job:{self.id}:{step} -->"
+
+    async def effect(self, step: str) -> str | None:
+        """What an earlier attempt recorded for `step` (only re-runs ask the store)."""
+        return await self.store.queue.effect(self.id, step) if self.rerun else None
+
+    async def record(self, step: str, ref: str) -> None:
+        await self.store.queue.record_effect(self.id, step, ref)
+
+
+current_job: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar(
+    "nixmox_current_job", default=None
+)
+"""The job whose handler runs in this task (None outside jobs)."""
 
 
 class UnknownJobKind(Exception):
@@ -148,6 +198,21 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _set_on_close(event: asyncio.Event, _connection: Any) -> None:
+    event.set()
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid runs on this host (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
 class JobWorker:
     """Runs queued jobs with up to `concurrency` at once."""
 
@@ -207,6 +272,55 @@ class JobWorker:
             asyncio.create_task(self._loop(index), name=f"nixmox-job-worker-{index}")
             for index in range(self.concurrency)
         ]
+        self._tasks.append(asyncio.create_task(self._maintain(), name="nixmox-job-sweep"))
+        if self.store.url.get_backend_name() == "postgresql":
+            self._tasks.append(asyncio.create_task(self._listen(), name="nixmox-job-listen"))
+
+    async def sweep(self) -> list[int]:
+        """Make this host's dead processes' jobs claimable now, and prune old replay keys;
+        the jobs reclaimed."""
+        host = self.name.split(":", 1)[0]
+        reclaimed = await self.store.queue.reclaim_dead(host, pid_alive, keep=self.name)
+        if reclaimed:
+            log.warning("reclaimed job(s) %s of a dead process on %s", reclaimed, host)
+            self._wake.set()
+        await self.store.queue.prune_deliveries(SLACK_REPLAY_PREFIX, utcnow() - REPLAY_WINDOW)
+        return reclaimed
+
+    async def _maintain(self) -> None:
+        """`sweep` at start (before the first claim waits), then every third of the lease."""
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("the job sweep failed; trying again later")
+            await asyncio.sleep(self.lease.total_seconds() / 3)
+
+    async def _listen(self) -> None:
+        """LISTEN for new jobs on a dedicated connection; reopened when it drops."""
+        import asyncpg  # type: ignore[import-untyped]
+
+        from state.queue import JOBS_CHANNEL
+
+        dsn = self.store.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(dsn)
+            except Exception as exc:
+                log.warning("cannot LISTEN for jobs (polling meanwhile): %s", exc)
+                await asyncio.sleep(LISTEN_RETRY)
+                continue
+            try:
+                conn.add_termination_listener(functools.partial(_set_on_close, lost))
+                await conn.add_listener(JOBS_CHANNEL, lambda *_: self._wake.set())
+                self._wake.set()  # jobs queued while no one listened
+                await lost.wait()
+                log.warning("the LISTEN connection dropped; polling until it is back")
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.close(timeout=2))
+            await asyncio.sleep(LISTEN_RETRY)
 
     async def stop(self) -> None:
         """Stop taking jobs; jobs still running are cancelled (their lease lets others retry)."""
@@ -260,7 +374,11 @@ class JobWorker:
                 raise UnknownJobKind(job.kind)
             if job.attempts > MAX_ATTEMPTS:
                 raise RuntimeError(f"given up after {MAX_ATTEMPTS} attempts (workers died)")
-            await handler(job.payload)
+            token = current_job.set(JobContext(job.id, job.attempts, self.store))
+            try:
+                await handler(job.payload)
+            finally:
+                current_job.reset(token)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

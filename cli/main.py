@@ -50,6 +50,7 @@ LAZY_COMMANDS = {
     "history": "cli.deploy:history",
     "unlock": "cli.deploy:unlock",
     "serve": "cli.serve:serve",
+    "worker": "cli.serve:worker",
     "render": "cli.render:render",
     "health": "cli.health:health",
     "drift": "cli.drift:drift",

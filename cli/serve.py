@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from aiohttp import web
 from pydantic import ValidationError
 
 from bot.config import ConfigError, Settings, load_configuration
+from bot.roles import SQLITE_REPLICAS, Role
 from runners.config import RunnerConfig
 from runners.registry import RunnerKind
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+DEFAULT_WORKER_PORT = 8081  # a worker's /healthz and /metrics, beside a web on 8080
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -80,35 +84,80 @@ def read_configuration(config_file: Path | None) -> tuple[Settings, RunnerConfig
     return configuration.settings, configuration.runners
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_options(default_port: int) -> Callable[[F], F]:
+    """The options `serve` and `worker` share (listen address, configuration, logging)."""
+
+    def wrap(command: F) -> F:
+        for option in reversed(
+            [
+                click.option(
+                    "--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on."
+                ),
+                click.option(
+                    "--port", default=default_port, show_default=True, type=int, help="TCP port."
+                ),
+                click.option(
+                    "--config",
+                    "config_file",
+                    type=click.Path(path_type=Path, dir_okay=False),
+                    envvar="NIXMOX_CONFIG",
+                    help="TOML file with settings (NIXMOX_* variables win) and a [runners] table "
+                    "[env: NIXMOX_CONFIG].",
+                ),
+                click.option(
+                    "--log-level",
+                    type=click.Choice(["debug", "info", "warning", "error"]),
+                    default="info",
+                    show_default=True,
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return wrap
+
+
 @click.command()
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port.")
+@server_options(DEFAULT_PORT)
 @click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="NIXMOX_CONFIG",
-    help="TOML file with settings (NIXMOX_* variables win) and a [runners] table "
-    "[env: NIXMOX_CONFIG].",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
+    "--role",
+    type=click.Choice([role.value for role in Role]),
+    default=Role.ALL.value,
     show_default=True,
+    help="web: answer HTTP and queue; worker: run jobs, deployments, the monitor and the "
+    "recovery sweep; all: both.",
 )
-def serve(host: str, port: int, config_file: Path | None, log_level: str) -> None:
+def serve(host: str, port: int, config_file: Path | None, log_level: str, role: str) -> None:
     """Run the bot: GitHub webhooks, Slack, /healthz and /metrics in one web server."""
+    run_server(host, port, config_file, log_level, Role(role))
+
+
+@click.command()
+@server_options(DEFAULT_WORKER_PORT)
+def worker(host: str, port: int, config_file: Path | None, log_level: str) -> None:
+    """Run jobs, deployments, the monitor and the recovery sweep (`serve --role worker`);
+    only /healthz and /metrics are served."""
+    run_server(host, port, config_file, log_level, Role.WORKER)
+
+
+def run_server(host: str, port: int, config_file: Path | None, log_level: str, role: Role) -> None:
+    """Check the configuration, then serve in `role` until stopped."""
     settings, runner_config = read_configuration(config_file)
     problems = startup_problems(settings)
     if problems:
         raise click.ClickException("cannot start:\n  " + "\n  ".join(problems))
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    if role is not Role.ALL and settings.database_url.startswith("sqlite"):
+        click.echo(f"warning: {SQLITE_REPLICAS.format(role=role.value)}", err=True)
     from bot.app import build_app
 
     try:
-        app = build_app(settings, runner_config=runner_config)
+        app = build_app(settings, runner_config=runner_config, role=role, plan_in_processes=True)
     except ValueError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
-    click.echo(f"nixmox serve: listening on http://{host}:{port}", err=True)
+    click.echo(f"nixmox serve ({role.value}): listening on http://{host}:{port}", err=True)
     web.run_app(app, host=host, port=port, print=None, access_log_format='%a "%r" %s %Tfs')

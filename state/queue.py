@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -18,9 +18,13 @@ from state.base import Repository
 from state.bulk_writes import LocalSqlite, PreparedInsert, SqliteBusy
 from state.engine import sqlite_file
 from state.events import utcnow
-from state.schema import deliveries, jobs
+from state.schema import deliveries, job_effects, jobs
 
 log = logging.getLogger(__name__)
+
+# PostgreSQL: every commit that queues jobs notifies this channel (workers LISTEN on it)
+JOBS_CHANNEL = "nixmox_jobs"
+_NOTIFY = sa.text(f"SELECT pg_notify('{JOBS_CHANNEL}', '')")
 
 
 class JobState(StrEnum):
@@ -107,6 +111,8 @@ class QueueRepository(Repository):
             delivery_insert, job_insert = _intake_inserts(conn.dialect)
             await delivery_insert.run(conn, rows.deliveries)
             await job_insert.run(conn, rows.jobs)
+            if rows.jobs:
+                await _notify(conn)
         return rows.recorded
 
     def _local_sqlite(self) -> LocalSqlite | None:
@@ -135,6 +141,8 @@ class QueueRepository(Repository):
                 delivery_insert, job_insert = _intake_inserts(conn.dialect)
                 await delivery_insert.run(conn, rows.deliveries)
                 await job_insert.run(conn, rows.jobs)
+                if rows.jobs:
+                    await _notify(conn)
         except IntegrityError:
             return False
         return True
@@ -153,6 +161,7 @@ class QueueRepository(Repository):
                 )
                 .returning(jobs.c.id)
             )
+            await _notify(conn)
             return int(result.scalar_one())
 
     async def claim(self, worker: str, *, lease: timedelta) -> Job | None:
@@ -210,6 +219,75 @@ class QueueRepository(Repository):
                 .where(jobs.c.id == job_id)
                 .values(state=str(state), error=error, finished_at=utcnow(), lease_until=None)
             )
+
+    async def reclaim_dead(
+        self, host: str, alive: Callable[[int], bool], *, keep: str | None = None
+    ) -> list[int]:
+        """Jobs running under a dead process of `host` (its pid not `alive`) are claimable now.
+
+        Worker names are `host:pid:nonce` (`bot.jobs.worker_name`); `keep` (the caller's own
+        name) is never reclaimed. Their lease is ended, so the next claim takes them over.
+        """
+        async with self.engine.connect() as conn:
+            held = (
+                await conn.execute(
+                    sa.select(jobs.c.id, jobs.c.worker).where(
+                        jobs.c.state == str(JobState.RUNNING),
+                        jobs.c.worker.like(f"{_like_literal(host)}:%", escape="\\"),
+                    )
+                )
+            ).all()
+        dead = [(job_id, name) for job_id, name in held if name != keep and _dead(name, alive)]
+        reclaimed: list[int] = []
+        for job_id, name in dead:
+            async with self.engine.begin() as conn:
+                result = await conn.execute(
+                    jobs.update()
+                    .where(
+                        jobs.c.id == job_id,
+                        jobs.c.worker == name,
+                        jobs.c.state == str(JobState.RUNNING),
+                    )
+                    .values(lease_until=utcnow() - timedelta(seconds=1))
+                )
+            if result.rowcount == 1:
+                reclaimed.append(job_id)
+        return reclaimed
+
+    async def effect(self, job_id: int, step: str) -> str | None:
+        """What a job's side effect `step` recorded (a message ts, a deployment id), if any."""
+        async with self.engine.connect() as conn:
+            found = await conn.execute(
+                sa.select(job_effects.c.ref).where(
+                    job_effects.c.job_id == job_id, job_effects.c.step == step
+                )
+            )
+            return found.scalar()
+
+    async def record_effect(self, job_id: int, step: str, ref: str) -> bool:
+        """Remember that a job had side effect `step`; False if it was recorded before."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    job_effects.insert().values(
+                        job_id=job_id, step=step, ref=ref, created_at=utcnow()
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def prune_deliveries(self, prefix: str, before: datetime) -> int:
+        """Forget delivery keys starting with `prefix` received before `before` (replay keys
+        past their window); how many."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                deliveries.delete().where(
+                    deliveries.c.delivery_id.like(f"{_like_literal(prefix)}%", escape="\\"),
+                    deliveries.c.received_at < before,
+                )
+            )
+        return int(result.rowcount or 0)
 
     async def get(self, job_id: int) -> Job | None:
         """One job by id."""
@@ -270,6 +348,25 @@ def _keys(delivery: DeliveryKey) -> tuple[str, ...]:
 def _all_keys(items: Sequence[DeliveryJobs]) -> list[str]:
     """Every key of every item, once each."""
     return list(dict.fromkeys(key for delivery, _ in items for key in _keys(delivery)))
+
+
+async def _notify(conn: Any) -> None:
+    """Wake the LISTENing workers when this transaction commits (PostgreSQL only)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_NOTIFY)
+
+
+def _like_literal(text: str) -> str:
+    """`text` matched literally by LIKE (with ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _dead(worker: str, alive: Callable[[int], bool]) -> bool:
+    """A `host:pid:nonce` worker whose pid is gone (an unreadable name is left alone)."""
+    parts = worker.split(":")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    return not alive(int(parts[1]))
 
 
 def _job(row: Any) -> Job:

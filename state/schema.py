@@ -134,6 +134,16 @@ jobs = sa.Table(
     sa.Index("ix_jobs_state", "state"),
 )
 
+# side effects a job already had, looked up when it is re-run after a crash (bot.jobs)
+job_effects = sa.Table(
+    "job_effects",
+    metadata,
+    sa.Column("job_id", sa.Integer, primary_key=True),
+    sa.Column("step", NAME, primary_key=True),
+    sa.Column("ref", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
 approvals = sa.Table(
     "approvals",
     metadata,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -49,6 +50,15 @@ def reviewers(fake_github: FakeGitHub) -> FakeGitHub:
     return fake_github
 
 
+JOB_MARKER = re.compile(r"\n\n<!-- nixmox-job:\d+:comment-\d+ -->$")
+
+
+def visible(reply: dict[str, Any]) -> str:
+    """A reply's text without the job marker every job's comment ends with (`bot.jobs`)."""
+    assert JOB_MARKER.search(reply["body"]), reply["body"]
+    return JOB_MARKER.sub("", reply["body"])
+
+
 def approve(fake: FakeGitHub, user: str = "carol") -> None:
     """`user` approves the PR's current head."""
     fake.add_review(NUMBER, user, "APPROVED")
@@ -60,7 +70,7 @@ async def test_help_is_answered_with_eyes(
     bot = await make_bot()
     fake_github.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40)
     (reply,) = await command(bot, payloads, "/nixmox help")
-    assert reply["body"] == HELP_TEXT
+    assert visible(reply) == HELP_TEXT
     assert reactions(fake_github) == ["eyes"]
 
 
@@ -70,7 +80,7 @@ async def test_unparseable_command_gets_confused_and_the_help(
     bot = await make_bot()
     (reply,) = await command(bot, payloads, "/nixmox deploy")
     assert "say which service to deploy" in reply["body"]
-    assert reply["body"].endswith(HELP_TEXT)
+    assert visible(reply).endswith(HELP_TEXT)
     assert reactions(fake_github) == ["confused"]
 
 
@@ -90,7 +100,7 @@ async def test_status_with_nothing_deployed(
     fake_github.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40)
     fake_github.permissions["bob"] = "triage"
     (reply,) = await command(bot, payloads, "/nixmox status")
-    assert reply["body"] == "No deployment recorded yet."
+    assert visible(reply) == "No deployment recorded yet."
 
 
 async def test_plan_command_replans_the_pr(
@@ -394,7 +404,7 @@ async def test_read_commands_need_the_author_or_triage(
     reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40, author="alice")
     (reply,) = await command(bot, payloads, body, user="mallory")
     name = body.split()[1]
-    assert reply["body"] == (
+    assert visible(reply) == (
         f"`/nixmox {name}` is for the pull request's author and people with triage, write, "
         "maintain or admin access to octo-org/homelab; @mallory has `read` access."
     )
@@ -409,7 +419,7 @@ async def test_the_author_and_triagers_may_read(
     reviewers.add_pull(NUMBER, head_sha="a" * 40, base_sha="b" * 40, author="alice")
     reviewers.permissions["tina"] = "triage"
     (reply,) = await command(bot, payloads, "/nixmox history", user="alice")  # no permission
-    assert reply["body"] == "No deployments recorded."
+    assert visible(reply) == "No deployments recorded."
     (reply,) = await command(bot, payloads, "/nixmox status", user="tina", comment_id=556)
-    assert reply["body"] == "No deployment recorded yet."
+    assert visible(reply) == "No deployment recorded yet."
     assert reactions(reviewers) == ["eyes"] and reactions(reviewers, 556) == ["eyes"]

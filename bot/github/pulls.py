@@ -171,7 +171,8 @@ async def upsert_plan_comment(
                 await edit_comment(gh, repo, int(old["id"]), body)
             ids.append(int(old["id"]))
         else:
-            created = await comment(gh, repo, number, body)
+            # found again by its own marker and edited in place: a re-run never duplicates it
+            created = await comment(gh, repo, number, body, mark=False)
             ids.append(int(created["id"]))
     for extra in existing[len(parts) :]:
         await delete_comment(gh, repo, int(extra["id"]))
@@ -229,19 +230,12 @@ def _forget_failed(
 
 
 async def plan_between(ctx: BotContext, base: str | None, head: str) -> Plan:
-    """plan_revisions in a thread (it evaluates Nix), against the cache clone."""
-    from planner.revisions import plan_revisions
-
+    """plan_revisions outside the event loop (`bot.planning`), against the cache clone."""
     git = ctx.git
     if git is None:
         raise PlanningError("the Git cache is not set up")
-    return await asyncio.to_thread(
-        plan_revisions,
-        git.path,
-        base,
-        head,
-        manifest_path=ctx.settings.manifest_path,
-        cache=ctx.eval_cache,
+    return await ctx.planning.plan_revisions(
+        git.path, base, head, manifest_path=ctx.settings.manifest_path
     )
 
 

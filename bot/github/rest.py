@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from bot.github.client import GitHubClient, split_repo
+from bot.jobs import current_job
 
 PLAN_CONTEXT = "nixmox/plan"
 DEPLOY_CONTEXT = "nixmox/deploy"
@@ -77,8 +78,21 @@ async def set_status(
     await gh.post("/repos/{owner}/{repo}/statuses/{sha}", url_vars=repo.vars(sha=sha), data=data)
 
 
-async def comment(gh: GitHubClient, repo: Repo, number: int, body: str) -> dict[str, Any]:
-    # gidgethub returns the decoded JSON as Any; this endpoint answers with one object
+async def comment(
+    gh: GitHubClient, repo: Repo, number: int, body: str, *, mark: bool = True
+) -> dict[str, Any]:
+    """Post a comment; in a job, marked with the job id (`bot.jobs.JobContext.marker`), and
+    in a re-run of the job, not posted again if the dead attempt posted it already.
+
+    `mark=False`: a comment found again by other means (plan comments, edited in place)."""
+    job = current_job.get() if mark else None
+    if job is not None:
+        marker = job.marker(job.next_step("comment"))
+        if job.rerun:
+            for posted in await list_comments(gh, repo, number):
+                if marker in str(posted.get("body") or ""):
+                    return posted
+        body = f"{body}\n\n{marker}"
     created: dict[str, Any] = await gh.post(
         "/repos/{owner}/{repo}/issues/{number}/comments",
         url_vars=repo.vars(number=number),
