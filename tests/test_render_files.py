@@ -10,7 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cli.main import main
-from runners.terraform import hcl
+from runners.terraform_files import hcl
 
 MODULE = """
 variable "ip" { type = string }
