@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.github import ANNOTATIONS_PER_REQUEST, FakeGitHub
-from tests.fixtures_github import MANIFEST_PATH, ManifestRepo, Payloads, add_port, break_manifest
+from tests.fixtures_github import ManifestRepo, Payloads, add_port, break_manifest
+from tests.fixtures_manifests import MANIFEST_PATH
 from tests.test_github_app_manifest import app_bot, app_github  # noqa: F401  (fixtures)
 from tests.test_github_client import app_key  # noqa: F401  (the App's key pair fixture)
 from tests.test_github_pulls import open_pr

@@ -36,18 +36,19 @@ from runners.base import (
 )
 from state.store import Store
 from tests.fakes.github import FakeGitHub
-from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
-from tests.fixtures_github import REPO_ROOT, ManifestRepo
+from tests.fakes.slack import FakeSlack, Message
+from tests.fixtures_github import ManifestRepo
+from tests.fixtures_manifests import SMALL_MANIFEST
 from tests.fixtures_slack import (
     APPROVER,
     CHANNEL,
     PROGRESS_INTERVAL,
     REQUESTER,
-    SIGNING_SECRET,
+    slack_overrides,
     slack_settings,
 )
 
-SMALL = REPO_ROOT / "manifests" / "small.nix"
+SMALL = SMALL_MANIFEST
 DEPLOY = "nixmox/deploy"
 LEASE = timedelta(milliseconds=200)
 DEAD_HOLDER = "deployment (bot-0:4242)"
@@ -57,16 +58,6 @@ BEFORE_VERIFY = [
     "verify:postgresql",
     "nix:service-config:gitea",
 ]
-
-
-def slack_overrides(fake: FakeSlack) -> dict[str, Any]:
-    return {
-        "slack_signing_secret": SIGNING_SECRET,
-        "slack_bot_token": DEFAULT_TOKEN,
-        "slack_api_url": fake.api_url,
-        "slack_channel": CHANNEL,
-        "slack_approvers": [APPROVER],
-    }
 
 
 def small_plan(head: str, service: str | None = None) -> Plan:

@@ -8,21 +8,17 @@ from typing import Any
 from bot.slack import SLACK_BOT
 from runners.base import DeploymentState, Trigger
 from tests.fakes.github import FakeGitHub
-from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
+from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_github import ManifestRepo, Payloads, add_port
-from tests.fixtures_slack import APPROVER, CHANNEL, PROGRESS_INTERVAL, SIGNING_SECRET, SlackDriver
+from tests.fixtures_slack import (
+    APPROVER,
+    CHANNEL,
+    PROGRESS_INTERVAL,
+    SlackDriver,
+    slack_overrides,
+)
 
 DEPLOY = "nixmox/deploy"
-
-
-def slack_overrides(fake: FakeSlack) -> dict[str, Any]:
-    return {
-        "slack_signing_secret": SIGNING_SECRET,
-        "slack_bot_token": DEFAULT_TOKEN,
-        "slack_api_url": fake.api_url,
-        "slack_channel": CHANNEL,
-        "slack_approvers": [APPROVER],
-    }
 
 
 async def both_bots(make_bot: Any, fake_slack: FakeSlack) -> Any:
