@@ -153,16 +153,31 @@ def _undo(record: DeploymentRecord, service: str | None) -> RollbackPlan:
     targets = {name: pair[0] for name, pair in systems.items() if pair[0]}
     if not targets:
         raise RollbackError(NO_PREVIOUS.format(id=record.id, services=", ".join(services)))
-    plan = rollback_steps(manifest, targets, record.head, record.base)
+    description = (
+        f"undo deployment {record.id}: {', '.join(sorted(targets))} back to "
+        "the systems they ran before it"
+    )
+    return _rollback_plan(record, service, manifest, targets, record.head, record.base, description)
+
+
+def _rollback_plan(
+    record: DeploymentRecord,
+    service: str | None,
+    manifest: Manifest,
+    targets: dict[str, str],
+    base: str | None,
+    head: str | None,
+    description: str,
+) -> RollbackPlan:
+    """The rollback of `record` (or of its `service`) to `targets`, ending at revision `head`."""
     return RollbackPlan(
-        plan=plan,
+        plan=rollback_steps(manifest, targets, base, head),
         manifest=manifest,
         targets=targets,
-        revision=record.base,
+        revision=head,
         scope=service if service is not None else record.scope,
         source_deployment=record.id,
-        description=f"undo deployment {record.id}: {', '.join(sorted(targets))} back to "
-        "the systems they ran before it",
+        description=description,
     )
 
 
@@ -192,16 +207,8 @@ def _to_deployment(record: DeploymentRecord, service: str | None) -> RollbackPla
     targets = {name: pair[1] for name, pair in systems.items() if pair[1]}
     if not targets:
         raise RollbackError(NO_SYSTEMS.format(id=record.id, services=", ".join(services)))
-    plan = rollback_steps(manifest, targets, None, record.head)
-    return RollbackPlan(
-        plan=plan,
-        manifest=manifest,
-        targets=targets,
-        revision=record.head,
-        scope=service if service is not None else record.scope,
-        source_deployment=record.id,
-        description=f"{', '.join(sorted(targets))} back to the systems of deployment {record.id}",
-    )
+    description = f"{', '.join(sorted(targets))} back to the systems of deployment {record.id}"
+    return _rollback_plan(record, service, manifest, targets, None, record.head, description)
 
 
 async def _to_revision(
