@@ -42,33 +42,18 @@ async def store(store_url: str) -> AsyncIterator[Store]:
 
 def small_plan(head: str = "rev-b", base: str | None = "rev-a") -> Plan:
     """tf:infra -> nix:core:postgresql -> verify:postgresql -> nix:service-config:gitea -> verify."""
-    steps = {
-        "tf:infra": Step(id="tf:infra", phase=Phase.TF_INFRA),
-        "nix:core:postgresql": Step(
-            id="nix:core:postgresql",
-            phase=Phase.NIX_CORE,
-            service="postgresql",
-            needs=["tf:infra"],
-        ),
-        "verify:postgresql": Step(
-            id="verify:postgresql",
-            phase=Phase.VERIFY,
-            service="postgresql",
-            needs=["nix:core:postgresql"],
-        ),
-        "nix:service-config:gitea": Step(
-            id="nix:service-config:gitea",
-            phase=Phase.NIX_SERVICE_CONFIG,
-            service="gitea",
-            needs=["verify:postgresql"],
-        ),
-        "verify:gitea": Step(
-            id="verify:gitea",
-            phase=Phase.VERIFY,
-            service="gitea",
-            needs=["nix:service-config:gitea"],
-        ),
-    }
+    links = [
+        ("tf:infra", Phase.TF_INFRA, None),
+        ("nix:core:postgresql", Phase.NIX_CORE, "postgresql"),
+        ("verify:postgresql", Phase.VERIFY, "postgresql"),
+        ("nix:service-config:gitea", Phase.NIX_SERVICE_CONFIG, "gitea"),
+        ("verify:gitea", Phase.VERIFY, "gitea"),
+    ]
+    steps: dict[str, Step] = {}
+    needs: list[str] = []
+    for sid, phase, service in links:  # each step needs the one before
+        steps[sid] = Step(id=sid, phase=phase, service=service, needs=needs)
+        needs = [sid]
     return finalize(steps, base=base, head=head)
 
 
