@@ -22,18 +22,8 @@ from bot.slack import SLACK_BOT
 from bot.slack.names import Audit
 from planner.plan import Plan, plan_full
 from planner.source import load_manifest
-from runners.base import (
-    DeploymentKind,
-    DeploymentStarted,
-    DeploymentState,
-    Event,
-    StepFinished,
-    StepStarted,
-    StepState,
-    Subscriber,
-    Trigger,
-    utcnow,
-)
+from runners.base import DeploymentKind, DeploymentState, StepState, Subscriber, Trigger, utcnow
+from state import events
 from state.store import Store
 from tests.fakes.github import FakeGitHub
 from tests.fakes.slack import FakeSlack, Message
@@ -64,7 +54,7 @@ def small_plan(head: str, service: str | None = None) -> Plan:
     return plan_full(load_manifest(SMALL), service=service, head=head)
 
 
-async def emit(event: Event, store: Store, subscribers: list[Subscriber]) -> None:
+async def emit(event: events.Event, store: Store, subscribers: list[Subscriber]) -> None:
     """What the executor does with every event: record it, then tell the notifiers."""
     await store.deployments.record_event(event)
     for subscriber in subscribers:
@@ -95,13 +85,15 @@ async def left_running(
         scope=scope,
     )
     steps = {step.id: step for step in plan.steps}
-    await emit(DeploymentStarted(deployment_id, plan, kind=request.kind), store, subscribers)
+    await emit(events.DeploymentStarted(deployment_id, plan, kind=request.kind), store, subscribers)
     for step_id in done:
-        await emit(StepStarted(deployment_id, steps[step_id]), store, subscribers)
+        await emit(events.StepStarted(deployment_id, steps[step_id]), store, subscribers)
         await emit(
-            StepFinished(deployment_id, steps[step_id], StepState.SUCCEEDED), store, subscribers
+            events.StepFinished(deployment_id, steps[step_id], StepState.SUCCEEDED),
+            store,
+            subscribers,
         )
-    await emit(StepStarted(deployment_id, steps[running]), store, subscribers)
+    await emit(events.StepStarted(deployment_id, steps[running]), store, subscribers)
     return deployment_id
 
 
