@@ -49,6 +49,20 @@ SMALL = SMALL_MANIFEST.read_text()
 FAST = RunnerConfig(simulate=SimulateConfig(scale=0.005))
 
 
+def simulated_in(
+    tmp_path: Path, config: RunnerConfig = FAST, work: str = "work"
+) -> ExecutionOptions:
+    """Simulated runners, exporting revisions under `tmp_path / work`."""
+    return ExecutionOptions(
+        runner_kind=RunnerKind.SIMULATE, runner_config=config, work_root=tmp_path / work
+    )
+
+
+def main_source(repo: git.Repo) -> GitSource:
+    """The test repository's revisions, manifest at MANIFEST_PATH."""
+    return GitSource(Path(str(repo.working_tree_dir)), manifest_path=MANIFEST_PATH)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -105,7 +119,7 @@ async def test_deploys_the_exported_revision_not_the_working_copy(
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
+        main_source(repo),
         options=ExecutionOptions(runners=recording_set(recorder), work_root=tmp_path / "work"),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
@@ -149,10 +163,8 @@ async def test_second_deploy_of_the_same_revision_has_nothing_to_do(
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
@@ -175,10 +187,8 @@ async def test_a_failed_deployment_is_planned_again(
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=config, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path, config),
     )
     assert record is not None and record.state is DeploymentState.FAILED
     assert record.step("verify:gitea").state is StepState.SKIPPED  # type: ignore[union-attr]
@@ -217,7 +227,7 @@ async def test_a_second_deployment_is_refused_then_waits(
             store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH
         )
         recorder = Recorder(release=asyncio.Event())
-        source = GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH)
+        source = main_source(repo)
         work_root = tmp_path / "work"
         first = asyncio.create_task(
             start_deployment(
@@ -265,7 +275,7 @@ async def test_locks_are_renewed_while_running_and_released_after(
         start_deployment(
             store,
             plan,
-            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
+            main_source(repo),
             options=ExecutionOptions(
                 runners=recording_set(Recorder(seconds=0.25)),  # 5 steps: well past the lease
                 lock_lease=lease,
@@ -294,7 +304,7 @@ async def test_cancelled_deployment_is_recorded_interrupted(
         start_deployment(
             store,
             plan,
-            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
+            main_source(repo),
             options=ExecutionOptions(runners=recording_set(recorder), work_root=tmp_path / "work"),
         )
     )
@@ -338,7 +348,7 @@ async def test_a_deployment_that_loses_a_lock_stops_interrupted(
             start_deployment(
                 store,
                 plan,
-                GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
+                main_source(repo),
                 options=ExecutionOptions(
                     runners=recording_set(recorder),
                     lock_lease=timedelta(seconds=0.6),
@@ -404,10 +414,8 @@ async def deploy_twice(store: Store, repo: git.Repo, tmp_path: Path) -> tuple[st
         record = await start_deployment(
             store,
             plan,
-            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
-            options=ExecutionOptions(
-                runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-            ),
+            main_source(repo),
+            options=simulated_in(tmp_path),
         )
         assert record is not None and record.state is DeploymentState.SUCCEEDED
         ids.append(record.id)
@@ -435,9 +443,7 @@ async def test_rollback_undoes_the_last_deployment(
         store,
         prepared,
         requester=Requester(requested_by="alice"),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
     )
     assert record is not None
     assert (record.kind, record.state) == (DeploymentKind.ROLLBACK, DeploymentState.SUCCEEDED)
@@ -472,9 +478,7 @@ async def test_rollback_to_a_deployment_and_per_service(
     record = await start_rollback(
         store,
         prepared,
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "w"
-        ),
+        options=simulated_in(tmp_path, work="w"),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert (await store.services.all())["gitea"].system_path == installed
@@ -494,9 +498,7 @@ async def test_rollback_to_a_revision_deploys_it(
         store,
         prepared,
         manifest_path=MANIFEST_PATH,
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
     )
     assert record is not None and record.kind is DeploymentKind.ROLLBACK
     assert record.state is DeploymentState.SUCCEEDED
@@ -553,11 +555,9 @@ async def test_subscribers_receive_events_and_a_failing_one_changes_nothing(
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
+        main_source(repo),
         requester=Requester(trigger=Trigger.SLACK, requested_by="U_ALICE", approved_by="U_BOB"),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
         subscribers=[broken, listen],
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
@@ -581,9 +581,7 @@ async def test_planning_after_a_file_deploy_or_per_service(
         store,
         plan_full(manifest),
         DirectorySource(Path(REPO_ROOT / "manifests")),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
         manifest=manifest,
     )
     assert from_file is not None and from_file.head.startswith("sha256:")  # type: ignore[union-attr]
@@ -593,10 +591,8 @@ async def test_planning_after_a_file_deploy_or_per_service(
     await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path),
     )
     head = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
     only = await plan_for_deploy(
@@ -607,10 +603,8 @@ async def test_planning_after_a_file_deploy_or_per_service(
     record = await start_deployment(
         store,
         only,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path),
         scope="gitea",
     )
     assert record is not None and record.scope == "gitea"
