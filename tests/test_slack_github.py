@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bot.slack import SLACK_BOT
 from runners.base import DeploymentState, Trigger
 from tests.fakes.github import FakeGitHub
@@ -21,7 +23,9 @@ from tests.fixtures_slack import (
 DEPLOY = "nixmox/deploy"
 
 
+@pytest.fixture
 async def both_bots(make_bot: Any, fake_slack: FakeSlack) -> Any:
+    """One bot with GitHub and Slack on, Slack's edits paced as the fake expects."""
     bot = await make_bot(**slack_overrides(fake_slack))
     bot.app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     return bot
@@ -38,13 +42,13 @@ async def merge(bot: Any, payloads: Payloads, repo: ManifestRepo) -> str:
 
 
 async def test_a_merge_is_announced_and_followed_in_slack(
-    make_bot: Any,
+    both_bots: Any,
     manifest_repo: ManifestRepo,
     payloads: Payloads,
     fake_github: FakeGitHub,
     fake_slack: FakeSlack,
 ) -> None:
-    bot = await both_bots(make_bot, fake_slack)
+    bot = both_bots
     after = await merge(bot, payloads, manifest_repo)
     await bot.app[SLACK_BOT].idle()
 
@@ -60,12 +64,12 @@ async def test_a_merge_is_announced_and_followed_in_slack(
 
 
 async def test_a_slack_deployment_sets_github_statuses_and_deployment(
-    make_bot: Any,
+    both_bots: Any,
     manifest_repo: ManifestRepo,
     fake_github: FakeGitHub,
     fake_slack: FakeSlack,
 ) -> None:
-    bot = await both_bots(make_bot, fake_slack)
+    bot = both_bots
     driver = SlackDriver(bot.client, fake_slack)
     head = manifest_repo.repo.heads.main.commit.hexsha
 
@@ -93,13 +97,13 @@ async def test_a_slack_deployment_sets_github_statuses_and_deployment(
 
 
 async def test_a_failing_slack_api_never_fails_a_deployment(
-    make_bot: Any,
+    both_bots: Any,
     manifest_repo: ManifestRepo,
     payloads: Payloads,
     fake_github: FakeGitHub,
     fake_slack: FakeSlack,
 ) -> None:
-    bot = await both_bots(make_bot, fake_slack)
+    bot = both_bots
     fake_slack.http_fail = {"chat.postMessage", "chat.update"}
     after = await merge(bot, payloads, manifest_repo)
     await bot.app[SLACK_BOT].idle()
