@@ -69,12 +69,15 @@ def workspace_files(runner: TerraformRunner, ws: Workspace) -> dict[str, str]:
     `terraform.tfvars` instead of the runner's `nixmox.auto.tfvars.json`.
     """
     lines = runner.lines(ws)
-    head = lambda what: SCRIPT_HEAD.format(  # noqa: E731
-        what=what,
-        workspace=ws.name or "default",
-        module=ws.module,
-        data_dir=shlex.quote(str(runner.data_dir(ws))),
-    )
+
+    def head(what: str) -> str:
+        return SCRIPT_HEAD.format(
+            what=what,
+            workspace=ws.name or "default",
+            module=ws.module,
+            data_dir=shlex.quote(str(runner.data_dir(ws))),
+        )
+
     backend = shlex.quote(str(ws.directory / BACKEND_FILE))
     install_backend = (
         f"if ! grep -qE '^\\s*(backend\\s+\"|cloud\\s*\\{{)' {shlex.quote(str(ws.directory))}/*.tf "
