@@ -21,7 +21,8 @@ from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, load_manifest_at, resolve_revision
 from runners.base import Context, DeploymentKind, DeploymentState, StepState, Subscriber
-from runners.executor import ExecutionResult, Executor
+from runners.executor import Executor
+from runners.outcome import ExecutionResult
 from runners.registry import RunnerKind, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store

@@ -27,7 +27,8 @@ from runners.base import (
     StepState,
 )
 from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor, RecordingFailed
+from runners.executor import Executor
+from runners.outcome import RecordingFailed
 from runners.registry import RunnerKind, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store

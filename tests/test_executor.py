@@ -13,7 +13,8 @@ from planner.models import Manifest
 from planner.plan import Phase, Plan, Step, finalize, plan_full
 from runners.base import Context, DeploymentKind, DeploymentState, StepResult, StepState
 from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor, RecordingFailed, critical_path
+from runners.executor import Executor, critical_path
+from runners.outcome import RecordingFailed
 from runners.registry import build_runners
 from runners.simulate import SimulatedRunner, system_path
 from state import events

@@ -12,7 +12,7 @@ from bot.github.pulls import MARKER_PREFIX, upsert_plan_comment
 from bot.github.rest import DESCRIPTION_LIMIT, Repo, StatusState, set_status
 from bot.slack.notifier import MessagePacer, SlackNotifier
 from planner.findings import Finding, Severity
-from planner.plan import Plan, Step
+from planner.plan import Phase, Plan, Step
 from runners.base import DeploymentFinished, DeploymentStarted, DeploymentState
 from tests.fakes.recording import RecordingGitHub, RecordingSlack
 
@@ -100,7 +100,7 @@ async def test_a_check_run_update_takes_over_the_unfinished_run_and_batches_anno
 
 async def test_slack_progress_edits_the_message_it_took_over() -> None:
     slack = RecordingSlack()
-    plan = Plan(steps=[Step(id="verify:app", phase="verify", service="app")])
+    plan = Plan(steps=[Step(id="verify:app", phase=Phase.VERIFY, service="app")])
     links: list[tuple[str, str, str]] = []
 
     async def link(deployment_id: str, channel: str, ts: str) -> None:
