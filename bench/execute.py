@@ -38,7 +38,8 @@ from planner.plan import Plan, Step, plan_full
 from planner.synthetic import synthetic_manifest
 from runners.base import Context, DeploymentState
 from runners.config import NixosConfig, RunnerConfig, SimulateConfig
-from runners.executor import ExecutionResult, Executor, critical_path
+from runners.executor import Executor, critical_path
+from runners.outcome import ExecutionResult
 from runners.registry import build_runners
 
 GOAL = 1.05

@@ -18,7 +18,8 @@ from planner.models import Manifest
 from runners.config import ConfigError, RunnerConfig
 from runners.health import health_check_script
 from runners.paths import PathEscapeError, contained
-from runners.terraform import TerraformRunner, rendered_workspaces
+from runners.terraform import TerraformRunner
+from runners.terraform_files import rendered_workspaces
 
 EXECUTABLE = 0o755
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from planner.plan import Plan
-from runners.executor import ExecutionResult
+from runners.outcome import ExecutionResult
 from state.locks import LockLost
 from state.store import Store
 

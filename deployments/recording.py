@@ -18,7 +18,7 @@ from runners.base import (
     StepState,
     Subscriber,
 )
-from runners.executor import ExecutionResult
+from runners.outcome import ExecutionResult
 from runners.registry import RunnerKind, RunnerSet
 from state.deployments import DeploymentRecord
 from state.locks import LockLost

@@ -21,7 +21,8 @@ from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, load_manifest_at, resolve_revision
 from runners.base import Context, DeploymentKind, DeploymentState, StepState, Subscriber
-from runners.executor import ExecutionResult, Executor
+from runners.executor import Executor
+from runners.outcome import ExecutionResult
 from runners.registry import RunnerKind, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store
@@ -153,16 +154,31 @@ def _undo(record: DeploymentRecord, service: str | None) -> RollbackPlan:
     targets = {name: pair[0] for name, pair in systems.items() if pair[0]}
     if not targets:
         raise RollbackError(NO_PREVIOUS.format(id=record.id, services=", ".join(services)))
-    plan = rollback_steps(manifest, targets, record.head, record.base)
+    description = (
+        f"undo deployment {record.id}: {', '.join(sorted(targets))} back to "
+        "the systems they ran before it"
+    )
+    return _rollback_plan(record, service, manifest, targets, record.head, record.base, description)
+
+
+def _rollback_plan(
+    record: DeploymentRecord,
+    service: str | None,
+    manifest: Manifest,
+    targets: dict[str, str],
+    base: str | None,
+    head: str | None,
+    description: str,
+) -> RollbackPlan:
+    """The rollback of `record` (or of its `service`) to `targets`, ending at revision `head`."""
     return RollbackPlan(
-        plan=plan,
+        plan=rollback_steps(manifest, targets, base, head),
         manifest=manifest,
         targets=targets,
-        revision=record.base,
+        revision=head,
         scope=service if service is not None else record.scope,
         source_deployment=record.id,
-        description=f"undo deployment {record.id}: {', '.join(sorted(targets))} back to "
-        "the systems they ran before it",
+        description=description,
     )
 
 
@@ -192,16 +208,8 @@ def _to_deployment(record: DeploymentRecord, service: str | None) -> RollbackPla
     targets = {name: pair[1] for name, pair in systems.items() if pair[1]}
     if not targets:
         raise RollbackError(NO_SYSTEMS.format(id=record.id, services=", ".join(services)))
-    plan = rollback_steps(manifest, targets, None, record.head)
-    return RollbackPlan(
-        plan=plan,
-        manifest=manifest,
-        targets=targets,
-        revision=record.head,
-        scope=service if service is not None else record.scope,
-        source_deployment=record.id,
-        description=f"{', '.join(sorted(targets))} back to the systems of deployment {record.id}",
-    )
+    description = f"{', '.join(sorted(targets))} back to the systems of deployment {record.id}"
+    return _rollback_plan(record, service, manifest, targets, None, record.head, description)
 
 
 async def _to_revision(

@@ -34,7 +34,8 @@ from planner.models import Manifest
 from planner.plan import Plan
 from planner.source import export_tree, load_manifest
 from runners.base import Context, DeploymentKind, Subscriber
-from runners.executor import ExecutionResult, Executor
+from runners.executor import Executor
+from runners.outcome import ExecutionResult
 from runners.registry import RunnerSet
 from state.deployments import DeploymentRecord
 from state.locks import LockBusy

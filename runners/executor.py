@@ -20,9 +20,7 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import networkx as nx
 
@@ -32,7 +30,6 @@ from runners.base import (
     DeploymentFinished,
     DeploymentKind,
     DeploymentStarted,
-    DeploymentState,
     Event,
     RollbackFinished,
     RollbackStarted,
@@ -46,6 +43,8 @@ from runners.base import (
     utcnow,
 )
 from runners.builds import BuildFailed, Prebuilding
+from runners.event_bus import EventBus
+from runners.outcome import ExecutionResult, RecordingFailed, StepOutcome, overall_state
 from runners.registry import RunnerSet
 
 log = logging.getLogger(__name__)
@@ -67,72 +66,6 @@ INTERRUPTED = "the deployment was interrupted"
 NOT_RECORDED = "the state store could not record {event}: {error}"
 
 
-class RecordingFailed(Exception):
-    """The recorder could not persist a transition; the execution stopped."""
-
-
-@dataclass
-class StepOutcome:
-    """Where one step ended up."""
-
-    step: Step
-    state: StepState = StepState.PENDING
-    attempt: int = 0
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    result: StepResult | None = None
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.step.id,
-            "state": self.state.value,
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-        }
-
-
-@dataclass
-class ExecutionResult:
-    """The outcome of one execution: per-step outcomes (plan order) and the overall state."""
-
-    deployment_id: str
-    kind: DeploymentKind
-    state: DeploymentState
-    steps: dict[str, StepOutcome]
-    started_at: datetime
-    finished_at: datetime
-    rollbacks: dict[str, StepResult] = field(default_factory=dict)
-
-    @property
-    def seconds(self) -> float:
-        return (self.finished_at - self.started_at).total_seconds()
-
-    def states(self) -> dict[str, StepState]:
-        return {sid: outcome.state for sid, outcome in self.steps.items()}
-
-    def to_json(self) -> dict[str, Any]:
-        """The documented `--json` record of `deploy` and `rollback`."""
-        return {
-            "id": self.deployment_id,
-            "kind": self.kind.value,
-            "state": self.state.value,
-            "steps": [outcome.to_json() for outcome in self.steps.values()],
-        }
-
-
-def overall_state(outcomes: Iterable[StepOutcome]) -> DeploymentState:
-    """failed beats interrupted beats rolled_back beats succeeded."""
-    states = {outcome.state for outcome in outcomes}
-    if StepState.FAILED in states:
-        return DeploymentState.FAILED
-    if states & {StepState.INTERRUPTED, StepState.PENDING, StepState.RUNNING}:
-        return DeploymentState.INTERRUPTED
-    if StepState.ROLLED_BACK in states:
-        return DeploymentState.ROLLED_BACK
-    return DeploymentState.SUCCEEDED
-
-
 def remaining_path(
     plan: Plan, weight: Callable[[Step], float], graph: nx.DiGraph[str] | None = None
 ) -> dict[str, float]:
@@ -149,48 +82,6 @@ def remaining_path(
 def critical_path(plan: Plan, weight: Callable[[Step], float]) -> float:
     """The plan's shortest possible duration with unlimited parallelism."""
     return max(remaining_path(plan, weight).values(), default=0.0)
-
-
-class EventBus:
-    """Delivers events to each subscriber in order, through one queue and worker per subscriber."""
-
-    def __init__(self, subscribers: Iterable[Subscriber], *, timeout: float) -> None:
-        self.subscribers = list(subscribers)
-        self.timeout = timeout
-        self.queues: list[asyncio.Queue[Event | None]] = []
-        self.workers: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        for subscriber in self.subscribers:
-            queue: asyncio.Queue[Event | None] = asyncio.Queue()
-            self.queues.append(queue)
-            self.workers.append(asyncio.create_task(self._deliver(subscriber, queue)))
-
-    def publish(self, event: Event) -> None:
-        for queue in self.queues:
-            queue.put_nowait(event)
-
-    async def _deliver(self, subscriber: Subscriber, queue: asyncio.Queue[Event | None]) -> None:
-        name = getattr(subscriber, "__qualname__", repr(subscriber))
-        while (event := await queue.get()) is not None:
-            try:
-                await asyncio.wait_for(subscriber(event), self.timeout)
-            except TimeoutError:
-                log.warning("subscriber %s took over %gs on %s; skipped", name, self.timeout, event)
-            except Exception:
-                log.exception("subscriber %s failed on %s; the deployment goes on", name, event)
-
-    async def close(self, drain_timeout: float) -> None:
-        """Let every subscriber finish its queue (bounded), then stop the workers."""
-        for queue in self.queues:
-            queue.put_nowait(None)
-        if not self.workers:
-            return
-        _, pending = await asyncio.wait(self.workers, timeout=drain_timeout)
-        for task in pending:
-            log.warning("a subscriber did not finish its events in %gs; dropped", drain_timeout)
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
 
 
 class _RollbackRunner:

@@ -9,20 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from planner.plan import NIX_PHASES, Phase, Plan
-from state.events import (
-    DeploymentFinished,
-    DeploymentKind,
-    DeploymentStarted,
-    DeploymentState,
-    Event,
-    RollbackFinished,
-    RollbackStarted,
-    StepFinished,
-    StepOutput,
-    StepStarted,
-    StepState,
-    Trigger,
-)
+from state import events
+from state.events import DeploymentKind, DeploymentState, StepState, Trigger
 from state.schema import deployments, steps
 from state.services import Health, set_health_in, upsert_service
 
@@ -53,24 +41,24 @@ class EventRecorder:
         self.engine = engine
         self.deployments = deployments
 
-    async def record(self, event: Event) -> None:
+    async def record(self, event: events.Event) -> None:
         """Dispatch one event to the handler of its type."""
-        if isinstance(event, DeploymentStarted):
+        if isinstance(event, events.DeploymentStarted):
             await self._deployment_started(event)
-        elif isinstance(event, StepStarted):
+        elif isinstance(event, events.StepStarted):
             await self._step_started(event)
-        elif isinstance(event, StepOutput):
+        elif isinstance(event, events.StepOutput):
             await self._step_output(event)
-        elif isinstance(event, StepFinished):
+        elif isinstance(event, events.StepFinished):
             await self._step_finished(event)
-        elif isinstance(event, RollbackStarted):
+        elif isinstance(event, events.RollbackStarted):
             await self._rollback_started(event)
-        elif isinstance(event, RollbackFinished):
+        elif isinstance(event, events.RollbackFinished):
             await self._rollback_finished(event)
-        elif isinstance(event, DeploymentFinished):
+        elif isinstance(event, events.DeploymentFinished):
             await self._deployment_finished(event)
 
-    async def _deployment_started(self, event: DeploymentStarted) -> None:
+    async def _deployment_started(self, event: events.DeploymentStarted) -> None:
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 deployments.update()
@@ -91,7 +79,7 @@ class EventRecorder:
             await self.deployments.set_state(event.deployment_id, DeploymentState.RUNNING)
 
     async def _upsert_step(
-        self, conn: AsyncConnection, event: Event, step: Any, **values: Any
+        self, conn: AsyncConnection, event: events.Event, step: Any, **values: Any
     ) -> None:
         where = sa.and_(steps.c.deployment_id == event.deployment_id, steps.c.step_id == step.id)
         result = await conn.execute(steps.update().where(where).values(**values))
@@ -116,7 +104,7 @@ class EventRecorder:
                 )
             )
 
-    async def _step_started(self, event: StepStarted) -> None:
+    async def _step_started(self, event: events.StepStarted) -> None:
         async with self.engine.begin() as conn:
             await self._upsert_step(
                 conn,
@@ -129,11 +117,11 @@ class EventRecorder:
                 reason=None,
             )
 
-    async def _step_output(self, event: StepOutput) -> None:
+    async def _step_output(self, event: events.StepOutput) -> None:
         text = event.text if event.text.endswith("\n") else event.text + "\n"
         await self._append_output(event.deployment_id, event.step_id, text)
 
-    async def _step_finished(self, event: StepFinished) -> None:
+    async def _step_finished(self, event: events.StepFinished) -> None:
         values: dict[str, Any] = {
             "state": str(event.state),
             "finished_at": event.at,
@@ -152,7 +140,7 @@ class EventRecorder:
         )
         async with self.engine.begin() as conn:
             streamed = (await conn.execute(sa.select(steps.c.output).where(where))).scalar()
-            # output streamed through StepOutput events is kept (it may hold a rollback's
+            # output streamed through events.StepOutput events is kept (it may hold a rollback's
             # and a re-verification's output too); otherwise the result's output is stored
             if streamed:
                 if len(streamed) > MAX_OUTPUT:
@@ -172,12 +160,12 @@ class EventRecorder:
                 .values(output=sa.func.coalesce(steps.c.output, "") + text)
             )
 
-    async def _rollback_started(self, event: RollbackStarted) -> None:
+    async def _rollback_started(self, event: events.RollbackStarted) -> None:
         """Say in the failed step's output that its service is being rolled back."""
         note = ROLLBACK_NOTE.format(service=event.service, cause=event.cause)
         await self._append_output(event.deployment_id, event.cause, note)
 
-    async def _rollback_finished(self, event: RollbackFinished) -> None:
+    async def _rollback_finished(self, event: events.RollbackFinished) -> None:
         """A service rolled back: its running system is the one recorded before the deploy."""
         if event.result is not None and event.result.output:
             async with self.engine.connect() as conn:
@@ -217,7 +205,7 @@ class EventRecorder:
                 updated_at=event.at,
             )
 
-    async def _deployment_finished(self, event: DeploymentFinished) -> None:
+    async def _deployment_finished(self, event: events.DeploymentFinished) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
                 deployments.update()
@@ -243,7 +231,12 @@ class EventRecorder:
                 await self._service_outcome(conn, name, rows, event, head)
 
     async def _service_outcome(
-        self, conn: AsyncConnection, name: str, rows: list[Any], event: Event, head: str | None
+        self,
+        conn: AsyncConnection,
+        name: str,
+        rows: list[Any],
+        event: events.Event,
+        head: str | None,
     ) -> None:
         """Record what a finished deployment left a service running."""
         values: dict[str, Any] = {"last_deployment_id": event.deployment_id, "updated_at": event.at}
@@ -258,7 +251,7 @@ class EventRecorder:
         await upsert_service(conn, name, **values)
 
 
-def _health_after(event: StepFinished) -> Health | None:
+def _health_after(event: events.StepFinished) -> Health | None:
     """What a finished step says about its service's health, if anything."""
     if event.state is StepState.ROLLED_BACK:
         return Health.HEALTHY  # rolled back and re-verified

@@ -21,10 +21,8 @@ from openapi_core import Config, OpenAPI
 
 from bot.config import Settings
 from tests.fakes.github import DEFAULT_TOKEN, FakeGitHub
+from tests.fixtures_manifests import MANIFEST_PATH, SMALL_MANIFEST
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL_MANIFEST = REPO_ROOT / "manifests" / "small.nix"
-MANIFEST_PATH = "nixos/service-manifest.nix"
 TEST_REPO = "octo-org/homelab"
 WEBHOOK_SECRET = "It's a Secret to Everybody"
 OPENAPI_FILE = ("octokit-openapi-23.0.2", "generated/api.github.com.json")
@@ -278,6 +276,15 @@ def bot_settings(tmp_path: Path, api_url: str, remote: Path, **overrides: Any) -
         "github_token": DEFAULT_TOKEN,
         "github_api_url": api_url,
         "repo": TEST_REPO,
+        **local_bot_values(tmp_path, remote),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def local_bot_values(tmp_path: Path, remote: Path) -> dict[str, Any]:
+    """What every test bot shares: a local remote, SQLite, simulated runners, the test URL."""
+    return {
         "git_remote": str(remote),
         "database_url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
         "runner": "simulate",
@@ -285,8 +292,6 @@ def bot_settings(tmp_path: Path, api_url: str, remote: Path, **overrides: Any) -
         "public_url": "http://bot.test",
         "manifest_path": MANIFEST_PATH,
     }
-    values.update(overrides)
-    return Settings(**values)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from slack_sdk.signature import SignatureVerifier
 
 from bot.config import Settings
 from tests.fakes.slack import BOT_USER_ID, DEFAULT_TOKEN, TEAM_DOMAIN, TEAM_ID, FakeSlack, Message
+from tests.fixtures_github import local_bot_values
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 CHANNEL = "C0DEPLOYS"
@@ -28,7 +29,6 @@ REQUESTER = "U0REQUESTER"
 APPROVER = "U0APPROVER"
 STRANGER = "U0STRANGER"
 API_APP_ID = "A0NIXMOX"
-MANIFEST_PATH = "nixos/service-manifest.nix"
 BOLT_TYPES = "slack-bolt-4.6.0"
 COMMAND_TYPES = "dist/types/command/index.d.ts"
 ACTION_TYPES = "dist/types/actions/block-action.d.ts"
@@ -85,21 +85,23 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
 def slack_settings(tmp_path: Path, fake: FakeSlack, remote: Path, **overrides: Any) -> Settings:
     """A Slack-only bot (GitHub off) cloning the manifest from a local repository."""
     values: dict[str, Any] = {
+        **slack_overrides(fake),
+        "approval_ttl": timedelta(minutes=15),
+        **local_bot_values(tmp_path, remote),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def slack_overrides(fake: FakeSlack) -> dict[str, Any]:
+    """The settings that turn Slack on, against the fake Slack."""
+    return {
         "slack_signing_secret": SIGNING_SECRET,
         "slack_bot_token": DEFAULT_TOKEN,
         "slack_api_url": fake.api_url,
         "slack_channel": CHANNEL,
         "slack_approvers": [APPROVER],
-        "approval_ttl": timedelta(minutes=15),
-        "git_remote": str(remote),
-        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
-        "runner": "simulate",
-        "workdir": tmp_path / "work",
-        "public_url": "http://bot.test",
-        "manifest_path": MANIFEST_PATH,
     }
-    values.update(overrides)
-    return Settings(**values)
 
 
 def sign(body: bytes, timestamp: int, secret: str = SIGNING_SECRET) -> dict[str, str]:

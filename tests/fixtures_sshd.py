@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from runners.config import SshConfig
+from tests.processes import stop_process
 
 START_TIMEOUT = 10.0
 
@@ -113,9 +114,4 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
         _wait_listening(port, proc, log)
         yield SshServer("127.0.0.1", port, root / "client_key", log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)

@@ -26,10 +26,9 @@ from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind, RunnerSet, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store
+from tests.fixtures_manifests import MANIFEST_PATH, SMALL_MANIFEST
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL = (REPO_ROOT / "manifests" / "small.nix").read_text()
-MANIFEST = "nixos/service-manifest.nix"
+SMALL = SMALL_MANIFEST.read_text()
 FAST = RunnerConfig(simulate=SimulateConfig(scale=0.005))
 FAILING_VERIFY = RunnerConfig(simulate=SimulateConfig(scale=0.005, fail=["verify:gitea"]))
 MARKUP = '<script>alert("pwned")</script> & <b>bold</b>'
@@ -51,11 +50,11 @@ async def deploy(
     runners: RunnerSet | None = None,
 ) -> DeploymentRecord:
     """Plan from the store's deployed revision and run it with simulated runners."""
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
         requester=Requester(requested_by="github:alice", approved_by="slack:U2"),
         options=ExecutionOptions(
             runner_kind=RunnerKind.SIMULATE,
@@ -196,9 +195,9 @@ async def test_service_page_lists_its_deployments(
     client: Any, store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
     first = await deploy(store, repo, tmp_path)
-    path = Path(repo.working_tree_dir) / MANIFEST
+    path = Path(repo.working_tree_dir) / MANIFEST_PATH
     path.write_text(path.read_text().replace("ports = [ 3000 ]", "ports = [ 3001 ]"))
-    repo.index.add([MANIFEST])
+    repo.index.add([MANIFEST_PATH])
     repo.index.commit("gitea port")
     second = await deploy(store, repo, tmp_path)
     assert second.services == ["gitea"]

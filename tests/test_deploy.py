@@ -43,11 +43,24 @@ from runners.registry import RunnerKind, RunnerSet
 from state.locks import LockBusy
 from state.schema import locks
 from state.store import Store
+from tests.fixtures_manifests import MANIFEST_PATH, REPO_ROOT, SMALL_MANIFEST
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL = (REPO_ROOT / "manifests" / "small.nix").read_text()
-MANIFEST = "nixos/service-manifest.nix"
+SMALL = SMALL_MANIFEST.read_text()
 FAST = RunnerConfig(simulate=SimulateConfig(scale=0.005))
+
+
+def simulated_in(
+    tmp_path: Path, config: RunnerConfig = FAST, work: str = "work"
+) -> ExecutionOptions:
+    """Simulated runners, exporting revisions under `tmp_path / work`."""
+    return ExecutionOptions(
+        runner_kind=RunnerKind.SIMULATE, runner_config=config, work_root=tmp_path / work
+    )
+
+
+def main_source(repo: git.Repo) -> GitSource:
+    """The test repository's revisions, manifest at MANIFEST_PATH."""
+    return GitSource(Path(str(repo.working_tree_dir)), manifest_path=MANIFEST_PATH)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -58,11 +71,11 @@ def any_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def commit(repo: git.Repo, old: str, new: str, message: str) -> str:
-    path = Path(repo.working_tree_dir) / MANIFEST
+    path = Path(repo.working_tree_dir) / MANIFEST_PATH
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new))
-    repo.index.add([MANIFEST])
+    repo.index.add([MANIFEST_PATH])
     return repo.index.commit(message).hexsha
 
 
@@ -75,7 +88,7 @@ class Recorder:
     release: asyncio.Event | None = None
 
     async def run(self, step: Step, ctx: Context) -> StepResult:
-        manifest = ctx.workdir / MANIFEST
+        manifest = ctx.workdir / MANIFEST_PATH
         text = manifest.read_text() if manifest.exists() else ""
         self.seen.append((step.id, ctx.workdir, text))
         if self.release is not None:
@@ -97,16 +110,16 @@ async def test_deploys_the_exported_revision_not_the_working_copy(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
     first = repo.head.commit.hexsha
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     # after planning, main moves on and the working copy gets uncommitted edits
     commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "second")
-    live = Path(repo.working_tree_dir) / MANIFEST
+    live = Path(repo.working_tree_dir) / MANIFEST_PATH
     live.write_text(live.read_text() + "\n# live edit, never deployed\n")
     recorder = Recorder()
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        main_source(repo),
         options=ExecutionOptions(runners=recording_set(recorder), work_root=tmp_path / "work"),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
@@ -121,12 +134,12 @@ async def test_deploys_the_exported_revision_not_the_working_copy(
 async def test_a_plain_directory_is_snapshotted(store: Store, tmp_path: Path) -> None:
     source = tmp_path / "src"
     (source / "nixos").mkdir(parents=True)
-    (source / MANIFEST).write_text(SMALL)
+    (source / MANIFEST_PATH).write_text(SMALL)
     (source / ".git").mkdir()  # never copied
     from planner.plan import plan_full
     from planner.source import load_manifest
 
-    manifest = load_manifest(source / MANIFEST)
+    manifest = load_manifest(source / MANIFEST_PATH)
     recorder = Recorder()
     record = await start_deployment(
         store,
@@ -145,23 +158,23 @@ async def test_a_plain_directory_is_snapshotted(store: Store, tmp_path: Path) ->
 async def test_second_deploy_of_the_same_revision_has_nothing_to_do(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     assert plan.base is None and len(plan.steps) == 5
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
-    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     assert again.steps == []
     assert await start_deployment(store, again, GitSource(Path(repo.working_tree_dir))) is None
     # a change plans only what it needs, from the deployed revision
     second = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
-    change = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    change = await plan_for_deploy(
+        store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH
+    )
     assert change.base == plan.head and change.head == second
     assert change.services() == ["gitea"]
 
@@ -169,19 +182,17 @@ async def test_second_deploy_of_the_same_revision_has_nothing_to_do(
 async def test_a_failed_deployment_is_planned_again(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     config = RunnerConfig(simulate=SimulateConfig(scale=0.005, fail=["tf:infra"]))
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=config, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path, config),
     )
     assert record is not None and record.state is DeploymentState.FAILED
     assert record.step("verify:gitea").state is StepState.SKIPPED  # type: ignore[union-attr]  # a missing step fails the test
-    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     assert again.digest == plan.digest
 
 
@@ -190,7 +201,9 @@ async def test_a_locked_service_refuses_the_deployment_naming_the_holder(
 ) -> None:
     store = await Store.open(any_store_url)
     try:
-        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        plan = await plan_for_deploy(
+            store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH
+        )
         await store.locks.lock("gitea", "alice", "database migration")
         with pytest.raises(DeploymentRefused) as refused:
             await start_deployment(store, plan, GitSource(Path(repo.working_tree_dir)))
@@ -210,9 +223,11 @@ async def test_a_second_deployment_is_refused_then_waits(
 ) -> None:
     store = await Store.open(any_store_url)
     try:
-        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        plan = await plan_for_deploy(
+            store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH
+        )
         recorder = Recorder(release=asyncio.Event())
-        source = GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST)
+        source = main_source(repo)
         work_root = tmp_path / "work"
         first = asyncio.create_task(
             start_deployment(
@@ -254,13 +269,13 @@ async def test_a_second_deployment_is_refused_then_waits(
 async def test_locks_are_renewed_while_running_and_released_after(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     lease = timedelta(seconds=0.3)
     task = asyncio.create_task(
         start_deployment(
             store,
             plan,
-            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+            main_source(repo),
             options=ExecutionOptions(
                 runners=recording_set(Recorder(seconds=0.25)),  # 5 steps: well past the lease
                 lock_lease=lease,
@@ -283,13 +298,13 @@ async def test_locks_are_renewed_while_running_and_released_after(
 async def test_cancelled_deployment_is_recorded_interrupted(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     recorder = Recorder(release=asyncio.Event())
     task = asyncio.create_task(
         start_deployment(
             store,
             plan,
-            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+            main_source(repo),
             options=ExecutionOptions(runners=recording_set(recorder), work_root=tmp_path / "work"),
         )
     )
@@ -325,13 +340,15 @@ async def test_a_deployment_that_loses_a_lock_stops_interrupted(
 ) -> None:
     store = await Store.open(any_store_url)
     try:
-        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        plan = await plan_for_deploy(
+            store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH
+        )
         recorder = Recorder(release=asyncio.Event())  # the first step runs until released
         task = asyncio.create_task(
             start_deployment(
                 store,
                 plan,
-                GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+                main_source(repo),
                 options=ExecutionOptions(
                     runners=recording_set(recorder),
                     lock_lease=timedelta(seconds=0.6),
@@ -361,7 +378,7 @@ async def test_a_deployment_that_loses_a_lock_stops_interrupted(
 async def test_unknown_revision_is_a_deploy_error_and_frees_the_locks(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     with pytest.raises(DeployError, match="cannot prepare the files to deploy"):
         await start_deployment(
             store,
@@ -391,14 +408,14 @@ async def deploy_twice(store: Store, repo: git.Repo, tmp_path: Path) -> tuple[st
     for change in (None, ("ports = [ 3000 ]", "ports = [ 3001 ]")):
         if change:
             commit(repo, *change, "gitea port")
-        plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+        plan = await plan_for_deploy(
+            store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH
+        )
         record = await start_deployment(
             store,
             plan,
-            GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
-            options=ExecutionOptions(
-                runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-            ),
+            main_source(repo),
+            options=simulated_in(tmp_path),
         )
         assert record is not None and record.state is DeploymentState.SUCCEEDED
         ids.append(record.id)
@@ -426,9 +443,7 @@ async def test_rollback_undoes_the_last_deployment(
         store,
         prepared,
         requester=Requester(requested_by="alice"),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
     )
     assert record is not None
     assert (record.kind, record.state) == (DeploymentKind.ROLLBACK, DeploymentState.SUCCEEDED)
@@ -440,7 +455,7 @@ async def test_rollback_undoes_the_last_deployment(
     assert gitea.last_deployment_id == record.id
     # a full undo moves the deployed revision back too: deploying main again has work to do
     assert await store.deployments.last_deployed_revision() == before.base
-    redo = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    redo = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     assert redo.services() == ["gitea"]
 
 
@@ -463,9 +478,7 @@ async def test_rollback_to_a_deployment_and_per_service(
     record = await start_rollback(
         store,
         prepared,
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "w"
-        ),
+        options=simulated_in(tmp_path, work="w"),
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
     assert (await store.services.all())["gitea"].system_path == installed
@@ -478,16 +491,14 @@ async def test_rollback_to_a_revision_deploys_it(
 ) -> None:
     first, _ = await deploy_twice(store, repo, tmp_path)
     prepared = await prepare_rollback(
-        store, to="main~1", repo_dir=repo.working_tree_dir, manifest_path=MANIFEST
+        store, to="main~1", repo_dir=repo.working_tree_dir, manifest_path=MANIFEST_PATH
     )
     assert prepared.by_revision and prepared.plan.services() == ["gitea"]
     record = await start_rollback(
         store,
         prepared,
-        manifest_path=MANIFEST,
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        manifest_path=MANIFEST_PATH,
+        options=simulated_in(tmp_path),
     )
     assert record is not None and record.kind is DeploymentKind.ROLLBACK
     assert record.state is DeploymentState.SUCCEEDED
@@ -506,8 +517,8 @@ async def test_dry_run_lists_exact_commands_and_changes_nothing(
 ) -> None:
     from planner.source import load_manifest_at
 
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
-    manifest = load_manifest_at(repo.working_tree_dir, "main", MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
+    manifest = load_manifest_at(repo.working_tree_dir, "main", MANIFEST_PATH)
     preview = await preview_deployment(plan, manifest=manifest, options=ExecutionOptions())
     commands = dict(preview)
     assert list(commands) == [s for wave in plan.waves for s in wave]
@@ -521,7 +532,7 @@ async def test_dry_run_lists_exact_commands_and_changes_nothing(
 async def test_check_health_records_live_results(store: Store) -> None:
     from planner.source import load_manifest
 
-    manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
+    manifest = load_manifest(SMALL_MANIFEST)
     simulated = ExecutionOptions(runner_kind=RunnerKind.SIMULATE, runner_config=FAST)
     results = await check_health(store, manifest, ["gitea", "postgresql"], options=simulated)
     assert {name: ok for name, (ok, _) in results.items()} == {"gitea": True, "postgresql": True}
@@ -532,7 +543,7 @@ async def test_check_health_records_live_results(store: Store) -> None:
 async def test_subscribers_receive_events_and_a_failing_one_changes_nothing(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     seen: list[Event] = []
 
     async def listen(event: Event) -> None:
@@ -544,11 +555,9 @@ async def test_subscribers_receive_events_and_a_failing_one_changes_nothing(
     record = await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        main_source(repo),
         requester=Requester(trigger=Trigger.SLACK, requested_by="U_ALICE", approved_by="U_BOB"),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
         subscribers=[broken, listen],
     )
     assert record is not None and record.state is DeploymentState.SUCCEEDED
@@ -567,41 +576,35 @@ async def test_planning_after_a_file_deploy_or_per_service(
     from planner.plan import plan_full
     from planner.source import load_manifest
 
-    manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
+    manifest = load_manifest(SMALL_MANIFEST)
     from_file = await start_deployment(
         store,
         plan_full(manifest),
         DirectorySource(Path(REPO_ROOT / "manifests")),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        options=simulated_in(tmp_path),
         manifest=manifest,
     )
     assert from_file is not None and from_file.head.startswith("sha256:")  # type: ignore[union-attr]  # a directory deployment records its hash as head
     # the repository does not know that revision: plan everything
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     assert plan.base is None and len(plan.steps) == 5
     await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path),
     )
     head = commit(repo, "ports = [ 3000 ]", "ports = [ 3001 ]", "gitea port")
     only = await plan_for_deploy(
-        store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST
+        store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST_PATH
     )
     assert (only.base, only.head) == (plan.head, head)
     assert only.services() == ["gitea"]
     record = await start_deployment(
         store,
         only,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
-        options=ExecutionOptions(
-            runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
-        ),
+        main_source(repo),
+        options=simulated_in(tmp_path),
         scope="gitea",
     )
     assert record is not None and record.scope == "gitea"
@@ -610,6 +613,6 @@ async def test_planning_after_a_file_deploy_or_per_service(
     assert await store.deployments.last_deployed_revision() == plan.head
     assert (
         await plan_for_deploy(
-            store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST
+            store, repo.working_tree_dir, "main", service="gitea", manifest_path=MANIFEST_PATH
         )
     ).steps == []

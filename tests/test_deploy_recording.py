@@ -28,13 +28,13 @@ from runners.base import (
     StepState,
 )
 from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor, RecordingFailed
+from runners.executor import Executor
+from runners.outcome import RecordingFailed
 from runners.registry import RunnerKind, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store
+from tests.fixtures_manifests import MANIFEST_PATH, SMALL_MANIFEST
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = "nixos/service-manifest.nix"
 FAST = RunnerConfig(simulate=SimulateConfig(scale=0.001))
 
 
@@ -86,11 +86,11 @@ def first_calls(count: int) -> Callable[[Event], bool]:
 async def deploy_main(
     store: Store, repo: git.Repo, tmp_path: Path, **options: Any
 ) -> DeploymentRecord | None:
-    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     return await start_deployment(
         store,
         plan,
-        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST),
+        GitSource(Path(repo.working_tree_dir), manifest_path=MANIFEST_PATH),
         options=ExecutionOptions(
             runner_kind=RunnerKind.SIMULATE, runner_config=FAST, work_root=tmp_path / "work"
         ),
@@ -117,7 +117,7 @@ async def test_transient_write_failures_still_end_in_the_right_states(
     assert await store.deployments.last_deployed_revision() == head
     assert {s.revision for s in (await store.services.all()).values()} == {head}
     # nothing is redeployed by the next push
-    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST)
+    again = await plan_for_deploy(store, repo.working_tree_dir, "main", manifest_path=MANIFEST_PATH)
     assert again.steps == []
 
 
@@ -166,7 +166,7 @@ async def test_notifiers_that_drop_events_do_not_change_the_record(
 async def test_the_final_states_are_written_from_the_result_idempotently(
     store: Store, tmp_path: Path
 ) -> None:
-    manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
+    manifest = load_manifest(SMALL_MANIFEST)
     plan = plan_full(manifest)
     deployment_id = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     config = RunnerConfig(simulate=SimulateConfig(scale=0.001, fail=["verify:gitea"]))
@@ -192,7 +192,7 @@ async def test_the_final_states_are_written_from_the_result_idempotently(
 async def test_what_the_start_of_a_deployment_recovers_is_told_to_the_hook(
     store: Store, repo: git.Repo, tmp_path: Path
 ) -> None:
-    manifest = load_manifest(REPO_ROOT / "manifests" / "small.nix")
+    manifest = load_manifest(SMALL_MANIFEST)
     plan = plan_full(manifest)
     dead = await store.deployments.create(
         kind="deploy", trigger="cli", plan=plan, lease=timedelta(milliseconds=1)

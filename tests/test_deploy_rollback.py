@@ -20,25 +20,17 @@ from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerSet, build_runners
 from state.deployments import DeploymentRecord
 from state.store import Store
-
-HEALTH = {"health": {"startup": "true"}}
+from tests.fixtures_manifests import HEALTH, lab_manifest
 
 
 def manifest() -> Manifest:
     """postgresql <- app, and web on its own."""
-    return Manifest.model_validate(
+    return lab_manifest(
         {
-            "network": {
-                "domain": "lab.lan",
-                "gateway": "10.20.0.1",
-                "network_cidr": "10.20.0.0/24",
-            },
-            "core_services": {"postgresql": {"ip": "10.20.0.2", "interface": HEALTH}},
-            "services": {
-                "app": {"ip": "10.20.0.3", "depends_on": ["postgresql"], "interface": HEALTH},
-                "web": {"ip": "10.20.0.4", "interface": HEALTH},
-            },
-        }
+            "app": {"ip": "10.20.0.3", "depends_on": ["postgresql"], "interface": HEALTH},
+            "web": {"ip": "10.20.0.4", "interface": HEALTH},
+        },
+        core={"postgresql": {"ip": "10.20.0.2", "interface": HEALTH}},
     )
 
 

@@ -28,18 +28,17 @@ from deployments import (
 from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind
 from state.store import Store
+from tests.fixtures_manifests import MANIFEST_PATH, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = "nixos/service-manifest.nix"
 FAST = RunnerConfig(simulate=SimulateConfig(scale=0.005))
 
 
 def commit(repo: git.Repo, old: str, new: str, message: str) -> str:
-    path = Path(str(repo.working_tree_dir)) / MANIFEST
+    path = Path(str(repo.working_tree_dir)) / MANIFEST_PATH
     text = path.read_text()
     assert old in text
     path.write_text(text.replace(old, new))
-    repo.index.add([MANIFEST])
+    repo.index.add([MANIFEST_PATH])
     return repo.index.commit(message).hexsha
 
 
@@ -51,9 +50,9 @@ def simulated(tmp_path: Path, config: RunnerConfig = FAST) -> ExecutionOptions:
 
 async def deploy_head(store: Store, repo: git.Repo, options: ExecutionOptions) -> None:
     repo_dir = Path(str(repo.working_tree_dir))
-    plan = await plan_for_deploy(store, repo_dir, "main", manifest_path=MANIFEST)
+    plan = await plan_for_deploy(store, repo_dir, "main", manifest_path=MANIFEST_PATH)
     await start_deployment(
-        store, plan, GitSource(repo_dir, manifest_path=MANIFEST), options=options
+        store, plan, GitSource(repo_dir, manifest_path=MANIFEST_PATH), options=options
     )
 
 
@@ -83,7 +82,9 @@ async def test_after_a_failed_first_deployment_every_front_end_deploys_everythin
     as_merge = await base_revision(store, repo_dir, running=first)
     as_slack = await base_revision(store, repo_dir)
     assert as_merge == as_slack == Base(None, never_succeeded=True)
-    plan = await plan_for_deploy(store, repo_dir, second, running=first, manifest_path=MANIFEST)
+    plan = await plan_for_deploy(
+        store, repo_dir, second, running=first, manifest_path=MANIFEST_PATH
+    )
     assert plan.base is None and plan.note == NOT_YET_DEPLOYED
     assert len(plan.steps) == 5
 

@@ -11,44 +11,25 @@ import pytest
 
 from planner.models import Manifest
 from planner.plan import Phase, Plan, Step, finalize, plan_full
-from runners.base import (
-    Context,
-    DeploymentFinished,
-    DeploymentKind,
-    DeploymentStarted,
-    DeploymentState,
-    Event,
-    RollbackFinished,
-    RollbackStarted,
-    StepFinished,
-    StepResult,
-    StepStarted,
-    StepState,
-)
+from runners.base import Context, DeploymentKind, DeploymentState, StepResult, StepState
 from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor, RecordingFailed, critical_path
+from runners.executor import Executor, critical_path
+from runners.outcome import RecordingFailed
 from runners.registry import build_runners
 from runners.simulate import SimulatedRunner, system_path
-
-HEALTH = {"health": {"startup": "true"}}
+from state import events
+from tests.fixtures_manifests import HEALTH, lab_manifest
 
 
 def small_manifest() -> Manifest:
     """postgresql <- a <- b, and c on its own."""
-    return Manifest.model_validate(
+    return lab_manifest(
         {
-            "network": {
-                "domain": "lab.lan",
-                "gateway": "10.20.0.1",
-                "network_cidr": "10.20.0.0/24",
-            },
-            "core_services": {"postgresql": {"ip": "10.20.0.2", "interface": HEALTH}},
-            "services": {
-                "a": {"ip": "10.20.0.3", "depends_on": ["postgresql"], "interface": HEALTH},
-                "b": {"ip": "10.20.0.4", "depends_on": ["a"], "interface": HEALTH},
-                "c": {"ip": "10.20.0.5", "interface": HEALTH},
-            },
-        }
+            "a": {"ip": "10.20.0.3", "depends_on": ["postgresql"], "interface": HEALTH},
+            "b": {"ip": "10.20.0.4", "depends_on": ["a"], "interface": HEALTH},
+            "c": {"ip": "10.20.0.5", "interface": HEALTH},
+        },
+        core={"postgresql": {"ip": "10.20.0.2", "interface": HEALTH}},
     )
 
 
@@ -67,13 +48,13 @@ class Recorder:
     """A subscriber that keeps every event it receives."""
 
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.events: list[events.Event] = []
 
-    async def __call__(self, event: Event) -> None:
+    async def __call__(self, event: events.Event) -> None:
         self.events.append(event)
 
-    def finished(self) -> dict[str, StepFinished]:
-        return {e.step.id: e for e in self.events if isinstance(e, StepFinished)}
+    def finished(self) -> dict[str, events.StepFinished]:
+        return {e.step.id: e for e in self.events if isinstance(e, events.StepFinished)}
 
 
 async def test_all_steps_succeed_in_dependency_order(tmp_path: Path) -> None:
@@ -89,10 +70,10 @@ async def test_all_steps_succeed_in_dependency_order(tmp_path: Path) -> None:
         outcome = result.steps[step.id]
         for need in step.needs:
             assert result.steps[need].finished_at <= outcome.started_at, (need, step.id)
-    assert isinstance(recorder.events[0], DeploymentStarted)
-    assert isinstance(recorder.events[-1], DeploymentFinished)
+    assert isinstance(recorder.events[0], events.DeploymentStarted)
+    assert isinstance(recorder.events[-1], events.DeploymentFinished)
     assert recorder.events[-1].state is DeploymentState.SUCCEEDED
-    started = [e.step.id for e in recorder.events if isinstance(e, StepStarted)]
+    started = [e.step.id for e in recorder.events if isinstance(e, events.StepStarted)]
     assert sorted(started) == sorted(step.id for step in plan.steps)
     assert result.to_json()["steps"][0] == {
         "id": "tf:infra",
@@ -134,7 +115,7 @@ async def test_a_failure_skips_its_dependents_and_unrelated_branches_finish(tmp_
         assert states[ok] is StepState.SUCCEEDED
     assert result.state is DeploymentState.FAILED
     assert recorder.finished()["verify:b"].state is StepState.SKIPPED
-    assert not [e for e in recorder.events if isinstance(e, RollbackStarted)]
+    assert not [e for e in recorder.events if isinstance(e, events.RollbackStarted)]
 
 
 async def test_failed_verify_rolls_the_service_back_and_re_verifies(tmp_path: Path) -> None:
@@ -160,13 +141,19 @@ async def test_failed_verify_rolls_the_service_back_and_re_verifies(tmp_path: Pa
     assert result.states()["verify:c"] is StepState.SUCCEEDED
     assert result.state is DeploymentState.ROLLED_BACK
     assert result.rollbacks["a"].ok
-    kinds = [type(e) for e in recorder.events if isinstance(e, RollbackStarted | RollbackFinished)]
-    assert kinds == [RollbackStarted, RollbackFinished]
-    rollback_at = next(i for i, e in enumerate(recorder.events) if isinstance(e, RollbackStarted))
+    kinds = [
+        type(e)
+        for e in recorder.events
+        if isinstance(e, events.RollbackStarted | events.RollbackFinished)
+    ]
+    assert kinds == [events.RollbackStarted, events.RollbackFinished]
+    rollback_at = next(
+        i for i, e in enumerate(recorder.events) if isinstance(e, events.RollbackStarted)
+    )
     verify_done = next(
         i
         for i, e in enumerate(recorder.events)
-        if isinstance(e, StepFinished) and e.step.id == "verify:a"
+        if isinstance(e, events.StepFinished) and e.step.id == "verify:a"
     )
     assert rollback_at < verify_done
 
@@ -259,10 +246,10 @@ async def test_subscribers_that_raise_or_hang_do_not_break_the_deployment(
     manifest = small_manifest()
     plan = plan_full(manifest)
 
-    async def raises(event: Event) -> None:
+    async def raises(event: events.Event) -> None:
         raise RuntimeError("notifier down")
 
-    async def hangs(event: Event) -> None:
+    async def hangs(event: events.Event) -> None:
         await asyncio.sleep(3600)
 
     recorder = Recorder()
@@ -277,7 +264,7 @@ async def test_subscribers_that_raise_or_hang_do_not_break_the_deployment(
     )
     assert result.state is DeploymentState.SUCCEEDED
     # the healthy subscriber got every event, in order, ending with the deployment's end
-    assert isinstance(recorder.events[-1], DeploymentFinished)
+    assert isinstance(recorder.events[-1], events.DeploymentFinished)
     assert len(recorder.finished()) == len(plan.steps)
     assert "notifier down" in caplog.text
 
@@ -342,14 +329,14 @@ async def test_a_slow_subscriber_does_not_hold_the_deployment_back(tmp_path: Pat
     plan = plan_full(manifest)
     gate = asyncio.Event()
     finished: set[str] = set()
-    slow_seen: list[Event] = []
+    slow_seen: list[events.Event] = []
 
-    async def slow(event: Event) -> None:
+    async def slow(event: events.Event) -> None:
         await gate.wait()
         slow_seen.append(event)
 
-    async def fast(event: Event) -> None:
-        if isinstance(event, StepFinished):
+    async def fast(event: events.Event) -> None:
+        if isinstance(event, events.StepFinished):
             finished.add(event.step.id)
             if len(finished) == len(plan.steps):
                 gate.set()
@@ -368,13 +355,15 @@ async def test_cancelling_an_execution_marks_unfinished_steps_interrupted(tmp_pa
     recorder = Recorder()
     executor = Executor(simulated(10.0), subscribers=[recorder])
     task = asyncio.create_task(executor.execute(plan, context(plan, manifest, tmp_path)))
-    while not any(isinstance(e, StepStarted) for e in recorder.events):
+    while not any(isinstance(e, events.StepStarted) for e in recorder.events):
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     final = recorder.events[-1]
-    assert isinstance(final, DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
+    assert (
+        isinstance(final, events.DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
+    )
     assert recorder.finished()["tf:infra"].state is StepState.INTERRUPTED
 
 
@@ -408,14 +397,14 @@ async def test_a_runner_that_raises_fails_only_its_step(tmp_path: Path) -> None:
 async def test_the_recorder_writes_each_event_before_it_goes_on(tmp_path: Path) -> None:
     manifest = small_manifest()
     plan = plan_full(manifest)
-    recorded: list[Event] = []
-    out_of_order: list[Event] = []
+    recorded: list[events.Event] = []
+    out_of_order: list[events.Event] = []
 
-    async def recorder(event: Event) -> None:
+    async def recorder(event: events.Event) -> None:
         await asyncio.sleep(0.001)  # a write takes time; the executor waits for it
         recorded.append(event)
 
-    async def notifier(event: Event) -> None:
+    async def notifier(event: events.Event) -> None:
         if event not in recorded:
             out_of_order.append(event)
 
@@ -423,8 +412,8 @@ async def test_the_recorder_writes_each_event_before_it_goes_on(tmp_path: Path) 
     result = await executor.execute(plan, context(plan, manifest, tmp_path))
     assert result.state is DeploymentState.SUCCEEDED
     assert out_of_order == []  # notifiers only ever hear about recorded transitions
-    assert isinstance(recorded[-1], DeploymentFinished)
-    finished = {e.step.id for e in recorded if isinstance(e, StepFinished)}
+    assert isinstance(recorded[-1], events.DeploymentFinished)
+    finished = {e.step.id for e in recorded if isinstance(e, events.StepFinished)}
     assert finished == {step.id for step in plan.steps}
 
 
@@ -433,17 +422,19 @@ async def test_a_recorder_that_fails_stops_the_execution(tmp_path: Path) -> None
     plan = plan_full(manifest)
     notified = Recorder()
 
-    async def recorder(event: Event) -> None:
-        if isinstance(event, StepFinished) and event.step.id == "tf:infra":
+    async def recorder(event: events.Event) -> None:
+        if isinstance(event, events.StepFinished) and event.step.id == "tf:infra":
             raise OSError("disk full")
 
     executor = Executor(simulated(0.001), recorder=recorder, subscribers=[notified])
     with pytest.raises(RecordingFailed, match="disk full"):
         await executor.execute(plan, context(plan, manifest, tmp_path))
-    started = {e.step.id for e in notified.events if isinstance(e, StepStarted)}
+    started = {e.step.id for e in notified.events if isinstance(e, events.StepStarted)}
     assert started == {"tf:infra"}  # nothing ran after the unrecorded transition
     final = notified.events[-1]
-    assert isinstance(final, DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
+    assert (
+        isinstance(final, events.DeploymentFinished) and final.state is DeploymentState.INTERRUPTED
+    )
 
 
 def core_change_plan(manifest: Manifest) -> Plan:
@@ -511,8 +502,12 @@ async def test_failed_dependent_verify_rolls_back_the_redeployed_upstream(tmp_pa
     assert result.states()["verify:b"] is StepState.SKIPPED
     assert result.state is DeploymentState.ROLLED_BACK
     assert result.rollbacks["postgresql"].ok
-    rollbacks = [e for e in recorder.events if isinstance(e, RollbackStarted | RollbackFinished)]
-    assert [type(e) for e in rollbacks] == [RollbackStarted, RollbackFinished]
+    rollbacks = [
+        e
+        for e in recorder.events
+        if isinstance(e, events.RollbackStarted | events.RollbackFinished)
+    ]
+    assert [type(e) for e in rollbacks] == [events.RollbackStarted, events.RollbackFinished]
     assert rollbacks[0].service == "postgresql"
 
 

@@ -47,6 +47,17 @@ async def app_bot(make_bot: Any, app_key: tuple[str, str], tmp_path: Path) -> An
     return await make_bot(github_token=None, github_app_id=APP_ID, github_private_key_file=key_file)
 
 
+@pytest.fixture
+async def github_app_bot(
+    make_bot: Any,
+    app_github: FakeGitHub,
+    app_key: tuple[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> Any:
+    """A bot signed in as the App, against the fake in App mode."""
+    return await app_bot(make_bot, app_key, tmp_path)
+
+
 def test_the_manifest_subscribes_to_the_events_the_bot_handles() -> None:
     from bot.github.events import router
 
@@ -57,14 +68,12 @@ def test_the_manifest_subscribes_to_the_events_the_bot_handles() -> None:
 
 
 async def test_plan_apply_and_merge_need_exactly_the_manifest_permissions(
-    make_bot: Any,
+    github_app_bot: Any,
     app_github: FakeGitHub,
-    app_key: tuple[str, str],  # noqa: F811
     manifest_repo: ManifestRepo,
     payloads: Payloads,
-    tmp_path: Path,
 ) -> None:
-    bot = await app_bot(make_bot, app_key, tmp_path)
+    bot = github_app_bot
     _base, head = await planned_pr(bot, manifest_repo, payloads)
     (plan_run,) = app_github.check_runs_for(head, "nixmox/plan")
     assert plan_run["conclusion"] == "success"

@@ -4,12 +4,12 @@ as steps finish. With a token it keeps posting commit statuses (tests of pulls a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from tests.fakes.github import ANNOTATIONS_PER_REQUEST, FakeGitHub
-from tests.fixtures_github import MANIFEST_PATH, ManifestRepo, Payloads, add_port, break_manifest
-from tests.test_github_app_manifest import app_bot, app_github  # noqa: F401  (fixtures)
+from tests.fixtures_github import ManifestRepo, Payloads, add_port, break_manifest
+from tests.fixtures_manifests import MANIFEST_PATH
+from tests.test_github_app_manifest import app_github, github_app_bot  # noqa: F401  (fixtures)
 from tests.test_github_client import app_key  # noqa: F401  (the App's key pair fixture)
 from tests.test_github_pulls import open_pr
 
@@ -27,14 +27,12 @@ def the_run(fake: FakeGitHub, sha: str, name: str) -> dict[str, Any]:
 
 
 async def test_a_plan_is_a_check_run_with_the_plan_as_output(
-    make_bot: Any,
+    github_app_bot: Any,  # noqa: F811
     app_github: FakeGitHub,  # noqa: F811
-    app_key: tuple[str, str],  # noqa: F811
     manifest_repo: ManifestRepo,
     payloads: Payloads,
-    tmp_path: Path,
 ) -> None:
-    bot = await app_bot(make_bot, app_key, tmp_path)
+    bot = github_app_bot
     base = manifest_repo.repo.heads.main.commit.hexsha
     head = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea port", branch="f")
     await open_pr(bot, payloads, 7, head, base)
@@ -50,14 +48,12 @@ async def test_a_plan_is_a_check_run_with_the_plan_as_output(
 
 
 async def test_validation_errors_are_annotations_on_the_manifest_lines(
-    make_bot: Any,
+    github_app_bot: Any,  # noqa: F811
     app_github: FakeGitHub,  # noqa: F811
-    app_key: tuple[str, str],  # noqa: F811
     manifest_repo: ManifestRepo,
     payloads: Payloads,
-    tmp_path: Path,
 ) -> None:
-    bot = await app_bot(make_bot, app_key, tmp_path)
+    bot = github_app_bot
     base = manifest_repo.repo.heads.main.commit.hexsha
     broken = break_manifest(manifest_repo.manifest())
     head = manifest_repo.commit(broken, "broken", branch="f")
@@ -91,14 +87,12 @@ def many_duplicates(text: str, count: int) -> str:
 
 
 async def test_more_than_50_annotations_go_in_several_requests(
-    make_bot: Any,
+    github_app_bot: Any,  # noqa: F811
     app_github: FakeGitHub,  # noqa: F811
-    app_key: tuple[str, str],  # noqa: F811
     manifest_repo: ManifestRepo,
     payloads: Payloads,
-    tmp_path: Path,
 ) -> None:
-    bot = await app_bot(make_bot, app_key, tmp_path)
+    bot = github_app_bot
     base = manifest_repo.repo.heads.main.commit.hexsha
     head = manifest_repo.commit(many_duplicates(manifest_repo.manifest(), 60), "60", branch="f")
     await open_pr(bot, payloads, 7, head, base)
@@ -115,14 +109,12 @@ async def test_more_than_50_annotations_go_in_several_requests(
 
 
 async def test_a_deployment_is_a_check_run_updated_as_steps_finish(
-    make_bot: Any,
+    github_app_bot: Any,  # noqa: F811
     app_github: FakeGitHub,  # noqa: F811
-    app_key: tuple[str, str],  # noqa: F811
     manifest_repo: ManifestRepo,
     payloads: Payloads,
-    tmp_path: Path,
 ) -> None:
-    bot = await app_bot(make_bot, app_key, tmp_path)
+    bot = github_app_bot
     before = manifest_repo.repo.heads.main.commit.hexsha
     after = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea port")
     response = await bot.deliver("push", payloads.push(before=before, after=after))

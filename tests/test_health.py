@@ -13,23 +13,14 @@ from runners.config import HealthConfig, SshConfig
 from runners.health import CheckPolicy, HealthRunner, checks, policy
 from runners.nixos import HostResolver
 from runners.transport import LocalTransport, SshTransport
+from tests.fixtures_manifests import lab_manifest
 
 
 def manifest(health: dict[str, Any] | None, **top: Any) -> Manifest:
     svc: dict[str, Any] = {"ip": "10.20.0.3", "interface": {}}
     if health is not None:
         svc["interface"]["health"] = health
-    return Manifest.model_validate(
-        {
-            "network": {
-                "domain": "lab.lan",
-                "gateway": "10.20.0.1",
-                "network_cidr": "10.20.0.0/24",
-            },
-            "services": {"web": svc},
-            **top,
-        }
-    )
+    return lab_manifest({"web": svc}, **top)
 
 
 def counter(path: Path, succeed_at: int) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_pg import free_port
+from tests.processes import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = ROOT.parent / "shared" / "fixtures" / "nixmox-upstream" / "service-manifest.nix"
@@ -64,12 +65,7 @@ def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _stop(proc: subprocess.Popen[bytes], run: Path) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, timeout=20)
     subprocess.run(["umount", str(run / "exec" / "netns" / "default")], capture_output=True)
     shutil.rmtree(run, ignore_errors=True)
 

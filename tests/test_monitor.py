@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,6 +24,7 @@ from deployments import ExecutionOptions, GitSource, plan_for_deploy, start_depl
 from deployments.drift import DriftReport
 from deployments.health import deployed_manifest
 from deployments.monitor import ChangeKind, HealthChange, Monitor, MonitorOptions
+from planner.models import Manifest
 from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind, build_runners
 from state.health import DriftRecord
@@ -83,6 +86,24 @@ async def open_monitor(lab: Homelab, heard: Heard, clock: Clock) -> tuple[Store,
     return store, monitor
 
 
+@asynccontextmanager
+async def monitored(
+    tmp_path: Path, **lab_options: Any
+) -> AsyncIterator[tuple[Homelab, Heard, Clock, Store, Monitor, Manifest]]:
+    """A deployed homelab, its store and a monitor on it, with the deployed manifest; closed after."""
+    lab = Homelab(tmp_path, **lab_options)
+    await asyncio.to_thread(lab.deploy)
+    heard, clock = Heard(), Clock()
+    store, monitor = await open_monitor(lab, heard, clock)
+    try:
+        manifest = await deployed_manifest(store)
+        assert manifest is not None
+        yield lab, heard, clock, store, monitor, manifest
+    finally:
+        await monitor.runners.close()
+        await store.close()
+
+
 def kinds(heard: Heard) -> list[tuple[str, ChangeKind]]:
     return [(change.check.service, change.kind) for change in heard.changes]
 
@@ -90,13 +111,7 @@ def kinds(heard: Heard) -> list[tuple[str, ChangeKind]]:
 async def test_unhealthy_after_retries_failures_healthy_on_the_first_success(
     tmp_path: Path,
 ) -> None:
-    lab = Homelab(tmp_path, retries=3)
-    await asyncio.to_thread(lab.deploy)
-    heard, clock = Heard(), Clock()
-    store, monitor = await open_monitor(lab, heard, clock)
-    try:
-        manifest = await deployed_manifest(store)
-        assert manifest is not None
+    async with monitored(tmp_path, retries=3) as (lab, heard, _clock, store, monitor, manifest):
         assert await monitor.check("gitea", manifest) is None  # healthy: the first state
         lab.set_up("gitea", False)
         assert await monitor.check("gitea", manifest) is None
@@ -117,19 +132,10 @@ async def test_unhealthy_after_retries_failures_healthy_on_the_first_success(
             (True, True),
         ]
         assert (await store.services.all())["gitea"].last_health == "healthy"
-    finally:
-        await monitor.runners.close()
-        await store.close()
 
 
 async def test_a_reminder_at_most_once_per_alert_repeat(tmp_path: Path) -> None:
-    lab = Homelab(tmp_path, retries=1)
-    await asyncio.to_thread(lab.deploy)
-    heard, clock = Heard(), Clock()
-    store, monitor = await open_monitor(lab, heard, clock)
-    try:
-        manifest = await deployed_manifest(store)
-        assert manifest is not None
+    async with monitored(tmp_path, retries=1) as (lab, heard, clock, _store, monitor, manifest):
         lab.set_up("postgresql", False)
         down = await monitor.check("postgresql", manifest)
         assert down is not None and down.kind is ChangeKind.DOWN
@@ -143,19 +149,10 @@ async def test_a_reminder_at_most_once_per_alert_repeat(tmp_path: Path) -> None:
             ("postgresql", ChangeKind.DOWN),
             ("postgresql", ChangeKind.REMINDER),
         ]
-    finally:
-        await monitor.runners.close()
-        await store.close()
 
 
 async def test_no_check_while_a_deployment_of_that_service_runs(tmp_path: Path) -> None:
-    lab = Homelab(tmp_path, retries=1)
-    await asyncio.to_thread(lab.deploy)
-    heard, clock = Heard(), Clock()
-    store, monitor = await open_monitor(lab, heard, clock)
-    try:
-        manifest = await deployed_manifest(store)
-        assert manifest is not None
+    async with monitored(tmp_path, retries=1) as (lab, heard, _clock, store, monitor, manifest):
         lab.set_up("gitea", False)
         holder = f"deployment feedbeef ({os.uname().nodename}:{os.getpid()})"
         await store.locks.acquire(["gitea"], holder, lease=timedelta(minutes=1))
@@ -164,9 +161,6 @@ async def test_no_check_while_a_deployment_of_that_service_runs(tmp_path: Path) 
         await store.locks.release(holder)
         down = await monitor.check("gitea", manifest)
         assert down is not None and down.kind is ChangeKind.DOWN
-    finally:
-        await monitor.runners.close()
-        await store.close()
 
 
 UP_SAMPLE = re.compile(r'^nixmox_service_up\{service="gitea"\} (\S+)$', re.MULTILINE)
@@ -245,13 +239,7 @@ async def test_serve_alerts_once_then_recovers_and_metrics_go_0_then_1(
 async def test_the_dashboard_shows_health_history_and_a_drift_section(
     tmp_path: Path, aiohttp_client: Any
 ) -> None:
-    lab = Homelab(tmp_path, retries=1)
-    await asyncio.to_thread(lab.deploy)
-    heard, clock = Heard(), Clock()
-    store, monitor = await open_monitor(lab, heard, clock)
-    try:
-        manifest = await deployed_manifest(store)
-        assert manifest is not None
+    async with monitored(tmp_path, retries=1) as (lab, heard, _clock, store, monitor, manifest):
         await monitor.check("gitea", manifest)
         lab.set_up("gitea", False)
         await monitor.check("gitea", manifest)
@@ -275,9 +263,6 @@ async def test_the_dashboard_shows_health_history_and_a_drift_section(
         drift_part = overview.split("<h2>Drift</h2>", 1)[1]
         assert "postgresql" in drift_part and "system" in drift_part
         assert f"{lab.systems}/postgresql-manual" in drift_part
-    finally:
-        await monitor.runners.close()
-        await store.close()
 
 
 async def test_the_redeploy_button_asks_for_a_deployment_through_the_approval_flow(

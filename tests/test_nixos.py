@@ -26,24 +26,18 @@ from runners.executor import Executor
 from runners.registry import build_runners
 from runners.transport import LocalTransport, SshTransport
 from tests import shims
+from tests.fixtures_manifests import lab_manifest
 
 
 def manifest_with(health: str, ip: str = "10.20.0.3") -> Manifest:
     """One application `a`; its health check decides whether its system is good."""
-    return Manifest.model_validate(
+    return lab_manifest(
         {
-            "network": {
-                "domain": "lab.lan",
-                "gateway": "10.20.0.1",
-                "network_cidr": "10.20.0.0/24",
-            },
-            "services": {
-                "a": {
-                    "ip": ip,
-                    "hostname": "a.lab.lan",
-                    "interface": {"health": {"startup": health, "retries": 1, "interval": 0}},
-                }
-            },
+            "a": {
+                "ip": ip,
+                "hostname": "a.lab.lan",
+                "interface": {"health": {"startup": health, "retries": 1, "interval": 0}},
+            }
         }
     )
 

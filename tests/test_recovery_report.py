@@ -23,32 +23,23 @@ from bot.slack import SLACK_BOT
 from bot.slack.names import Audit
 from planner.plan import Plan, plan_full
 from planner.source import load_manifest
-from runners.base import (
-    DeploymentKind,
-    DeploymentStarted,
-    DeploymentState,
-    Event,
-    StepFinished,
-    StepStarted,
-    StepState,
-    Subscriber,
-    Trigger,
-    utcnow,
-)
+from runners.base import DeploymentKind, DeploymentState, StepState, Subscriber, Trigger, utcnow
+from state import events
 from state.store import Store
 from tests.fakes.github import FakeGitHub
-from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
-from tests.fixtures_github import REPO_ROOT, ManifestRepo
+from tests.fakes.slack import FakeSlack, Message
+from tests.fixtures_github import ManifestRepo
+from tests.fixtures_manifests import SMALL_MANIFEST
 from tests.fixtures_slack import (
     APPROVER,
     CHANNEL,
     PROGRESS_INTERVAL,
     REQUESTER,
-    SIGNING_SECRET,
+    slack_overrides,
     slack_settings,
 )
 
-SMALL = REPO_ROOT / "manifests" / "small.nix"
+SMALL = SMALL_MANIFEST
 DEPLOY = "nixmox/deploy"
 LEASE = timedelta(milliseconds=200)
 DEAD_HOLDER = "deployment (bot-0:4242)"
@@ -60,21 +51,11 @@ BEFORE_VERIFY = [
 ]
 
 
-def slack_overrides(fake: FakeSlack) -> dict[str, Any]:
-    return {
-        "slack_signing_secret": SIGNING_SECRET,
-        "slack_bot_token": DEFAULT_TOKEN,
-        "slack_api_url": fake.api_url,
-        "slack_channel": CHANNEL,
-        "slack_approvers": [APPROVER],
-    }
-
-
 def small_plan(head: str, service: str | None = None) -> Plan:
     return plan_full(load_manifest(SMALL), service=service, head=head)
 
 
-async def emit(event: Event, store: Store, subscribers: Sequence[Subscriber]) -> None:
+async def emit(event: events.Event, store: Store, subscribers: Sequence[Subscriber]) -> None:
     """What the executor does with every event: record it, then tell the notifiers."""
     await store.deployments.record_event(event)
     for subscriber in subscribers:
@@ -105,13 +86,15 @@ async def left_running(
         scope=scope,
     )
     steps = {step.id: step for step in plan.steps}
-    await emit(DeploymentStarted(deployment_id, plan, kind=request.kind), store, subscribers)
+    await emit(events.DeploymentStarted(deployment_id, plan, kind=request.kind), store, subscribers)
     for step_id in done:
-        await emit(StepStarted(deployment_id, steps[step_id]), store, subscribers)
+        await emit(events.StepStarted(deployment_id, steps[step_id]), store, subscribers)
         await emit(
-            StepFinished(deployment_id, steps[step_id], StepState.SUCCEEDED), store, subscribers
+            events.StepFinished(deployment_id, steps[step_id], StepState.SUCCEEDED),
+            store,
+            subscribers,
         )
-    await emit(StepStarted(deployment_id, steps[running]), store, subscribers)
+    await emit(events.StepStarted(deployment_id, steps[running]), store, subscribers)
     return deployment_id
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from cli.main import main
-from runners.terraform import hcl
+from runners.terraform_files import hcl
+from tests.fixtures_manifests import LAB_NETWORK
 
 MODULE = """
 variable "ip" { type = string }
@@ -26,7 +27,7 @@ output "ip" { value = terraform_data.app.output.ip }
 
 def write_manifest(tmp_path: Path, startup: str, liveness: str) -> Path:
     manifest = {
-        "network": {"domain": "lab.lan", "gateway": "10.20.0.1", "network_cidr": "10.20.0.0/24"},
+        "network": LAB_NETWORK,
         "services": {
             "app": {
                 "ip": "10.20.0.3",

@@ -22,7 +22,6 @@ from click.testing import CliRunner
 from cli.main import main
 from tests.fakes.github import DEFAULT_TOKEN, FakeGitHub
 from tests.fixtures_github import (
-    MANIFEST_PATH,
     TEST_REPO,
     WEBHOOK_SECRET,
     ManifestRepo,
@@ -30,6 +29,7 @@ from tests.fixtures_github import (
     add_port,
     delivery_headers,
 )
+from tests.fixtures_manifests import MANIFEST_PATH
 
 NIXMOX = Path(sys.executable).parent / "nixmox"
 

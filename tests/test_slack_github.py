@@ -5,27 +5,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bot.slack import SLACK_BOT
 from runners.base import DeploymentState, Trigger
 from tests.fakes.github import FakeGitHub
-from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
+from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_github import ManifestRepo, Payloads, add_port
-from tests.fixtures_slack import APPROVER, CHANNEL, PROGRESS_INTERVAL, SIGNING_SECRET, SlackDriver
+from tests.fixtures_slack import (
+    APPROVER,
+    CHANNEL,
+    PROGRESS_INTERVAL,
+    SlackDriver,
+    slack_overrides,
+)
 
 DEPLOY = "nixmox/deploy"
 
 
-def slack_overrides(fake: FakeSlack) -> dict[str, Any]:
-    return {
-        "slack_signing_secret": SIGNING_SECRET,
-        "slack_bot_token": DEFAULT_TOKEN,
-        "slack_api_url": fake.api_url,
-        "slack_channel": CHANNEL,
-        "slack_approvers": [APPROVER],
-    }
-
-
+@pytest.fixture
 async def both_bots(make_bot: Any, fake_slack: FakeSlack) -> Any:
+    """One bot with GitHub and Slack on, Slack's edits paced as the fake expects."""
     bot = await make_bot(**slack_overrides(fake_slack))
     bot.app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     return bot
@@ -42,13 +42,13 @@ async def merge(bot: Any, payloads: Payloads, repo: ManifestRepo) -> str:
 
 
 async def test_a_merge_is_announced_and_followed_in_slack(
-    make_bot: Any,
+    both_bots: Any,
     manifest_repo: ManifestRepo,
     payloads: Payloads,
     fake_github: FakeGitHub,
     fake_slack: FakeSlack,
 ) -> None:
-    bot = await both_bots(make_bot, fake_slack)
+    bot = both_bots
     after = await merge(bot, payloads, manifest_repo)
     await bot.app[SLACK_BOT].idle()
 
@@ -64,12 +64,12 @@ async def test_a_merge_is_announced_and_followed_in_slack(
 
 
 async def test_a_slack_deployment_sets_github_statuses_and_deployment(
-    make_bot: Any,
+    both_bots: Any,
     manifest_repo: ManifestRepo,
     fake_github: FakeGitHub,
     fake_slack: FakeSlack,
 ) -> None:
-    bot = await both_bots(make_bot, fake_slack)
+    bot = both_bots
     driver = SlackDriver(bot.client, fake_slack)
     head = manifest_repo.repo.heads.main.commit.hexsha
 
@@ -97,13 +97,13 @@ async def test_a_slack_deployment_sets_github_statuses_and_deployment(
 
 
 async def test_a_failing_slack_api_never_fails_a_deployment(
-    make_bot: Any,
+    both_bots: Any,
     manifest_repo: ManifestRepo,
     payloads: Payloads,
     fake_github: FakeGitHub,
     fake_slack: FakeSlack,
 ) -> None:
-    bot = await both_bots(make_bot, fake_slack)
+    bot = both_bots
     fake_slack.http_fail = {"chat.postMessage", "chat.update"}
     after = await merge(bot, payloads, manifest_repo)
     await bot.app[SLACK_BOT].idle()

@@ -13,21 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from planner.plan import Phase, Plan, Step, finalize
-from runners.base import (
-    DeploymentFinished,
-    DeploymentKind,
-    DeploymentStarted,
-    DeploymentState,
-    RollbackFinished,
-    RollbackStarted,
-    StepFinished,
-    StepOutput,
-    StepResult,
-    StepStarted,
-    StepState,
-    Trigger,
-    utcnow,
-)
+from runners.base import DeploymentKind, DeploymentState, StepResult, StepState, Trigger, utcnow
+from state import events
 from state.approvals import ApprovalState
 from state.base import StoreError
 from state.locks import LockBusy, LockLost
@@ -55,45 +42,30 @@ async def store(store_url: str) -> AsyncIterator[Store]:
 
 def small_plan(head: str = "rev-b", base: str | None = "rev-a") -> Plan:
     """tf:infra -> nix:core:postgresql -> verify:postgresql -> nix:service-config:gitea -> verify."""
-    steps = {
-        "tf:infra": Step(id="tf:infra", phase=Phase.TF_INFRA),
-        "nix:core:postgresql": Step(
-            id="nix:core:postgresql",
-            phase=Phase.NIX_CORE,
-            service="postgresql",
-            needs=["tf:infra"],
-        ),
-        "verify:postgresql": Step(
-            id="verify:postgresql",
-            phase=Phase.VERIFY,
-            service="postgresql",
-            needs=["nix:core:postgresql"],
-        ),
-        "nix:service-config:gitea": Step(
-            id="nix:service-config:gitea",
-            phase=Phase.NIX_SERVICE_CONFIG,
-            service="gitea",
-            needs=["verify:postgresql"],
-        ),
-        "verify:gitea": Step(
-            id="verify:gitea",
-            phase=Phase.VERIFY,
-            service="gitea",
-            needs=["nix:service-config:gitea"],
-        ),
-    }
+    links = [
+        ("tf:infra", Phase.TF_INFRA, None),
+        ("nix:core:postgresql", Phase.NIX_CORE, "postgresql"),
+        ("verify:postgresql", Phase.VERIFY, "postgresql"),
+        ("nix:service-config:gitea", Phase.NIX_SERVICE_CONFIG, "gitea"),
+        ("verify:gitea", Phase.VERIFY, "gitea"),
+    ]
+    steps: dict[str, Step] = {}
+    needs: list[str] = []
+    for sid, phase, service in links:  # each step needs the one before
+        steps[sid] = Step(id=sid, phase=phase, service=service, needs=needs)
+        needs = [sid]
     return finalize(steps, base=base, head=head)
 
 
 async def run_all(store: Store, deployment_id: str, plan: Plan, fail: str | None = None) -> None:
     """Feed the store the events of a deployment in which every step (but `fail`) succeeds."""
-    await store.deployments.record_event(DeploymentStarted(deployment_id, plan))
+    await store.deployments.record_event(events.DeploymentStarted(deployment_id, plan))
     state = DeploymentState.SUCCEEDED
     for step in plan.steps:
-        await store.deployments.record_event(StepStarted(deployment_id, step))
+        await store.deployments.record_event(events.StepStarted(deployment_id, step))
         if step.phase is Phase.VERIFY:  # streamed output wins over the result's
             await store.deployments.record_event(
-                StepOutput(deployment_id, step.id, f"running {step.id}")
+                events.StepOutput(deployment_id, step.id, f"running {step.id}")
             )
         ok = step.id != fail
         nix = step.phase in (Phase.NIX_CORE, Phase.NIX_SERVICE_CONFIG)
@@ -106,8 +78,10 @@ async def run_all(store: Store, deployment_id: str, plan: Plan, fail: str | None
         final = StepState.SUCCEEDED if ok else StepState.FAILED
         if not ok:
             state = DeploymentState.FAILED
-        await store.deployments.record_event(StepFinished(deployment_id, step, final, result))
-    await store.deployments.record_event(DeploymentFinished(deployment_id, state))
+        await store.deployments.record_event(
+            events.StepFinished(deployment_id, step, final, result)
+        )
+    await store.deployments.record_event(events.DeploymentFinished(deployment_id, state))
 
 
 async def test_schema_is_created_and_versioned(store_url: str, tmp_path: Path) -> None:
@@ -215,7 +189,7 @@ async def test_rollback_finished_records_the_system_it_went_back_to(store: Store
     plan = small_plan()
     dep = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     await run_all(store, dep, plan, fail="verify:gitea")
-    await store.deployments.record_event(RollbackFinished(dep, "gitea", True))
+    await store.deployments.record_event(events.RollbackFinished(dep, "gitea", True))
     assert (await store.services.all())["gitea"].system_path == "/nix/store/old-gitea"
 
 
@@ -223,14 +197,16 @@ async def test_rollback_output_goes_to_the_failed_step(store: Store) -> None:
     plan = small_plan()
     verify = plan.by_id()["verify:gitea"]
     dep = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
-    await store.deployments.record_event(StepStarted(dep, verify))
-    await store.deployments.record_event(StepOutput(dep, verify.id, "gitea answers 502"))
-    await store.deployments.record_event(RollbackStarted(dep, "gitea", verify.id))
+    await store.deployments.record_event(events.StepStarted(dep, verify))
+    await store.deployments.record_event(events.StepOutput(dep, verify.id, "gitea answers 502"))
+    await store.deployments.record_event(events.RollbackStarted(dep, "gitea", verify.id))
     rolled = StepResult(True, "switched to /nix/store/old-gitea", new_system="/nix/store/old-gitea")
-    await store.deployments.record_event(RollbackFinished(dep, "gitea", True, rolled))
-    await store.deployments.record_event(StepOutput(dep, verify.id, "gitea answers 200"))
+    await store.deployments.record_event(events.RollbackFinished(dep, "gitea", True, rolled))
+    await store.deployments.record_event(events.StepOutput(dep, verify.id, "gitea answers 200"))
     await store.deployments.record_event(
-        StepFinished(dep, verify, StepState.ROLLED_BACK, StepResult(False, "gitea answers 502"))
+        events.StepFinished(
+            dep, verify, StepState.ROLLED_BACK, StepResult(False, "gitea answers 502")
+        )
     )
     record = await store.deployments.get(dep)
     assert record is not None
@@ -251,9 +227,9 @@ async def test_steps_not_in_the_plan_are_added(store: Store) -> None:
     plan = small_plan()
     dep = await store.deployments.create(kind="deploy", trigger="cli", plan=plan)
     extra = Step(id="rollback:gitea", phase=Phase.NIX_SERVICE_CONFIG, service="gitea")
-    await store.deployments.record_event(StepStarted(dep, extra))
+    await store.deployments.record_event(events.StepStarted(dep, extra))
     await store.deployments.record_event(
-        StepFinished(dep, extra, StepState.SUCCEEDED, StepResult(ok=True))
+        events.StepFinished(dep, extra, StepState.SUCCEEDED, StepResult(ok=True))
     )
     record = await store.deployments.get(dep)
     assert record is not None
@@ -368,11 +344,11 @@ async def test_recover_interrupted_after_lease(store: Store) -> None:
     dep = await store.deployments.create(
         kind="deploy", trigger="cli", plan=plan, holder=holder, lease=short
     )
-    await store.deployments.record_event(DeploymentStarted(dep, plan))
+    await store.deployments.record_event(events.DeploymentStarted(dep, plan))
     for step in plan.steps[:2]:
-        await store.deployments.record_event(StepStarted(dep, step))
+        await store.deployments.record_event(events.StepStarted(dep, step))
     await store.deployments.record_event(
-        StepFinished(dep, plan.steps[0], StepState.SUCCEEDED, StepResult(ok=True))
+        events.StepFinished(dep, plan.steps[0], StepState.SUCCEEDED, StepResult(ok=True))
     )
     # while the lease runs, nothing is recovered
     assert await store.deployments.recover_interrupted() == []

@@ -17,6 +17,7 @@ from runners.config import RedactConfig, RunnerConfig, TerraformConfig
 from runners.redact import REDACTED
 from runners.registry import build_runners
 from runners.terraform import TerraformRunner, service_variables
+from tests.fixtures_manifests import lab_manifest
 
 SECRET = "tok-SECRET-4711"
 
@@ -94,16 +95,7 @@ def manifest(hostname: str = "app.lab.lan", *, with_app: bool = True) -> Manifes
                 },
             },
         }
-    return Manifest.model_validate(
-        {
-            "network": {
-                "domain": "lab.lan",
-                "gateway": "10.20.0.1",
-                "network_cidr": "10.20.0.0/24",
-            },
-            "services": services,
-        }
-    )
+    return lab_manifest(services)
 
 
 def export(tmp_path: Path, name: str, *, module: bool = True, infra: bool = False) -> Path:

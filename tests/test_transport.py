@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from planner.models import Manifest
 from runners.config import HealthConfig, SshConfig, TransportConfig
 from runners.health import HealthRunner
 from runners.nixos import HostResolver
 from runners.transport import LocalTransport, SshTransport
+from tests.fixtures_manifests import lab_manifest
 from tests.fixtures_sshd import SshServer
 
 
@@ -103,19 +103,12 @@ async def test_ssh_timeout_and_refused_key_are_clear_failures(
 
 
 async def test_health_checks_over_ssh(sshd: SshServer, control: Path) -> None:
-    manifest = Manifest.model_validate(
+    manifest = lab_manifest(
         {
-            "network": {
-                "domain": "lab.lan",
-                "gateway": "10.20.0.1",
-                "network_cidr": "10.20.0.0/24",
-            },
-            "services": {
-                "web": {
-                    "ip": "10.20.0.3",
-                    "interface": {"health": {"startup": "test -d /", "liveness": "whoami"}},
-                }
-            },
+            "web": {
+                "ip": "10.20.0.3",
+                "interface": {"health": {"startup": "test -d /", "liveness": "whoami"}},
+            }
         }
     )
     ssh = SshTransport(sshd.client_config(control))

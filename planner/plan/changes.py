@@ -25,21 +25,9 @@ from planner.diff import (
 )
 from planner.findings import warning
 from planner.models import Manifest
+from planner.plan import full
 from planner.plan.destroys import destroy_before_reuse, destroy_steps, replacements
 from planner.plan.files import explain_files, unparseable_roots
-from planner.plan.full import (
-    Analysis,
-    FullPlanNeeds,
-    analyse,
-    analyse_errors,
-    auth_provider,
-    dependency_infos,
-    full_steps,
-    nearest_selected,
-    plan_full,
-    required_services,
-    restrict,
-)
 from planner.plan.model import (
     Change,
     ChangeKind,
@@ -83,14 +71,14 @@ class AnalysisMemo:
     def __init__(self, size: int = ANALYSIS_MEMO_SIZE) -> None:
         self.size = size
         # id -> (the manifest, kept alive so its id stays its own; analysis; errors only?)
-        self._items: dict[int, tuple[Manifest, Analysis, bool]] = {}
+        self._items: dict[int, tuple[Manifest, full.Analysis, bool]] = {}
         self._dumps: dict[int, tuple[Manifest, dict[str, Any]]] = {}
 
-    def analyse(self, manifest: Manifest, *, warnings: bool = True) -> Analysis:
+    def analyse(self, manifest: Manifest, *, warnings: bool = True) -> full.Analysis:
         """The manifest's analysis; `warnings=False` may skip the warning checks (base)."""
         found = self._items.pop(id(manifest), None)
         if found is None or found[0] is not manifest or (warnings and found[2]):
-            analysis = analyse(manifest) if warnings else analyse_errors(manifest)
+            analysis = full.analyse(manifest) if warnings else full.analyse_errors(manifest)
             found = (manifest, analysis, not warnings)
         self._items[id(manifest)] = found
         while len(self._items) > self.size:
@@ -206,7 +194,7 @@ def _plan_changes(
         raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
 
     diff = diff_manifests(base, head, base_data=memo.dump(base), head_data=memo.dump(head))
-    provider = auth_provider(head, options)
+    provider = full.auth_provider(head, options)
     sel = Selection(head, provider)
     ctx = ChangeContext(base, head, options, provider)
     needs_full = select_global(sel, ctx, diff.global_fields)
@@ -242,7 +230,7 @@ def _plan_changes(
     reverify_dependents(sel, analysis.graph)
     if service is not None:
         removed = []  # a one-service plan never destroys other services
-        keep_only(sel, required_services(analysis, service))
+        keep_only(sel, full.required_services(analysis, service))
 
     steps = selected_steps(sel, analysis, options, needs_full)
     replaced = replacements(ctx, diff, removed)
@@ -256,24 +244,24 @@ def _plan_changes(
         warnings=warnings,
         note=None if steps else empty_note(diff, files, service),
     )
-    plan.dependencies = dependency_infos(analysis, set(plan.services()))
+    plan.dependencies = full.dependency_infos(analysis, set(plan.services()))
     return plan, hits
 
 
 def selected_steps(
-    sel: Selection, analysis: Analysis, options: PlanOptions, needs_full: bool
+    sel: Selection, analysis: full.Analysis, options: PlanOptions, needs_full: bool
 ) -> dict[str, Step]:
     """The selected steps, each needing its nearest selected steps in the full plan's order."""
     if not sel.reasons:
         return {}
     if needs_full:
-        return restrict(full_steps(analysis, analysis.graph.nodes, options), sel.reasons)
-    needs_of = FullPlanNeeds(analysis, options)
+        return full.restrict(full.full_steps(analysis, analysis.graph.nodes, options), sel.reasons)
+    needs_of = full.FullPlanNeeds(analysis, options)
     memo: dict[str, set[str]] = {}
     steps: dict[str, Step] = {}
     for sid, reasons in sel.reasons.items():
         phase, service = needs_of.parse(sid)
-        needs = sorted(nearest_selected(needs_of, sel.reasons, sid, memo))
+        needs = sorted(full.nearest_selected(needs_of, sel.reasons, sid, memo))
         steps[sid] = Step(id=sid, phase=phase, service=service, needs=needs, reasons=reasons)
     infra = steps.get(step_id(Phase.TF_INFRA))
     if infra is not None:
@@ -291,7 +279,7 @@ def full_plan_as_change(
     base_problem: str | None = None,
 ) -> Plan:
     """The full plan of head, reported as every enabled service being added."""
-    plan = plan_full(head, service=service, options=options, base=base_rev, head=head_rev)
+    plan = full.plan_full(head, service=service, options=options, base=base_rev, head=head_rev)
     if not plan.ok:
         return plan
     plan.changes = [Change(service=name, kind=ChangeKind.ADDED) for name in sorted(head.enabled())]
