@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from state.base import Repository
+from state.base import Repository, record_of
 from state.bulk_writes import LocalSqlite, PreparedInsert, SqliteBusy
 from state.engine import sqlite_file
 from state.events import utcnow
@@ -353,16 +353,7 @@ def _dead(worker: str, alive: Callable[[int], bool]) -> bool:
 
 
 def _job(row: Any) -> Job:
-    return Job(
-        id=row.id,
-        kind=row.kind,
-        payload=dict(row.payload or {}),
-        state=JobState(row.state),
-        attempts=row.attempts,
-        worker=row.worker,
-        error=row.error,
-        lease_until=row.lease_until,
-    )
+    return record_of(Job, row, payload=dict(row.payload or {}), state=JobState(row.state))
 
 
 async def _set_lease(conn: AsyncConnection, job_id: int, worker: str, until: datetime) -> bool:
