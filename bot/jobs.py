@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from bot.metrics import Metrics
     from state.queue import DeliveryKey, Job
     from state.store import Store
+from deployments.periodic import repeat_forever
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +290,8 @@ class JobWorker:
 
     async def _maintain(self) -> None:
         """`sweep` at start (before the first claim waits), then every third of the lease."""
-        while True:
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("the job sweep failed; trying again later")
-            await asyncio.sleep(self.lease.total_seconds() / 3)
+        every = self.lease.total_seconds() / 3
+        await repeat_forever(self.sweep, every, log, "the job sweep failed; trying again later")
 
     async def _listen(self) -> None:
         """LISTEN for new jobs on a dedicated connection; reopened when it drops."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from bot.context import BotContext
 from bot.request import DeploymentRequest
+from deployments.periodic import repeat_forever
 from planner.plan import Step
 from runners.base import (
     DeploymentFinished,
@@ -262,12 +263,8 @@ class RecoverySweeper:
         return list(fresh.values())
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("the periodic recovery sweep failed; trying again later")
+        failure = "the periodic recovery sweep failed; trying again later"
+        await repeat_forever(self.sweep, self.interval, log, failure, wait_first=True)
 
 
 def start_sweeping(

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import click
 
+from cli.dry_run import dry_run_json, echo_dry_run_steps
 from cli.options import (
     EXIT_EVAL,
     EXIT_FAILED,
@@ -111,14 +112,9 @@ def nothing_to_do(plan: Plan, kind: DeploymentKind, as_json: bool) -> None:
 
 def print_preview(preview: list[tuple[str, list[str]]], as_json: bool) -> None:
     if as_json:
-        steps = [{"id": sid, "commands": commands} for sid, commands in preview]
-        click.echo(json.dumps({"dry_run": True, "steps": steps}, indent=2))
+        click.echo(json.dumps(dry_run_json(preview), indent=2))
         return
-    click.echo("dry run: nothing is changed; these steps would run:")
-    for sid, commands in preview:
-        click.echo(f"{sid}:")
-        for command in commands:
-            click.echo(f"    {command}")
+    echo_dry_run_steps(preview)
 
 
 def refuse_invalid(plan: Plan, show_plan: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cli.dry_run import dry_run_json, echo_dry_run_steps
 from deployments import ExecutionOptions, GitSource, Source, preview_deployment
 from planner.models import Manifest
 from planner.plan import Plan
@@ -43,13 +44,8 @@ async def print_host_previews(
         plan, manifest=manifest, options=options, workdir=workdir, revision=plan.head
     )
     if as_json:
-        body = {"dry_run": True, "steps": [{"id": s, "commands": c} for s, c in steps]}
-        click.echo(json.dumps({**body, "preview": preview_json(previews)}, indent=2))
+        click.echo(json.dumps({**dry_run_json(steps), "preview": preview_json(previews)}, indent=2))
         return
-    click.echo("dry run: nothing is changed; these steps would run:")
-    for sid, commands in steps:
-        click.echo(f"{sid}:")
-        for command in commands:
-            click.echo(f"    {command}")
+    echo_dry_run_steps(steps)
     for line in text_host_previews(previews):
         click.echo(line)

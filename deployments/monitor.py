@@ -22,6 +22,7 @@ from typing import Protocol
 
 from deployments.drift import DriftKind, DriftReport, detect_drift
 from deployments.health import deployed_manifest, health_of, health_runner, tail
+from deployments.periodic import repeat_forever
 from planner.models import Manifest
 from runners.base import utcnow
 from runners.config import RunnerConfig
@@ -143,13 +144,12 @@ class Monitor:
 
     async def _supervise(self) -> None:
         """Keep one checking task per deployed service with a check."""
-        while True:
-            try:
-                manifest = await deployed_manifest(self.store)
-                self._follow(manifest)
-            except Exception:
-                log.exception("monitor: could not read the deployed services")
-            await asyncio.sleep(self.options.refresh)
+        failure = "monitor: could not read the deployed services"
+        await repeat_forever(self._refresh, self.options.refresh, log, failure)
+
+    async def _refresh(self) -> None:
+        """Follow the services of the deployed manifest (a task each, started or stopped)."""
+        self._follow(await deployed_manifest(self.store))
 
     def _follow(self, manifest: Manifest | None) -> None:
         wanted = {}
@@ -171,12 +171,13 @@ class Monitor:
 
     async def _watch(self, service: str, manifest: Manifest) -> None:
         interval = max(policy(service, manifest, self.config.health).interval, MIN_INTERVAL)
-        while True:
-            try:
-                await self.check(service, self.current or manifest)
-            except Exception:
-                log.exception("monitor: checking %s failed", service)
-            await asyncio.sleep(interval)
+        await repeat_forever(
+            lambda: self.check(service, self.current or manifest),
+            interval,
+            log,
+            "monitor: checking %s failed",
+            service,
+        )
 
     async def deploying(self, service: str) -> bool:
         """Whether a deployment holds the service's lock right now."""
@@ -262,12 +263,8 @@ class Monitor:
     # --- drift -------------------------------------------------------------------------------
 
     async def _drift_loop(self) -> None:
-        while True:
-            try:
-                await self.drift_round()
-            except Exception:
-                log.exception("monitor: drift detection failed")
-            await asyncio.sleep(max(self.options.drift_interval, MIN_INTERVAL))
+        every = max(self.options.drift_interval, MIN_INTERVAL)
+        await repeat_forever(self.drift_round, every, log, "monitor: drift detection failed")
 
     async def drift_round(self) -> DriftReport | None:
         """Detect drift once and tell what is new and what cleared (skipped mid-deployment)."""

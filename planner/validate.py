@@ -73,44 +73,44 @@ def check_dependencies(manifest: Manifest, deps: list[Dependency]) -> list[Findi
     known = manifest.all_services()
     found: list[Finding] = []
     for dep in deps:
-        # the field path is built only for an error: a valid manifest has 30,000 dependencies
-        target = known.get(dep.target)
-        if target is None:
-            found.append(
-                error(
-                    "unknown-dependency",
-                    f'{dep.service} depends on "{dep.target}", which is not a service in this manifest',
-                    service=dep.service,
-                    field=_field(manifest, dep.service, dep.field),
-                    hint=f"{_suggest(dep.target, known)}name a service from core_services or services",
-                )
-            )
-        elif not target.enable:
-            found.append(
-                error(
-                    "disabled-dependency",
-                    f'{dep.service} depends on "{dep.target}", which is disabled (enable = false)',
-                    service=dep.service,
-                    field=_field(manifest, dep.service, dep.field),
-                    hint=f"enable {dep.target} or remove the dependency from {dep.service}",
-                )
-            )
-        elif (
-            manifest.is_core(dep.service)
-            and not manifest.is_core(dep.target)
-            and orders_deployment(manifest, dep)
-        ):
-            found.append(
-                error(
-                    "core-depends-on-app",
-                    f"core service {dep.service} depends on application service {dep.target}",
-                    service=dep.service,
-                    field=_field(manifest, dep.service, dep.field),
-                    hint=f"core services deploy first: move {dep.target} to core_services "
-                    f"or drop it from {dep.service}.depends_on",
-                )
-            )
+        problem = _dependency_problem(manifest, dep, known)
+        if problem is not None:
+            # the field path is built only for an error: a valid manifest has 30,000 dependencies
+            code, message, hint = problem
+            field = _field(manifest, dep.service, dep.field)
+            found.append(error(code, message, service=dep.service, field=field, hint=hint))
     return found
+
+
+def _dependency_problem(
+    manifest: Manifest, dep: Dependency, known: dict[str, Service]
+) -> tuple[str, str, str] | None:
+    """What is wrong with one dependency (code, message, hint), or None."""
+    target = known.get(dep.target)
+    if target is None:
+        return (
+            "unknown-dependency",
+            f'{dep.service} depends on "{dep.target}", which is not a service in this manifest',
+            f"{_suggest(dep.target, known)}name a service from core_services or services",
+        )
+    if not target.enable:
+        return (
+            "disabled-dependency",
+            f'{dep.service} depends on "{dep.target}", which is disabled (enable = false)',
+            f"enable {dep.target} or remove the dependency from {dep.service}",
+        )
+    if (
+        manifest.is_core(dep.service)
+        and not manifest.is_core(dep.target)
+        and orders_deployment(manifest, dep)
+    ):
+        return (
+            "core-depends-on-app",
+            f"core service {dep.service} depends on application service {dep.target}",
+            f"core services deploy first: move {dep.target} to core_services "
+            f"or drop it from {dep.service}.depends_on",
+        )
+    return None
 
 
 def check_cycles(

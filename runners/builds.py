@@ -96,6 +96,15 @@ class BuildScheduler:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+async def finish_deployment_builds(
+    schedulers: dict[str, BuildScheduler], deployment_id: str
+) -> None:
+    """Stop and forget one deployment's builds (its steps are done)."""
+    scheduler = schedulers.pop(deployment_id, None)
+    if scheduler is not None:
+        await scheduler.cancel()
+
+
 class BuildCache:
     """Built system paths by (revision, service, build command), in one small file each."""
 

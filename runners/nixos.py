@@ -22,7 +22,14 @@ from typing import Any
 from planner.models import Manifest
 from planner.plan import NIX_PHASES, Plan, Step
 from runners.base import Context, StepResult
-from runners.builds import BuildCache, BuildFailed, BuildResult, BuildScheduler, output_path
+from runners.builds import (
+    BuildCache,
+    BuildFailed,
+    BuildResult,
+    BuildScheduler,
+    finish_deployment_builds,
+    output_path,
+)
 from runners.config import CaptureFormat, CommandTemplate, NixosConfig, TransportConfig, Where
 from runners.transport import (
     CommandResult,
@@ -213,9 +220,7 @@ class NixosRunner:
         scheduler.start(services)
 
     async def finish_builds(self, ctx: Context) -> None:
-        scheduler = self.schedulers.pop(ctx.deployment_id, None)
-        if scheduler is not None:
-            await scheduler.cancel()
+        await finish_deployment_builds(self.schedulers, ctx.deployment_id)
 
     async def built(self, service: str, ctx: Context) -> BuildResult:
         """The service's build in this deployment (its scheduler's, else built now)."""
@@ -299,16 +304,8 @@ class NixosRunner:
         ctx.previous_systems.setdefault(service, previous)
         if self.config.builds_first:
             return await self._build_first(service, values, previous, ctx, log)
-        try:
-            for command in self.config.deploy_commands():
-                result = await self._exec(command, values, ctx, log)
-                if not result.ok:
-                    return StepResult(False, log.output, previous, None, log.commands)
-            new = await self.record(service, ctx, log)
-        except (KeyError, RecordError) as exc:
-            message = exc.args[0] if exc.args else str(exc)
-            return StepResult(False, _join(log.output, message), previous, None, log.commands)
-        return StepResult(True, log.output, previous, new, log.commands)
+        commands = self.config.deploy_commands()
+        return await self._switch(service, commands, values, previous, ctx, log)
 
     async def _build_first(
         self, service: str, values: dict[str, str], previous: str, ctx: Context, log: _Log
@@ -323,8 +320,21 @@ class NixosRunner:
             return StepResult(True, log.output, previous, previous, log.commands)
         values["new"] = build.path
         copy = [CommandTemplate(run=self.config.copy_template())] if self.copies() else []
+        commands = [*copy, *self.config.switch_commands()]
+        return await self._switch(service, commands, values, previous, ctx, log)
+
+    async def _switch(
+        self,
+        service: str,
+        commands: list[CommandTemplate],
+        values: dict[str, str],
+        previous: str,
+        ctx: Context,
+        log: _Log,
+    ) -> StepResult:
+        """Run the commands in order, stopping at the first failure; then record the new system."""
         try:
-            for command in [*copy, *self.config.switch_commands()]:
+            for command in commands:
                 result = await self._exec(command, values, ctx, log)
                 if not result.ok:
                     return StepResult(False, log.output, previous, None, log.commands)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from planner.plan import NIX_PHASES, Phase, Plan, Step
 from runners.base import Context, StepResult
-from runners.builds import BuildResult, BuildScheduler
+from runners.builds import BuildResult, BuildScheduler, finish_deployment_builds
 from runners.config import SimulateConfig
 
 BUILD = "build"
@@ -75,9 +75,7 @@ class SimulatedRunner:
         scheduler.start(services)
 
     async def finish_builds(self, ctx: Context) -> None:
-        scheduler = self.schedulers.pop(ctx.deployment_id, None)
-        if scheduler is not None:
-            await scheduler.cancel()
+        await finish_deployment_builds(self.schedulers, ctx.deployment_id)
 
     async def _build(self, service: str) -> BuildResult:
         await asyncio.sleep(self.build_duration())

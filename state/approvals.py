@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from planner.plan import Plan
-from state.base import Repository, StoreError, load_plan, new_id, plan_json
+from state.base import Repository, StoreError, load_plan, new_id, plan_json, record_of
 from state.events import utcnow
 from state.schema import approvals
 
@@ -179,20 +179,10 @@ class ApprovalRepository(Repository):
 
 
 def _approval(row: Any) -> ApprovalRecord:
-    return ApprovalRecord(
-        id=row.id,
-        kind=row.kind,
-        requested_by=row.requested_by,
+    return record_of(
+        ApprovalRecord,
+        row,
         state=ApprovalState(row.state),
-        digest=row.digest,
-        expires_at=row.expires_at,
-        service=row.service,
         args=dict(row.args or {}),
         plan=load_plan(row.plan) if row.plan else None,
-        channel=row.channel,
-        ts=row.ts,
-        resolved_by=row.resolved_by,
-        created_at=row.created_at,
-        resolved_at=row.resolved_at,
-        deployment_id=row.deployment_id,
     )

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import secrets
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from planner.plan import Plan
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Record = TypeVar("Record", bound="DataclassInstance")
 
 ID_BYTES = 4  # deployment and approval ids: 8 hex characters
 
@@ -42,3 +50,16 @@ def plan_json(plan: Plan) -> str:
 def load_plan(text: str | None) -> Plan:
     """A stored plan (an empty plan when none was stored)."""
     return Plan.model_validate_json(text) if text else Plan()
+
+
+@functools.cache
+def _field_names(cls: type[DataclassInstance]) -> tuple[str, ...]:
+    """A dataclass's field names (asked once per class: listings convert many rows)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def record_of(cls: type[Record], row: Any, **converted: object) -> Record:
+    """A record dataclass from a row: each field from its column of the same name, except
+    those given `converted` (parsed, defaulted or renamed by the caller)."""
+    values = {name: getattr(row, name) for name in _field_names(cls) if name not in converted}
+    return cls(**values, **converted)

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from planner.models import Manifest
 from planner.plan import Plan
-from state.base import Repository, StoreError, iso, load_plan, new_id, plan_json
+from state.base import Repository, StoreError, iso, load_plan, new_id, plan_json, record_of
 from state.events import DeploymentKind, DeploymentState, Event, StepState, Trigger, utcnow
 from state.locks import delete_expired_locks
 from state.recording import EventRecorder
@@ -372,41 +372,23 @@ class DeploymentRepository(Repository):
 
 
 def _step_record(row: Any) -> StepRecord:
-    return StepRecord(
+    return record_of(
+        StepRecord,
+        row,
         id=row.step_id,
-        phase=row.phase,
-        service=row.service,
         state=StepState(row.state),
-        attempt=row.attempt,
         output=row.output or "",
-        reason=row.reason,
-        previous_system=row.previous_system,
-        new_system=row.new_system,
         commands=list(row.commands or []),
-        started_at=row.started_at,
-        finished_at=row.finished_at,
     )
 
 
 def _deployment_record(row: Any, step_records: list[StepRecord]) -> DeploymentRecord:
-    return DeploymentRecord(
-        id=row.id,
+    return record_of(
+        DeploymentRecord,
+        row,
         kind=DeploymentKind(row.kind),
-        trigger=row.trigger,
         state=DeploymentState(row.state),
         plan=load_plan(row.plan),
-        digest=row.digest,
-        requested_by=row.requested_by,
-        approved_by=row.approved_by,
-        base=row.base,
-        head=row.head,
-        scope=row.scope,
-        holder=row.holder,
-        note=row.note,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        lease_until=row.lease_until,
         steps=step_records,
         manifest_json=row.manifest,
     )

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from state.base import Repository
+from state.base import Repository, record_of
 from state.events import utcnow
 from state.schema import drift_findings, health_history, health_latest
 
@@ -63,29 +61,30 @@ def _tail(text: str) -> str:
 
 
 def _check(row: Any, *, with_since: bool) -> HealthCheck:
-    return HealthCheck(
-        service=row.service,
+    return record_of(
+        HealthCheck,
+        row,
         healthy=bool(row.healthy),
         check=row.check_kind,
-        output=row.output,
-        checked_at=row.checked_at,
-        source=row.source,
         since=row.since if with_since else None,
         transition=bool(getattr(row, "transition", False)),
     )
 
 
+def _check_columns(check: HealthCheck) -> dict[str, Any]:
+    """The columns the latest check and the history share."""
+    return {
+        "service": check.service,
+        "healthy": check.healthy,
+        "check_kind": check.check,
+        "output": check.output,
+        "source": check.source,
+        "checked_at": check.checked_at,
+    }
+
+
 def _drift(row: Any) -> DriftRecord:
-    return DriftRecord(
-        row.subject,
-        row.kind,
-        row.expected,
-        row.actual,
-        row.detail,
-        row.first_seen,
-        row.last_seen,
-        row.cleared_at,
-    )
+    return record_of(DriftRecord, row)
 
 
 class HealthRepository(Repository):
@@ -102,49 +101,25 @@ class HealthRepository(Repository):
             ).first()
             changed = previous is None or bool(previous.healthy) != check.healthy
             since = check.checked_at if changed or previous is None else previous.since
-            values = {
-                "healthy": check.healthy,
-                "check_kind": check.check,
-                "output": _tail(check.output),
-                "source": check.source,
-                "checked_at": check.checked_at,
-                "since": since,
-            }
+            stored = replace(
+                check,
+                output=_tail(check.output),
+                since=since,
+                transition=changed or check.transition,
+            )
+            values = {**_check_columns(stored), "since": since}
             if previous is None:
-                await conn.execute(health_latest.insert().values(service=check.service, **values))
+                await conn.execute(health_latest.insert().values(**values))
             else:
                 await conn.execute(
                     health_latest.update()
                     .where(health_latest.c.service == check.service)
                     .values(**values)
                 )
-            stored = HealthCheck(
-                check.service,
-                check.healthy,
-                check.check,
-                _tail(check.output),
-                check.checked_at,
-                check.source,
-                since,
-                changed or check.transition,
-            )
             if history or stored.transition:
-                await self._history(conn, stored)
+                history_values = {**_check_columns(stored), "transition": stored.transition}
+                await conn.execute(health_history.insert().values(**history_values))
         return stored
-
-    @staticmethod
-    async def _history(conn: AsyncConnection, check: HealthCheck) -> None:
-        await conn.execute(
-            health_history.insert().values(
-                service=check.service,
-                healthy=check.healthy,
-                check_kind=check.check,
-                output=check.output,
-                source=check.source,
-                transition=check.transition,
-                checked_at=check.checked_at,
-            )
-        )
 
     async def latest(self) -> dict[str, HealthCheck]:
         async with self.engine.connect() as conn:

@@ -12,9 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from state.base import Repository
+from state.base import Repository, record_of
 from state.bulk_writes import LocalSqlite, PreparedInsert, SqliteBusy
 from state.engine import sqlite_file
 from state.events import utcnow
@@ -199,16 +199,7 @@ class QueueRepository(Repository):
     async def renew(self, job_id: int, worker: str, lease: timedelta) -> bool:
         """Extend a running job's lease; False if another worker took it over."""
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                jobs.update()
-                .where(
-                    jobs.c.id == job_id,
-                    jobs.c.worker == worker,
-                    jobs.c.state == str(JobState.RUNNING),
-                )
-                .values(lease_until=utcnow() + lease)
-            )
-        return result.rowcount == 1
+            return await _set_lease(conn, job_id, worker, utcnow() + lease)
 
     async def finish(self, job_id: int, error: str | None = None) -> None:
         """A job is done (or failed, with `error`)."""
@@ -241,16 +232,8 @@ class QueueRepository(Repository):
         reclaimed: list[int] = []
         for job_id, name in dead:
             async with self.engine.begin() as conn:
-                result = await conn.execute(
-                    jobs.update()
-                    .where(
-                        jobs.c.id == job_id,
-                        jobs.c.worker == name,
-                        jobs.c.state == str(JobState.RUNNING),
-                    )
-                    .values(lease_until=utcnow() - timedelta(seconds=1))
-                )
-            if result.rowcount == 1:
+                ended = await _set_lease(conn, job_id, name, utcnow() - timedelta(seconds=1))
+            if ended:
                 reclaimed.append(job_id)
         return reclaimed
 
@@ -370,13 +353,18 @@ def _dead(worker: str, alive: Callable[[int], bool]) -> bool:
 
 
 def _job(row: Any) -> Job:
-    return Job(
-        id=row.id,
-        kind=row.kind,
-        payload=dict(row.payload or {}),
-        state=JobState(row.state),
-        attempts=row.attempts,
-        worker=row.worker,
-        error=row.error,
-        lease_until=row.lease_until,
+    return record_of(Job, row, payload=dict(row.payload or {}), state=JobState(row.state))
+
+
+async def _set_lease(conn: AsyncConnection, job_id: int, worker: str, until: datetime) -> bool:
+    """Move the lease of a job `worker` is running; False if it runs elsewhere or is done."""
+    result = await conn.execute(
+        jobs.update()
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.worker == worker,
+            jobs.c.state == str(JobState.RUNNING),
+        )
+        .values(lease_until=until)
     )
+    return result.rowcount == 1

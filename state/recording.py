@@ -3,6 +3,7 @@ service runs afterwards."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -40,23 +41,27 @@ class EventRecorder:
     def __init__(self, engine: AsyncEngine, deployments: DeploymentWriter) -> None:
         self.engine = engine
         self.deployments = deployments
+        self._by_type = self._handlers()
 
     async def record(self, event: events.Event) -> None:
-        """Dispatch one event to the handler of its type."""
-        if isinstance(event, events.DeploymentStarted):
-            await self._deployment_started(event)
-        elif isinstance(event, events.StepStarted):
-            await self._step_started(event)
-        elif isinstance(event, events.StepOutput):
-            await self._step_output(event)
-        elif isinstance(event, events.StepFinished):
-            await self._step_finished(event)
-        elif isinstance(event, events.RollbackStarted):
-            await self._rollback_started(event)
-        elif isinstance(event, events.RollbackFinished):
-            await self._rollback_finished(event)
-        elif isinstance(event, events.DeploymentFinished):
-            await self._deployment_finished(event)
+        """Dispatch one event to the handler of its type (or of a base type; others are ignored)."""
+        for kind in type(event).__mro__:
+            handler = self._by_type.get(kind)
+            if handler is not None:
+                await handler(event)
+                return
+
+    def _handlers(self) -> dict[type, Callable[[Any], Awaitable[None]]]:
+        """The handler of each event type this recorder persists."""
+        return {
+            events.DeploymentStarted: self._deployment_started,
+            events.StepStarted: self._step_started,
+            events.StepOutput: self._step_output,
+            events.StepFinished: self._step_finished,
+            events.RollbackStarted: self._rollback_started,
+            events.RollbackFinished: self._rollback_finished,
+            events.DeploymentFinished: self._deployment_finished,
+        }
 
     async def _deployment_started(self, event: events.DeploymentStarted) -> None:
         async with self.engine.begin() as conn:
@@ -168,32 +173,16 @@ class EventRecorder:
     async def _rollback_finished(self, event: events.RollbackFinished) -> None:
         """A service rolled back: its running system is the one recorded before the deploy."""
         if event.result is not None and event.result.output:
-            async with self.engine.connect() as conn:
-                cause = (
-                    await conn.execute(
-                        sa.select(steps.c.step_id).where(
-                            steps.c.deployment_id == event.deployment_id,
-                            steps.c.service == event.service,
-                            steps.c.state == str(StepState.RUNNING),
-                        )
-                    )
-                ).scalar()
+            running = steps.c.state == str(StepState.RUNNING)
+            cause = await self._step_value(steps.c.step_id, event, running)
             if cause is not None:
                 await self._append_output(event.deployment_id, cause, event.result.output + "\n")
         if not event.ok:
             return
         system = event.result.new_system if event.result else None
         if system is None:
-            async with self.engine.connect() as conn:
-                system = (
-                    await conn.execute(
-                        sa.select(steps.c.previous_system).where(
-                            steps.c.deployment_id == event.deployment_id,
-                            steps.c.service == event.service,
-                            steps.c.previous_system.is_not(None),
-                        )
-                    )
-                ).scalar()
+            recorded = steps.c.previous_system.is_not(None)
+            system = await self._step_value(steps.c.previous_system, event, recorded)
         if system is None:
             return
         async with self.engine.begin() as conn:
@@ -204,6 +193,20 @@ class EventRecorder:
                 last_deployment_id=event.deployment_id,
                 updated_at=event.at,
             )
+
+    async def _step_value(
+        self, column: sa.Column[Any], event: events.RollbackFinished, condition: Any
+    ) -> Any:
+        """`column` of a step of the rolled-back service, in its deployment, that meets `condition`."""
+        async with self.engine.connect() as conn:
+            found = await conn.execute(
+                sa.select(column).where(
+                    steps.c.deployment_id == event.deployment_id,
+                    steps.c.service == event.service,
+                    condition,
+                )
+            )
+            return found.scalar()
 
     async def _deployment_finished(self, event: events.DeploymentFinished) -> None:
         async with self.engine.begin() as conn:

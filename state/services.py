@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from state.base import Repository, iso
+from state.base import Repository, iso, record_of
 from state.events import utcnow
 from state.schema import services
 
@@ -77,16 +77,4 @@ class ServiceRepository(Repository):
         """Every service the store knows, by name."""
         async with self.engine.connect() as conn:
             rows = (await conn.execute(services.select().order_by(services.c.name))).all()
-        return {
-            row.name: ServiceRecord(
-                name=row.name,
-                revision=row.revision,
-                system_path=row.system_path,
-                previous_system=row.previous_system,
-                last_deployment_id=row.last_deployment_id,
-                last_health=row.last_health,
-                health_at=row.health_at,
-                updated_at=row.updated_at,
-            )
-            for row in rows
-        }
+        return {row.name: record_of(ServiceRecord, row) for row in rows}

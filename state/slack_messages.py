@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from state.base import Repository
+from state.base import Repository, record_of
 from state.events import utcnow
 from state.schema import slack_messages
 
@@ -76,11 +76,4 @@ class SlackMessageRepository(Repository):
 
 
 def _message(row: Any) -> SlackMessage:
-    return SlackMessage(
-        deployment_id=row.deployment_id,
-        channel=row.channel,
-        ts=row.ts,
-        title=row.title,
-        origin=row.origin,
-        posted_at=row.posted_at,
-    )
+    return record_of(SlackMessage, row)
