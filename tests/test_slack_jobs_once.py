@@ -13,7 +13,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.jobs import JobContext, current_job
 from bot.slack.names import JobKind
 from bot.slack.once import Posting, post_once
-from state.schema import jobs
+from bot.slack.slash import APPROVAL_STEP
+from state.schema import approvals, jobs
 from state.store import Store
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack
 from tests.fixtures_github import ManifestRepo
@@ -49,6 +50,8 @@ async def test_a_rerun_request_job_edits_the_one_request_message(
     await bot.settled()
     job_id, payload = await job_of(bot.store, JobKind.REQUEST)
     versions = len(message.versions)
+    requested = await bot.approval_of(message)
+    assert await bot.store.queue.effect(job_id, f"{APPROVAL_STEP}-1") == requested.id
 
     await rerun(bot, job_id, bot.slack.run_request_job, payload)
 
@@ -56,6 +59,10 @@ async def test_a_rerun_request_job_edits_the_one_request_message(
     assert only.ts == message.ts and len(only.versions) > versions  # edited, not posted again
     assert "Approve" in [button["text"]["text"] for button in only.buttons()]
     assert len(fake_slack.calls_to("chat.postMessage")) == 1
+    # the same request, not a second one beside it (whose expiry would rewrite the message)
+    assert (await bot.approval_of(only)).id == requested.id
+    async with bot.store.engine.connect() as conn:
+        assert (await conn.execute(sa.select(sa.func.count()).select_from(approvals))).scalar() == 1
 
 
 async def test_a_rerun_deploy_job_says_why_once(
