@@ -4,6 +4,7 @@ process runs no deployment, a worker sharing its store does (one SQLite file, th
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ async def test_a_web_approve_queues_the_deployment_for_a_worker(
     planner = await aiohttp_client(role_app(tmp_path, fake_slack, manifest_repo, Role.WORKER))
     message = await fake_slack.wait_for(lambda: pending(fake_slack))
     await planner.close()
+    # someone reads the request before clicking; edits are paced per process, and this web
+    # never saw the planner's last edit
+    await asyncio.sleep(PROGRESS_INTERVAL)
 
     assert (await driver.click(message, "Approve", user=APPROVER)).status == 200
     await web_app[SLACK_BOT].idle()
@@ -71,9 +75,10 @@ async def test_a_web_approve_queues_the_deployment_for_a_worker(
     assert web_ctx.require_jobs()._tasks == []  # and claims no jobs
 
     worker_app = role_app(tmp_path, fake_slack, manifest_repo, Role.WORKER)
-    await aiohttp_client(worker_app)
+    worker = await aiohttp_client(worker_app)
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
     [record] = await worker_app[CONTEXT].require_store().deployments.history()
     [deploy_job] = await job_rows(store, JobKind.DEPLOY)
     assert deploy_job.worker == worker_app[CONTEXT].require_jobs().name
     assert record.state is DeploymentState.SUCCEEDED and record.approved_by is not None
+    await worker.close()  # before the web's store closes: nothing of it runs on in teardown
