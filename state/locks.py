@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from state.base import Repository, iso
 from state.events import DeploymentState, utcnow
 from state.schema import deployments, locks
+
+log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.2
 # deployments whose lease a holder renews along with its locks
@@ -182,6 +186,27 @@ class LockRepository(Repository):
         lost = {name: current.get(name) for name in wanted if current.get(name) != holder}
         if lost:
             raise LockLost(lost)
+
+    @contextlib.asynccontextmanager
+    async def keeping(self, holder: str, lease: timedelta) -> AsyncIterator[None]:
+        """While the block runs, renew `holder`'s leases (every third of `lease`); at its end,
+        release every lock of `holder` (a holder for one acquired lock, e.g. a merge's)."""
+        keeper = asyncio.create_task(self._keep(holder, lease), name=f"nixmox-lock-{holder}")
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            await asyncio.shield(self.release(holder))
+
+    async def _keep(self, holder: str, lease: timedelta) -> None:
+        """Renew `holder`'s leases every third of the lease until cancelled."""
+        while True:
+            await asyncio.sleep(lease.total_seconds() / 3)
+            try:
+                await self.renew(holder, lease)
+            except Exception:
+                log.exception("could not renew the locks of %s", holder)
 
     async def release(self, holder: str) -> None:
         async with self.engine.begin() as conn:

@@ -14,9 +14,11 @@ has to look.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from bot.context import BotContext
@@ -32,6 +34,7 @@ from bot.github.pulls import (
     with_plan_status,
 )
 from bot.github.rest import DEPLOY_CONTEXT, Repo, StatusState
+from bot.jobs import worker_name
 from bot.request import DeploymentRequest
 from deployments import (
     NOT_YET_DEPLOYED,
@@ -43,6 +46,7 @@ from deployments import (
 from planner.plan import Plan
 from planner.source import PlanningError
 from runners.base import Trigger
+from state.locks import LockBusy
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,11 @@ STOPPED = "the deployment stopped on an internal error (see the bot's log)"
 WAITING = "waiting for {service} locked by {holder}"
 STILL_LOCKED = "not deployed: {service} still locked by {holder} after {wait:g} s"
 FIRST_ERROR = "{description}; {error}"
+MERGE_LOCK_PREFIX = "merge:"  # a store lock per revision: one worker at a time deploys it
+MERGE_HOLDER_PREFIX = "merge-deploy:"
+MERGE_LOCK_LEASE = timedelta(seconds=30)  # renewed every 10 s; a dead holder's runs out
+MERGE_LOCK_WAIT = 3600.0  # seconds a push waits for another worker deploying its revision
+STILL_DEPLOYING = "not deployed: another worker was still deploying this commit after {wait:g} s"
 
 
 async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
@@ -85,45 +94,82 @@ async def deploy_push(ctx: BotContext, payload: dict[str, Any]) -> None:
     await status(StatusState.PENDING, PLANNING)
     async with ctx.locks.merge_deploys:
         try:
-            plan = await plan_push(ctx, payload, before, after)
-        except PlanningError as exc:
-            await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=exc))
+            claim = await merge_claim(ctx, after)
+        except LockBusy:
+            await status(StatusState.ERROR, STILL_DEPLOYING.format(wait=MERGE_LOCK_WAIT))
             return
-        except Exception:
-            await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=INTERNAL_ERROR))
-            raise
-        if plan is None:
-            await status(StatusState.SUCCESS, ALREADY_DEPLOYED)
-            return
-        key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
-        target = ctx.plan_url(key) if key else None
-        if not plan.ok or not plan.steps:
-            state, description = plan_status(plan)  # failure (invalid) or "no deployment needed"
-            await status(state, description, target)
-            return
-        request = DeploymentRequest(
-            trigger=Trigger.MERGE,
-            requested_by=f"github:{payload.get('pusher', 'unknown')}",
-            revision=after,
-            installation_id=installation,
+        async with claim:
+            await plan_and_deploy(ctx, payload, before, after, status)
+
+
+def merge_lock_name(revision: str) -> str:
+    """The store lock a push's deployment of `revision` holds (across every worker)."""
+    return f"{MERGE_LOCK_PREFIX}{revision}"
+
+
+async def merge_claim(
+    ctx: BotContext, revision: str
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """The store lock of `revision`, taken (LockBusy after MERGE_LOCK_WAIT s): while it is held
+    no other worker plans or deploys it; a second delivery waits, then plans against what the
+    first deployed (usually: already deployed). Entering it keeps the lease; leaving releases."""
+    holder = f"{MERGE_HOLDER_PREFIX}{worker_name()}"
+    locks = ctx.require_store().locks
+    await locks.acquire(
+        [merge_lock_name(revision)], holder, lease=MERGE_LOCK_LEASE, wait=MERGE_LOCK_WAIT
+    )
+    return locks.keeping(holder, MERGE_LOCK_LEASE)
+
+
+async def plan_and_deploy(
+    ctx: BotContext,
+    payload: dict[str, Any],
+    before: str,
+    after: str,
+    status: Callable[..., Awaitable[None]],
+) -> None:
+    """Plan the push and deploy it, reporting on `nixmox/deploy`."""
+    installation = payload.get("installation_id")
+    try:
+        plan = await plan_push(ctx, payload, before, after)
+    except PlanningError as exc:
+        await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=exc))
+        return
+    except Exception:
+        await status(StatusState.ERROR, COULD_NOT_PLAN.format(reason=INTERNAL_ERROR))
+        raise
+    if plan is None:
+        await status(StatusState.SUCCESS, ALREADY_DEPLOYED)
+        return
+    key = await asyncio.to_thread(ctx.plans.save, plan) if ctx.plans else None
+    target = ctx.plan_url(key) if key else None
+    if not plan.ok or not plan.steps:
+        state, description = plan_status(plan)  # failure (invalid) or "no deployment needed"
+        await status(state, description, target)
+        return
+    request = DeploymentRequest(
+        trigger=Trigger.MERGE,
+        requested_by=f"github:{payload.get('pusher', 'unknown')}",
+        revision=after,
+        installation_id=installation,
+    )
+    if plan.note == NOT_YET_DEPLOYED:
+        await status(StatusState.PENDING, NOT_YET_DEPLOYED, target)
+    await announce_wait(ctx, plan, status)
+    try:
+        await ctx.deploy(request, plan, lock_wait=ctx.settings.merge_lock_wait)
+    except DeploymentRefused as exc:
+        busy = exc.busy
+        text = STILL_LOCKED.format(
+            service=busy.service, holder=busy.holder, wait=ctx.settings.merge_lock_wait
         )
-        if plan.note == NOT_YET_DEPLOYED:
-            await status(StatusState.PENDING, NOT_YET_DEPLOYED, target)
-        await announce_wait(ctx, plan, status)
-        try:
-            await ctx.deploy(request, plan, lock_wait=ctx.settings.merge_lock_wait)
-        except DeploymentRefused as exc:
-            busy = exc.busy
-            text = STILL_LOCKED.format(
-                service=busy.service, holder=busy.holder, wait=ctx.settings.merge_lock_wait
-            )
-            await status(StatusState.ERROR, text, target)
-        except DeployError as exc:
-            await status(StatusState.FAILURE, COULD_NOT_START.format(reason=exc), target)
-        except Exception:
-            # the deployment record says where it stopped; the status must not stay pending
-            await status(StatusState.ERROR, STOPPED, target)
-            raise
+        await status(StatusState.ERROR, text, target)
+    except DeployError as exc:
+        await status(StatusState.FAILURE, COULD_NOT_START.format(reason=exc), target)
+    except Exception:
+        # the deployment record says where it stopped; the status must not stay pending
+        await status(StatusState.ERROR, STOPPED, target)
+        raise
 
 
 async def announce_wait(

@@ -22,6 +22,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.blocks import MAX_BLOCKS, MAX_FALLBACK_TEXT, section, truncate
+from bot.slack.once import Posting, post_once
 from bot.slack.progress import (
     Failure,
     Note,
@@ -259,11 +260,12 @@ class SlackNotifier:
     async def _post_main(self) -> None:
         self._dirty = False
         text, blocks = self._render()
-        response = await self._call(
-            "chat.postMessage", channel=self.channel, text=text, blocks=blocks
+        # in a job, recorded with the job: a re-run edits this message instead of posting again
+        ts = await post_once(
+            self._call, Posting.ANNOUNCEMENT, self.channel, text=text, blocks=blocks
         )
-        if response is not None and response.get("ts"):
-            self.ts = str(response["ts"])
+        if ts:
+            self.ts = ts
             self.pacer.edited(self.channel, self.ts)
 
     async def _update_main(self) -> None:

@@ -14,6 +14,7 @@ from bot.slack.blocks import (
     RequestStatus,
 )
 from bot.slack.names import SYSTEM_ACTOR, Audit
+from bot.slack.once import Posting, post_once
 from bot.slack.services import SlackServices, view_of
 from deployments import DeployError
 from runners.base import (
@@ -105,8 +106,9 @@ class ApprovedRuns:
         else:
             text = ALREADY_DEPLOYED.format(deployment=used)
         log.warning("Slack: request %s not run again: %s", approval_id, text)
-        await self.core.api(
-            "chat.postMessage", channel=payload["channel"], thread_ts=payload["ts"], text=text
+        # a re-run of this job (its worker died after posting) edits that reply instead
+        await post_once(
+            self.core.api, Posting.REFUSAL, payload["channel"], thread_ts=payload["ts"], text=text
         )
         await self.core.audit(
             SYSTEM_ACTOR,

@@ -25,6 +25,7 @@ from bot.chat_commands import (
     help_text,
     parse_command,
 )
+from bot.jobs import current_job
 from bot.slack.approvals import (
     REFUSAL_TEXT,
     Refusal,
@@ -47,7 +48,7 @@ from bot.slack.blocks import (
     text_blocks,
 )
 from bot.slack.names import Audit, JobKind
-from bot.slack.services import SlackServices, ask_from, ask_json
+from bot.slack.services import SlackServices, ask_from, ask_json, view_of
 from bot.slack.status import history_text, status_text
 from planner.escape import slack_lines
 from planner.plan import Plan
@@ -78,6 +79,7 @@ DEPLOYMENT_LOCK = (
     "deployment ends."
 )
 STORE_UNAVAILABLE = ":x: The state store did not answer; try again in a moment."
+APPROVAL_STEP = "slack-approval"  # the request job's approval, recorded as a job effect
 
 
 def describe(ask: Ask) -> str:
@@ -280,6 +282,12 @@ class SlashCommands:
 
     async def plan_request(self, ask: Ask, user: str, channel: str, ts: str) -> None:
         """Plan, record a pending approval, and show the plan with Approve / Cancel."""
+        job = current_job.get()
+        step = job.next_step(APPROVAL_STEP) if job is not None else None
+        earlier = await job.effect(step) if job is not None and step is not None else None
+        if earlier is not None:  # a re-run: the dead attempt had recorded the approval
+            await self.resume_request(earlier, channel, ts)
+            return
         actor = slack_actor(user)
         view = RequestView(ask.kind, ask.target, actor, ref=ask.ref, to=ask.to)
         try:
@@ -320,6 +328,8 @@ class SlashCommands:
             channel=channel,
             ts=ts,
         )
+        if job is not None and step is not None:
+            await job.record(step, approval_id)
         approval = await store.approvals.get(approval_id)
         view.approval_id, view.digest = approval_id, plan.digest
         view.expires_at = approval.expires_at if approval is not None else None
@@ -331,6 +341,17 @@ class SlashCommands:
         )
         if ask.kind is DeploymentKind.DEPLOY:
             await self.show_previews(channel, ts, view, plan)
+
+    async def resume_request(self, approval_id: str, channel: str, ts: str) -> None:
+        """Show the approval an earlier attempt of the job recorded, instead of a second one
+        (approved or cancelled meanwhile: its message already says so, and stays)."""
+        approval = await self.core.ctx.require_store().approvals.get(approval_id)
+        if approval is None or approval.state is not ApprovalState.PENDING:
+            return
+        view = view_of(approval)
+        await self.core.show_request(channel, ts, view, RequestStatus.PENDING, approval.plan)
+        if approval.plan is not None and approval.kind == DeploymentKind.DEPLOY.value:
+            await self.show_previews(channel, ts, view, approval.plan)
 
     async def show_previews(self, channel: str, ts: str, view: RequestView, plan: Plan) -> None:
         """Add the per-host summary to a pending request's message once the builds are done."""
