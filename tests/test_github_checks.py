@@ -21,6 +21,14 @@ def line_of(text: str, needle: str) -> int:
     return text[: text.index(needle)].count("\n") + 1
 
 
+async def pr_with(bot: Any, repo: ManifestRepo, payloads: Payloads, manifest: str) -> str:
+    """A PR whose head has this manifest, planned; its head."""
+    base = repo.repo.heads.main.commit.hexsha
+    head = repo.commit(manifest, "the change", branch="f")
+    await open_pr(bot, payloads, 7, head, base)
+    return head
+
+
 def the_run(fake: FakeGitHub, sha: str, name: str) -> dict[str, Any]:
     (run,) = fake.check_runs_for(sha, name)
     return run
@@ -32,10 +40,9 @@ async def test_a_plan_is_a_check_run_with_the_plan_as_output(
     manifest_repo: ManifestRepo,
     payloads: Payloads,
 ) -> None:
-    bot = github_app_bot
-    base = manifest_repo.repo.heads.main.commit.hexsha
-    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "gitea port", branch="f")
-    await open_pr(bot, payloads, 7, head, base)
+    head = await pr_with(
+        github_app_bot, manifest_repo, payloads, add_port(manifest_repo.manifest())
+    )
 
     run = the_run(app_github, head, PLAN)
     assert run["status"] == "completed" and run["conclusion"] == "success"
@@ -53,11 +60,8 @@ async def test_validation_errors_are_annotations_on_the_manifest_lines(
     manifest_repo: ManifestRepo,
     payloads: Payloads,
 ) -> None:
-    bot = github_app_bot
-    base = manifest_repo.repo.heads.main.commit.hexsha
     broken = break_manifest(manifest_repo.manifest())
-    head = manifest_repo.commit(broken, "broken", branch="f")
-    await open_pr(bot, payloads, 7, head, base)
+    head = await pr_with(github_app_bot, manifest_repo, payloads, broken)
 
     run = the_run(app_github, head, PLAN)
     assert run["conclusion"] == "failure"
@@ -92,10 +96,9 @@ async def test_more_than_50_annotations_go_in_several_requests(
     manifest_repo: ManifestRepo,
     payloads: Payloads,
 ) -> None:
-    bot = github_app_bot
-    base = manifest_repo.repo.heads.main.commit.hexsha
-    head = manifest_repo.commit(many_duplicates(manifest_repo.manifest(), 60), "60", branch="f")
-    await open_pr(bot, payloads, 7, head, base)
+    head = await pr_with(
+        github_app_bot, manifest_repo, payloads, many_duplicates(manifest_repo.manifest(), 60)
+    )
 
     run = the_run(app_github, head, PLAN)
     assert run["conclusion"] == "failure"
