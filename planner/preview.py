@@ -26,6 +26,7 @@ from planner.plan import (
 )
 from planner.plan.full import FullPlanNeeds
 from planner.plan.selection import nix_phase
+from planner.words import plural
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # `name: 1.0 → 1.1, +12.3 KiB`; either part may be missing
@@ -176,13 +177,9 @@ def preview_json(previews: Mapping[str, HostPreview]) -> dict[str, object]:
     return {name: previews[name].model_dump(mode="json") for name in sorted(previews)}
 
 
-def _count(number: int, word: str) -> str:
-    return f"{number} {word}{'' if number == 1 else 's'}"
-
-
 def system_changes_reason(preview: HostPreview) -> str:
     """`its system changes (3 packages)`."""
-    return SYSTEM_CHANGES.format(count=_count(len(preview.packages), "package"))
+    return SYSTEM_CHANGES.format(count=plural(len(preview.packages), "package"))
 
 
 def complete_plan(

@@ -19,6 +19,7 @@ from planner.escape import (
 from planner.plan import Change, ChangeKind, DependencyInfo, Plan, Step
 from planner.preview import HostPreview, changed_hosts
 from planner.render_preview import md_host_previews, text_host_previews
+from planner.words import plural
 
 NO_DEPLOYMENT = "No deployment needed"
 
@@ -102,10 +103,6 @@ def short_rev(rev: str | None) -> str:
     if rev is None:
         return "none"
     return rev[:19] if rev.startswith("sha256:") else rev[:12]
-
-
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def plan_summary(plan: Plan, previews: Mapping[str, HostPreview] | None = None) -> str:

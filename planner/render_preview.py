@@ -6,13 +6,10 @@ from collections.abc import Mapping
 
 from planner.escape import md_code, md_fence, md_text, plain_lines, plain_text
 from planner.preview import HostPreview, PackageChange
+from planner.words import plural
 
 SUMMARY_END = "</summary>\n\n"
 DETAILS_TAIL = "\n\n</details>"
-
-
-def plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 HOSTS_TITLE = "What changes on the hosts"

@@ -43,6 +43,7 @@ from deployments import DeployError, views
 from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError
+from planner.words import plan_size
 from runners.base import DeploymentStarted, Event, Trigger
 from state.deployments import DeploymentRecord
 
@@ -333,7 +334,7 @@ async def run_apply(ctx: BotContext, gh: GitHubClient, repo: Repo, job: CommandJ
     async def announce(event: Event) -> None:
         if isinstance(event, DeploymentStarted):
             text = STARTING.format(
-                sha=sha[:12], size=_size(plan), user=job.user, id=event.deployment_id
+                sha=sha[:12], size=plan_size(plan), user=job.user, id=event.deployment_id
             )
             await _safe_comment(gh, repo, job.number, text)
 
@@ -358,11 +359,6 @@ def finished_text(record: DeploymentRecord, sha: str) -> str:
     return FINISHED.format(
         id=md_code(record.id), sha=sha[:12], state=record.state.value, steps=md_fence(steps)
     )
-
-
-def _size(plan: Any) -> str:
-    services, steps = len(plan.services()), len(plan.steps)
-    return f"{services} service{'s' * (services != 1)}, {steps} step{'s' * (steps != 1)}"
 
 
 async def _safe_comment(gh: GitHubClient, repo: Repo, number: int, text: str) -> None:

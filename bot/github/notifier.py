@@ -27,7 +27,7 @@ from bot.github.rest import (
 )
 from bot.request import DeploymentRequest
 from planner.escape import md_code
-from planner.plan import Plan
+from planner.words import plan_size
 from runners.base import (
     DeploymentFinished,
     DeploymentKind,
@@ -62,11 +62,6 @@ STEP_WORDS = {
     StepState.SKIPPED: "skipped",
     StepState.INTERRUPTED: "interrupted",
 }
-
-
-def plan_size(plan: Plan) -> str:
-    services, steps = len(plan.services()), len(plan.steps)
-    return f"{services} service{'s' * (services != 1)}, {steps} step{'s' * (steps != 1)}"
 
 
 def service_outcome(

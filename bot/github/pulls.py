@@ -43,6 +43,7 @@ from planner.plan import Plan
 from planner.preview import HostPreview
 from planner.render import render_markdown, summary
 from planner.source import PlanningError
+from planner.words import plan_size
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,7 @@ def success_description(plan: Plan) -> str:
     """ "3 services, 7 steps" or "no deployment needed"."""
     if not plan.steps:
         return NO_DEPLOYMENT
-    services = len(plan.services())
-    steps = len(plan.steps)
-    return f"{services} service{'s' * (services != 1)}, {steps} step{'s' * (steps != 1)}"
+    return plan_size(plan)
 
 
 def plan_status(plan: Plan) -> tuple[StatusState, str]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from planner.escape import slack_text
 from planner.plan import Plan
 from planner.preview import HostPreview
+from planner.words import plural
 
 if TYPE_CHECKING:
     from bot.context import BotContext
@@ -19,10 +20,6 @@ log = logging.getLogger(__name__)
 
 TITLE = "*What changes on the hosts*"
 PREVIEW_FAILED = "_Could not preview the hosts: {error}_"
-
-
-def _count(number: int, word: str) -> str:
-    return f"{number} {word}{'' if number == 1 else 's'}"
 
 
 def host_line(name: str, preview: HostPreview) -> str:
@@ -34,8 +31,8 @@ def host_line(name: str, preview: HostPreview) -> str:
     if preview.unchanged:
         return head + "unchanged (no switch)"
     restarting = len(preview.units.restart) + len(preview.units.stop)
-    parts = [f"{_count(len(preview.packages), 'package')} changed"]
-    parts.append(f"{_count(restarting, 'unit')} restart{'s' if restarting == 1 else ''}")
+    parts = [f"{plural(len(preview.packages), 'package')} changed"]
+    parts.append(f"{plural(restarting, 'unit')} restart{'s' if restarting == 1 else ''}")
     if preview.reboot:
         parts.append(":warning: reboot needed")
     return head + ", ".join(parts)
