@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel
+from planner.output import Output
 
 
 class Severity(StrEnum):
@@ -12,7 +12,7 @@ class Severity(StrEnum):
     WARNING = "warning"
 
 
-class Finding(BaseModel):
+class Finding(Output):
     """One problem in a manifest, precise enough to fix without reading code."""
 
     severity: Severity

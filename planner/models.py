@@ -15,7 +15,7 @@ SCALAR_TYPES = frozenset({int, str, bool, float, type(None), IPv4Address, IPv4Ne
 class Open(BaseModel):
     """Base for manifest sections: unknown keys are kept (forward compatible) and reported."""
 
-    model_config = ConfigDict(extra="allow", frozen=False)
+    model_config = ConfigDict(extra="allow", frozen=False, defer_build=True)
 
 
 class Resources(Open):

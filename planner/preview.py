@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from planner.models import Manifest
+from planner.output import Output
 from planner.plan import (
     NIX_PHASES,
     Phase,
@@ -48,7 +49,7 @@ BOOT_FILES = ("kernel", "initrd", "kernel-params")
 SYSTEM_CHANGES = "its system changes ({count})"
 
 
-class PackageChange(BaseModel):
+class PackageChange(Output):
     """One package of the closure: versions before and after (None: absent), size change."""
 
     name: str
@@ -57,7 +58,7 @@ class PackageChange(BaseModel):
     size_delta: int | None = None  # bytes; None when diff-closures shows no size change
 
 
-class UnitChanges(BaseModel):
+class UnitChanges(Output):
     """The units dry-activate lists, per action."""
 
     stop: list[str] = Field(default_factory=list)
@@ -70,7 +71,7 @@ class UnitChanges(BaseModel):
         return sum(len(units) for units in self.model_dump().values())
 
 
-class HostPreview(BaseModel):
+class HostPreview(Output):
     """What deploying the head changes on one host (or why that could not be found out)."""
 
     current: str | None = None

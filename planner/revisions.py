@@ -1,7 +1,7 @@
 """Planning between two Git revisions: the entry point the bots and the CLI call.
 
 I/O goes through `planner.source` (Git objects, Nix evaluation), logic through
-`planner.plan.plan_changes`.
+`planner.plan.changes.plan_changes`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ from planner.diff import PathsConfig, is_ignored
 from planner.findings import Finding, ManifestError, error, warning
 from planner.models import Manifest
 from planner.perf import gc_paused
-from planner.plan import (
-    NOTE_BASE_INVALID,
-    Plan,
-    PlanOptions,
-    invalid_plan,
-    plan_changes,
-)
+from planner.plan import Plan, PlanOptions, invalid_plan
+from planner.plan.changes import NOTE_BASE_INVALID, plan_changes
 from planner.source import (
     DEFAULT_MANIFEST_PATH,
     REPO_CONFIG_FILE,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
@@ -33,6 +32,8 @@ def _field(manifest: Manifest, name: str, field: str) -> str:
 
 
 def _suggest(name: str, candidates: Iterable[str]) -> str:
+    import difflib  # only a manifest with a typo pays for it (a valid one's validate does not)
+
     close = difflib.get_close_matches(name, sorted(candidates), n=1)
     return f'did you mean "{close[0]}"? ' if close else ""
 

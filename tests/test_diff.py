@@ -27,11 +27,11 @@ from planner.plan import (
     UnknownService,
     analyse,
     full_steps,
-    plan_changes,
     plan_full,
     restrict,
     step_id,
 )
+from planner.plan.changes import plan_changes
 from planner.source import load_manifest, parse_manifest
 from planner.synthetic import synthetic_manifest
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from planner.findings import ManifestError
-from planner.source import EvalLimits, evaluate_nix, load_manifest
+from planner.source import EvalLimits, _run_to_exit, evaluate_nix, load_manifest
 
 BROKEN = Path(__file__).resolve().parents[1] / "manifests" / "broken"
 
@@ -77,6 +79,23 @@ def test_evaluation_timeout_is_reported(tmp_path: Path) -> None:
     error = load_error(path, EvalLimits(timeout=0.5))
     assert "took longer than 0.5 s" in str(error)
     assert error.evaluation_failed
+
+
+def no_pidfd(pid: int) -> int:
+    raise OSError("no pidfd on this kernel")
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_the_evaluator_wait_returns_the_status_and_kills_past_the_deadline(
+    pidfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pidfd:
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    assert _run_to_exit(subprocess.Popen(["sh", "-c", "exit 3"]), timeout=10) == 3
+    slow = subprocess.Popen(["sleep", "30"])
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_to_exit(slow, timeout=0.2)
+    assert slow.returncode is not None, "the process past its deadline was killed and reaped"
 
 
 def test_output_cap_stops_huge_manifests(tmp_path: Path) -> None:

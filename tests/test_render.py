@@ -12,7 +12,8 @@ from markdown_it import MarkdownIt
 
 from planner.findings import warning
 from planner.models import Manifest
-from planner.plan import Plan, plan_changes, plan_full
+from planner.plan import Plan, plan_full
+from planner.plan.changes import plan_changes
 from planner.render import (
     GITHUB_COMMENT_LIMIT,
     PLAN_MARKER,

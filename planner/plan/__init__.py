@@ -1,23 +1,11 @@
 """Plans: phased, dependency-ordered steps built from a validated manifest (the public face).
 
-`model` holds the data (Phase, Step, Plan, digest), `full` the full plan, `changes` diff-aware
-planning (with `selection`, the change rules, and `destroys`, removals). Callers that plan
-large manifests wrap the calls in `planner.perf.gc_paused`.
+`model` holds the data (Phase, Step, Plan, digest) and `full` the full plan, both re-exported
+here. Diff-aware planning is imported from `planner.plan.changes` (with `selection`, the change
+rules, and `destroys`, removals), so that a full plan does not load the diff and module graph.
+Callers that plan large manifests wrap the calls in `planner.perf.gc_paused`.
 """
 
-from planner.plan.changes import (
-    ANALYSIS_MEMO_SIZE,
-    NOTE_BASE_INVALID,
-    NOTE_DISABLED_ONLY,
-    NOTE_NO_FILES,
-    NOTE_SAME_MANIFEST,
-    AnalysisMemo,
-    changes_of,
-    empty_note,
-    full_plan_as_change,
-    plan_changes,
-    selected_steps,
-)
 from planner.plan.full import (
     Analysis,
     FullPlanNeeds,
@@ -55,16 +43,10 @@ from planner.plan.model import (
 )
 
 __all__ = [
-    "ANALYSIS_MEMO_SIZE",
     "GLOBAL_PHASES",
     "NIX_PHASES",
-    "NOTE_BASE_INVALID",
-    "NOTE_DISABLED_ONLY",
-    "NOTE_NO_FILES",
-    "NOTE_SAME_MANIFEST",
     "TF_PHASES",
     "Analysis",
-    "AnalysisMemo",
     "Change",
     "ChangeKind",
     "DependencyInfo",
@@ -78,22 +60,17 @@ __all__ = [
     "analyse_errors",
     "auth_provider",
     "canonical_digest",
-    "changes_of",
     "dependency_infos",
-    "empty_note",
     "finalize",
-    "full_plan_as_change",
     "full_steps",
     "generations",
     "invalid_plan",
     "manifest_digest",
     "nearest_selected",
     "parse_step_id",
-    "plan_changes",
     "plan_full",
     "required_services",
     "restrict",
-    "selected_steps",
     "service_chain",
     "step_id",
     "trusted",

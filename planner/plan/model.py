@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from planner.findings import Finding, Severity
 from planner.models import Manifest
+from planner.output import Output
 
 if TYPE_CHECKING:
     import networkx
@@ -87,7 +88,7 @@ def trusted(cls: type[_M], fields: dict[str, Any]) -> _M:
     return model
 
 
-class Step(BaseModel):
+class Step(Output):
     """One unit of work: a phase applied to a service (or globally)."""
 
     id: str
@@ -98,7 +99,7 @@ class Step(BaseModel):
     targets: list[str] = Field(default_factory=list)
 
 
-class DependencyInfo(BaseModel):
+class DependencyInfo(Output):
     """A service dependency as the plan shows it (inferred ones say from which field)."""
 
     service: str
@@ -109,7 +110,7 @@ class DependencyInfo(BaseModel):
     orders: bool = True  # False: set up later by tf:auth-core, does not order the steps
 
 
-class Change(BaseModel):
+class Change(Output):
     """What changed for one service (`service=None`: a global change such as `network.*`)."""
 
     service: str | None
@@ -132,7 +133,7 @@ class PlanOptions:
     auth_root: str | None = "terraform/authentik"
 
 
-class FileNote(BaseModel):
+class FileNote(Output):
     """A changed file: the steps it selected and why, or why it selected none."""
 
     path: str
@@ -141,7 +142,7 @@ class FileNote(BaseModel):
     note: str | None = None
 
 
-class Plan(BaseModel):
+class Plan(Output):
     """A DAG of steps with its waves, revisions, changes, findings and digest."""
 
     steps: list[Step] = Field(default_factory=list)
