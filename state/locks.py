@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from state.base import Repository, iso
+from state.base import Repository, json_of
 from state.events import DeploymentState, utcnow
 from state.schema import deployments, locks
 
@@ -52,13 +52,7 @@ class LockRecord:
     expires_at: datetime | None  # None: a manual lock, held until `unlock`
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "service": self.service,
-            "holder": self.holder,
-            "reason": self.reason,
-            "acquired_at": iso(self.acquired_at),
-            "expires_at": iso(self.expires_at),
-        }
+        return json_of(self)
 
 
 @dataclass
