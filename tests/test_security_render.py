@@ -21,6 +21,7 @@ from markdown_it.token import Token
 from bot.github.comments import finished_text
 from bot.slack.blocks import RequestStatus, RequestView, request_blocks, request_text
 from bot.slack.progress import (
+    Byline,
     Failure,
     Progress,
     RollbackView,
@@ -312,7 +313,9 @@ def test_slack_plan_message_escapes_every_field() -> None:
 def test_slack_progress_approval_and_status_escape_every_field() -> None:
     plan = hostile_plan()
     progress = Progress(
-        FENCE_AND_FORGERY, plan, requested_by="<!channel>", origin="<!here> from <@U1>"
+        FENCE_AND_FORGERY,
+        plan,
+        byline=Byline(requested_by="<!channel>", origin="<!here> from <@U1>"),
     )
     for index, name in enumerate(NAMES):
         progress.steps[f"verify:{name}"].state = (
