@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.models import Manifest
 from planner.plan import Plan, Step, plan_full
 from planner.synthetic import synthetic_manifest
-from runners.base import Context, DeploymentState
+from runners.base import Context
 from runners.config import NixosConfig, RunnerConfig, SimulateConfig
 from runners.executor import Executor, critical_path
 from runners.outcome import ExecutionResult
 from runners.registry import RunnerSet, build_runners
+from state.events import DeploymentState
 
 GOAL = 1.05
 BUILD_SECONDS, SWITCH_SECONDS = 60.0, 5.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from planner.plan import plan_full
-from runners.base import Context, DeploymentState, StepState
+from runners.base import Context
 from runners.config import (
     PRESETS,
     CommandTemplate,
@@ -25,6 +25,7 @@ from runners.config import (
 from runners.executor import Executor
 from runners.registry import build_runners
 from runners.transport import SshTransport
+from state.events import DeploymentState, StepState
 from tests import shims
 from tests.fixtures_sshd import SshServer
 from tests.test_nixos import manifest_with, nix_store_add

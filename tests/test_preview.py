@@ -13,7 +13,7 @@ import pytest
 from planner.plan import plan_full
 from planner.preview import HostPreview, preview_json
 from planner.render import render_markdown, render_text
-from runners.base import Context, DeploymentState, StepState
+from runners.base import Context
 from runners.config import (
     NixosConfig,
     NixosPreset,
@@ -27,6 +27,7 @@ from runners.config import (
 from runners.executor import Executor
 from runners.preview import preview_plan
 from runners.registry import build_runners
+from state.events import DeploymentState, StepState
 from tests import nixhosts
 from tests.fixtures_sshd import SshServer
 

@@ -50,11 +50,12 @@ from planner.models import Manifest
 from planner.plan import Change, ChangeKind, Phase, Plan, Step, finalize
 from planner.render import PLAN_MARKER, mermaid_graph, render_markdown, render_slack, render_text
 from planner.validate import check_service_names
-from runners.base import Context, DeploymentKind, DeploymentState, StepState
+from runners.base import Context
 from runners.config import TerraformConfig
 from runners.paths import PathEscapeError, contained
 from runners.terraform import TerraformRunner
 from state.deployments import DeploymentRecord, StepRecord
+from state.events import DeploymentKind, DeploymentState, StepState
 
 FENCE_AND_FORGERY = "x\n```\n</details><img src=x> @octocat **FORGED**\n```"
 HOSTILE = [

@@ -17,9 +17,9 @@ from bot.app import build_app
 from bot.context import CONTEXT, BotContext
 from bot.slack import SLACK_BOT, SlackBot
 from bot.slack.names import JobKind
-from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
 from runners.config import RunnerConfig, SimulateConfig
 from state.approvals import ApprovalRecord, ApprovalState
+from state.events import DeploymentKind, DeploymentState, Trigger, utcnow
 from state.schema import jobs
 from state.store import Store
 from tests.fakes.slack import FakeSlack, Message

@@ -46,8 +46,8 @@ from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError
 from planner.words import plan_size
-from runners.base import DeploymentStarted, Event, Trigger
 from state.deployments import DeploymentRecord
+from state.events import DeploymentStarted, Event, Trigger
 
 log = logging.getLogger(__name__)
 

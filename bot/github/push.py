@@ -47,7 +47,7 @@ from deployments import (
 )
 from planner.plan import Plan
 from planner.source import PlanningError
-from runners.base import Trigger
+from state.events import Trigger
 from state.locks import LockBusy
 
 log = logging.getLogger(__name__)

@@ -42,10 +42,8 @@ from bot.slack.recovery import InterruptionReport
 from bot.slack.runs import ApprovedRuns
 from bot.slack.services import SlackServices, view_of
 from bot.slack.slash import STORE_UNAVAILABLE, SlashCommands
-from runners.base import (
-    Subscriber,
-)
 from state.deployments import DeploymentRecord
+from state.events import Subscriber
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,8 @@ from bot.slack.blocks import (
 from bot.slack.names import Audit, JobKind
 from bot.slack.services import SlackServices, ask_json, message_of, view_of, who_of
 from planner.escape import slack_lines
-from runners.base import (
-    utcnow,
-)
 from state.approvals import ApprovalRecord, ApprovalState
+from state.events import utcnow
 
 CHECK_FAILED = "Could not check that the plan is still current ({error}); nothing was deployed."
 

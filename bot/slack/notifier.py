@@ -37,13 +37,8 @@ from bot.slack.progress import (
     rollback_blocks,
     rollback_line,
 )
-from runners.base import (
-    DeploymentFinished,
-    DeploymentStarted,
-    Event,
-    utcnow,
-)
 from runners.redact import REDACTED, Redactor
+from state.events import DeploymentFinished, DeploymentStarted, Event, utcnow
 
 log = logging.getLogger(__name__)
 

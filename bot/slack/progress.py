@@ -27,7 +27,7 @@ from bot.slack.blocks import (
 from planner.escape import slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from planner.render import short_rev
-from runners.base import (
+from state.events import (
     DeploymentFinished,
     DeploymentKind,
     DeploymentStarted,
