@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from planner.plan import plan_full
 from runners.base import Context
@@ -29,13 +25,6 @@ from state.events import DeploymentState, StepState
 from tests import shims
 from tests.fixtures_sshd import SshServer
 from tests.test_nixos import manifest_with, nix_store_add
-
-
-@pytest.fixture
-def control() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_copy_closure_preset_over_real_ssh_with_rollback(
