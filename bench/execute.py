@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.models import Manifest
 from planner.plan import Plan, Step, plan_full
 from planner.synthetic import synthetic_manifest
-from runners.base import Context, DeploymentState
+from runners.base import Context
 from runners.config import NixosConfig, RunnerConfig, SimulateConfig
 from runners.executor import Executor, critical_path
 from runners.outcome import ExecutionResult
-from runners.registry import build_runners
+from runners.registry import RunnerSet, build_runners
+from state.events import DeploymentState
 
 GOAL = 1.05
 BUILD_SECONDS, SWITCH_SECONDS = 60.0, 5.0
@@ -72,16 +73,24 @@ def measured_critical_path(plan: Plan, result: ExecutionResult) -> float:
     return critical_path(plan, lambda step: spent.get(step.id, 0.0))
 
 
-async def run_once(manifest: Manifest, plan: Plan, scale: float, parallel: int) -> dict[str, float]:
-    runners = build_runners("simulate", RunnerConfig(simulate=SimulateConfig(scale=scale)))
-    slots = parallel or len(plan.steps)
+async def timed_execution(
+    runners: RunnerSet, manifest: Manifest, plan: Plan, slots: int, deployment_id: str
+) -> tuple[ExecutionResult, float]:
+    """Execute `plan` on `slots` slots; the result (which must succeed) and its makespan."""
     executor = Executor(runners, parallel=slots)
     with tempfile.TemporaryDirectory() as workdir:
-        ctx = Context("bench", manifest, plan, Path(workdir), revision="bench")
+        ctx = Context(deployment_id, manifest, plan, Path(workdir), revision="bench")
         start = time.perf_counter()
         result = await executor.execute(plan, ctx)
         makespan = time.perf_counter() - start
     assert result.state is DeploymentState.SUCCEEDED, result.state
+    return result, makespan
+
+
+async def run_once(manifest: Manifest, plan: Plan, scale: float, parallel: int) -> dict[str, float]:
+    runners = build_runners("simulate", RunnerConfig(simulate=SimulateConfig(scale=scale)))
+    slots = parallel or len(plan.steps)
+    result, makespan = await timed_execution(runners, manifest, plan, slots, "bench")
     path = critical_path(plan, runners.estimate)
     bound = lower_bound(plan, runners.estimate, slots)
     return {
@@ -109,13 +118,7 @@ async def run_build_case(
         nixos=NixosConfig(build_parallel=build_parallel),
     )
     runners = build_runners("simulate", config)
-    executor = Executor(runners, parallel=parallel)
-    with tempfile.TemporaryDirectory() as workdir:
-        ctx = Context("bench-builds", manifest, plan, Path(workdir), revision="bench")
-        start = time.perf_counter()
-        result = await executor.execute(plan, ctx)
-        makespan = time.perf_counter() - start
-    assert result.state is DeploymentState.SUCCEEDED, result.state
+    _, makespan = await timed_execution(runners, manifest, plan, parallel, "bench-builds")
     reference = lower_bound(plan, runners.estimate, parallel)
     if apart:
         hosts = sum(1 for step in plan.steps if str(step.phase) in NIX_PHASE_NAMES)

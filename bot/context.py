@@ -36,9 +36,9 @@ from deployments import (
 )
 from planner.plan import Plan
 from planner.source import EvalCache
-from runners.base import Subscriber
 from runners.config import RunnerConfig
 from state.deployments import DeploymentRecord
+from state.events import Subscriber
 from state.store import Store
 
 if TYPE_CHECKING:

@@ -29,8 +29,8 @@ from bot.context import CONTEXT, BotContext
 from bot.frontend import BaseFrontEnd, Method, Route
 from planner.escape import html_text
 from planner.render import short_rev, summary
-from runners.base import DeploymentKind, DeploymentState, StepState
 from state.deployments import ACTIVE_STATES, DeploymentRecord, StepRecord
+from state.events import DeploymentKind, DeploymentState, StepState
 from state.health import DriftRecord, HealthCheck
 from state.locks import LockRecord
 from state.services import ServiceRecord

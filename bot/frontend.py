@@ -15,8 +15,8 @@ from aiohttp import web
 from bot.jobs import JobHandler
 from bot.limits import BodyLimits, BodyRule
 from bot.request import DeploymentRequest
-from runners.base import Subscriber
 from state.deployments import DeploymentRecord
+from state.events import Subscriber
 
 if TYPE_CHECKING:
     from deployments.monitor import MonitorListener

@@ -27,7 +27,8 @@ from bot.context import BotContext
 from bot.request import DeploymentRequest
 from deployments.periodic import repeat_forever
 from planner.plan import Step
-from runners.base import (
+from state.deployments import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
+from state.events import (
     DeploymentFinished,
     DeploymentState,
     StepFinished,
@@ -36,7 +37,6 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from state.deployments import INTERRUPTED_NOTE, NEVER_STARTED, DeploymentRecord, StepRecord
 
 log = logging.getLogger(__name__)
 

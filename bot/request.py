@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments import Requester
-from runners.base import DeploymentKind, Subscriber, Trigger
+from state.events import DeploymentKind, Subscriber, Trigger
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ from planner.models import Manifest
 from planner.plan import Plan, UnknownService, plan_full
 from planner.render import render_text, summary
 from planner.source import EvalLimits, PlanningError, load_manifest, load_manifest_at
-from runners.base import DeploymentKind, DeploymentState, StepState
 from state.deployments import DeploymentRecord
+from state.events import DeploymentKind, DeploymentState, StepState
 from state.store import Store
 
 NOTHING_TO_DO = "No deployment needed"

@@ -18,10 +18,10 @@ from deployments import (
     ExecutionOptions,
     Requester,
 )
-from runners.base import Trigger
 from runners.config import RunnerConfig
 from runners.registry import RunnerKind
 from state.base import StoreError
+from state.events import Trigger
 from state.store import Store
 
 NOTHING_TO_CHECK = "no deployment recorded: nothing to check"

@@ -6,7 +6,7 @@ import sys
 from typing import Any, TextIO
 
 from planner.plan import Plan
-from runners.base import (
+from state.events import (
     DeploymentFinished,
     Event,
     RollbackFinished,

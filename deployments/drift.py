@@ -25,11 +25,12 @@ from deployments.base import plan_for_deploy
 from planner.models import Manifest
 from planner.plan import GLOBAL_PHASES, Phase, Plan, UnknownService
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, export_tree, resolve_revision
-from runners.base import Context, DeploymentKind
+from runners.base import Context
 from runners.config import RunnerConfig
 from runners.nixos import HostError, NixosRunner, RecordError
 from runners.redact import Redactor
 from runners.terraform import TerraformRunner, Workspace
+from state.events import DeploymentKind
 from state.health import DriftRecord
 from state.store import Store
 
@@ -112,7 +113,7 @@ class DriftReport:
 
     def findings(self) -> list[DriftRecord]:
         """The drifts as store records (subject, kind): what `serve` compares between runs."""
-        from runners.base import utcnow
+        from state.events import utcnow
 
         now = utcnow()
         found = [

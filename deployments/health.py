@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from planner.models import Manifest
-from runners.base import utcnow
 from runners.health import HealthRunner, checks
 from runners.nixos import HostError
 from runners.redact import Redactor
 from runners.registry import RunnerSet
+from state.events import utcnow
 from state.health import HealthCheck
 from state.services import Health
 from state.store import Store

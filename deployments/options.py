@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Protocol
 
 from planner.source import DEFAULT_MANIFEST_PATH
-from runners.base import Trigger
 from runners.config import RunnerConfig
 from runners.registry import RunnerKind, RunnerSet, build_runners
+from state.events import Trigger
 
 DEFAULT_LOCK_LEASE = timedelta(seconds=60)
 DEFAULT_WORK_ROOT = Path(".nixmox") / "work"

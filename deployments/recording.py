@@ -10,7 +10,10 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy.exc import DBAPIError
 
 from deployments.locks import lost_lock_note
-from runners.base import (
+from runners.outcome import ExecutionResult
+from runners.registry import RunnerKind, RunnerSet
+from state.deployments import DeploymentRecord
+from state.events import (
     DeploymentFinished,
     DeploymentState,
     Event,
@@ -18,9 +21,6 @@ from runners.base import (
     StepState,
     Subscriber,
 )
-from runners.outcome import ExecutionResult
-from runners.registry import RunnerKind, RunnerSet
-from state.deployments import DeploymentRecord
 from state.locks import LockLost
 from state.store import Store
 

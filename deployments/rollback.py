@@ -20,11 +20,12 @@ from deployments.run import Execute, Listeners, Prepare, Work, run_locked, start
 from planner.models import Manifest
 from planner.plan import NIX_PHASES, Phase, Plan
 from planner.source import DEFAULT_MANIFEST_PATH, EvalLimits, load_manifest_at, resolve_revision
-from runners.base import Context, DeploymentKind, DeploymentState, StepState, Subscriber
+from runners.base import Context
 from runners.executor import Executor
 from runners.outcome import ExecutionResult
 from runners.registry import RunnerKind, build_runners
 from state.deployments import DeploymentRecord
+from state.events import DeploymentKind, DeploymentState, StepState, Subscriber
 from state.store import Store
 
 NO_DEPLOYMENTS = "no deployment recorded yet: nothing to roll back"

@@ -33,11 +33,12 @@ from deployments.recording import (
 from planner.models import Manifest
 from planner.plan import Plan
 from planner.source import export_tree, load_manifest
-from runners.base import Context, DeploymentKind, Subscriber
+from runners.base import Context
 from runners.executor import Executor
 from runners.outcome import ExecutionResult
 from runners.registry import RunnerSet
 from state.deployments import DeploymentRecord
+from state.events import DeploymentKind, Subscriber
 from state.locks import LockBusy
 from state.store import Store
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from planner.plan import Plan
-from runners.base import Context, StepResult
+from runners.base import Context
+from state.events import StepResult
 
 NO_PATH = "the build printed no store path"
 

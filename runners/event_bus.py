@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from runners.base import Event, Subscriber
+from state.events import Event, Subscriber
 
 log = logging.getLogger(__name__)
 

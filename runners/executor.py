@@ -25,15 +25,18 @@ from datetime import datetime
 import networkx as nx
 
 from planner.plan import NIX_PHASES, Phase, Plan, Step, finalize, step_id
-from runners.base import (
-    Context,
+from runners.base import Context, Runner
+from runners.builds import BuildFailed, Prebuilding
+from runners.event_bus import EventBus
+from runners.outcome import ExecutionResult, RecordingFailed, StepOutcome, overall_state
+from runners.registry import RunnerSet
+from state.events import (
     DeploymentFinished,
     DeploymentKind,
     DeploymentStarted,
     Event,
     RollbackFinished,
     RollbackStarted,
-    Runner,
     StepFinished,
     StepOutput,
     StepResult,
@@ -42,10 +45,6 @@ from runners.base import (
     Subscriber,
     utcnow,
 )
-from runners.builds import BuildFailed, Prebuilding
-from runners.event_bus import EventBus
-from runners.outcome import ExecutionResult, RecordingFailed, StepOutcome, overall_state
-from runners.registry import RunnerSet
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from planner.models import Manifest
 from planner.plan import Step
-from runners.base import Context, StepResult
+from runners.base import Context
 from runners.config import HealthConfig
 from runners.nixos import HostError, HostResolver
 from runners.transport import CommandResult, Transport
+from state.events import StepResult
 
 CHECK_KINDS = ("startup", "liveness")
 NO_CHECKS = "{service} defines no health checks (interface.health): nothing to verify"

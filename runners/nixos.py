@@ -21,7 +21,7 @@ from typing import Any
 
 from planner.models import Manifest
 from planner.plan import NIX_PHASES, Plan, Step
-from runners.base import Context, StepResult
+from runners.base import Context
 from runners.builds import (
     BuildCache,
     BuildFailed,
@@ -38,6 +38,7 @@ from runners.transport import (
     Transport,
     run_process,
 )
+from state.events import StepResult
 
 RECORD_TIMEOUT = 60.0
 NO_SERVICE = "step {step} names no service"

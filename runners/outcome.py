@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from planner.plan import Step
-from runners.base import DeploymentKind, DeploymentState, StepResult, StepState
+from state.events import DeploymentKind, DeploymentState, StepResult, StepState
 
 
 class RecordingFailed(Exception):

@@ -8,10 +8,11 @@ from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from planner.plan import NIX_PHASES, TF_PHASES, Phase, Step
-from runners.base import Context, RollbackRunner, Runner, StepResult
+from runners.base import Context, RollbackRunner, Runner
 from runners.config import RunnerConfig, TransportKind
 from runners.redact import Redactor
 from runners.transport import LocalTransport, SshTransport, Transport
+from state.events import StepResult
 
 __all__ = ["RunnerConfig", "RunnerKind", "RunnerSet", "build_runners", "build_transport"]
 

@@ -17,9 +17,10 @@ import hashlib
 from dataclasses import dataclass, field
 
 from planner.plan import NIX_PHASES, Phase, Plan, Step
-from runners.base import Context, StepResult
+from runners.base import Context
 from runners.builds import BuildResult, BuildScheduler, finish_deployment_builds
 from runners.config import SimulateConfig
+from state.events import StepResult
 
 BUILD = "build"
 

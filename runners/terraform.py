@@ -35,11 +35,12 @@ from pydantic import BaseModel
 
 from planner.models import Manifest, Service
 from planner.plan import Phase, Step
-from runners.base import Context, StepResult
+from runners.base import Context
 from runners.config import TerraformConfig
 from runners.paths import PathEscapeError, contained
 from runners.redact import Redactor, named_secrets, secret_strings, sensitive_variables
 from runners.transport import CommandResult, run_process
+from state.events import StepResult
 
 GLOBAL = frozenset({Phase.TF_INFRA, Phase.TF_AUTH_CORE})
 PER_SERVICE = frozenset({Phase.TF_SERVICE_INFRA, Phase.TF_SERVICE_CONFIG})

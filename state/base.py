@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import secrets
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +36,17 @@ class Repository:
 def iso(value: datetime | None) -> str | None:
     """A datetime as ISO 8601 text, for JSON."""
     return value.isoformat() if value else None
+
+
+def json_of(record: DataclassInstance, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """A record's attributes `names` (default: its fields, in order) as JSON values:
+    datetimes as ISO 8601 text, everything else as it is."""
+    keys = _field_names(type(record)) if names is None else names
+    return {name: _json_value(getattr(record, name)) for name in keys}
+
+
+def _json_value(value: object) -> object:
+    return iso(value) if isinstance(value, datetime) else value
 
 
 def new_id() -> str:

@@ -13,7 +13,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from planner.models import Manifest
 from planner.plan import Plan
-from state.base import Repository, StoreError, iso, load_plan, new_id, plan_json, record_of
+from state.base import (
+    Repository,
+    StoreError,
+    iso,
+    json_of,
+    load_plan,
+    new_id,
+    plan_json,
+    record_of,
+)
 from state.events import DeploymentKind, DeploymentState, Event, StepState, Trigger, utcnow
 from state.locks import delete_expired_locks
 from state.recording import EventRecorder
@@ -24,6 +33,22 @@ STOPPED_WHILE_RUNNING = (
     "stopped while running (attempt {attempt}, started {started}): "
     "the process running the deployment died"
 )
+# what `to_detail` adds to `to_json`, in this order
+DETAIL_FIELDS = (
+    "trigger",
+    "requested_by",
+    "approved_by",
+    "base",
+    "head",
+    "digest",
+    "scope",
+    "note",
+    "services",
+    "created_at",
+    "started_at",
+    "finished_at",
+)
+STEP_DETAIL_FIELDS = ("phase", "service", "attempt", "reason", "previous_system", "new_system")
 NEVER_STARTED = "not started: the deployment was interrupted"
 INTERRUPTED_NOTE = "interrupted: the process running it stopped (lease expired {expired}); {where}"
 
@@ -99,29 +124,9 @@ class DeploymentRecord:
         """Everything recorded, for `history --json` and the dashboard."""
         return {
             **self.to_json(),
-            "trigger": self.trigger,
-            "requested_by": self.requested_by,
-            "approved_by": self.approved_by,
-            "base": self.base,
-            "head": self.head,
-            "digest": self.digest,
-            "scope": self.scope,
-            "note": self.note,
-            "services": self.services,
-            "created_at": iso(self.created_at),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
+            **json_of(self, DETAIL_FIELDS),
             "steps": [
-                {
-                    **step.to_json(),
-                    "phase": step.phase,
-                    "service": step.service,
-                    "attempt": step.attempt,
-                    "reason": step.reason,
-                    "previous_system": step.previous_system,
-                    "new_system": step.new_system,
-                }
-                for step in self.steps
+                {**step.to_json(), **json_of(step, STEP_DETAIL_FIELDS)} for step in self.steps
             ],
         }
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from state.base import Repository, iso
+from state.base import Repository, json_of
 from state.events import DeploymentState, utcnow
 from state.schema import deployments, locks
 
@@ -52,13 +52,7 @@ class LockRecord:
     expires_at: datetime | None  # None: a manual lock, held until `unlock`
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "service": self.service,
-            "holder": self.holder,
-            "reason": self.reason,
-            "acquired_at": iso(self.acquired_at),
-            "expires_at": iso(self.expires_at),
-        }
+        return json_of(self)
 
 
 @dataclass
@@ -78,6 +72,37 @@ async def delete_expired_locks(conn: AsyncConnection, now: datetime, *where: Any
     await conn.execute(
         locks.delete().where(*where, locks.c.expires_at.is_not(None), locks.c.expires_at < now)
     )
+
+
+async def take_locks(
+    conn: AsyncConnection,
+    wanted: list[str],
+    holder: str,
+    now: datetime,
+    *,
+    expires_at: datetime | None,
+    reason: str | None,
+    new_reason: bool = False,
+) -> None:
+    """Lock `wanted` for `holder` until `expires_at` (None: until unlocked), inside the caller's
+    transaction; LockBusy when another holder has one. Locks `holder` has already get the new
+    expiry (and, with `new_reason`, the new reason)."""
+    # a lease that ran out belongs to a holder that died: reclaim it
+    await delete_expired_locks(conn, now, locks.c.service.in_(wanted))
+    held = (await conn.execute(locks.select().where(locks.c.service.in_(wanted)))).all()
+    for row in held:
+        if row.holder != holder:
+            raise LockBusy(row.service, row.holder, row.reason)
+    mine = {row.service for row in held}
+    if mine:
+        renewed: dict[str, Any] = {"expires_at": expires_at}
+        if new_reason:
+            renewed["reason"] = reason
+        await conn.execute(locks.update().where(locks.c.service.in_(mine)).values(**renewed))
+    missing = [name for name in wanted if name not in mine]
+    if missing:
+        new = {"holder": holder, "reason": reason, "acquired_at": now, "expires_at": expires_at}
+        await conn.execute(locks.insert(), [{"service": name, **new} for name in missing])
 
 
 class LockRepository(Repository):
@@ -110,34 +135,7 @@ class LockRepository(Repository):
         now = utcnow()
         try:
             async with self.engine.begin() as conn:
-                # a lease that ran out belongs to a holder that died: reclaim it
-                await delete_expired_locks(conn, now, locks.c.service.in_(wanted))
-                held = (await conn.execute(locks.select().where(locks.c.service.in_(wanted)))).all()
-                for row in held:
-                    if row.holder != holder:
-                        raise LockBusy(row.service, row.holder, row.reason)
-                mine = {row.service for row in held}
-                if mine:
-                    await conn.execute(
-                        locks.update()
-                        .where(locks.c.service.in_(mine))
-                        .values(expires_at=now + lease)
-                    )
-                missing = [name for name in wanted if name not in mine]
-                if missing:
-                    await conn.execute(
-                        locks.insert(),
-                        [
-                            {
-                                "service": name,
-                                "holder": holder,
-                                "reason": reason,
-                                "acquired_at": now,
-                                "expires_at": now + lease,
-                            }
-                            for name in missing
-                        ],
-                    )
+                await take_locks(conn, wanted, holder, now, expires_at=now + lease, reason=reason)
         except IntegrityError:
             # another holder inserted one of them between our read and our write
             async with self.engine.connect() as conn:
@@ -219,26 +217,9 @@ class LockRepository(Repository):
         now = utcnow()
         try:
             async with self.engine.begin() as conn:
-                await delete_expired_locks(conn, now, locks.c.service == service)
-                row = (await conn.execute(locks.select().where(locks.c.service == service))).first()
-                if row is not None and row.holder != holder:
-                    raise LockBusy(row.service, row.holder, row.reason)
-                if row is not None:
-                    await conn.execute(
-                        locks.update()
-                        .where(locks.c.service == service)
-                        .values(expires_at=None, reason=reason)
-                    )
-                else:
-                    await conn.execute(
-                        locks.insert().values(
-                            service=service,
-                            holder=holder,
-                            reason=reason,
-                            acquired_at=now,
-                            expires_at=None,
-                        )
-                    )
+                await take_locks(
+                    conn, [service], holder, now, expires_at=None, reason=reason, new_reason=True
+                )
         except IntegrityError:
             raise LockBusy(service, "another holder") from None
 

@@ -32,6 +32,23 @@ metadata = sa.MetaData()
 NAME = sa.String(255)
 STATE = sa.String(32)
 
+
+# a Column belongs to one table: columns that several tables share are made by these functions
+def serial_id() -> sa.Column[int]:
+    """An auto-incremented integer key, for rows that are appended (a queue, a log)."""
+    return sa.Column("id", sa.Integer, primary_key=True, autoincrement=True)
+
+
+def check_result() -> list[sa.Column[Any]]:
+    """What one health check found: the latest check and the history both hold it."""
+    return [
+        sa.Column("healthy", sa.Boolean, nullable=False),
+        sa.Column("check_kind", STATE, nullable=False),
+        sa.Column("output", sa.Text, nullable=False, default=""),
+        sa.Column("source", STATE, nullable=False),
+    ]
+
+
 # the version table of nixmox before Alembic: kept so that an older nixmox refuses a database
 # migrated past it ("newer than this nixmox"); Alembic's own table is alembic_version
 LEGACY_VERSION = 3  # what the slack_messages revision writes here (older nixmox knew 1 and 2)
@@ -121,7 +138,7 @@ deliveries = sa.Table(
 jobs = sa.Table(
     "jobs",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    serial_id(),
     sa.Column("kind", NAME, nullable=False),
     sa.Column("payload", sa.JSON, nullable=False),
     sa.Column("state", STATE, nullable=False),
@@ -167,7 +184,7 @@ approvals = sa.Table(
 audit_log = sa.Table(
     "audit_log",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    serial_id(),
     sa.Column("at", UTCDateTime, nullable=False),
     sa.Column("actor", NAME, nullable=False),
     sa.Column("action", NAME, nullable=False),
@@ -193,10 +210,7 @@ health_latest = sa.Table(
     "health_latest",
     metadata,
     sa.Column("service", NAME, primary_key=True),
-    sa.Column("healthy", sa.Boolean, nullable=False),
-    sa.Column("check_kind", STATE, nullable=False),
-    sa.Column("output", sa.Text, nullable=False, default=""),
-    sa.Column("source", STATE, nullable=False),
+    *check_result(),
     sa.Column("checked_at", UTCDateTime, nullable=False),
     # when the service entered its current state (healthy or not)
     sa.Column("since", UTCDateTime, nullable=False),
@@ -205,12 +219,9 @@ health_latest = sa.Table(
 health_history = sa.Table(
     "health_history",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    serial_id(),
     sa.Column("service", NAME, nullable=False),
-    sa.Column("healthy", sa.Boolean, nullable=False),
-    sa.Column("check_kind", STATE, nullable=False),
-    sa.Column("output", sa.Text, nullable=False, default=""),
-    sa.Column("source", STATE, nullable=False),
+    *check_result(),
     sa.Column("transition", sa.Boolean, nullable=False, default=False),
     sa.Column("checked_at", UTCDateTime, nullable=False),
     sa.Index("ix_health_history_service", "service", "checked_at"),
@@ -219,7 +230,7 @@ health_history = sa.Table(
 drift_findings = sa.Table(
     "drift_findings",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    serial_id(),
     # a service name, or a global scope (`pending`, `tf:infra`)
     sa.Column("subject", NAME, nullable=False),
     sa.Column("kind", STATE, nullable=False),

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from state.base import Repository, iso, record_of
+from state.base import Repository, json_of, record_of
 from state.events import utcnow
 from state.schema import services
 
@@ -32,16 +32,7 @@ class ServiceRecord:
     updated_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "revision": self.revision,
-            "system_path": self.system_path,
-            "previous_system": self.previous_system,
-            "last_deployment_id": self.last_deployment_id,
-            "last_health": self.last_health,
-            "health_at": iso(self.health_at),
-            "updated_at": iso(self.updated_at),
-        }
+        return json_of(self)
 
 
 async def upsert_service(conn: AsyncConnection, name: str, **values: Any) -> None:

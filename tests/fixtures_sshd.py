@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,3 +116,11 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
         yield SshServer("127.0.0.1", port, root / "client_key", log)
     finally:
         stop_process(proc, timeout=5)
+
+
+@pytest.fixture
+def control() -> Iterator[Path]:
+    """A short directory for ssh control sockets (socket paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

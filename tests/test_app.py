@@ -17,7 +17,7 @@ from bot.frontend import BaseFrontEnd, Method, Route
 from bot.jobs import JobHandler
 from bot.request import DeploymentRequest
 from planner.plan import Plan, Step
-from runners.base import Trigger
+from state.events import Trigger
 from state.store import SCHEMA_REVISION, Store
 
 

@@ -17,12 +17,13 @@ from planner.preview import (
     parse_dry_activate,
 )
 from planner.render import render_markdown
-from runners.base import Context, DeploymentState
+from runners.base import Context
 from runners.builds import BuildResult, BuildScheduler, output_path
 from runners.config import NixosConfig, RunnerConfig, SimulateConfig
 from runners.executor import Executor
 from runners.registry import build_runners
 from runners.simulate import SimulatedRunner
+from state.events import DeploymentState
 from tests import nixhosts
 
 NIX_28_JSON = (

@@ -14,17 +14,11 @@ from bot.app import build_app
 from bot.config import Settings
 from deployments import ExecutionOptions, GitSource, Requester, plan_for_deploy, start_deployment
 from planner.plan import Phase, Step
-from runners.base import (
-    Context,
-    DeploymentState,
-    StepFinished,
-    StepResult,
-    StepStarted,
-    StepState,
-)
+from runners.base import Context
 from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind, RunnerSet, build_runners
 from state.deployments import DeploymentRecord
+from state.events import DeploymentState, StepFinished, StepResult, StepStarted, StepState
 from state.store import Store
 from tests.fixtures_manifests import MANIFEST_PATH, SMALL_MANIFEST
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from bot.app import build_app
 from bot.config import Settings
-from runners.base import DeploymentState, StepState
+from state.events import DeploymentState, StepState
 from state.store import Store
 from tests.test_dashboard import FAILING_VERIFY, SECRET, cells, deploy, section
 

@@ -28,8 +28,10 @@ from deployments import (
     start_rollback,
 )
 from planner.plan import Phase, Step
-from runners.base import (
-    Context,
+from runners.base import Context
+from runners.config import RunnerConfig, SimulateConfig
+from runners.registry import RunnerKind, RunnerSet
+from state.events import (
     DeploymentKind,
     DeploymentState,
     Event,
@@ -38,8 +40,6 @@ from runners.base import (
     Trigger,
     utcnow,
 )
-from runners.config import RunnerConfig, SimulateConfig
-from runners.registry import RunnerKind, RunnerSet
 from state.locks import LockBusy
 from state.schema import locks
 from state.store import Store

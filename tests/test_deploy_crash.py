@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from runners.base import DeploymentState, StepState
 from state.deployments import DeploymentRecord
+from state.events import DeploymentState, StepState
 from state.locks import LockBusy
 from state.store import Store
 

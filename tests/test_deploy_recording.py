@@ -18,8 +18,13 @@ from deployments import ExecutionOptions, GitSource, plan_for_deploy, recording,
 from deployments.recording import record_result
 from planner.plan import plan_full
 from planner.source import load_manifest
-from runners.base import (
-    Context,
+from runners.base import Context
+from runners.config import RunnerConfig, SimulateConfig
+from runners.executor import Executor
+from runners.outcome import RecordingFailed
+from runners.registry import RunnerKind, build_runners
+from state.deployments import DeploymentRecord
+from state.events import (
     DeploymentFinished,
     DeploymentStarted,
     DeploymentState,
@@ -27,11 +32,6 @@ from runners.base import (
     StepFinished,
     StepState,
 )
-from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor
-from runners.outcome import RecordingFailed
-from runners.registry import RunnerKind, build_runners
-from state.deployments import DeploymentRecord
 from state.store import Store
 from tests.fixtures_manifests import MANIFEST_PATH, SMALL_MANIFEST
 

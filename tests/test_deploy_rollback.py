@@ -15,10 +15,10 @@ from deployments import (
 )
 from planner.models import Manifest
 from planner.plan import Plan, finalize, plan_full
-from runners.base import DeploymentState, StepState
 from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerSet, build_runners
 from state.deployments import DeploymentRecord
+from state.events import DeploymentState, StepState
 from state.store import Store
 from tests.fixtures_manifests import HEALTH, lab_manifest
 

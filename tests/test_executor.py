@@ -11,13 +11,14 @@ import pytest
 
 from planner.models import Manifest
 from planner.plan import Phase, Plan, Step, finalize, plan_full
-from runners.base import Context, DeploymentKind, DeploymentState, StepResult, StepState
+from runners.base import Context
 from runners.config import RunnerConfig, SimulateConfig
 from runners.executor import Executor, critical_path
 from runners.outcome import RecordingFailed
 from runners.registry import build_runners
 from runners.simulate import SimulatedRunner, system_path
 from state import events
+from state.events import DeploymentKind, DeploymentState, StepResult, StepState
 from tests.fixtures_manifests import HEALTH, lab_manifest
 
 

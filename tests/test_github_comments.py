@@ -9,7 +9,7 @@ import pytest
 
 from bot.chat_commands import HELP_TEXT
 from bot.github.comments import Requirement, configured_requirements
-from runners.base import DeploymentState, Trigger
+from state.events import DeploymentState, Trigger
 from tests.fakes.github import FakeGitHub
 from tests.fixtures_github import ManifestRepo, Payloads, add_port
 from tests.test_github_pulls import open_pr

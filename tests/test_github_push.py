@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runners.base import DeploymentState, Trigger
+from state.events import DeploymentState, Trigger
 from tests.fakes.github import Failure, FakeGitHub
 from tests.fixtures_github import ManifestRepo, Payloads, add_port, break_manifest, fast_runners
 

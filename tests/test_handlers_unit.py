@@ -13,7 +13,7 @@ from bot.github.rest import DESCRIPTION_LIMIT, Repo, StatusState, set_status
 from bot.slack.notifier import MessagePacer, SlackNotifier
 from planner.findings import Finding, Severity
 from planner.plan import Phase, Plan, Step
-from runners.base import DeploymentFinished, DeploymentStarted, DeploymentState
+from state.events import DeploymentFinished, DeploymentStarted, DeploymentState
 from tests.fakes.recording import RecordingGitHub, RecordingSlack
 
 REPO = Repo("homelab", "nixmox")

@@ -11,7 +11,7 @@ import pytest
 
 from planner.models import Manifest
 from planner.plan import plan_full
-from runners.base import Context, DeploymentState, StepState
+from runners.base import Context
 from runners.config import (
     CommandTemplate,
     NixosConfig,
@@ -25,6 +25,7 @@ from runners.config import (
 from runners.executor import Executor
 from runners.registry import build_runners
 from runners.transport import LocalTransport, SshTransport
+from state.events import DeploymentState, StepState
 from tests import shims
 from tests.fixtures_manifests import lab_manifest
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from planner.plan import plan_full
-from runners.base import Context, DeploymentState, StepState
+from runners.base import Context
 from runners.config import (
     PRESETS,
     CommandTemplate,
@@ -25,16 +21,10 @@ from runners.config import (
 from runners.executor import Executor
 from runners.registry import build_runners
 from runners.transport import SshTransport
+from state.events import DeploymentState, StepState
 from tests import shims
 from tests.fixtures_sshd import SshServer
 from tests.test_nixos import manifest_with, nix_store_add
-
-
-@pytest.fixture
-def control() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_copy_closure_preset_over_real_ssh_with_rollback(

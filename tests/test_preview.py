@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from planner.plan import plan_full
 from planner.preview import HostPreview, preview_json
 from planner.render import render_markdown, render_text
-from runners.base import Context, DeploymentState, StepState
+from runners.base import Context
 from runners.config import (
     NixosConfig,
     NixosPreset,
@@ -27,6 +25,7 @@ from runners.config import (
 from runners.executor import Executor
 from runners.preview import preview_plan
 from runners.registry import build_runners
+from state.events import DeploymentState, StepState
 from tests import nixhosts
 from tests.fixtures_sshd import SshServer
 
@@ -228,13 +227,6 @@ async def test_a_failing_build_fails_its_step_before_the_host_changes(
     assert ("vaultwarden", "switch") in nixhosts.switches(lab["switches"])
     # the default build line is the Nix 2.8 one
     assert forgejo.result.commands[1].startswith("nix build --no-link --json ")
-
-
-@pytest.fixture
-def control() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def test_preview_over_real_ssh_copies_and_runs_on_the_host(

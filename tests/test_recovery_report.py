@@ -23,8 +23,8 @@ from bot.slack import SLACK_BOT
 from bot.slack.names import Audit
 from planner.plan import Plan, plan_full
 from planner.source import load_manifest
-from runners.base import DeploymentKind, DeploymentState, StepState, Subscriber, Trigger, utcnow
 from state import events
+from state.events import DeploymentKind, DeploymentState, StepState, Subscriber, Trigger, utcnow
 from state.store import Store
 from tests.fakes.github import FakeGitHub
 from tests.fakes.slack import FakeSlack, Message

@@ -21,6 +21,7 @@ from markdown_it.token import Token
 from bot.github.comments import finished_text
 from bot.slack.blocks import RequestStatus, RequestView, request_blocks, request_text
 from bot.slack.progress import (
+    Byline,
     Failure,
     Progress,
     RollbackView,
@@ -49,11 +50,12 @@ from planner.models import Manifest
 from planner.plan import Change, ChangeKind, Phase, Plan, Step, finalize
 from planner.render import PLAN_MARKER, mermaid_graph, render_markdown, render_slack, render_text
 from planner.validate import check_service_names
-from runners.base import Context, DeploymentKind, DeploymentState, StepState
+from runners.base import Context
 from runners.config import TerraformConfig
 from runners.paths import PathEscapeError, contained
 from runners.terraform import TerraformRunner
 from state.deployments import DeploymentRecord, StepRecord
+from state.events import DeploymentKind, DeploymentState, StepState
 
 FENCE_AND_FORGERY = "x\n```\n</details><img src=x> @octocat **FORGED**\n```"
 HOSTILE = [
@@ -312,7 +314,9 @@ def test_slack_plan_message_escapes_every_field() -> None:
 def test_slack_progress_approval_and_status_escape_every_field() -> None:
     plan = hostile_plan()
     progress = Progress(
-        FENCE_AND_FORGERY, plan, requested_by="<!channel>", origin="<!here> from <@U1>"
+        FENCE_AND_FORGERY,
+        plan,
+        byline=Byline(requested_by="<!channel>", origin="<!here> from <@U1>"),
     )
     for index, name in enumerate(NAMES):
         progress.steps[f"verify:{name}"].state = (

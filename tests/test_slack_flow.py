@@ -17,9 +17,9 @@ from bot.app import build_app
 from bot.context import CONTEXT, BotContext
 from bot.slack import SLACK_BOT, SlackBot
 from bot.slack.names import JobKind
-from runners.base import DeploymentKind, DeploymentState, Trigger, utcnow
 from runners.config import RunnerConfig, SimulateConfig
 from state.approvals import ApprovalRecord, ApprovalState
+from state.events import DeploymentKind, DeploymentState, Trigger, utcnow
 from state.schema import jobs
 from state.store import Store
 from tests.fakes.slack import FakeSlack, Message
@@ -56,6 +56,11 @@ class Bot:
     @property
     def store(self) -> Store:
         return self.ctx.require_store()
+
+    async def request(self, command: str, user: str = REQUESTER) -> Message:
+        """`user` sends `/nixmox <command>`; its request message (with Approve), once posted."""
+        await self.driver.command(command, user=user)
+        return await self.pending_request()
 
     async def pending_request(self, after: int = 0) -> Message:
         """The newest message with an Approve button (after `after` earlier versions)."""
@@ -178,8 +183,7 @@ async def test_unauthorised_approver_changes_nothing(
     aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
 ) -> None:
     bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
-    await bot.driver.command("deploy gitea")
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea")
     versions = len(message.versions)
 
     assert (await bot.driver.click(message, "Approve", user=STRANGER)).status == 200
@@ -208,8 +212,7 @@ async def test_self_approval_refused_by_default(
     bot = await start_bot(
         aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_approvers=[APPROVER, REQUESTER]
     )
-    await bot.driver.command("deploy gitea", user=REQUESTER)
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea", user=REQUESTER)
     versions = len(message.versions)
 
     await bot.driver.click(message, "Approve", user=REQUESTER)
@@ -244,8 +247,7 @@ async def test_self_approval_in_a_single_person_homelab(
         slack_approvers=[REQUESTER],
         slack_allow_self_approval=True,
     )
-    await bot.driver.command("deploy gitea", user=REQUESTER)
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea", user=REQUESTER)
     await bot.driver.click(message, "Approve", user=REQUESTER)
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
     await bot.settled()
@@ -259,8 +261,7 @@ async def test_expired_approval_refused(
     bot = await start_bot(
         aiohttp_client, tmp_path, fake_slack, manifest_repo, approval_ttl=timedelta(seconds=1)
     )
-    await bot.driver.command("deploy gitea")
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea")
     approval = await bot.approval_of(message)
     while utcnow() < approval.expires_at:
         await asyncio.sleep(0.05)
@@ -475,8 +476,7 @@ async def test_a_locked_service_is_not_deployed(
     assert locked.body["response_type"] == "in_channel"
     assert f"<@{REQUESTER}> locked *gitea*: disk replacement" in locked.all_text()
 
-    await bot.driver.command("deploy gitea")
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea")
     await bot.driver.click(message, "Approve", user=APPROVER)
     await fake_slack.wait_for(lambda: "could not start" in message.text)
     await bot.settled()
@@ -530,8 +530,7 @@ async def test_a_rerun_deploy_job_does_not_deploy_again(
     aiohttp_client: Any, tmp_path: Path, fake_slack: FakeSlack, manifest_repo: ManifestRepo
 ) -> None:
     bot = await start_bot(aiohttp_client, tmp_path, fake_slack, manifest_repo)
-    await bot.driver.command("deploy gitea")
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea")
     requested = await bot.approval_of(message)
     await bot.driver.click(message, "Approve", user=APPROVER)
     await fake_slack.wait_for(lambda: "Succeeded" in message.text)
@@ -594,8 +593,7 @@ async def test_two_approvers_at_once_deploy_once(
     bot = await start_bot(
         aiohttp_client, tmp_path, fake_slack, manifest_repo, slack_approvers=[APPROVER, other]
     )
-    await bot.driver.command("deploy gitea")
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea")
     clicks = await asyncio.gather(
         bot.driver.click(message, "Approve", user=APPROVER),
         bot.driver.click(message, "Approve", user=other),
@@ -620,8 +618,7 @@ async def test_an_expired_request_says_so_without_a_click(
     app[SLACK_BOT].expiry_sweep_interval = 0.2
     bot = Bot(app, SlackDriver(await aiohttp_client(app), fake_slack), fake_slack)
 
-    await bot.driver.command("deploy gitea")
-    message = await bot.pending_request()
+    message = await bot.request("deploy gitea")
     await fake_slack.wait_for(lambda: "Expired" in message.text)
     assert [b["text"]["text"] for b in message.buttons()] == ["Re-plan"]
     audit = await bot.audit()

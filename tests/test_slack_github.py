@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bot.slack import SLACK_BOT
-from runners.base import DeploymentState, Trigger
+from state.events import DeploymentState, Trigger
 from tests.fakes.github import FakeGitHub
 from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_github import ManifestRepo, Payloads, add_port

@@ -35,8 +35,12 @@ from bot.slack.progress import (
 from planner.models import Manifest
 from planner.plan import Plan, Step, plan_full
 from planner.synthetic import synthetic_manifest
-from runners.base import (
-    Context,
+from runners.base import Context
+from runners.config import RunnerConfig, SimulateConfig
+from runners.executor import Executor
+from runners.registry import build_runners
+from state.approvals import ApprovalRecord, ApprovalState
+from state.events import (
     DeploymentKind,
     DeploymentStarted,
     Event,
@@ -46,10 +50,6 @@ from runners.base import (
     StepState,
     utcnow,
 )
-from runners.config import RunnerConfig, SimulateConfig
-from runners.executor import Executor
-from runners.registry import build_runners
-from state.approvals import ApprovalRecord, ApprovalState
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message, check_blocks
 from tests.fixtures_slack import (
     ACTION_TYPES,

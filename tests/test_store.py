@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from planner.plan import Phase, Plan, Step, finalize
-from runners.base import DeploymentKind, DeploymentState, StepResult, StepState, Trigger, utcnow
 from state import events
 from state.approvals import ApprovalState
 from state.base import StoreError
+from state.events import DeploymentKind, DeploymentState, StepResult, StepState, Trigger, utcnow
 from state.locks import LockBusy, LockLost
 from state.queue import JobState
 from state.schema import deliveries

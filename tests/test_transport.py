@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,6 @@ from runners.nixos import HostResolver
 from runners.transport import LocalTransport, SshTransport
 from tests.fixtures_manifests import lab_manifest
 from tests.fixtures_sshd import SshServer
-
-
-@pytest.fixture
-def control() -> Iterator[Path]:
-    """A short directory for ssh control sockets (socket paths are limited to ~100 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_too_long_control_dir_is_refused(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from bot.github.webhook import github_webhook
 from bot.jobs import JobHandler
 from bot.limits import GITHUB_LIMIT, BodyRule
 from bot.request import DeploymentRequest
-from runners.base import Subscriber
 from state.deployments import DeploymentRecord
+from state.events import Subscriber
 
 WEBHOOK_PATH = "/github/webhook"
 

@@ -8,6 +8,7 @@ it cannot parse), then runs it. `apply` deploys the PR head only when every requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from bot.chat_commands import (
 )
 from bot.context import BotContext
 from bot.github.client import GitHubClient
+from bot.github.payloads import job_of
 from bot.github.pulls import (
     PullRef,
     comment_parts,
@@ -44,8 +46,8 @@ from planner.escape import md_code, md_fence, md_text, plain_text
 from planner.render import render_text
 from planner.source import PlanningError
 from planner.words import plan_size
-from runners.base import DeploymentStarted, Event, Trigger
 from state.deployments import DeploymentRecord
+from state.events import DeploymentStarted, Event, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +139,10 @@ class ApplyCheck:
 class CommandJob:
     number: int
     comment_id: int
-    body: str
     user: str
-    clone_url: str | None
-    installation_id: int | None
-
-    @classmethod
-    def from_job(cls, payload: dict[str, Any]) -> CommandJob:
-        return cls(
-            number=int(payload["number"]),
-            comment_id=int(payload["comment_id"]),
-            body=str(payload.get("body", "")),
-            user=str(payload["user"]),
-            clone_url=payload.get("clone_url"),
-            installation_id=payload.get("installation_id"),
-        )
+    body: str = ""
+    clone_url: str | None = None
+    installation_id: int | None = None
 
 
 async def permission_of(gh: GitHubClient, repo: Repo, user: str) -> str:
@@ -416,7 +407,7 @@ async def history_text(ctx: BotContext, service: str | None) -> str:
 
 async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:
     """The `github.command` job."""
-    job = CommandJob.from_job(payload)
+    job = job_of(CommandJob, payload)
     repo = Repo.parse(ctx.settings.repo)
     gh = await ctx.require_github().client(job.installation_id)
     command = parse_command(job.body)
@@ -439,7 +430,7 @@ async def run_command(ctx: BotContext, payload: dict[str, Any]) -> None:
             if ref.fork and not ctx.settings.plan_forks:
                 await comment(gh, repo, job.number, "Pull requests from forks are not planned.")
                 return
-            await plan_pull_request(ctx, _plan_payload(ref))
+            await plan_pull_request(ctx, dataclasses.asdict(ref))
         case StatusCommand(service=service):
             await comment(gh, repo, job.number, await status_text(ctx, service))
         case HistoryCommand(service=service):
@@ -461,18 +452,6 @@ async def read_command_refusal(
     if role in READ_COMMAND_ROLES:
         return None
     return NOT_ALLOWED.format(name=name, repo=repo, user=job.user, role=role)
-
-
-def _plan_payload(ref: PullRef) -> dict[str, Any]:
-    return {
-        "number": ref.number,
-        "head_sha": ref.head_sha,
-        "base_sha": ref.base_sha,
-        "base_ref": ref.base_ref,
-        "clone_url": ref.clone_url,
-        "fork": ref.fork,
-        "installation_id": ref.installation_id,
-    }
 
 
 __all__ = [

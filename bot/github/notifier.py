@@ -28,7 +28,7 @@ from bot.github.rest import (
 from bot.request import DeploymentRequest
 from planner.escape import md_code
 from planner.words import plan_size
-from runners.base import (
+from state.events import (
     DeploymentFinished,
     DeploymentKind,
     DeploymentStarted,

@@ -8,9 +8,11 @@ clear 400 naming the field. The router receives plain dicts (`msgspec.to_builtin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
+
+Job = TypeVar("Job")
 
 
 class Account(msgspec.Struct):
@@ -124,3 +126,9 @@ def decode(event: str, body: bytes | str) -> dict[str, Any]:
         raise PayloadError(f"the {event} payload is not valid: {exc}") from None
     except msgspec.DecodeError:
         raise PayloadError("the body is not a JSON object") from None
+
+
+def job_of(cls: type[Job], payload: dict[str, Any]) -> Job:
+    """A queued job's payload (as a webhook handler wrote it) as the dataclass `cls`: keys it
+    lacks take the field's default, keys `cls` does not name are ignored."""
+    return msgspec.convert(payload, cls, strict=False)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.context import BotContext
-from bot.gitcache import GitFetchError, remote_for
+from bot.gitcache import GitCache, GitFetchError, Remote, remote_for
 from bot.github.checks import CommitChecks, Report, commit_checks
 from bot.github.client import GitHubClient
+from bot.github.payloads import job_of
 from bot.github.previews import (
     failed_line,
     newer_head,
@@ -68,22 +69,10 @@ class PullRef:
     number: int
     head_sha: str
     base_sha: str
-    base_ref: str
-    clone_url: str | None
-    fork: bool
+    base_ref: str = ""
+    clone_url: str | None = None
+    fork: bool = False
     installation_id: int | None = None
-
-    @classmethod
-    def from_job(cls, payload: dict[str, Any]) -> PullRef:
-        return cls(
-            number=int(payload["number"]),
-            head_sha=str(payload["head_sha"]),
-            base_sha=str(payload["base_sha"]),
-            base_ref=str(payload.get("base_ref", "")),
-            clone_url=payload.get("clone_url"),
-            fork=bool(payload.get("fork", False)),
-            installation_id=payload.get("installation_id"),
-        )
 
     @classmethod
     def from_api(cls, pull: dict[str, Any], installation_id: int | None) -> PullRef:
@@ -178,13 +167,20 @@ async def upsert_plan_comment(
     return ids
 
 
-async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
-    """Fetch the PR's commits into the cache clone and plan merge-base → head."""
+async def cache_and_remote(
+    ctx: BotContext, clone_url: str | None, installation_id: int | None
+) -> tuple[GitCache, Remote]:
+    """The Git cache clone, and the remote to fetch into it (with the installation's token)."""
     git = ctx.git
     if git is None:
         raise PlanningError("the Git cache is not set up")
-    token = await ctx.require_github().token(pull.installation_id)
-    remote = remote_for(ctx.settings, pull.clone_url, token)
+    token = await ctx.require_github().token(installation_id)
+    return git, remote_for(ctx.settings, clone_url, token)
+
+
+async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
+    """Fetch the PR's commits into the cache clone and plan merge-base → head."""
+    git, remote = await cache_and_remote(ctx, pull.clone_url, pull.installation_id)
     refs = [f"refs/pull/{pull.number}/head"]
     if pull.base_ref:
         refs.append(f"refs/heads/{pull.base_ref}")
@@ -245,7 +241,7 @@ def pull_lock(ctx: BotContext, number: int) -> asyncio.Lock:
 
 async def plan_pull_request(ctx: BotContext, payload: dict[str, Any]) -> None:
     """The `github.plan` job: status pending, plan, comment, final status."""
-    pull = PullRef.from_job(payload)
+    pull = job_of(PullRef, payload)
     newer_head(ctx, pull.number, pull.head_sha)  # the older head's preview is moot
     async with pull_lock(ctx, pull.number):
         await _plan_pull_request(ctx, pull)

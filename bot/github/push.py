@@ -25,8 +25,10 @@ from bot.context import BotContext
 from bot.gitcache import GitCache, GitFetchError, is_sha, remote_for
 from bot.github.checks import CommitChecks, Report
 from bot.github.client import GitHubClient
+from bot.github.payloads import job_of
 from bot.github.pulls import (
     archive_plan,
+    cache_and_remote,
     checks_for,
     plan_status,
     report_plan_status,
@@ -45,7 +47,7 @@ from deployments import (
 )
 from planner.plan import Plan
 from planner.source import PlanningError
-from runners.base import Trigger
+from state.events import Trigger
 from state.locks import LockBusy
 
 log = logging.getLogger(__name__)
@@ -243,23 +245,13 @@ class BranchPush:
     branch: str
     default_branch: str
     after: str
-    clone_url: str | None
+    clone_url: str | None = None
     installation_id: int | None = None
-
-    @classmethod
-    def from_job(cls, payload: dict[str, Any]) -> BranchPush:
-        return cls(
-            branch=str(payload["branch"]),
-            default_branch=str(payload["default_branch"]),
-            after=str(payload["after"]),
-            clone_url=payload.get("clone_url"),
-            installation_id=payload.get("installation_id"),
-        )
 
 
 async def plan_branch_push(ctx: BotContext, payload: dict[str, Any]) -> None:
     """The `github.plan_branch` job: `nixmox/plan` on the pushed head, no comment."""
-    push = BranchPush.from_job(payload)
+    push = job_of(BranchPush, payload)
     repo = Repo.parse(ctx.settings.repo)
     gh = await ctx.require_github().client(push.installation_id)
     number = await open_pull_of(gh, repo, push.branch)
@@ -311,11 +303,7 @@ def branch_plan_status(plan: Plan) -> tuple[StatusState, str]:
 
 async def compute_branch_plan(ctx: BotContext, push: BranchPush) -> Plan:
     """Fetch the default branch and the head; plan their merge base → head (shared plan)."""
-    git = ctx.git
-    if git is None:
-        raise PlanningError("the Git cache is not set up")
-    token = await ctx.require_github().token(push.installation_id)
-    remote = remote_for(ctx.settings, push.clone_url, token)
+    git, remote = await cache_and_remote(ctx, push.clone_url, push.installation_id)
     try:
         tip = await git.branch_tip(remote, push.default_branch)
         await git.fetch(remote, [push.after], [f"refs/heads/{push.branch}"])

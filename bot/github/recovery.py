@@ -16,8 +16,8 @@ from bot.context import BotContext
 from bot.github.client import GitHubClient
 from bot.github.notifier import GitHubNotifier
 from bot.recovery import BOT_STOPPED, finished_event, never_started, request_of, where_stopped
-from runners.base import DeploymentFinished, StepState
 from state.deployments import NEVER_STARTED, DeploymentRecord, StepRecord
+from state.events import DeploymentFinished, StepState
 
 # GitHub Deployments of the head commit searched for the one a deployment created
 GITHUB_DEPLOYMENT_WINDOW = 300

@@ -22,8 +22,8 @@ from bot.slack.bot import EVENTS_PATH, SlackBot
 from bot.slack.names import JobKind
 from bot.slack.notifier import SlackNotifier
 from deployments.monitor import MonitorListener
-from runners.base import Subscriber
 from state.deployments import DeploymentRecord
+from state.events import Subscriber
 
 SLACK_BOT: web.AppKey[SlackBot] = web.AppKey("nixmox_slack", SlackBot)
 

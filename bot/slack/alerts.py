@@ -18,7 +18,7 @@ from bot.slack.slash import SlashCommands
 from deployments.drift import DriftKind, DriftReport
 from deployments.monitor import ChangeKind, HealthChange
 from planner.escape import slack_code, slack_text
-from runners.base import DeploymentKind
+from state.events import DeploymentKind
 from state.health import DriftRecord
 
 log = logging.getLogger(__name__)

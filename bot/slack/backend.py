@@ -28,9 +28,9 @@ from planner.models import Manifest
 from planner.plan import Plan
 from planner.revisions import plan_revisions
 from planner.source import PlanningError, UnknownRevision
-from runners.base import DeploymentKind, Subscriber
 from state.approvals import ApprovalRecord
 from state.deployments import DeploymentRecord
+from state.events import DeploymentKind, Subscriber
 
 NO_REMOTE = (
     "the bot does not know where the manifest repository is: set NIXMOX_GIT_REMOTE "

@@ -12,7 +12,7 @@ from bot.slack.approvals import SLACK_ACTOR_PREFIX, button_value
 from planner.escape import slack_block, slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from planner.render import render_slack, short_rev
-from runners.base import DeploymentKind
+from state.events import DeploymentKind
 
 Block = dict[str, Any]
 

@@ -37,14 +37,13 @@ from bot.slack.buttons import ApprovalButtons
 from bot.slack.intake import Unreadable, bolt_request, first_time
 from bot.slack.names import SYSTEM_ACTOR, Audit, origin
 from bot.slack.notifier import SlackNotifier
+from bot.slack.progress import Byline
 from bot.slack.recovery import InterruptionReport
 from bot.slack.runs import ApprovedRuns
 from bot.slack.services import SlackServices, view_of
 from bot.slack.slash import STORE_UNAVAILABLE, SlashCommands
-from runners.base import (
-    Subscriber,
-)
 from state.deployments import DeploymentRecord
+from state.events import Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +164,12 @@ class SlackBot:
             self.client,
             channel,
             ts=ts,
-            title=request.extra.get("title"),
-            requested_by=request.requested_by,
-            approved_by=request.approved_by,
-            origin=origin(request),
+            byline=Byline(
+                title=request.extra.get("title"),
+                requested_by=request.requested_by,
+                approved_by=request.approved_by,
+                origin=origin(request),
+            ),
             pacer=self.pacer,
             redact=self.redactor.text,
             on_message=functools.partial(self.remember_message, request),

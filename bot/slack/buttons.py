@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from slack_bolt.async_app import AsyncAck
 
@@ -28,12 +28,19 @@ from bot.slack.blocks import (
 from bot.slack.names import Audit, JobKind
 from bot.slack.services import SlackServices, ask_json, message_of, view_of, who_of
 from planner.escape import slack_lines
-from runners.base import (
-    utcnow,
-)
 from state.approvals import ApprovalRecord, ApprovalState
+from state.events import utcnow
 
 CHECK_FAILED = "Could not check that the plan is still current ({error}); nothing was deployed."
+
+
+class Click(NamedTuple):
+    """A click on a request's button: the request, the plan digest it showed, and the clicker."""
+
+    approval: ApprovalRecord
+    digest: str
+    user: str
+    channel: str
 
 
 class ApprovalButtons:
@@ -54,12 +61,10 @@ class ApprovalButtons:
         await ack()
         self.core.spawn(self.replan(body, action))
 
-    async def _approval_for(
-        self, body: dict[str, Any], value: str | None
-    ) -> tuple[ApprovalRecord, str] | None:
-        """The approval a button refers to (and the digest it carries), or tell the user."""
+    async def _click(self, body: dict[str, Any], action: dict[str, Any]) -> Click | None:
+        """Who clicked which request's button (and the digest it carries), or tell the user."""
         user, channel = who_of(body)
-        parsed = parse_button_value(value)
+        parsed = parse_button_value(action.get("value"))
         approval = None
         if parsed is not None:
             approval = await self.core.ctx.require_store().approvals.get(parsed[0])
@@ -67,17 +72,16 @@ class ApprovalButtons:
             await self.core.ephemeral(channel, user, REFUSAL_TEXT[Refusal.UNKNOWN_REQUEST])
             await self.core.audit(slack_actor(user), Audit.REFUSED, {"reason": "unknown request"})
             return None
-        return approval, parsed[1]
+        return Click(approval, parsed[1], user, channel)
 
     async def approve(self, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Approve: only approvers, not one's own (unless allowed), unexpired, same plan."""
-        found = await self._approval_for(body, action.get("value"))
-        if found is None:
+        click = await self._click(body, action)
+        if click is None:
             return
-        approval, digest = found
-        user, _ = who_of(body)
+        approval, user = click.approval, click.user
         refusal = approval_refusal(
-            self.core.policy, approval, user, now=utcnow(), button_digest=digest
+            self.core.policy, approval, user, now=utcnow(), button_digest=click.digest
         )
         if refusal is not None:
             await self.refuse_approval(approval, user, refusal)
@@ -162,11 +166,10 @@ class ApprovalButtons:
         )
 
     async def cancel(self, body: dict[str, Any], action: dict[str, Any]) -> None:
-        found = await self._approval_for(body, action.get("value"))
-        if found is None:
+        click = await self._click(body, action)
+        if click is None:
             return
-        approval, _ = found
-        user, channel = who_of(body)
+        approval, user, channel = click.approval, click.user, click.channel
         actor = slack_actor(user)
         refusal = cancel_refusal(self.core.policy, approval, user)
         if refusal is None and not await self.core.ctx.require_store().approvals.resolve(

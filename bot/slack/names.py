@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from bot.request import DeploymentRequest
-from runners.base import Trigger
+from state.events import Trigger
 
 SYSTEM_ACTOR = "nixmox"  # the actor of what the bot does by itself, in the audit log
 

@@ -24,6 +24,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.slack.blocks import MAX_BLOCKS, MAX_FALLBACK_TEXT, section, truncate
 from bot.slack.once import Posting, post_once
 from bot.slack.progress import (
+    NO_BYLINE,
+    Byline,
     Failure,
     Note,
     NoteKind,
@@ -35,13 +37,8 @@ from bot.slack.progress import (
     rollback_blocks,
     rollback_line,
 )
-from runners.base import (
-    DeploymentFinished,
-    DeploymentStarted,
-    Event,
-    utcnow,
-)
 from runners.redact import REDACTED, Redactor
+from state.events import DeploymentFinished, DeploymentStarted, Event, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +115,7 @@ class SlackNotifier:
         channel: str,
         *,
         ts: str | None = None,
-        title: str | None = None,
-        requested_by: str | None = None,
-        approved_by: str | None = None,
-        origin: str | None = None,
+        byline: Byline = NO_BYLINE,
         pacer: MessagePacer | None = None,
         finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
         redact: Callable[[str], str] = str,
@@ -132,10 +126,7 @@ class SlackNotifier:
         self.client = client
         self.channel = channel
         self.ts = ts
-        self.title = title
-        self.requested_by = requested_by
-        self.approved_by = approved_by
-        self.origin = origin
+        self.byline = byline
         self.pacer = pacer or MessagePacer()
         self.finish_timeout = finish_timeout
         self.redact = redact
@@ -168,10 +159,7 @@ class SlackNotifier:
                 event.deployment_id,
                 event.plan,
                 kind=event.kind,
-                title=self.title,
-                requested_by=self.requested_by,
-                approved_by=self.approved_by,
-                origin=self.origin,
+                byline=self.byline,
                 started_at=event.at,
                 redact=self.redact,
             )

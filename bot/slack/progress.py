@@ -27,7 +27,7 @@ from bot.slack.blocks import (
 from planner.escape import slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from planner.render import short_rev
-from runners.base import (
+from state.events import (
     DeploymentFinished,
     DeploymentKind,
     DeploymentStarted,
@@ -150,6 +150,20 @@ class NoteKind(StrEnum):
 
 
 @dataclass(frozen=True)
+class Byline:
+    """What the progress message says about a deployment besides its plan: a title (None:
+    made from the plan), where the request came from, who asked and who approved."""
+
+    title: str | None = None
+    requested_by: str | None = None
+    approved_by: str | None = None
+    origin: str | None = None
+
+
+NO_BYLINE = Byline()
+
+
+@dataclass(frozen=True)
 class Note:
     """Something the thread should say: a new failure, or a rollback to add to one."""
 
@@ -167,10 +181,7 @@ class Progress:
         plan: Plan,
         *,
         kind: DeploymentKind = DeploymentKind.DEPLOY,
-        title: str | None = None,
-        requested_by: str | None = None,
-        approved_by: str | None = None,
-        origin: str | None = None,
+        byline: Byline = NO_BYLINE,
         started_at: datetime | None = None,
         redact: Callable[[str], str] = str,
     ) -> None:
@@ -178,10 +189,7 @@ class Progress:
         self.deployment_id = deployment_id
         self.plan = plan
         self.kind = kind
-        self.title = title
-        self.requested_by = requested_by
-        self.approved_by = approved_by
-        self.origin = origin
+        self.byline = byline
         self.started_at = started_at
         self.finished_at: datetime | None = None
         self.state = DeploymentState.RUNNING
@@ -384,8 +392,8 @@ def final_line(progress: Progress, now: datetime) -> str:
 
 
 def title(progress: Progress) -> str:
-    if progress.title:
-        return progress.title
+    if progress.byline.title:
+        return progress.byline.title
     services = progress.plan.services()
     what = services[0] if len(services) == 1 else f"{len(services)} services"
     verb = "Rollback of" if progress.kind is DeploymentKind.ROLLBACK else "Deploying"
@@ -420,15 +428,16 @@ def progress_text(progress: Progress, now: datetime) -> str:
 
 def progress_blocks(progress: Progress, now: datetime) -> list[Block]:
     """The one message of a deployment: title, who, overall progress, services, outcome."""
+    byline = progress.byline
     facts = [f"deployment {slack_code(progress.deployment_id)}"]
-    if progress.origin:
-        facts.append(slack_lines(progress.origin))
+    if byline.origin:
+        facts.append(slack_lines(byline.origin))
     if progress.plan.head:
         facts.append(f"revision {slack_code(short_rev(progress.plan.head))}")
-    if progress.requested_by:
-        facts.append(f"requested by {mention(progress.requested_by)}")
-    if progress.approved_by:
-        facts.append(f"approved by {mention(progress.approved_by)}")
+    if byline.requested_by:
+        facts.append(f"requested by {mention(byline.requested_by)}")
+    if byline.approved_by:
+        facts.append(f"approved by {mention(byline.approved_by)}")
     blocks: list[Block] = [
         header(title(progress)),
         context(" · ".join(facts)),

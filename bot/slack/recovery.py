@@ -18,7 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.recovery import finished_event, replayed_steps, request_of, resume_hint
 from bot.slack.names import origin
 from bot.slack.notifier import MessagePacer, SlackNotifier
-from bot.slack.progress import Progress
+from bot.slack.progress import Byline, Progress
 from state.deployments import DeploymentRecord
 from state.slack_messages import SlackMessage
 from state.store import Store
@@ -81,10 +81,12 @@ class InterruptionReport:
             record.id,
             record.plan,
             kind=record.kind,
-            title=link.title if link is not None else None,
-            requested_by=record.requested_by,
-            approved_by=record.approved_by,
-            origin=(link.origin if link is not None else None) or origin(request_of(record)),
+            byline=Byline(
+                title=link.title if link is not None else None,
+                requested_by=record.requested_by,
+                approved_by=record.approved_by,
+                origin=(link.origin if link is not None else None) or origin(request_of(record)),
+            ),
             started_at=record.started_at,
             redact=self.redact,
         )

@@ -17,12 +17,7 @@ from bot.slack.names import SYSTEM_ACTOR, Audit
 from bot.slack.once import Posting, post_once
 from bot.slack.services import SlackServices, view_of
 from deployments import DeployError
-from runners.base import (
-    DeploymentKind,
-    DeploymentStarted,
-    Event,
-    Trigger,
-)
+from state.events import DeploymentKind, DeploymentStarted, Event, Trigger
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,8 @@ from bot.slack.blocks import (
 )
 from bot.slack.notifier import MessagePacer, SecretRedactor
 from planner.escape import slack_lines
-from runners.base import (
-    DeploymentKind,
-)
 from state.approvals import ApprovalRecord
+from state.events import DeploymentKind
 
 log = logging.getLogger(__name__)
 

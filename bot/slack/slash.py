@@ -53,10 +53,8 @@ from bot.slack.status import history_text, status_text
 from planner.escape import slack_lines
 from planner.plan import Plan
 from planner.render import render_slack
-from runners.base import (
-    DeploymentKind,
-)
 from state.approvals import ApprovalState
+from state.events import DeploymentKind
 from state.locks import LockBusy
 
 log = logging.getLogger(__name__)

@@ -21,14 +21,21 @@ NAME = sa.String(255)
 STATE = sa.String(32)
 
 
-def upgrade() -> None:
-    op.create_table(
-        "health_latest",
-        sa.Column("service", NAME, primary_key=True),
+def check_result() -> list[sa.Column[object]]:
+    """The columns of one health check, in both health tables (a Column fits one table)."""
+    return [
         sa.Column("healthy", sa.Boolean, nullable=False),
         sa.Column("check_kind", STATE, nullable=False),
         sa.Column("output", sa.Text, nullable=False),
         sa.Column("source", STATE, nullable=False),
+    ]
+
+
+def upgrade() -> None:
+    op.create_table(
+        "health_latest",
+        sa.Column("service", NAME, primary_key=True),
+        *check_result(),
         sa.Column("checked_at", sa.DateTime, nullable=False),
         sa.Column("since", sa.DateTime, nullable=False),
     )
@@ -36,10 +43,7 @@ def upgrade() -> None:
         "health_history",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("service", NAME, nullable=False),
-        sa.Column("healthy", sa.Boolean, nullable=False),
-        sa.Column("check_kind", STATE, nullable=False),
-        sa.Column("output", sa.Text, nullable=False),
-        sa.Column("source", STATE, nullable=False),
+        *check_result(),
         sa.Column("transition", sa.Boolean, nullable=False),
         sa.Column("checked_at", sa.DateTime, nullable=False),
     )
