@@ -1,0 +1,257 @@
+"""One monitor across workers: leadership through a leased store lock (`bot.leadership`).
+
+Contenders on one SQLite store: one leads, a clean stop hands over at once, a leader that stops
+renewing is taken over once its lease ran out (and steps down when it finds out), a dead
+process of this host loses the lead at once. Then two real worker applications on one store
+(SQLite file, and PostgreSQL): a health change gives one Slack alert and one recorded
+transition; the leader stops and the other takes over and alerts; only the leader exports the
+monitor's gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from bot.app import build_app
+from bot.config import Settings
+from bot.context import CONTEXT
+from bot.leadership import Leadership
+from bot.monitoring import MONITOR_LOCK
+from bot.roles import Role
+from runners.config import RunnerConfig
+from state.store import Store
+from tests.fakes.slack import FakeSlack, Message
+from tests.fixtures_slack import CHANNEL, slack_overrides
+from tests.homelab import MANIFEST, Homelab
+
+LEASE = timedelta(seconds=0.6)
+WAIT = 20.0  # seconds any awaited event may take at most before the test fails
+
+
+@dataclass
+class Contender:
+    """A Leadership whose transitions are counted."""
+
+    leadership: Leadership
+    led: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    leads: int = 0
+
+
+def contender(store: Store, name: str = "leader:test", **options: Any) -> Contender:
+    made: list[Contender] = []
+
+    async def on_lead() -> None:
+        made[0].leads += 1
+        made[0].led.set()
+
+    async def on_lose() -> None:
+        made[0].lost.set()
+
+    leadership = Leadership(
+        store.locks, name, lease=LEASE, on_lead=on_lead, on_lose=on_lose, **options
+    )
+    made.append(Contender(leadership))
+    return made[0]
+
+
+@asynccontextmanager
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def until(event: asyncio.Event) -> None:
+    await asyncio.wait_for(event.wait(), WAIT)
+
+
+async def test_one_contender_leads_and_a_clean_stop_hands_over_at_once(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+        first, second = contender(store), contender(store)
+        await first.leadership.start()
+        await second.leadership.start()
+        try:
+            assert first.leadership.leading and first.leads == 1
+            assert not second.leadership.leading and second.leads == 0
+            held = await store.locks.held("leader:test")
+            assert held is not None and held.holder == first.leadership.holder
+            host, pid, nonce = first.leadership.holder.split(":")
+            assert (host, pid) == (socket.gethostname(), str(os.getpid())) and nonce
+            await asyncio.sleep(LEASE.total_seconds() * 2)  # renewed: still the one leader
+            assert first.leadership.leading and not second.leadership.leading
+            await first.leadership.stop()
+            assert first.lost.is_set()
+            held = await store.locks.held("leader:test")
+            assert held is None or held.holder == second.leadership.holder  # released at once
+            await until(second.led)
+            assert second.leadership.leading and second.leads == 1
+        finally:
+            await second.leadership.stop()
+        assert await store.locks.held("leader:test") is None
+
+
+async def test_a_leader_that_stops_renewing_is_taken_over_and_then_steps_down(
+    tmp_path: Path,
+) -> None:
+    async with sqlite_store(tmp_path) as store:
+        frozen, standby = contender(store), contender(store)
+        await frozen.leadership.start()
+        await standby.leadership.start()
+        try:
+            assert frozen.leadership.leading
+            # the leader's process hangs: nothing renews its lease, nothing releases it
+            assert frozen.leadership._task is not None
+            frozen.leadership._task.cancel()
+            await until(standby.led)
+            held = await store.locks.held("leader:test")
+            assert held is not None and held.holder == standby.leadership.holder
+            assert not frozen.lost.is_set()
+            await frozen.leadership.round()  # it wakes up: the lock is another's now
+            assert frozen.lost.is_set() and not frozen.leadership.leading
+            await frozen.leadership.round()
+            assert standby.leadership.leading and frozen.leads == 1
+        finally:
+            await standby.leadership.stop()
+            await frozen.leadership.stop()
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has ended."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+async def test_a_dead_process_of_this_host_loses_the_lead_at_once(tmp_path: Path) -> None:
+    async with sqlite_store(tmp_path) as store:
+        gone = f"{socket.gethostname()}:{dead_pid()}:0ld0ne"
+        elsewhere = f"other-host:{dead_pid()}:0ld0ne"
+        long_lease = timedelta(minutes=10)
+        await store.locks.lead("leader:a", gone, long_lease)
+        await store.locks.lead("leader:b", elsewhere, long_lease)
+        here, there = contender(store, "leader:a"), contender(store, "leader:b")
+        await here.leadership.start()
+        await there.leadership.start()
+        try:
+            assert here.leadership.leading  # its holder's pid is gone on this host
+            assert not there.leadership.leading  # another host's pid says nothing: wait
+            held = await store.locks.held("leader:b")
+            assert held is not None and held.holder == elsewhere
+        finally:
+            await here.leadership.stop()
+            await there.leadership.stop()
+
+
+# --- two worker applications on one store ---------------------------------------------------
+
+
+def messages_about(fake: FakeSlack, text: str) -> list[Message]:
+    return [m for m in fake.channel_messages(CHANNEL) if text in m.text]
+
+
+def lab_on(tmp_path: Path, database_url: str | None) -> Homelab:
+    """A deployed homelab checked every second; its state in `database_url` if given."""
+    lab = Homelab(tmp_path, interval=1, retries=1)
+    if database_url is not None:
+        sqlite = f'database_url = "sqlite+aiosqlite:///{lab.root / "state.db"}"'
+        text = lab.config.read_text()
+        assert sqlite in text
+        lab.config.write_text(text.replace(sqlite, f'database_url = "{database_url}"'))
+    lab.deploy()
+    return lab
+
+
+def worker_settings(lab: Homelab, fake: FakeSlack, database_url: str) -> Settings:
+    return Settings(
+        **slack_overrides(fake),
+        database_url=database_url,
+        workdir=lab.root / "bot",
+        runner="real",
+        manifest_path=MANIFEST,
+        monitor=True,
+        monitor_lease=timedelta(seconds=1.5),
+        drift_interval=timedelta(hours=1),
+    )
+
+
+Client = Callable[..., Awaitable[Any]]
+
+
+async def leader_gauge(client: Any) -> str:
+    text: str = await (await client.get("/metrics")).text()
+    (line,) = [line for line in text.splitlines() if line.startswith("nixmox_monitor_leader ")]
+    return line.split()[1]
+
+
+async def exports_health(client: Any) -> bool:
+    text: str = await (await client.get("/metrics")).text()
+    return 'nixmox_service_up{service="gitea"}' in text
+
+
+async def run_two_workers(
+    tmp_path: Path, fake: FakeSlack, aiohttp_client: Client, database_url: str | None
+) -> None:
+    lab = await asyncio.to_thread(lab_on, tmp_path, database_url)
+    url = database_url or f"sqlite+aiosqlite:///{lab.root / 'state.db'}"
+    settings = worker_settings(lab, fake, url)
+    config = RunnerConfig.from_toml(lab.config)
+    apps = [build_app(settings, runner_config=config, role=Role.WORKER) for _ in range(2)]
+    first = await aiohttp_client(apps[0])
+    second = await aiohttp_client(apps[1])
+    leader, standby = apps[0][CONTEXT], apps[1][CONTEXT]
+    assert leader.tasks.monitor is not None and standby.tasks.monitor is None
+    held = await standby.require_store().locks.held(MONITOR_LOCK)
+    assert held is not None and held.holder.startswith(f"{socket.gethostname()}:{os.getpid()}:")
+
+    lab.set_up("gitea", False)
+    await fake.wait_for(lambda: messages_about(fake, "*gitea* is unhealthy"), timeout=WAIT)
+    assert await leader_gauge(first) == "1.0" and await leader_gauge(second) == "0.0"
+    assert await exports_health(first) and not await exports_health(second)
+    assert standby.tasks.monitor is None
+
+    await first.close()  # the leader stops: the standby takes over and alerts
+    assert leader.tasks.monitor is None
+    lab.set_up("gitea", True)
+    await fake.wait_for(lambda: messages_about(fake, "*gitea* is healthy again"), timeout=WAIT)
+    assert standby.tasks.monitor is not None
+    assert await leader_gauge(second) == "1.0" and await exports_health(second)
+    await second.close()
+
+    assert len(messages_about(fake, "*gitea* is unhealthy")) == 1
+    assert len(messages_about(fake, "*gitea* is healthy again")) == 1
+    assert messages_about(fake, "postgresql* is unhealthy") == []
+    store = await Store.open(url)
+    try:
+        history = await store.health.history("gitea")
+        assert await store.locks.held(MONITOR_LOCK) is None  # both stopped: released
+    finally:
+        await store.close()
+    transitions = [
+        check.healthy for check in history if check.source == "monitor" and check.transition
+    ]
+    # newest first: down once, up once (then the first check, where the store had none yet)
+    assert transitions[:2] == [True, False] and transitions[2:] in ([], [True])
+
+
+async def test_two_workers_on_one_sqlite_file_alert_once_and_hand_over(
+    tmp_path: Path, fake_slack: FakeSlack, aiohttp_client: Client
+) -> None:
+    await run_two_workers(tmp_path, fake_slack, aiohttp_client, None)
+
+
+async def test_two_workers_on_postgresql_alert_once_and_hand_over(
+    tmp_path: Path, fake_slack: FakeSlack, aiohttp_client: Client, postgres_database: str
+) -> None:
+    await run_two_workers(tmp_path, fake_slack, aiohttp_client, postgres_database)
