@@ -204,7 +204,7 @@ def monitor_leadership(ctx: BotContext, runners: RunnerSet, metrics: MonitorMetr
 
 
 def monitor_of(app: web.Application) -> Monitor | None:
-    """The running monitor (None: off, or the application has not started)."""
+    """The running monitor (None: off, not started, or another process leads it)."""
     return app[CONTEXT].tasks.monitor
 
 

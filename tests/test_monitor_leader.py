@@ -5,7 +5,8 @@ renewing is taken over once its lease ran out (and steps down when it finds out)
 process of this host loses the lead at once. Then two real worker applications on one store
 (SQLite file, and PostgreSQL): a health change gives one Slack alert and one recorded
 transition; the leader stops and the other takes over and alerts; only the leader exports the
-monitor's gauges.
+monitor's gauges. Last, a `nixmox worker` process leads and is SIGKILLed: the worker standing
+by takes over (the holder's pid is gone on this host) and alerts, once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
 from bot.app import build_app
 from bot.config import Settings
 from bot.context import CONTEXT
@@ -29,9 +33,10 @@ from bot.monitoring import MONITOR_LOCK
 from bot.roles import Role
 from runners.config import RunnerConfig
 from state.store import Store
-from tests.fakes.slack import FakeSlack, Message
-from tests.fixtures_slack import CHANNEL, slack_overrides
+from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
+from tests.fixtures_slack import CHANNEL, SIGNING_SECRET, slack_overrides
 from tests.homelab import MANIFEST, Homelab
+from tests.test_serve import NIXMOX, free_port
 
 LEASE = timedelta(seconds=0.6)
 WAIT = 20.0  # seconds any awaited event may take at most before the test fails
@@ -255,3 +260,105 @@ async def test_two_workers_on_postgresql_alert_once_and_hand_over(
     tmp_path: Path, fake_slack: FakeSlack, aiohttp_client: Client, postgres_database: str
 ) -> None:
     await run_two_workers(tmp_path, fake_slack, aiohttp_client, postgres_database)
+
+
+# --- real worker processes: the leader is SIGKILLed --------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    """`nixmox worker` in a subprocess, its log kept for assertions."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @classmethod
+    def start(cls, lab: Homelab, env: dict[str, str], name: str) -> WorkerProcess:
+        port = free_port()
+        log = lab.root / f"{name}.log"
+        argv = [str(NIXMOX), "worker", "--host", "127.0.0.1", "--port", str(port),
+                "--config", str(lab.config)]  # fmt: skip
+        proc = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return cls(proc, f"http://127.0.0.1:{port}", log)
+
+    async def metric(self, session: aiohttp.ClientSession, name: str) -> str | None:
+        """The value of an unlabelled sample (None: not exported, or not answering yet)."""
+        try:
+            async with session.get(f"{self.url}/metrics") as response:
+                text = await response.text()
+        except aiohttp.ClientConnectionError:
+            return None
+        found = [line.split()[1] for line in text.splitlines() if line.startswith(f"{name} ")]
+        return found[0] if found else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], what: str, logs: list[Path]) -> None:
+    for _ in range(int(WAIT / 0.1)):
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never {what}:\n" + "\n".join(log.read_text() for log in logs))
+
+
+async def test_a_sigkilled_leader_process_is_replaced_and_the_survivor_alerts_once(
+    tmp_path: Path, fake_slack: FakeSlack, aiohttp_client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    lab = await asyncio.to_thread(lab_on, tmp_path, None)
+    url = f"sqlite+aiosqlite:///{lab.root / 'state.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXMOX_")}
+    env.update(
+        NIXMOX_SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        NIXMOX_SLACK_BOT_TOKEN=DEFAULT_TOKEN,
+        NIXMOX_SLACK_API_URL=fake_slack.api_url,
+        NIXMOX_SLACK_CHANNEL=CHANNEL,
+        NIXMOX_DRIFT_INTERVAL="3600",
+        NIXMOX_MONITOR_LEASE="3",
+    )
+    leader = WorkerProcess.start(lab, env, "leader")
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def leads() -> bool:
+                return await leader.metric(session, "nixmox_monitor_leader") == "1.0"
+
+            await until_true(leads, "the worker process leading", [leader.log])
+            # the survivor, a worker in this process, stands by
+            settings = worker_settings(lab, fake_slack, url)
+            config = RunnerConfig.from_toml(lab.config)
+            app = build_app(settings, runner_config=config, role=Role.WORKER)
+            await aiohttp_client(app)
+            survivor = app[CONTEXT]
+            store = survivor.require_store()
+            held = await store.locks.held(MONITOR_LOCK)
+            assert held is not None and held.holder.split(":")[1] == str(leader.proc.pid)
+            assert survivor.tasks.monitor is None
+
+            lab.set_up("gitea", False)
+            await fake_slack.wait_for(
+                lambda: messages_about(fake_slack, "*gitea* is unhealthy"), timeout=WAIT
+            )
+            leader.proc.kill()  # SIGKILL: nothing released, nothing renewed
+            leader.proc.wait()
+            lab.set_up("gitea", True)
+            await fake_slack.wait_for(
+                lambda: messages_about(fake_slack, "*gitea* is healthy again"), timeout=WAIT
+            )
+            assert survivor.tasks.monitor is not None
+            held = await store.locks.held(MONITOR_LOCK)
+            assert held is not None and held.holder.split(":")[1] == str(os.getpid())
+    finally:
+        leader.stop()
+    assert "gitea is down" in leader.log.read_text()  # the alert came from the killed leader
+    assert f":{leader.proc.pid}:" in caplog.text and "is gone; taking over" in caplog.text
+    assert len(messages_about(fake_slack, "*gitea* is unhealthy")) == 1  # none from the survivor
+    assert len(messages_about(fake_slack, "*gitea* is healthy again")) == 1
