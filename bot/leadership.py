@@ -85,7 +85,11 @@ class Leadership:
     async def _keep(self, wait: float) -> None:
         while True:
             await asyncio.sleep(wait)
-            wait = await self.round()
+            try:
+                wait = await self.round()
+            except Exception:  # keep contending whatever one round met
+                log.exception("leadership of %s: a round failed", self.name)
+                wait = self.renew_every
 
     async def round(self) -> float:
         """One attempt to lead (or to renew the lead); the seconds until the next one."""

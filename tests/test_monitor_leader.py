@@ -2,7 +2,8 @@
 
 Contenders on one SQLite store: one leads, a clean stop hands over at once, a leader that stops
 renewing is taken over once its lease ran out (and steps down when it finds out), a dead
-process of this host loses the lead at once. Then two real worker applications on one store
+process of this host loses the lead at once; a leader whose PostgreSQL database is gone steps
+down before its lease could run out. Then two real worker applications on one store
 (SQLite file, and PostgreSQL): a health change gives one Slack alert and one recorded
 transition; the leader stops and the other takes over and alerts; only the leader exports the
 monitor's gauges. Last, a `nixmox worker` process leads and is SIGKILLed: the worker standing
@@ -28,12 +29,13 @@ import pytest
 from bot.app import build_app
 from bot.config import Settings
 from bot.context import CONTEXT
-from bot.leadership import Leadership
+from bot.leadership import SELF_FENCE, Leadership
 from bot.monitoring import MONITOR_LOCK
 from bot.roles import Role
 from runners.config import RunnerConfig
 from state.store import Store
 from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
+from tests.fixtures_pg import _psql
 from tests.fixtures_slack import CHANNEL, SIGNING_SECRET, slack_overrides
 from tests.homelab import MANIFEST, Homelab
 from tests.test_serve import NIXMOX, free_port
@@ -130,6 +132,27 @@ async def test_a_leader_that_stops_renewing_is_taken_over_and_then_steps_down(
         finally:
             await standby.leadership.stop()
             await frozen.leadership.stop()
+
+
+async def test_a_leader_that_loses_the_store_steps_down_before_its_lease_runs_out(
+    postgres_url: str, postgres_database: str
+) -> None:
+    store = await Store.open(postgres_database)
+    leader = contender(store)
+    try:
+        await leader.leadership.start()
+        assert leader.leadership.leading and leader.leadership._task is not None
+        leader.leadership._task.cancel()  # its rounds are driven here, one by one
+        name = postgres_database.rsplit("/", 1)[1]
+        await asyncio.to_thread(_psql, postgres_url, f"DROP DATABASE {name} WITH (FORCE)")
+        await leader.leadership.round()  # renewed a moment ago: it may still lead
+        assert leader.leadership.leading and not leader.lost.is_set()
+        await asyncio.sleep(LEASE.total_seconds() * SELF_FENCE)
+        await leader.leadership.round()  # another may take over soon: it stops first
+        assert leader.lost.is_set() and not leader.leadership.leading
+    finally:
+        await leader.leadership.stop()
+        await store.close()
 
 
 def dead_pid() -> int:
