@@ -203,7 +203,7 @@ class RepoBackend:
             return await self.default_branch()
         remote = await self.remote()
         names: list[str] = []
-        if ref is not None and SHA_PATTERN.match(ref):
+        if SHA_PATTERN.match(ref):
             sha = ref
         else:
             sha, names = await resolve_remote_ref(remote, ref)
