@@ -190,13 +190,15 @@ def _resources(
         ctx.planning.start()
         session = ctx.session = ClientSession(timeout=HTTP_TIMEOUT)
         if settings.github_enabled:
-            from bot.gitcache import GitCache
             from bot.github.client import GitHubClientFactory
 
             ctx.github = GitHubClientFactory(
                 settings, session, policy=github_policy, sleeper=github_sleeper
             )
-            ctx.git = GitCache.for_settings(settings)
+        if settings.github_enabled or settings.git_remote:
+            from bot.gitcache import GitCache
+
+            ctx.git = GitCache.for_settings(settings)  # one cache: front ends and the monitor
         jobs = ctx.jobs = JobWorker(store, metrics=ctx.metrics)
         for kind, handler in ctx.job_handlers.items():
             jobs.register(kind, handler)

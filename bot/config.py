@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     monitor: bool = True
     alert_repeat: timedelta = timedelta(hours=6)  # at most one reminder per service per this
     drift_interval: timedelta = timedelta(minutes=15)
+    # one worker runs the monitor: its store lock outlives a crashed leader by this much
+    monitor_lease: timedelta = timedelta(seconds=30)
     # host previews in PR comments: NIXMOX_PREVIEW=true, or the TOML's [preview] table
     preview: Annotated[PreviewConfig, NoDecode] = Field(default_factory=PreviewConfig)
 
@@ -134,7 +136,14 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("approval_ttl", "lock_lease", "alert_repeat", "drift_interval", mode="before")
+    @field_validator(
+        "approval_ttl",
+        "lock_lease",
+        "alert_repeat",
+        "drift_interval",
+        "monitor_lease",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """A bare number is seconds."""

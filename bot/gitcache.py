@@ -1,6 +1,10 @@
 """The bot's Git access to the manifest repository: `ls-remote` and a bare cache clone.
 
 The cache is fetched by commit id for each plan; `ls_remote` reads a remote's refs.
+`ManifestGit` is the one way the front ends and the monitor reach the manifest repository
+by its settings (NIXMOX_GIT_REMOTE, or NIXMOX_REPO on GitHub with the installation's token):
+a ref resolved with `ls-remote`, then fetched into the cache (e.g. the default branch's head,
+which Slack plans from and the monitor compares the deployed state with for drift).
 
 The bot never checks anything out: the planner reads trees from this bare repository. When the
 remote is GitHub, the token goes in an HTTP header passed through the environment (never on a
@@ -13,6 +17,7 @@ import asyncio
 import base64
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,10 +35,26 @@ BRANCH_REFS = "refs/nixmox/branches/"  # where the cache keeps the tips of fetch
 FSCK_OPTIONS = ("-c", "fetch.fsckObjects=true", "-c", "transfer.fsckObjects=true")
 FSCK_ERROR = re.compile(r"^error: object ([0-9a-f]+): (\w+): (.*)$")
 FSCK_MESSAGE = "the fetched objects fail Git's checks (fsck): object {object}: {check}: {detail}"
+NO_REMOTE = (
+    "the bot does not know where the manifest repository is: set NIXMOX_GIT_REMOTE "
+    "(or NIXMOX_REPO for a GitHub repository)"
+)
+NO_TOKEN = "cannot get a GitHub token to fetch with: {error}"
+DEFAULT_BRANCH = "HEAD"  # what `ls-remote --symref` names the remote's default branch
+TokenSource = Callable[[], Awaitable[str | None]]
+"""A GitHub token for fetching (the installation's, fresh enough; None: none configured)."""
 
 
 class GitFetchError(Exception):
     """The commits to plan could not be fetched (message safe to show: no credentials)."""
+
+
+class UnknownRef(GitFetchError):
+    """The remote has no branch or tag of that name."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        super().__init__(f"{ref} is not a branch or tag of the manifest repository")
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,63 @@ class GitCache:
         except git.GitCommandError:
             return None
         return bases[0].hexsha if bases else None
+
+
+@dataclass
+class ManifestGit:
+    """The manifest repository as the settings name it, and the bot's cache of it."""
+
+    settings: Settings
+    cache: GitCache
+    token: TokenSource | None = None  # for a github.com remote (NIXMOX_REPO)
+
+    @classmethod
+    def of(
+        cls, settings: Settings, cache: GitCache | None, token: TokenSource | None
+    ) -> ManifestGit:
+        """The bot's access: its shared cache (one of our own if it has none yet)."""
+        return cls(settings, cache or GitCache.for_settings(settings), token)
+
+    def clone_url(self) -> str | None:
+        """The GitHub clone URL of NIXMOX_REPO, unless NIXMOX_GIT_REMOTE names the remote."""
+        if self.settings.repo and not self.settings.git_remote:
+            return f"https://github.com/{self.settings.repo}.git"
+        return None
+
+    async def remote(self) -> Remote:
+        """Where to fetch from, with the token (GitFetchError when the bot cannot know)."""
+        clone_url = self.clone_url()
+        if not (self.settings.git_remote or clone_url):
+            raise GitFetchError(NO_REMOTE)
+        token = None
+        if self.token is not None and clone_url is not None:
+            try:
+                token = await self.token()
+            except Exception as exc:  # the message never carries the credentials
+                raise GitFetchError(NO_TOKEN.format(error=exc)) from None
+        return remote_for(self.settings, clone_url, token)
+
+    async def default_branch(self) -> str:
+        """The head of the remote's default branch, fetched into the cache."""
+        remote = await self.remote()
+        sha, names = await resolve_ref(remote, None)
+        await self.cache.fetch(remote, [sha], refs=names)
+        return sha
+
+
+async def resolve_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
+    """`git ls-remote`: the commit of a branch or tag (None: the default branch) and the ref
+    name to fetch it by; UnknownRef when the remote has none of that name."""
+    refs = await ls_remote(remote, ["--symref"], [DEFAULT_BRANCH if ref is None else ref])
+    wanted = (
+        [DEFAULT_BRANCH]
+        if ref is None
+        else [ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"]
+    )
+    for name in wanted:
+        if name in refs and SHA_PATTERN.match(refs[name]):
+            return refs[name], [name.removesuffix("^{}")]
+    raise UnknownRef(ref or DEFAULT_BRANCH)
 
 
 def git_environment(remote: Remote) -> dict[str, str]:

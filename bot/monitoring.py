@@ -1,8 +1,11 @@
 """The monitor in `nixmox serve`: Prometheus gauges, and the front ends' listeners.
 
-`setup_monitoring(app, ctx)` starts `deployments.monitor.Monitor` once the store is open (when
+`setup_monitoring(app, ctx)` runs `deployments.monitor.Monitor` once the store is open (when
 `NIXMOX_MONITOR` is true, the default, and the runner is real: the simulated runner has no
-hosts to watch). Every check sets the gauges; transitions and drift changes also go to each
+hosts to watch), in one process at a time: every worker contends for the store lock
+`MONITOR_LOCK` (`bot.leadership`), and only its holder runs the monitor, so several workers
+on one database alert once. Every check sets the gauges (the leader's only: a standby exports
+none of them, and `nixmox_monitor_leader` 0); transitions and drift changes also go to each
 front end's `monitor_listener()` (Slack: `bot.slack.alerts`, messages with a "Redeploy" button
 that asks for a deployment through the usual approval flow).
 """
@@ -13,18 +16,29 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from bot.context import CONTEXT, BotContext
+from bot.gitcache import GitFetchError, ManifestGit
+from bot.leadership import Leadership
 from deployments.drift import DriftReport
-from deployments.monitor import HealthChange, Monitor, MonitorListener, MonitorOptions
-from runners.registry import RunnerKind, build_runners
+from deployments.monitor import (
+    HealthChange,
+    Monitor,
+    MonitorListener,
+    MonitorOptions,
+    RepoSource,
+    stop_quietly,
+)
+from runners.registry import RunnerKind, RunnerSet, build_runners
 from state.health import DriftRecord
 
 log = logging.getLogger(__name__)
+
+# the store lock whose holder runs the monitor (a service name cannot contain ":")
+MONITOR_LOCK = "leader:monitor"
 
 
 class MonitorMetrics:
@@ -49,6 +63,16 @@ class MonitorMetrics:
             ["service", "kind"],
             registry=registry,
         )
+        self.leader = Gauge(
+            "nixmox_monitor_leader",
+            "1 in the one process running the monitor, 0 in those standing by",
+            registry=registry,
+        )
+
+    def forget(self) -> None:
+        """A process that stops running the monitor exports none of its (aging) values."""
+        for gauge in (self.up, self.checked, self.drift):
+            gauge.clear()
 
 
 class GaugeListener:
@@ -104,28 +128,27 @@ def listeners_of(ctx: BotContext, metrics: MonitorMetrics) -> Listeners:
     return Listeners(found)
 
 
-def repo_source(ctx: BotContext) -> Any:
+def repo_source(ctx: BotContext) -> RepoSource | None:
     """The manifest repository's default branch head, fetched into the bot's Git cache."""
     settings = ctx.settings
     if not (settings.git_remote or settings.repo):
         return None
-    from bot.slack.backend import RepoBackend
-
-    backend = RepoBackend(ctx)
+    github = ctx.github
+    access = ManifestGit.of(settings, ctx.git, github.token if github else None)
 
     async def source() -> tuple[Path, str] | None:
         try:
-            head = await backend.fetch(None)
-        except Exception as exc:
+            head = await access.default_branch()
+        except GitFetchError as exc:
             log.warning("monitor: cannot fetch the default branch for drift: %s", exc)
             return None
-        return backend.git.path, head
+        return access.cache.path, head
 
     return source
 
 
 def setup_monitoring(app: web.Application, ctx: BotContext) -> None:
-    """Start the monitor with the application (after the store opened), stop it with it."""
+    """Contend for the monitor with the application (after the store opened); stop with it."""
     metrics = MonitorMetrics(ctx.metrics.registry)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
@@ -135,8 +158,26 @@ def setup_monitoring(app: web.Application, ctx: BotContext) -> None:
             yield
             return
         runners = build_runners(RunnerKind.REAL, ctx.runner_config)
+        leadership = monitor_leadership(ctx, runners, metrics)
+        await leadership.start()
+        try:
+            yield
+        finally:
+            await leadership.stop()
+            await runners.close()
+
+    app.cleanup_ctx.append(lifecycle)
+
+
+def monitor_leadership(ctx: BotContext, runners: RunnerSet, metrics: MonitorMetrics) -> Leadership:
+    """The monitor, started whenever this process becomes the leader, stopped when it stops."""
+    settings = ctx.settings
+    store = ctx.require_store()
+    metrics.leader.set(0)
+
+    async def lead() -> None:
         monitor = Monitor(
-            ctx.require_store(),
+            store,
             runners,
             ctx.runner_config,
             listeners_of(ctx, metrics),
@@ -147,20 +188,31 @@ def setup_monitoring(app: web.Application, ctx: BotContext) -> None:
             ),
             repo_source=repo_source(ctx),
         )
+        await monitor.start()  # reads who is unhealthy (alerted) from the store: no repeats
         ctx.tasks.monitor = monitor
-        await monitor.start()
-        try:
-            yield
-        finally:
-            await monitor.stop()
-            await runners.close()
+        metrics.leader.set(1)
 
-    app.cleanup_ctx.append(lifecycle)
+    async def lose() -> None:
+        monitor, ctx.tasks.monitor = ctx.tasks.monitor, None
+        await stop_quietly(monitor)
+        metrics.leader.set(0)
+        metrics.forget()
+
+    return Leadership(
+        store.locks, MONITOR_LOCK, lease=settings.monitor_lease, on_lead=lead, on_lose=lose
+    )
 
 
 def monitor_of(app: web.Application) -> Monitor | None:
-    """The running monitor (None: off, or the application has not started)."""
+    """The running monitor (None: off, not started, or another process leads it)."""
     return app[CONTEXT].tasks.monitor
 
 
-__all__ = ["GaugeListener", "Listeners", "MonitorMetrics", "monitor_of", "setup_monitoring"]
+__all__ = [
+    "MONITOR_LOCK",
+    "GaugeListener",
+    "Listeners",
+    "MonitorMetrics",
+    "monitor_of",
+    "setup_monitoring",
+]

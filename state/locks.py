@@ -254,3 +254,30 @@ class LockRepository(Repository):
             LockRecord(row.service, row.holder, row.reason, row.acquired_at, row.expires_at)
             for row in rows
         ]
+
+    async def lead(self, name: str, holder: str, lease: timedelta) -> LockRecord | None:
+        """Take or renew the leased lock `name` for `holder` (one leader among processes).
+
+        The lock in force afterwards: `holder`'s (it leads for `lease` from now), another
+        live holder's, or None (released by its holder meanwhile: the next attempt takes it).
+        """
+        with contextlib.suppress(LockBusy):
+            await self._try_locks([name], holder, lease, None)
+        return await self.held(name)
+
+    async def held(self, name: str) -> LockRecord | None:
+        """The lock on `name` in force (None: free, or its lease ran out)."""
+        return next((lock for lock in await self.all() if lock.service == name), None)
+
+    async def take_over(self, name: str, dead: str, holder: str, lease: timedelta) -> bool:
+        """Replace the leased lock `name` of `dead` (a holder known to be gone) by `holder`'s."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                locks.delete().where(
+                    locks.c.service == name,
+                    locks.c.holder == dead,
+                    locks.c.expires_at.is_not(None),
+                )
+            )
+        found = await self.lead(name, holder, lease)
+        return found is not None and found.holder == holder

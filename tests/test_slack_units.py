@@ -402,8 +402,13 @@ def test_the_app_manifest_asks_only_for_what_the_bot_uses() -> None:
     from tests.conftest import REPO_ROOT
 
     manifest = yaml.safe_load((REPO_ROOT / "slack-app-manifest.yml").read_text())
-    # commands: the slash command; chat:write: chat.postMessage / update / postEphemeral
-    assert set(manifest["oauth_config"]["scopes"]["bot"]) == {"commands", "chat:write"}
+    # commands: the slash command; chat:write: chat.postMessage / update / postEphemeral;
+    # channels:history: conversations.history / .replies (bot.slack.once: a re-run's look-up)
+    assert set(manifest["oauth_config"]["scopes"]["bot"]) == {
+        "commands",
+        "chat:write",
+        "channels:history",
+    }
     [command] = manifest["features"]["slash_commands"]
     assert command["command"] == "/nixmox"
     assert command["url"].endswith("/slack/events")

@@ -18,9 +18,11 @@ from bot.gitcache import (
     SHA_PATTERN,
     GitCache,
     GitFetchError,
+    ManifestGit,
     Remote,
+    UnknownRef,
     ls_remote,
-    remote_for,
+    resolve_ref,
 )
 from bot.request import DeploymentRequest
 from deployments import DeployError, GitSource, RollbackPlan, plan_for_deploy, prepare_rollback
@@ -32,10 +34,6 @@ from state.approvals import ApprovalRecord
 from state.deployments import DeploymentRecord
 from state.events import DeploymentKind, Subscriber
 
-NO_REMOTE = (
-    "the bot does not know where the manifest repository is: set NIXMOX_GIT_REMOTE "
-    "(or NIXMOX_REPO for a GitHub repository)"
-)
 UNKNOWN_REF = "`{ref}` is not a branch, tag or full commit id of the manifest repository"
 PULL_REF_PREFIXES = ("refs/pull/", "pull/")
 PULL_REF_REFUSED = (
@@ -181,20 +179,17 @@ class RepoBackend:
             self._git = GitCache.for_settings(self.ctx.settings)
         return self._git
 
+    @property
+    def access(self) -> ManifestGit:
+        """The one Git access to the manifest repository (bot.gitcache), with this cache."""
+        github = self.ctx.github
+        return ManifestGit(self.ctx.settings, self.git, github.token if github else None)
+
     async def remote(self) -> Remote:
-        settings = self.ctx.settings
-        clone_url = None
-        if settings.repo and not settings.git_remote:
-            clone_url = f"https://github.com/{settings.repo}.git"
-        if not (settings.git_remote or clone_url):
-            raise PlanFailure(NO_REMOTE)
-        token = None
-        if self.ctx.github is not None and clone_url is not None:
-            try:
-                token = await self.ctx.github.token()
-            except Exception as exc:  # the message never carries the credentials
-                raise PlanFailure(f"cannot get a GitHub token to fetch with: {exc}") from None
-        return remote_for(settings, clone_url, token)
+        try:
+            return await self.access.remote()
+        except GitFetchError as exc:
+            raise PlanFailure(str(exc)) from None
 
     async def fetch(self, ref: str | None) -> str:
         """The commit `ref` (default: the remote's default branch) names, fetched into the cache.
@@ -204,9 +199,11 @@ class RepoBackend:
         refusal = ref_refusal(ref)
         if refusal is not None:
             raise RefRefused(refusal)
+        if ref is None:
+            return await self.default_branch()
         remote = await self.remote()
         names: list[str] = []
-        if ref is not None and SHA_PATTERN.match(ref):
+        if SHA_PATTERN.match(ref):
             sha = ref
         else:
             sha, names = await resolve_remote_ref(remote, ref)
@@ -217,6 +214,15 @@ class RepoBackend:
         if not any(name.startswith(BRANCH_REFS) for name in names):
             await self.require_on_a_branch(remote, sha)  # a commit id or a tag
         return sha
+
+    async def default_branch(self) -> str:
+        """The head of the remote's default branch, fetched (one Git access: bot.gitcache)."""
+        try:
+            return await self.access.default_branch()
+        except UnknownRef as exc:
+            raise PlanFailure(UNKNOWN_REF.format(ref=exc.ref)) from None
+        except GitFetchError as exc:
+            raise PlanFailure(str(exc)) from None
 
     async def check_ref(self, ref: str) -> None:
         """Raise RefRefused when `ref` names code Slack must not deploy."""
@@ -304,16 +310,8 @@ class RepoBackend:
 async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
     """`git ls-remote`: the commit of a branch or tag (None: the default branch, HEAD)."""
     try:
-        refs = await ls_remote(remote, ["--symref"], ["HEAD" if ref is None else ref])
+        return await resolve_ref(remote, ref)
+    except UnknownRef as exc:
+        raise PlanFailure(UNKNOWN_REF.format(ref=exc.ref)) from None
     except GitFetchError as exc:
         raise PlanFailure(str(exc)) from None
-    wanted = (
-        ["HEAD"]
-        if ref is None
-        else [ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"]
-    )
-    for name in wanted:
-        if name in refs and SHA_PATTERN.match(refs[name]):
-            fetch_name = name.removesuffix("^{}")
-            return refs[name], [fetch_name]
-    raise PlanFailure(UNKNOWN_REF.format(ref=ref or "HEAD"))

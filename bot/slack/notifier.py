@@ -22,7 +22,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.blocks import MAX_BLOCKS, MAX_FALLBACK_TEXT, section, truncate
-from bot.slack.once import Posting, post_once
+from bot.slack.once import Posting, post_once, web_api_args
 from bot.slack.progress import (
     NO_BYLINE,
     Byline,
@@ -306,7 +306,7 @@ class SlackNotifier:
         """
         for attempt in range(2):
             try:
-                response = await self.client.api_call(method, json=args)
+                response = await self.client.api_call(method, **web_api_args(method, args))
                 if method == "chat.update":
                     self.pacer.edited(self.channel, str(args["ts"]))
                 return response

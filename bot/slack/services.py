@@ -27,6 +27,7 @@ from bot.slack.blocks import (
     request_text,
 )
 from bot.slack.notifier import MessagePacer, SecretRedactor
+from bot.slack.once import web_api_args
 from planner.escape import slack_lines
 from state.approvals import ApprovalRecord
 from state.events import DeploymentKind
@@ -96,7 +97,7 @@ class SlackServices:
 
     async def api(self, method: str, **args: Any) -> dict[str, Any] | None:
         try:
-            response = await self.client.api_call(method, json=args)
+            response = await self.client.api_call(method, **web_api_args(method, args))
             return dict(response.data) if isinstance(response.data, dict) else {}
         except SlackApiError as exc:
             log.warning("Slack %s failed: %s", method, exc.response.get("error"))

@@ -1,7 +1,9 @@
 """A fake Slack Web API served over HTTP on 127.0.0.1 that checks every request it gets.
 
-It answers `auth.test`, `chat.postMessage`, `chat.update`, `chat.postEphemeral` and posts to
-the `response_url`s it hands out, and checks each request against Slack's method conventions:
+It answers `auth.test`, `chat.postMessage` (with message `metadata`), `chat.update`,
+`chat.postEphemeral`, `conversations.history` and `conversations.replies` (form or query
+arguments only, as Slack reads them; metadata listed only with `include_all_metadata`) and
+posts to the `response_url`s it hands out, and checks each request against Slack's conventions:
 the token in the `Authorization: Bearer` header (never in the body), the required arguments,
 that an updated or threaded message exists in that channel and was posted by the bot, and that
 Block Kit payloads stay within Slack's documented limits. Anything wrong gets the error Slack
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +72,18 @@ class Message:
     user: str = BOT_USER_ID
     versions: list[dict[str, Any]] = field(default_factory=list)
     update_times: list[float] = field(default_factory=list)
+    metadata: dict[str, Any] | None = None  # Slack message metadata (event_type, event_payload)
+
+    def as_listed(self, *, with_metadata: bool) -> dict[str, Any]:
+        """The message as conversations.history / .replies list it."""
+        listed: dict[str, Any] = {
+            "type": "message", "user": self.user, "ts": self.ts, "text": self.text,
+            "blocks": self.blocks,
+            **({"thread_ts": self.thread_ts} if self.thread_ts else {}),
+        }  # fmt: skip
+        if with_metadata and self.metadata is not None:
+            listed["metadata"] = self.metadata
+        return listed
 
     @property
     def updates(self) -> int:
@@ -227,6 +242,39 @@ def check_blocks(blocks: Any) -> list[str]:
     return problems
 
 
+READ_METHODS = frozenset({"conversations.history", "conversations.replies"})
+LISTING_ARGUMENTS = frozenset(
+    {"channel", "cursor", "include_all_metadata", "inclusive", "latest", "limit", "oldest"}
+)
+MAX_LISTING = 999
+EVENT_TYPE = re.compile(r"^[a-zA-Z0-9_]{1,255}$")
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A boolean argument as Slack reads it from a form or query."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if str(value).lower() in {"true", "1"}:
+        return True
+    if str(value).lower() in {"false", "0", ""}:
+        return False
+    raise SlackError("invalid_arguments", f"{name} must be a boolean")
+
+
+def _integer(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SlackError("invalid_arguments", f"{name} must be an integer") from None
+
+
+def _timestamp(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SlackError("invalid_ts_oldest" if name == "oldest" else "invalid_ts_latest") from None
+
+
 class SlackError(Exception):
     """A request Slack would refuse with `{"ok": false, "error": code}`."""
 
@@ -270,6 +318,7 @@ class FakeSlack:
     async def start(self) -> FakeSlack:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)  # slack_sdk reads history with GET
         app.router.add_post("/response/{key}", self._response)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -329,6 +378,9 @@ class FakeSlack:
         method = request.match_info["method"]
         try:
             args = await self._read_args(request)
+            if method in READ_METHODS and request.content_type == "application/json":
+                # Slack reads only form or query arguments for these: a JSON body is ignored
+                raise SlackError("invalid_arguments", f"{method} takes no JSON body")
         except SlackError as exc:
             return await self._answer(method, {}, exc)
         if method in self.http_fail:
@@ -343,6 +395,8 @@ class FakeSlack:
                 "chat.postMessage": self._post_message,
                 "chat.update": self._update,
                 "chat.postEphemeral": self._post_ephemeral,
+                "conversations.history": self._history,
+                "conversations.replies": self._replies,
             }.get(method)
             if handler is None:
                 raise SlackError("unknown_method", method)
@@ -375,6 +429,8 @@ class FakeSlack:
 
     async def _read_args(self, request: web.Request) -> dict[str, Any]:
         """Arguments from a JSON body or a form body (Slack accepts both)."""
+        if request.method == "GET":
+            return dict(request.query)
         raw = await request.read()
         ctype = request.content_type
         if ctype == "application/json":
@@ -459,8 +515,9 @@ class FakeSlack:
                 raise SlackError("thread_not_found", str(thread_ts))
             if parent.thread_ts is not None:
                 raise SlackError("invalid_thread_ts", "replies go to the parent message")
+        metadata = self._metadata(args.get("metadata"))
         ts = self._next_ts()
-        message = Message(channel, ts, text, blocks, thread_ts=thread_ts)
+        message = Message(channel, ts, text, blocks, thread_ts=thread_ts, metadata=metadata)
         message.versions.append({"text": text, "blocks": blocks})
         self.messages[(channel, ts)] = message
         return {"channel": channel, "ts": ts, "message": {"text": text, "blocks": blocks}}
@@ -485,6 +542,84 @@ class FakeSlack:
         message.versions.append({"text": text, "blocks": blocks})
         message.update_times.append(now)
         return {"channel": channel, "ts": message.ts, "text": text}
+
+    @staticmethod
+    def _metadata(value: Any) -> dict[str, Any] | None:
+        """chat.postMessage `metadata`: an event_type and an event_payload object."""
+        if value is None:
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise SlackError("invalid_metadata_format", "not JSON") from None
+        if not isinstance(value, dict) or set(value) != {"event_type", "event_payload"}:
+            raise SlackError("invalid_metadata_format", "event_type and event_payload only")
+        if not isinstance(value["event_type"], str) or not EVENT_TYPE.match(value["event_type"]):
+            raise SlackError("invalid_metadata_format", "event_type")
+        if not isinstance(value["event_payload"], dict):
+            raise SlackError("invalid_metadata_format", "event_payload must be an object")
+        return value
+
+    def _listing(
+        self, args: dict[str, Any], messages: list[Message], *, newest_first: bool
+    ) -> dict[str, Any]:
+        """One page of `messages` as the conversations.* read methods answer, arguments checked."""
+        unknown = set(args) - LISTING_ARGUMENTS
+        if unknown:
+            raise SlackError("invalid_arguments", f"unknown arguments {sorted(unknown)}")
+        flags = {
+            name: _flag(args.get(name), name) for name in ("include_all_metadata", "inclusive")
+        }
+        limit = _integer(args.get("limit", 100), "limit")
+        if not 1 <= limit <= MAX_LISTING:
+            raise SlackError("invalid_limit", str(limit))
+        oldest = _timestamp(args.get("oldest", "0"), "oldest")
+        latest = _timestamp(args.get("latest", str(time.time() + 1e6)), "latest")
+
+        def within(message: Message) -> bool:
+            ts = float(message.ts)
+            if flags["inclusive"]:
+                return oldest <= ts <= latest
+            return oldest < ts < latest
+
+        found = sorted((m for m in messages if within(m)), key=lambda m: float(m.ts))
+        if newest_first:
+            found.reverse()
+        start = _integer(args.get("cursor", "0"), "cursor")
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        return {
+            "messages": [m.as_listed(with_metadata=flags["include_all_metadata"]) for m in page],
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
+    def _history(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A channel's messages (thread replies are not listed), newest first."""
+        channel = self._channel(args)
+        listed = [
+            m
+            for (where, _), m in self.messages.items()
+            if where == channel and (m.thread_ts is None or m.thread_ts == m.ts)
+        ]
+        return self._listing(args, listed, newest_first=True)
+
+    def _replies(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A thread: its parent and replies, oldest first."""
+        channel = self._channel(args)
+        ts = args.get("ts")
+        if not ts:
+            raise SlackError("invalid_arguments", "ts is required")
+        if (channel, str(ts)) not in self.messages:
+            raise SlackError("thread_not_found", str(ts))
+        thread = [
+            m
+            for (where, _), m in self.messages.items()
+            if where == channel and (m.ts == ts or m.thread_ts == ts)
+        ]
+        rest = {key: value for key, value in args.items() if key != "ts"}
+        return self._listing(rest, thread, newest_first=False)
 
     def _post_ephemeral(self, args: dict[str, Any]) -> dict[str, Any]:
         channel = self._channel(args)
