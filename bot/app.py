@@ -39,8 +39,8 @@ from bot.recovery import start_reporting, start_sweeping, stop_reporting, stop_s
 from bot.roles import Role
 from planner.escape import html_text
 from planner.render import render_json, render_markdown
-from runners.base import utcnow
 from runners.config import RunnerConfig
+from state.events import utcnow
 from state.store import Store
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from deployments.drift import DriftKind, DriftReport, detect_drift
 from deployments.health import deployed_manifest, health_of, health_runner, tail
 from deployments.periodic import repeat_forever
 from planner.models import Manifest
-from runners.base import utcnow
 from runners.config import RunnerConfig
 from runners.health import checks, policy
 from runners.nixos import HostError, NixosRunner
 from runners.registry import RunnerSet
+from state.events import utcnow
 from state.health import DriftRecord, HealthCheck, HealthRepository
 from state.store import Store
 

@@ -10,11 +10,7 @@ from planner.models import Manifest
 from planner.plan import Plan, Step
 from state.events import StepResult
 
-# the states and events are named from state.events; this one is still named here by two
-# modules of the next round (bot.app, deployments.monitor)
-from state.events import utcnow as utcnow
-
-__all__ = ["Context", "RollbackRunner", "Runner", "utcnow"]
+__all__ = ["Context", "RollbackRunner", "Runner"]
 
 
 @dataclass
