@@ -92,7 +92,7 @@ def build_app(
     )
     if role is Role.ALL and plan_in_processes:
         # this process acknowledges webhooks: plans must not hold its GIL (bot.planning)
-        ctx.planning = Planning(in_processes=True, cache=ctx.eval_cache)
+        ctx.planning = Planning(in_processes=True, cache=ctx.eval_cache, nice=settings.worker_nice)
     limits = BodyLimits(settings.body_bytes_in_flight)
     # first middleware: bodies are limited before anything else looks at a request
     app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])

@@ -62,6 +62,7 @@ async def test_all_plans_in_a_process_pool_when_asked(aiohttp_client: Any, tmp_p
     await aiohttp_client(app)
     ctx = app[CONTEXT]
     assert ctx.planning.in_processes and ctx.jobs is not None and ctx.jobs._tasks
+    assert ctx.planning.nice == settings.worker_nice == 10  # NIXMOX_WORKER_NICE's default
 
 
 def test_the_cli_offers_the_roles() -> None:

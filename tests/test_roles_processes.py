@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -264,6 +265,10 @@ async def test_a_web_and_a_worker_share_one_sqlite_file(
             await web_server.wait_ready(session)  # the web made the schema
             servers.append(start("worker", ["worker"]))
             await servers[1].wait_ready(session)
+            # the worker yields the cores to the web (NIXMOX_WORKER_NICE, 10 by default)
+            own = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, web_server.proc.pid) == own
+            assert os.getpriority(os.PRIO_PROCESS, servers[1].proc.pid) == min(19, own + 10)
             body = json.dumps(payloads.issue_comment(number=NUMBER, body="/nixmox help")).encode()
             headers = delivery_headers("issue_comment", body)
             url = f"{web_server.url}/github/webhook"
