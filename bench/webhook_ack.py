@@ -26,9 +26,9 @@ repository (the small manifest, one more port per commit), so the worker really 
 answering every call). `--job-concurrency` senders (8) each wait for their answer; per
 delivery the time to the answer is kept, and p50/p99 are printed next to the rate, for
 `--role all` (one process; plans in its process pool) and for `--role web` + `--role worker`
-(two processes sharing the SQLite file). Goal: p99 < 50 ms. The jobs' outcome (done/failed)
+(two processes sharing the SQLite file; the worker plans in its pool too). Goal: p99 < 50 ms. The jobs' outcome (done/failed)
 is printed too, so a case where jobs failed early (and so cost nothing) is seen. The servers
-start as `nixmox serve` starts them: a worker, and the planning process of `all`, run
+start as `nixmox serve` starts them: the planning process of `all` and of a worker runs
 `NIXMOX_WORKER_NICE` (10; `--worker-nice` to compare) levels below the web. The stub GitHub
 runs 10 levels lower too: it stands for GitHub, whose work is not done on the bot's machine.
 On a shared machine, compare with `--modes web` (the intake alone) in the same run.
@@ -157,17 +157,14 @@ def job_settings(workdir: str, github: str, remote: str, database: str) -> objec
 
 
 def serve_role(role: str, port: int, workdir: str, github: str, remote: str, database: str) -> None:
-    """`nixmox serve --role ROLE` as `cli.serve` builds it (the planning pool with `all`)."""
+    """`nixmox serve --role ROLE` as `cli.serve` builds it (the planning pool with `all` and
+    `worker`)."""
     from aiohttp import web
 
     from bot.app import build_app
     from bot.roles import Role
 
     settings = job_settings(workdir, github, remote, database)
-    if Role(role) is Role.WORKER:  # as `cli.serve.run_server` does
-        from bot.planning import lower_priority
-
-        lower_priority(settings.worker_nice)  # type: ignore[attr-defined]
     app = build_app(settings, role=Role(role), plan_in_processes=True)  # type: ignore[arg-type]
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 

@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     github_body_timeout: float = Field(default=30.0, gt=0)
     slack_body_timeout: float = Field(default=10.0, gt=0)
     body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, gt=0)
-    # CPU priority (nice) of background work: a worker process, the planning processes of
-    # `--role all`, and what they start (Nix evaluation); 0 keeps the web's own priority
+    # how many nice levels below the serving process its planning processes run (and what
+    # they start: Nix evaluation), in `nixmox serve --role all|worker`; 0: the same priority
     worker_nice: int = Field(default=10, ge=0, le=19)
 
     # GitHub

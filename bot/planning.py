@@ -1,13 +1,16 @@
 """Where the bot's CPU-heavy planning (`planner.revisions.plan_revisions`) runs.
 
-In one process that also answers webhooks (`--role all`), planning in a thread would hold the
-GIL while acknowledgements wait: it runs in a small process pool instead, so acks stay fast
-while plans run. A worker (`--role worker`) answers no webhooks and plans in threads, sharing
-its evaluation cache. Each pool process keeps its own evaluation cache.
+In a process that answers webhooks or runs jobs (`nixmox serve` with `--role all` or
+`worker`), planning in a thread would hold the GIL while acknowledgements, or a worker's
+claims and job ends, wait: it runs in a small process pool instead, so acks stay fast while
+plans run. Each pool process keeps its own evaluation cache; tests plan in threads.
 
-Background work runs at a lower CPU priority (`NIXMOX_WORKER_NICE`, `lower_priority`): the pool
-processes here, a whole worker process from its start (`cli.serve`), and so what they start
-(Nix evaluation), so that on a busy machine the web's acknowledgements get the cores first.
+The pool's processes run at a lower CPU priority (`NIXMOX_WORKER_NICE`, `lower_priority`),
+and so does what they start (Nix evaluation), so that on a busy machine the web gets the cores
+first. The processes that write the store keep their priority: a claim or a job's end holds
+SQLite's one write lock for a moment, and a holder descheduled for a lower priority would make
+the web's next delivery wait behind it (measured: a niced worker process doubled the web's
+p99 acknowledgement on a shared SQLite file).
 """
 
 from __future__ import annotations

@@ -155,11 +155,6 @@ def run_server(host: str, port: int, config_file: Path | None, log_level: str, r
         click.echo(f"warning: {SQLITE_REPLICAS.format(role=role.value)}", err=True)
     from bot.app import build_app
 
-    if role is Role.WORKER:
-        # background work: the webs (and other services) get the cores first
-        from bot.planning import lower_priority
-
-        lower_priority(settings.worker_nice)
     try:
         app = build_app(settings, runner_config=runner_config, role=role, plan_in_processes=True)
     except ValueError as exc:
