@@ -1,7 +1,8 @@
 """Webhook acknowledgement rate: the bot's `POST /github/webhook` against a bare HMAC handler.
 
 Run: .venv/bin/python bench/webhook_ack.py [--deliveries 4000] [--concurrency 64] [--rounds 3]
-     [--job-deliveries 400] [--job-concurrency 8] [--skip-rate] [--skip-jobs]
+     [--job-deliveries 400] [--job-concurrency 8] [--heads 24] [--modes all,web+worker]
+     [--database-url postgresql+asyncpg://...] [--worker-nice N] [--skip-rate] [--skip-jobs]
 
 Two servers run, one at a time, in a child process each on 127.0.0.1 (the load generator
 stays in this process, the same for both):
@@ -25,8 +26,12 @@ repository (the small manifest, one more port per commit), so the worker really 
 answering every call). `--job-concurrency` senders (8) each wait for their answer; per
 delivery the time to the answer is kept, and p50/p99 are printed next to the rate, for
 `--role all` (one process; plans in its process pool) and for `--role web` + `--role worker`
-(two processes sharing the SQLite file). Goal: p99 < 50 ms. The jobs' outcome (done/failed)
-is printed too, so a case where jobs failed early (and so cost nothing) is seen.
+(two processes sharing the SQLite file; the worker plans in its pool too). Goal: p99 < 50 ms. The jobs' outcome (done/failed)
+is printed too, so a case where jobs failed early (and so cost nothing) is seen. The servers
+start as `nixmox serve` starts them: the planning process of `all` and of a worker runs
+`NIXMOX_WORKER_NICE` (10; `--worker-nice` to compare) levels below the web. The stub GitHub
+runs 10 levels lower too: it stands for GitHub, whose work is not done on the bot's machine.
+On a shared machine, compare with `--modes web` (the intake alone) in the same run.
 
 Where the bot's time goes (measured with per-thread CPU on a 2-core machine): the bare
 handler costs about 87 us per delivery; the bot's decoding (msgspec), routing and queueing
@@ -54,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOAL = 0.70
 P99_GOAL_MS = 50
+STUB_NICE = 10  # the stub GitHub's CPU priority (nice): see serve_github
 SECRET = "bench-secret"
 REPO = "octo-org/homelab"
 EXAMPLES = (
@@ -151,7 +157,8 @@ def job_settings(workdir: str, github: str, remote: str, database: str) -> objec
 
 
 def serve_role(role: str, port: int, workdir: str, github: str, remote: str, database: str) -> None:
-    """`nixmox serve --role ROLE` as `cli.serve` builds it (the planning pool with `all`)."""
+    """`nixmox serve --role ROLE` as `cli.serve` builds it (the planning pool with `all` and
+    `worker`)."""
     from aiohttp import web
 
     from bot.app import build_app
@@ -169,6 +176,8 @@ def serve_github(port: int) -> None:
     from aiohttp import web
 
     ids = itertools.count(1)
+    # it stands for GitHub, whose work is not done on the bot's machine: it yields the cores
+    os.nice(STUB_NICE)
 
     async def handle(request: web.Request) -> web.Response:
         await request.read()
@@ -473,6 +482,11 @@ def main() -> None:
         help="jobs case modes, comma-separated: all, web+worker, web (no worker: the jobs only "
         "queue, to tell the intake's own latency)",
     )
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        help="NIXMOX_WORKER_NICE for the jobs case (default: the setting's own, 10)",
+    )
     parser.add_argument("--skip-rate", action="store_true", help="only the jobs case")
     parser.add_argument("--skip-jobs", action="store_true", help="only the rate case")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
@@ -480,6 +494,8 @@ def main() -> None:
     if args.serve:
         serve_child(args.serve)
         return
+    if args.worker_nice is not None:  # the servers are children: they read it from there
+        os.environ["NIXMOX_WORKER_NICE"] = str(args.worker_nice)
     body = payload()
     if not args.skip_rate:
         rate_case(body, args)

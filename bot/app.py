@@ -80,8 +80,8 @@ def build_app(
     `start_monitor=False` keeps the health and drift monitor off whatever NIXMOX_MONITOR says.
     `role`: `web` serves the front ends' routes and queues (no job worker, monitor, recovery
     or deployments); `worker` runs all of those and serves only /healthz and /metrics.
-    `plan_in_processes`: with role `all`, plan in a process pool (`nixmox serve` does; tests
-    plan in threads).
+    `plan_in_processes`: with roles `all` and `worker`, plan in a process pool, niced by
+    `NIXMOX_WORKER_NICE` (`nixmox serve` does; tests plan in threads).
     """
     ctx = BotContext(
         settings=settings,
@@ -90,9 +90,10 @@ def build_app(
         runner_config=runner_config or RunnerConfig(),
         plans=PlanArchive(settings.workdir / "plans"),
     )
-    if role is Role.ALL and plan_in_processes:
-        # this process acknowledges webhooks: plans must not hold its GIL (bot.planning)
-        ctx.planning = Planning(in_processes=True, cache=ctx.eval_cache)
+    if role.runs_work and plan_in_processes:
+        # plans must not hold this process's GIL (it acknowledges webhooks, or holds the
+        # store's write lock between jobs), and run at a lower CPU priority (bot.planning)
+        ctx.planning = Planning(in_processes=True, cache=ctx.eval_cache, nice=settings.worker_nice)
     limits = BodyLimits(settings.body_bytes_in_flight)
     # first middleware: bodies are limited before anything else looks at a request
     app = web.Application(client_max_size=OTHER_ROUTES_LIMIT, middlewares=[limits.middleware])

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     github_body_timeout: float = Field(default=30.0, gt=0)
     slack_body_timeout: float = Field(default=10.0, gt=0)
     body_bytes_in_flight: int = Field(default=64 * 1024 * 1024, gt=0)
+    # how many nice levels below the serving process its planning processes run (and what
+    # they start: Nix evaluation), in `nixmox serve --role all|worker`; 0: the same priority
+    worker_nice: int = Field(default=10, ge=0, le=19)
 
     # GitHub
     github_webhook_secret: SecretStr | None = None

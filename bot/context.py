@@ -100,6 +100,8 @@ class BotContext:
     shared_plans: OrderedDict[tuple[str | None, str], asyncio.Future[Plan]] = field(
         default_factory=OrderedDict
     )
+    # merge bases of (base, head) commits this process has fetched (bot.github.pulls)
+    merge_bases: OrderedDict[tuple[str, str], str] = field(default_factory=OrderedDict)
     previews: PreviewState = field(default_factory=PreviewState)  # bot.github.previews
 
     def __post_init__(self) -> None:

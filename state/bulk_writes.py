@@ -2,17 +2,25 @@
 
 Private to `state.queue`, which owns the intake and decides what is written; this module
 only knows how to write many rows cheaply: INSERTs compiled once and run as one driver
-`executemany`, and a synchronous SQLite connection used straight from the event loop.
+`executemany`, and synchronous SQLite connections used straight from the event loop (the
+delivery intake's, and `LocalEngine` for the jobs' claims and ends).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+
+# a busy SQLite file is tried again every millisecond, at most this many times
+LOCAL_RETRY = 0.001
+LOCAL_TRIES = 200
 
 
 class SqliteBusy(Exception):
@@ -72,11 +80,13 @@ class LocalSqlite:
 
     With SQLite, a batch of deliveries commits in about a millisecond; doing it right here
     is cheaper than handing it to aiosqlite's thread, whose competition for the GIL slows
-    every request the loop is serving. A short busy timeout means a database held by
-    another writer is never waited for here (`SqliteBusy`: the caller takes the async path).
+    every request the loop is serving. No busy timeout: a database held by another writer
+    is never waited for here, since SQLite's busy handler would sleep with the event loop
+    blocked, and the writer holding the lock may be a job of this very loop (`SqliteBusy`:
+    the caller tries again after yielding to the loop).
     """
 
-    BUSY_TIMEOUT = 0.05
+    BUSY_TIMEOUT = 0.0
 
     def __init__(self, path: str) -> None:
         # autocommit mode: BEGIN IMMEDIATE / COMMIT are ours, so the write lock is taken
@@ -109,3 +119,52 @@ class LocalSqlite:
 
     def close(self) -> None:
         self.connection.close()
+
+
+class LocalEngine:
+    """A synchronous SQLAlchemy engine on a SQLite file, for one-statement writes from the loop.
+
+    Through aiosqlite, a transaction holds SQLite's one write lock from its BEGIN to its
+    COMMIT across several trips between the loop and the driver's thread; on a busy loop
+    (a worker running jobs) that is many milliseconds, during which the web's deliveries
+    wait. Here each write is a single statement in autocommit mode: the lock is held only
+    while SQLite itself runs it (SQLAlchemy's own work happens before and after), and a busy
+    file is tried again after yielding to the loop, never waited for with the loop blocked.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.engine = sa.create_engine(
+            f"sqlite:///{path}", connect_args={"timeout": 0, "check_same_thread": False}
+        ).execution_options(isolation_level="AUTOCOMMIT")
+        sa_event.listen(self.engine, "connect", _local_connection)
+
+    async def write(
+        self, statement: sa.Executable, params: dict[str, Any] | None = None
+    ) -> list[sa.Row[Any]] | None:
+        """Run one statement (its own transaction); its rows (RETURNING), or None when the
+        file stayed busy (the caller takes the asynchronous path, which waits). A statement
+        built once with bind parameters costs SQLAlchemy least."""
+        for _ in range(LOCAL_TRIES):
+            try:
+                with self.engine.connect() as conn:
+                    result = conn.execute(statement, params)
+                    return list(result.all()) if result.returns_rows else []
+            except sa.exc.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+            await asyncio.sleep(LOCAL_RETRY)
+        return None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _local_connection(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")  # as LocalSqlite, for the same reason
+    dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def _busy(exc: sa.exc.OperationalError) -> bool:
+    """SQLite refused the write lock (another writer holds it): nothing was done."""
+    text = str(exc.orig).lower()
+    return "locked" in text or "busy" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,10 +16,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from state.base import Repository, record_of
-from state.bulk_writes import LocalSqlite, PreparedInsert, SqliteBusy
+from state.bulk_writes import (
+    LOCAL_RETRY,
+    LOCAL_TRIES,
+    LocalEngine,
+    LocalSqlite,
+    PreparedInsert,
+    SqliteBusy,
+)
 from state.engine import sqlite_file
 from state.events import utcnow
-from state.schema import deliveries, job_effects, jobs
+from state.schema import UTCDateTime, deliveries, job_effects, jobs
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +70,22 @@ class QueueRepository(Repository):
         # a SQLite file (not `:memory:`, which only the engine's connection sees)
         self._local_path = sqlite_file(url) if url.get_backend_name() == "sqlite" else None
         self._local: LocalSqlite | None = None
+        self._local_engine: LocalEngine | None = None
 
     def close(self) -> None:
-        """Close the synchronous SQLite connection, if one was opened."""
+        """Close the synchronous SQLite connections, if any were opened."""
         if self._local is not None:
             self._local.close()
             self._local = None
+        if self._local_engine is not None:
+            self._local_engine.close()
+            self._local_engine = None
+
+    def _local_writes(self) -> LocalEngine | None:
+        """The synchronous engine of short job writes (a SQLite file only)."""
+        if self._local_engine is None and self._local_path is not None:
+            self._local_engine = LocalEngine(self._local_path)
+        return self._local_engine
 
     async def record_delivery(self, delivery_id: str) -> bool:
         """True the first time a webhook delivery id is seen, False for a redelivery."""
@@ -99,11 +117,15 @@ class QueueRepository(Repository):
     async def _record_together(self, items: Sequence[DeliveryJobs]) -> list[bool]:
         local = self._local_sqlite()
         if local is not None:
-            try:
-                return self._record_now(local, items)
-            except SqliteBusy:
-                # another writer holds the database: take the asynchronous path and wait
-                log.info("SQLite is busy; recording deliveries asynchronously")
+            # another writer (a job's short transaction) holds the file: try again soon,
+            # letting the loop run meanwhile, rather than in SQLite's sleeping busy handler
+            for _ in range(LOCAL_TRIES):
+                try:
+                    return self._record_now(local, items)
+                except SqliteBusy:
+                    await asyncio.sleep(LOCAL_RETRY)
+            # held for long (a migration, a stuck process): the asynchronous path waits
+            log.info("SQLite is busy; recording deliveries asynchronously")
         wanted = _all_keys(items)
         async with self.engine.begin() as conn:
             seen = sa.select(deliveries.c.delivery_id).where(deliveries.c.delivery_id.in_(wanted))
@@ -166,31 +188,23 @@ class QueueRepository(Repository):
 
     async def claim(self, worker: str, *, lease: timedelta) -> Job | None:
         """The oldest queued job (or one whose worker's lease ran out), now leased to `worker`."""
+        local = self._local_writes()
+        if local is not None:
+            # one statement: SQLite's write lock is held only while SQLite runs it
+            now = utcnow()
+            claimed = await local.write(
+                _CLAIM_NEXT, {"worker": worker, "now": now, "until": now + lease}
+            )
+            if claimed is not None:
+                return _job(claimed[0]) if claimed else None
         for _ in range(10):
             now = utcnow()
-            claimable = sa.or_(
-                jobs.c.state == str(JobState.QUEUED),
-                sa.and_(jobs.c.state == str(JobState.RUNNING), jobs.c.lease_until < now),
-            )
             async with self.engine.begin() as conn:
-                candidate = (
-                    await conn.execute(
-                        sa.select(jobs.c.id).where(claimable).order_by(jobs.c.id).limit(1)
-                    )
-                ).scalar()
+                candidate = (await conn.execute(_next_claimable(now))).scalar()
                 if candidate is None:
                     return None
                 # conditional update: if another worker claimed it first, nothing changes
-                result = await conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == candidate, claimable)
-                    .values(
-                        state=str(JobState.RUNNING),
-                        worker=worker,
-                        lease_until=now + lease,
-                        attempts=jobs.c.attempts + 1,
-                    )
-                )
+                result = await conn.execute(_lease_to(candidate, worker, now, lease))
                 if result.rowcount == 1:
                     row = (await conn.execute(jobs.select().where(jobs.c.id == candidate))).one()
                     return _job(row)
@@ -204,12 +218,12 @@ class QueueRepository(Repository):
     async def finish(self, job_id: int, error: str | None = None) -> None:
         """A job is done (or failed, with `error`)."""
         state = JobState.FAILED if error else JobState.DONE
+        values = {"job_id": job_id, "state": str(state), "error": error, "at": utcnow()}
+        local = self._local_writes()
+        if local is not None and await local.write(_FINISH, values) is not None:
+            return
         async with self.engine.begin() as conn:
-            await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id)
-                .values(state=str(state), error=error, finished_at=utcnow(), lease_until=None)
-            )
+            await conn.execute(_FINISH, values)
 
     async def reclaim_dead(
         self, host: str, alive: Callable[[int], bool], *, keep: str | None = None
@@ -350,6 +364,60 @@ def _dead(worker: str, alive: Callable[[int], bool]) -> bool:
     if len(parts) != 3 or not parts[1].isdigit():
         return False
     return not alive(int(parts[1]))
+
+
+def _claimable(now: Any) -> sa.ColumnElement[bool]:
+    """Queued, or running under a lease that ran out."""
+    return sa.or_(
+        jobs.c.state == str(JobState.QUEUED),
+        sa.and_(jobs.c.state == str(JobState.RUNNING), jobs.c.lease_until < now),
+    )
+
+
+def _next_claimable(now: Any) -> sa.Select[Any]:
+    return sa.select(jobs.c.id).where(_claimable(now)).order_by(jobs.c.id).limit(1)
+
+
+def _lease_to(job_id: Any, worker: str, now: datetime, lease: timedelta) -> sa.Update:
+    """Lease the job to `worker` if it is still claimable (else nothing changes)."""
+    return (
+        jobs.update()
+        .where(jobs.c.id == job_id, _claimable(now))
+        .values(
+            state=str(JobState.RUNNING),
+            worker=worker,
+            lease_until=now + lease,
+            attempts=jobs.c.attempts + 1,
+        )
+    )
+
+
+# built once: SQLAlchemy's work per call is then binding the values
+_CLAIM_NEXT = (
+    jobs.update()
+    .where(
+        jobs.c.id == _next_claimable(sa.bindparam("now", type_=UTCDateTime)).scalar_subquery(),
+        _claimable(sa.bindparam("now", type_=UTCDateTime)),
+    )
+    .values(
+        state=str(JobState.RUNNING),
+        worker=sa.bindparam("worker"),
+        lease_until=sa.bindparam("until", type_=UTCDateTime),
+        attempts=jobs.c.attempts + 1,
+    )
+    .returning(*jobs.c)
+)
+"""`claim` as one statement: lease the next claimable job to `worker`, returning it."""
+_FINISH = (
+    jobs.update()
+    .where(jobs.c.id == sa.bindparam("job_id"))
+    .values(
+        state=sa.bindparam("state"),
+        error=sa.bindparam("error"),
+        finished_at=sa.bindparam("at", type_=UTCDateTime),
+        lease_until=None,
+    )
+)
 
 
 def _job(row: Any) -> Job:

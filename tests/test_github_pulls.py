@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from bot.github.pulls import (
     MARKER_PREFIX,
@@ -108,6 +111,42 @@ async def test_same_plan_again_does_not_touch_the_comment(
     await open_pr(bot, payloads, 7, head, base, action="reopened")
     assert fake_github.calls("PATCH") == []
     assert len(fake_github.comments_on(7)) == 1
+
+
+def recorded(calls: list[str], name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+    """`real`, noting `name` in `calls` each time it is called."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    return call
+
+
+async def test_the_next_job_for_a_head_runs_no_git(
+    make_bot: Any,
+    manifest_repo: ManifestRepo,
+    payloads: Payloads,
+    fake_github: FakeGitHub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The merge base of a fetched (base, head) is remembered: a relabel or redelivery for
+    the same head spawns no Git process (commits never change; fetched ones are pinned)."""
+    bot = await make_bot()
+    base = manifest_repo.repo.heads.main.commit.hexsha
+    head = manifest_repo.commit(add_port(manifest_repo.manifest()), "port", branch="f")
+    await open_pr(bot, payloads, 7, head, base)
+    asked: list[str] = []
+    git = bot.ctx.git
+    for name in ("has_commit", "merge_base", "fetch"):
+        monkeypatch.setattr(git, name, recorded(asked, name, getattr(git, name)))
+    await open_pr(bot, payloads, 7, head, base, action="reopened")
+    assert asked == []
+    assert [state for state, _ in states(fake_github, head)] == ["pending", "success"] * 2
+    other = manifest_repo.commit(add_port(manifest_repo.manifest(), 3002), "another", branch="f")
+    await open_pr(bot, payloads, 7, other, base, action="synchronize")
+    assert "fetch" in asked and "merge_base" in asked  # a new head is fetched as before
+    assert fake_github.last_status(other, PLAN)["state"] == "success"
 
 
 async def test_a_change_that_needs_no_deployment_says_so(

@@ -62,6 +62,17 @@ async def test_all_plans_in_a_process_pool_when_asked(aiohttp_client: Any, tmp_p
     await aiohttp_client(app)
     ctx = app[CONTEXT]
     assert ctx.planning.in_processes and ctx.jobs is not None and ctx.jobs._tasks
+    assert ctx.planning.nice == settings.worker_nice == 10  # NIXMOX_WORKER_NICE's default
+
+
+async def test_a_worker_plans_in_a_process_pool_when_asked(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path).model_copy(update={"monitor": False, "worker_nice": 3})
+    app = build_app(settings, role=Role.WORKER, plan_in_processes=True)
+    await aiohttp_client(app)
+    planning = app[CONTEXT].planning
+    assert planning.in_processes and planning.nice == 3
 
 
 def test_the_cli_offers_the_roles() -> None:

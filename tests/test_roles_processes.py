@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -107,6 +108,33 @@ def replies(fake: FakeGitHub) -> list[int]:
             assert marker, comment["body"]
             found.append(int(marker[1]))
     return found
+
+
+def planning_processes(pid: int) -> list[int]:
+    """The planning pool's processes among `pid`'s children (multiprocessing's spawn)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # it exited meanwhile
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"--multiprocessing-fork" in command:
+            found.append(int(entry.name))
+    return found
+
+
+async def planning_priorities(pid: int, expected: int) -> list[int]:
+    """The niceness of `pid`'s planning processes, once they started (at most 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = [os.getpriority(os.PRIO_PROCESS, child) for child in planning_processes(pid)]
+        if (found and all(value == expected for value in found)) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.1)
 
 
 async def jobs_table(dsn: str) -> list[asyncpg.Record]:
@@ -264,6 +292,14 @@ async def test_a_web_and_a_worker_share_one_sqlite_file(
             await web_server.wait_ready(session)  # the web made the schema
             servers.append(start("worker", ["worker"]))
             await servers[1].wait_ready(session)
+            # the worker plans in a process that yields the cores (NIXMOX_WORKER_NICE, 10 by
+            # default); the web and the worker themselves keep their priority
+            own = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, web_server.proc.pid) == own
+            assert os.getpriority(os.PRIO_PROCESS, servers[1].proc.pid) == own
+            assert await planning_priorities(servers[1].proc.pid, min(19, own + 10)) == [
+                min(19, own + 10)
+            ]
             body = json.dumps(payloads.issue_comment(number=NUMBER, body="/nixmox help")).encode()
             headers = delivery_headers("issue_comment", body)
             url = f"{web_server.url}/github/webhook"

@@ -60,6 +60,7 @@ COULD_NOT_PLAN = "could not plan: {reason}"
 INTERNAL_ERROR = "internal error (see the bot's log)"
 INVALID = "invalid manifest: {count} error{s}"
 SHARED_PLANS_KEPT = 64  # (base, head) plans remembered per process
+MERGE_BASES_KEPT = 1024  # (base, head) merge bases remembered per process
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,31 @@ async def cache_and_remote(
 
 async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
     """Fetch the PR's commits into the cache clone and plan merge-base → head."""
+    base = await fetched_merge_base(ctx, pull)
+    return previewed_plan(ctx, await shared_plan(ctx, base or pull.base_sha, pull.head_sha))
+
+
+async def fetched_merge_base(ctx: BotContext, pull: PullRef) -> str | None:
+    """The merge base of the PR's base and head, their commits fetched into the cache clone.
+
+    Remembered per process: commits never change and fetched ones stay (the cache pins
+    them), so the next job for the same head (a redelivery, a label, the branch's push)
+    spawns no Git process for it.
+    """
+    key = (pull.base_sha, pull.head_sha)
+    known = ctx.merge_bases.get(key)
+    if known is not None:
+        ctx.merge_bases.move_to_end(key)
+        return known
+    base = await _fetch_merge_base(ctx, pull)
+    if base is not None:
+        ctx.merge_bases[key] = base
+        while len(ctx.merge_bases) > MERGE_BASES_KEPT:
+            ctx.merge_bases.popitem(last=False)
+    return base
+
+
+async def _fetch_merge_base(ctx: BotContext, pull: PullRef) -> str | None:
     git, remote = await cache_and_remote(ctx, pull.clone_url, pull.installation_id)
     refs = [f"refs/pull/{pull.number}/head"]
     if pull.base_ref:
@@ -188,8 +214,7 @@ async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
         await git.fetch(remote, [pull.base_sha, pull.head_sha], refs)
     except GitFetchError as exc:
         raise PlanningError(str(exc)) from exc
-    base = await asyncio.to_thread(git.merge_base, pull.base_sha, pull.head_sha)
-    return previewed_plan(ctx, await shared_plan(ctx, base or pull.base_sha, pull.head_sha))
+    return await asyncio.to_thread(git.merge_base, pull.base_sha, pull.head_sha)
 
 
 async def shared_plan(ctx: BotContext, base: str | None, head: str) -> Plan:
