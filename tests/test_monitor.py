@@ -20,6 +20,7 @@ import aiohttp
 from bot.app import build_app
 from bot.config import Settings
 from bot.context import CONTEXT
+from bot.slack import SLACK_BOT
 from deployments import ExecutionOptions, GitSource, plan_for_deploy, start_deployment
 from deployments.drift import DriftReport
 from deployments.health import deployed_manifest
@@ -34,6 +35,7 @@ from tests.fixtures_github import ManifestRepo
 from tests.fixtures_slack import (
     APPROVER,
     CHANNEL,
+    PROGRESS_INTERVAL,
     REQUESTER,
     SIGNING_SECRET,
     SlackDriver,
@@ -289,6 +291,7 @@ async def test_the_redeploy_button_asks_for_a_deployment_through_the_approval_fl
     settings = slack_settings(tmp_path, fake_slack, manifest_repo.path)
     fast = RunnerConfig(simulate=SimulateConfig(scale=0.01))
     app = build_app(settings, runner_config=fast)
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     client = await aiohttp_client(app)
     driver = SlackDriver(client, fake_slack)
     ctx = app[CONTEXT]

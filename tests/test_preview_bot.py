@@ -207,7 +207,13 @@ async def test_the_slack_approval_shows_a_summary_per_host(
 ) -> None:
     from bot.app import build_app
     from bot.slack import SLACK_BOT
-    from tests.fixtures_slack import APPROVER, CHANNEL, SlackDriver, slack_settings
+    from tests.fixtures_slack import (
+        APPROVER,
+        CHANNEL,
+        PROGRESS_INTERVAL,
+        SlackDriver,
+        slack_settings,
+    )
 
     hosts = {
         **HOSTS,
@@ -221,6 +227,7 @@ async def test_the_slack_approval_shows_a_summary_per_host(
                  versions={**VERSIONS, "gitea": "1.21.1"}, hosts=hosts)  # fmt: skip
     settings = slack_settings(tmp_path, fake_slack, manifest_repo.path, preview=True)
     app = build_app(settings, runner_config=lab["runner_config"])
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     driver = SlackDriver(await aiohttp_client(app), fake_slack)
 
     assert (await driver.command("deploy gitea")).status == 200
@@ -253,12 +260,19 @@ async def test_hosts_all_completes_the_plan_a_slack_approval_deploys(
     rules select gitea; the builds of every host add postgresql, which the approval deploys."""
     from bot.app import build_app, context_of
     from bot.slack import SLACK_BOT
-    from tests.fixtures_slack import APPROVER, CHANNEL, SlackDriver, slack_settings
+    from tests.fixtures_slack import (
+        APPROVER,
+        CHANNEL,
+        PROGRESS_INTERVAL,
+        SlackDriver,
+        slack_settings,
+    )
 
     settings = slack_settings(
         tmp_path, fake_slack, manifest_repo.path, preview={"enabled": True, "hosts": "all"}
     )
     app = build_app(settings, runner_config=lab["runner_config"])
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     driver = SlackDriver(await aiohttp_client(app), fake_slack)
 
     async def approved_deployment() -> Any:
