@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -43,6 +44,7 @@ MAX_BATCH = 256
 LINGER = 0.005  # at most this long a delivery waits for others to share its commit
 DEFAULT_LEASE = timedelta(seconds=30)  # renewed every third of it while the job runs
 MAX_ATTEMPTS = 3  # a job whose worker died this many times is given up, not retried forever
+RECLAIM_INTERVAL = 2.0  # seconds between looks for the jobs of this host's dead processes
 DEFAULT_POLL = 1.0  # other replicas' jobs are noticed this fast; ours wake the worker at once
 ERROR_LIMIT = 2000
 # Slack replay keys (`slack:<ts>:<sig>`) outlive Slack's 5-minute signature window for nothing
@@ -280,18 +282,35 @@ class JobWorker:
     async def sweep(self) -> list[int]:
         """Make this host's dead processes' jobs claimable now, and prune old replay keys;
         the jobs reclaimed."""
+        reclaimed = await self.reclaim()
+        await self.store.queue.prune_deliveries(SLACK_REPLAY_PREFIX, utcnow() - REPLAY_WINDOW)
+        return reclaimed
+
+    async def reclaim(self) -> list[int]:
+        """Make this host's dead processes' jobs claimable now; the jobs reclaimed."""
         host = self.name.split(":", 1)[0]
         reclaimed = await self.store.queue.reclaim_dead(host, pid_alive, keep=self.name)
         if reclaimed:
             log.warning("reclaimed job(s) %s of a dead process on %s", reclaimed, host)
             self._wake.set()
-        await self.store.queue.prune_deliveries(SLACK_REPLAY_PREFIX, utcnow() - REPLAY_WINDOW)
         return reclaimed
 
     async def _maintain(self) -> None:
-        """`sweep` at start (before the first claim waits), then every third of the lease."""
+        """`sweep` at start (before the first claim waits), then every third of the lease;
+        a dead local process's jobs are looked for more often (one cheap query)."""
         every = self.lease.total_seconds() / 3
-        await repeat_forever(self.sweep, every, log, "the job sweep failed; trying again later")
+        reclaims = max(1, round(every / RECLAIM_INTERVAL))
+        rounds = itertools.count()
+
+        async def maintain() -> None:
+            if next(rounds) % reclaims == 0:
+                await self.sweep()
+            else:
+                await self.reclaim()
+
+        await repeat_forever(
+            maintain, every / reclaims, log, "the job sweep failed; trying again later"
+        )
 
     async def _listen(self) -> None:
         """LISTEN for new jobs on a dedicated connection; reopened when it drops."""

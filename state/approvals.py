@@ -14,6 +14,8 @@ from state.base import Repository, StoreError, load_plan, new_id, plan_json, rec
 from state.events import utcnow
 from state.schema import approvals
 
+PLANNED_DIGEST = "planned_digest"  # args key: the rules' plan a completed plan replaced
+
 
 class ApprovalState(StrEnum):
     PENDING = "pending"
@@ -44,6 +46,11 @@ class ApprovalRecord:
     @property
     def expired(self) -> bool:
         return self.expires_at <= utcnow()
+
+    def plans_digests(self) -> set[str]:
+        """The digest of its plan, and of the plan its previews completed (if they did)."""
+        planned = self.args.get(PLANNED_DIGEST)
+        return {self.digest, planned} if isinstance(planned, str) else {self.digest}
 
 
 class ApprovalRepository(Repository):
@@ -97,6 +104,36 @@ class ApprovalRepository(Repository):
                 .where(approvals.c.id == approval_id)
                 .values(channel=channel, ts=ts)
             )
+
+    async def complete_plan(self, approval_id: str, digest: str, plan: Plan) -> bool:
+        """Replace a pending approval's plan (still of digest `digest`) by `plan`, completed
+        from the head's builds; `args["planned_digest"]` keeps the digest it replaced."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    approvals.select().where(
+                        approvals.c.id == approval_id,
+                        approvals.c.state == str(ApprovalState.PENDING),
+                        approvals.c.digest == digest,
+                    )
+                )
+            ).first()
+            if row is None:
+                return False
+            result = await conn.execute(
+                approvals.update()
+                .where(
+                    approvals.c.id == approval_id,
+                    approvals.c.state == str(ApprovalState.PENDING),
+                    approvals.c.digest == digest,
+                )
+                .values(
+                    digest=plan.digest,
+                    plan=plan_json(plan),
+                    args={**dict(row.args or {}), PLANNED_DIGEST: digest},
+                )
+            )
+        return result.rowcount == 1
 
     async def get(self, approval_id: str) -> ApprovalRecord | None:
         """One approval by id."""

@@ -3,6 +3,7 @@ write-locking transactions."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,23 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
+class _RollingBackConnection(sqlite3.Connection):
+    """A SQLite connection that rolls its transaction back when closed.
+
+    SQLAlchemy closes a connection whose query was cancelled (a task cancelled at shutdown)
+    without finishing that query's statement; SQLite then keeps the connection, and its
+    write lock, alive until the statement is garbage collected, and every other writer
+    waits out the busy timeout. Rolling back first releases the lock at once.
+    """
+
+    def close(self) -> None:
+        try:
+            if self.in_transaction:
+                self.rollback()
+        finally:
+            super().close()
+
+
 def make_engine(url: URL) -> AsyncEngine:
     """An engine for the URL; SQLite gets a busy timeout, WAL and serialised write transactions."""
     if url.get_backend_name() != "sqlite":
@@ -48,7 +66,9 @@ def make_engine(url: URL) -> AsyncEngine:
         engine = create_async_engine(url, poolclass=StaticPool)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30, "factory": _RollingBackConnection}
+        )
 
     @sa_event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

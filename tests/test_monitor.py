@@ -1,6 +1,6 @@
 """The monitor: liveness checks between deployments on emulated hosts (local transport),
 transitions after `retries` failures, no check during a deployment, alert reminders at most once
-per `alert_repeat`; and `nixmox serve` with a one-second interval posting to the fake Slack
+per `alert_repeat`; and `nixmox serve` checking every half second posting to the fake Slack
 while `/metrics` shows `nixmox_service_up` go 0 then 1."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import aiohttp
 from bot.app import build_app
 from bot.config import Settings
 from bot.context import CONTEXT
+from bot.slack import SLACK_BOT
 from deployments import ExecutionOptions, GitSource, plan_for_deploy, start_deployment
 from deployments.drift import DriftReport
 from deployments.health import deployed_manifest
@@ -34,6 +35,7 @@ from tests.fixtures_github import ManifestRepo
 from tests.fixtures_slack import (
     APPROVER,
     CHANNEL,
+    PROGRESS_INTERVAL,
     REQUESTER,
     SIGNING_SECRET,
     SlackDriver,
@@ -164,6 +166,9 @@ async def test_no_check_while_a_deployment_of_that_service_runs(tmp_path: Path) 
 
 
 UP_SAMPLE = re.compile(r'^nixmox_service_up\{service="gitea"\} (\S+)$', re.MULTILINE)
+CHECKED_SAMPLE = re.compile(
+    r'^nixmox_service_health_checked_timestamp_seconds\{service="gitea"\} (\S+)$', re.MULTILINE
+)
 
 
 def messages_about(fake: FakeSlack, text: str) -> list[Message]:
@@ -173,7 +178,7 @@ def messages_about(fake: FakeSlack, text: str) -> list[Message]:
 async def test_serve_alerts_once_then_recovers_and_metrics_go_0_then_1(
     tmp_path: Path, fake_slack: FakeSlack
 ) -> None:
-    lab = Homelab(tmp_path, interval=1, retries=2)
+    lab = Homelab(tmp_path, interval=0, retries=2)  # the monitor checks every 0.5 s
     await asyncio.to_thread(lab.deploy)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIXMOX_")}
     env.update(
@@ -197,6 +202,21 @@ async def test_serve_alerts_once_then_recovers_and_metrics_go_0_then_1(
                     seen.append(value)
                 return value
 
+            async def checked_at() -> str | None:
+                async with session.get(f"{server.url}/metrics") as response:
+                    found = CHECKED_SAMPLE.search(await response.text())
+                return found.group(1) if found else None
+
+            async def wait_for_checks(count: int) -> None:
+                times = [await checked_at()]
+                for _ in range(300):
+                    if len(times) > count:
+                        return
+                    await asyncio.sleep(0.1)
+                    if (now := await checked_at()) != times[-1]:
+                        times.append(now)
+                raise AssertionError(f"gitea was checked only at {times}")
+
             async def wait_up(value: str) -> None:
                 for _ in range(300):
                     if await up_value() == value:
@@ -210,7 +230,7 @@ async def test_serve_alerts_once_then_recovers_and_metrics_go_0_then_1(
             lab.set_up("gitea", False)
             await wait_up("0.0")
             await fake_slack.wait_for(lambda: messages_about(fake_slack, "*gitea* is unhealthy"))
-            await asyncio.sleep(3)  # three more failing checks: no second alert
+            await wait_for_checks(3)  # three more failing checks: no second alert
             lab.set_up("gitea", True)
             await wait_up("1.0")
             await fake_slack.wait_for(
@@ -271,6 +291,7 @@ async def test_the_redeploy_button_asks_for_a_deployment_through_the_approval_fl
     settings = slack_settings(tmp_path, fake_slack, manifest_repo.path)
     fast = RunnerConfig(simulate=SimulateConfig(scale=0.01))
     app = build_app(settings, runner_config=fast)
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     client = await aiohttp_client(app)
     driver = SlackDriver(client, fake_slack)
     ctx = app[CONTEXT]

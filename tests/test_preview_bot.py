@@ -50,6 +50,7 @@ def lab(
     runner_config = RunnerConfig.model_validate(
         {
             "transport": {"kind": "local"},
+            "simulate": {"scale": 0.001},  # the bots deploy with simulated runners
             "nixos": {
                 "preset": "copy-closure",
                 "current_system": f"{tmp_path}/hosts/{{service}}/system",
@@ -206,7 +207,13 @@ async def test_the_slack_approval_shows_a_summary_per_host(
 ) -> None:
     from bot.app import build_app
     from bot.slack import SLACK_BOT
-    from tests.fixtures_slack import APPROVER, CHANNEL, SlackDriver, slack_settings
+    from tests.fixtures_slack import (
+        APPROVER,
+        CHANNEL,
+        PROGRESS_INTERVAL,
+        SlackDriver,
+        slack_settings,
+    )
 
     hosts = {
         **HOSTS,
@@ -220,6 +227,7 @@ async def test_the_slack_approval_shows_a_summary_per_host(
                  versions={**VERSIONS, "gitea": "1.21.1"}, hosts=hosts)  # fmt: skip
     settings = slack_settings(tmp_path, fake_slack, manifest_repo.path, preview=True)
     app = build_app(settings, runner_config=lab["runner_config"])
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
     driver = SlackDriver(await aiohttp_client(app), fake_slack)
 
     assert (await driver.command("deploy gitea")).status == 200
@@ -236,4 +244,70 @@ async def test_the_slack_approval_shows_a_summary_per_host(
     assert "• *postgresql*: unchanged (no switch)" in text
     assert "Approve" in [b["text"]["text"] for b in message.buttons()]  # still pending
     assert (await driver.click(message, "Approve", user=APPROVER)).status == 200
+    await fake_slack.wait_for(lambda: "Succeeded" in message.text or "Failed" in message.text)
     await app[SLACK_BOT].idle()
+    assert "Succeeded" in message.text, message.text  # the approved deployment ran to its end
+
+
+async def test_hosts_all_completes_the_plan_a_slack_approval_deploys(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    fake_slack: Any,
+    manifest_repo: ManifestRepo,
+    lab: dict[str, Any],
+) -> None:
+    """After a first deployment, gitea's port changes and so does postgresql's package: the
+    rules select gitea; the builds of every host add postgresql, which the approval deploys."""
+    from bot.app import build_app, context_of
+    from bot.slack import SLACK_BOT
+    from tests.fixtures_slack import (
+        APPROVER,
+        CHANNEL,
+        PROGRESS_INTERVAL,
+        SlackDriver,
+        slack_settings,
+    )
+
+    settings = slack_settings(
+        tmp_path, fake_slack, manifest_repo.path, preview={"enabled": True, "hosts": "all"}
+    )
+    app = build_app(settings, runner_config=lab["runner_config"])
+    app[SLACK_BOT].pacer.interval = PROGRESS_INTERVAL
+    driver = SlackDriver(await aiohttp_client(app), fake_slack)
+
+    async def approved_deployment() -> Any:
+        """Ask `deploy all`, wait for its summary, approve, and wait for the end."""
+        earlier = {message.ts for message in fake_slack.channel_messages(CHANNEL)}
+        assert (await driver.command("deploy all")).status == 200
+
+        def summarised() -> Any:
+            for message in fake_slack.channel_messages(CHANNEL):
+                if message.ts not in earlier and "What changes on the hosts" in message.all_text():
+                    return message
+            return None
+
+        message = await fake_slack.wait_for(summarised, timeout=60)
+        summary = message.all_text()
+        assert (await driver.click(message, "Approve", user=APPROVER)).status == 200
+        await fake_slack.wait_for(lambda: "Succeeded" in message.text or "Failed" in message.text)
+        await app[SLACK_BOT].idle()
+        assert "Succeeded" in message.text, message.text
+        return summary
+
+    await approved_deployment()
+    head = commit_files(
+        manifest_repo,
+        "main",
+        add_port(manifest_repo.manifest()),
+        "gitea port, postgresql 15.5",
+        versions={**VERSIONS, "postgresql": "15.5"},
+        hosts=HOSTS,
+    )
+    summary = await approved_deployment()
+
+    assert "• *postgresql*: 1 package changed" in summary
+    store = context_of(app).require_store()
+    (latest, *_) = await store.deployments.history()
+    assert latest.head == head
+    steps = {step.id for step in latest.plan.steps}
+    assert {"nix:core:postgresql", "verify:postgresql", "nix:service-config:gitea"} <= steps

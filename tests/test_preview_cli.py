@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import git
@@ -25,11 +26,17 @@ def commit(repo: git.Repo, message: str) -> str:
     return repo.head.commit.hexsha
 
 
-@pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """base: three hosts, running its systems; head: vaultwarden's ports change (the rules
-    select it) and openssl is bumped (forgejo's system changes too, unselected)."""
-    nixhosts.nix_env(monkeypatch)
+    select it) and openssl is bumped (forgejo's system changes too, unselected). Made once:
+    the tests only read it (previews and dry runs change no host)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        nixhosts.nix_env(monkeypatch)
+        yield make_lab(tmp_path_factory.mktemp("preview-lab"))
+
+
+def make_lab(tmp_path: Path) -> dict[str, object]:
     root = tmp_path / "repo"
     repo = git.Repo.init(root, initial_branch="main")
     with repo.config_writer() as cfg:
@@ -111,13 +118,13 @@ def test_plan_preview_needs_a_text_json_or_markdown_format(lab: dict[str, object
     assert "Traceback" not in out.stderr
 
 
-def test_deploy_dry_run_preview(lab: dict[str, object]) -> None:
+def test_deploy_dry_run_preview(lab: dict[str, object], tmp_path: Path) -> None:
     tmp = Path(str(lab["tmp"]))
     out = run(
         tmp,
         "deploy", "--repo", str(lab["root"]), "--manifest", MANIFEST, "--ref", str(lab["head"]),
         "--dry-run", "--preview", "--config", str(lab["config"]), "--json",
-        "--database-url", f"sqlite+aiosqlite:///{tmp}/state.db",
+        "--database-url", f"sqlite+aiosqlite:///{tmp_path}/state.db",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -130,13 +137,13 @@ def test_deploy_dry_run_preview(lab: dict[str, object]) -> None:
     assert "--print-out-paths" not in build
 
 
-def test_deploy_dry_run_preview_text(lab: dict[str, object]) -> None:
+def test_deploy_dry_run_preview_text(lab: dict[str, object], tmp_path: Path) -> None:
     tmp = Path(str(lab["tmp"]))
     out = run(
         tmp,
         "deploy", "--repo", str(lab["root"]), "--manifest", MANIFEST, "--ref", str(lab["head"]),
         "--dry-run", "--preview", "--config", str(lab["config"]),
-        "--database-url", f"sqlite+aiosqlite:///{tmp}/state.db",
+        "--database-url", f"sqlite+aiosqlite:///{tmp_path}/state.db",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("dry run: nothing is changed; these steps would run:")

@@ -4,6 +4,7 @@ deployment against the fake Slack over HTTP, and payloads shaped as `@slack/bolt
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -183,6 +184,7 @@ def test_signature_check_never_raises() -> None:
 # -- Block Kit limits ------------------------------------------------------------------------
 
 
+@functools.cache  # planned once per size for the file; no test changes what it returns
 def big_plan(services: int) -> tuple[Manifest, Plan]:
     manifest = Manifest.model_validate(synthetic_manifest(services))
     return manifest, plan_full(manifest)

@@ -616,6 +616,25 @@ async def test_approvals_resolve_once(store: Store) -> None:
     assert await store.approvals.get("missing") is None
 
 
+async def test_a_pending_approval_takes_the_plan_its_previews_completed(store: Store) -> None:
+    planned, completed = small_plan(head="rev-b"), small_plan(head="rev-b", base=None)
+    assert planned.digest != completed.digest
+    approval = await store.approvals.create(
+        kind="deploy", requested_by="U_A", digest=planned.digest, ttl=timedelta(minutes=5),
+        plan=planned, args={"revision": "rev-b"},
+    )  # fmt: skip
+    assert not await store.approvals.complete_plan(approval, "another digest", completed)
+    assert await store.approvals.complete_plan(approval, planned.digest, completed)
+    record = await store.approvals.get(approval)
+    assert record is not None and record.plan is not None
+    assert (record.digest, record.plan.digest) == (completed.digest, completed.digest)
+    assert record.args == {"revision": "rev-b", "planned_digest": planned.digest}
+    assert record.plans_digests() == {planned.digest, completed.digest}
+    assert await store.approvals.resolve(approval, ApprovalState.APPROVED, "U_B")
+    # approved meanwhile: the plan the approver saw stays
+    assert not await store.approvals.complete_plan(approval, completed.digest, planned)
+
+
 async def test_expired_approval_cannot_be_approved(store: Store) -> None:
     approval = await store.approvals.create(
         kind="rollback", requested_by="U_A", digest="d", ttl=timedelta(seconds=0.2)

@@ -135,8 +135,9 @@ def approval_refusal(
 
 
 def plan_changed(approval: ApprovalRecord, current_digest: str) -> bool:
-    """The plan computed now differs from the one the approver saw."""
-    return current_digest != approval.digest
+    """The plan computed now differs from the one the approver saw (or from the one the
+    host previews completed into it: the builds of the same head complete it the same way)."""
+    return current_digest not in approval.plans_digests()
 
 
 def cancel_refusal(policy: Policy, approval: ApprovalRecord, user: str) -> Refusal | None:

@@ -44,18 +44,20 @@ def host_summary(previews: Mapping[str, HostPreview]) -> str:
 
 
 async def preview_for_approval(
-    ctx: BotContext, plan: Plan, revision: str | None, repo_dir: Path
-) -> str | None:
-    """The summary of the hosts the plan switches at `revision` (None: previews are off)."""
+    ctx: BotContext, plan: Plan, revision: str | None, repo_dir: Path, *, complete: bool
+) -> tuple[Plan, str | None] | None:
+    """The plan completed from the builds at `revision` (`[preview] hosts = "all"` adds the
+    hosts whose systems change, when `complete`), and the summary of its hosts (None:
+    previews are off). A failed preview leaves the plan as it was."""
     from runners.preview import preview_revision
 
     if not ctx.settings.preview.enabled or not revision:
         return None
     try:
-        _, previews = await preview_revision(
+        completed, previews = await preview_revision(
             plan, repo_dir, ctx.settings.manifest_path, ctx.runner_config, ctx.settings.preview
         )
     except Exception as exc:
         log.warning("Slack: the host previews failed", exc_info=True)
-        return PREVIEW_FAILED.format(error=slack_text(str(exc) or type(exc).__name__))
-    return host_summary(previews) if previews else None
+        return plan, PREVIEW_FAILED.format(error=slack_text(str(exc) or type(exc).__name__))
+    return (completed if complete else plan), (host_summary(previews) if previews else None)

@@ -11,6 +11,7 @@ from slack_bolt.async_app import AsyncAck, AsyncRespond
 from slack_sdk.errors import SlackApiError
 
 from bot.chat_commands import (
+    ALL,
     ApplyCommand,
     Command,
     DeployCommand,
@@ -358,11 +359,22 @@ class SlashCommands:
         backend = self.core.backend
         if not isinstance(backend, RepoBackend):
             return  # previews build from the manifest repository's Git cache
-        summary = await preview_for_approval(self.core.ctx, plan, view.head, backend.git.path)
-        if summary is None or view.approval_id is None:
+        previewed = await preview_for_approval(
+            self.core.ctx, plan, view.head, backend.git.path, complete=view.target == ALL
+        )
+        if previewed is None or view.approval_id is None:
             return
-        approval = await self.core.ctx.require_store().approvals.get(view.approval_id)
+        completed, summary = previewed
+        approvals = self.core.ctx.require_store().approvals
+        if completed.digest != plan.digest:
+            # the builds found hosts the rules missed: the request now deploys them too
+            if not await approvals.complete_plan(view.approval_id, plan.digest, completed):
+                return  # approved or cancelled meanwhile: that message stays
+            view.digest = completed.digest
+        approval = await approvals.get(view.approval_id)
         if approval is None or approval.state is not ApprovalState.PENDING:
             return  # approved or cancelled meanwhile: that message stays
-        view.extra = [*view.extra, summary]
-        await self.core.show_request(channel, ts, view, RequestStatus.PENDING, plan)
+        if summary is None and completed is plan:
+            return
+        view.extra = [*view.extra, *([summary] if summary else [])]
+        await self.core.show_request(channel, ts, view, RequestStatus.PENDING, completed)
