@@ -26,7 +26,7 @@ from planner.plan import (
     step_id,
 )
 from planner.plan.full import FullPlanNeeds
-from planner.plan.selection import nix_phase
+from planner.plan.model import nix_phase
 from planner.words import plural
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

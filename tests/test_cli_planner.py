@@ -78,3 +78,33 @@ def test_restricted_mode_refusal_through_the_cli_leaks_nothing() -> None:
     secret = Path("/etc/hostname").read_text().strip()
     assert secret not in (result.stdout + result.stderr).replace("/etc/hostname", "")
     assert "Traceback" not in result.stderr
+
+
+def test_only_file_commands_end_without_the_interpreters_teardown() -> None:
+    from cli.main import is_file_only
+
+    assert is_file_only(["validate", "manifests/small.nix"])
+    assert is_file_only(["plan", "manifests/small.nix", "--format", "json"])
+    for args in (
+        ["plan", "--repo", ".", "--base", "HEAD~1"],
+        ["plan", "manifests/small.nix", "--preview"],
+        ["plan", "--config=x.toml", "manifests/small.nix"],
+        ["deploy", "manifests/small.nix"],
+        ["serve"],
+        [],
+    ):
+        assert not is_file_only(args), args
+
+
+def test_a_large_plan_is_printed_whole_through_a_pipe_before_the_quick_exit() -> None:
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    for fmt in ("markdown", "json", "text"):
+        args = ["plan", str(REPO / "manifests" / "homelab.nix"), "--format", fmt]
+        piped = run(*args)
+        in_process = CliRunner().invoke(main, args)
+        assert piped.returncode == in_process.exit_code == 0, piped.stderr
+        assert len(piped.stdout) > 2000
+        assert piped.stdout == in_process.stdout, fmt

@@ -58,6 +58,11 @@ def step_id(phase: Phase, service: str | None = None) -> str:
     return _PREFIX[phase] + service if service else _PREFIX[phase][:-1]
 
 
+def nix_phase(manifest: Manifest, service: str) -> Phase:
+    """The phase that builds a service's NixOS configuration."""
+    return Phase.NIX_CORE if manifest.is_core(service) else Phase.NIX_SERVICE_CONFIG
+
+
 def parse_step_id(sid: str) -> tuple[Phase, str | None]:
     """`nix:core:caddy` -> (Phase.NIX_CORE, "caddy")."""
     # dict lookups of the one- and two-part prefixes (a phase is `verify` or `tf:infra`):

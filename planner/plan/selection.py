@@ -11,7 +11,7 @@ from planner.diff import VERIFY_ALL_FIELDS, Effect, FileHit, ServiceDiff
 from planner.graph import host_index
 from planner.models import Manifest, Service
 from planner.plan.full import service_chain
-from planner.plan.model import Phase, PlanOptions, step_id
+from planner.plan.model import Phase, PlanOptions, nix_phase, step_id
 
 
 class Selection:
@@ -63,11 +63,6 @@ class Selection:
     def add_infra(self, service: str, reason: str) -> None:
         self.add(Phase.TF_INFRA, None, reason)
         self.infra_targets.add(service)
-
-
-def nix_phase(manifest: Manifest, service: str) -> Phase:
-    """The phase that builds a service's NixOS configuration."""
-    return Phase.NIX_CORE if manifest.is_core(service) else Phase.NIX_SERVICE_CONFIG
 
 
 @dataclass
