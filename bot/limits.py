@@ -128,8 +128,11 @@ class BodyLimits:
                 return refuse(request, 503, TOO_BUSY)
         try:
             try:
-                async with asyncio.timeout_at(deadline):
-                    request[BODY] = await read_within(request.content, rule.limit)
+                body = arrived_body(request.content, rule.limit)
+                if body is None:
+                    async with asyncio.timeout_at(deadline):
+                        body = await read_within(request.content, rule.limit)
+                request[BODY] = body
             except TimeoutError:
                 return refuse(request, 408, TOO_SLOW.format(seconds=rule.seconds))
             except _TooLarge:
@@ -137,6 +140,20 @@ class BodyLimits:
             return await handler(request)
         finally:
             self.budget.release(held)
+
+
+def arrived_body(stream: StreamReader, limit: int) -> bytes | None:
+    """The whole body when it has all arrived already (no wait, so no timer); else None.
+
+    A webhook's body usually comes in the same reads as its headers; setting up a deadline
+    for a read that cannot wait was a tenth of the middleware's cost.
+    """
+    if not stream.is_eof():
+        return None
+    body = stream.read_nowait(-1)
+    if len(body) > limit:
+        raise _TooLarge
+    return body
 
 
 async def read_within(stream: StreamReader, limit: int) -> bytes:

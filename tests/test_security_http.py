@@ -458,3 +458,28 @@ def test_the_webhook_signature_is_the_replay_key() -> None:
 
     signature = sign(b"{}")
     assert replay_key(signature) == "sha256:" + signature.split("=", 1)[1]
+
+
+async def test_a_body_that_has_all_arrived_is_taken_without_waiting_and_still_limited() -> None:
+    from aiohttp.streams import StreamReader
+
+    from bot.limits import _TooLarge, arrived_body
+
+    def stream() -> StreamReader:
+        return StreamReader(
+            mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop()
+        )
+
+    on_its_way = stream()
+    on_its_way.feed_data(b'{"a": 1')
+    assert arrived_body(on_its_way, 100) is None, "not all there: read under the deadline"
+    whole = stream()
+    whole.feed_data(b'{"a": ')
+    whole.feed_data(b"1}")
+    whole.feed_eof()
+    assert arrived_body(whole, 100) == b'{"a": 1}'
+    too_big = stream()
+    too_big.feed_data(b"x" * 101)
+    too_big.feed_eof()
+    with pytest.raises(_TooLarge):
+        arrived_body(too_big, 100)
