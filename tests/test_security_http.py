@@ -465,10 +465,12 @@ async def test_a_body_that_has_all_arrived_is_taken_without_waiting_and_still_li
 
     from bot.limits import _TooLarge, arrived_body
 
+    class Protocol:  # what a StreamReader asks of its connection while nothing is paused
+        _reading_paused = False
+
     def stream() -> StreamReader:
-        return StreamReader(
-            mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop()
-        )
+        loop = asyncio.get_running_loop()
+        return StreamReader(Protocol(), 2**16, loop=loop)  # type: ignore[arg-type]
 
     on_its_way = stream()
     on_its_way.feed_data(b'{"a": 1')
