@@ -465,8 +465,14 @@ async def test_a_body_that_has_all_arrived_is_taken_without_waiting_and_still_li
 
     from bot.limits import _TooLarge, arrived_body
 
-    class Protocol:  # what a StreamReader asks of its connection while nothing is paused
+    class Protocol:  # what a StreamReader asks of its connection: pausing and resuming
         _reading_paused = False
+
+        def pause_reading(self) -> None:
+            self._reading_paused = True
+
+        def resume_reading(self, resume_parser: bool = True) -> None:
+            self._reading_paused = False
 
     def stream() -> StreamReader:
         loop = asyncio.get_running_loop()
