@@ -18,6 +18,7 @@ from datetime import timedelta
 from bot.jobs import pid_alive, worker_name
 from state.events import utcnow
 from state.locks import LockRecord, LockRepository
+from state.queue import dead_holder
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ MIN_WAIT = 0.05  # seconds: a standby never retries faster than this
 # a leader whose renewals failed for this share of the lease steps down before it runs out
 SELF_FENCE = 2 / 3
 STOPPING = "stopping"
-
-
-def dead_holder(holder: str, host: str, alive: Callable[[int], bool]) -> bool:
-    """A `host:pid:nonce` holder on this host whose pid is gone (other names: not known dead)."""
-    parts = holder.split(":")
-    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-        return False
-    return not alive(int(parts[1]))
 
 
 class Leadership:

@@ -242,7 +242,11 @@ class QueueRepository(Repository):
                     )
                 )
             ).all()
-        dead = [(job_id, name) for job_id, name in held if name != keep and _dead(name, alive)]
+        dead = [
+            (job_id, name)
+            for job_id, name in held
+            if name != keep and dead_holder(name, host, alive)
+        ]
         reclaimed: list[int] = []
         for job_id, name in dead:
             async with self.engine.begin() as conn:
@@ -358,10 +362,11 @@ def _like_literal(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _dead(worker: str, alive: Callable[[int], bool]) -> bool:
-    """A `host:pid:nonce` worker whose pid is gone (an unreadable name is left alone)."""
-    parts = worker.split(":")
-    if len(parts) != 3 or not parts[1].isdigit():
+def dead_holder(holder: str, host: str, alive: Callable[[int], bool]) -> bool:
+    """A `host:pid:nonce` holder (a job worker, a leader) of `host` whose pid is not `alive`
+    (another host's, or an unreadable name: not known dead)."""
+    parts = holder.split(":")
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
         return False
     return not alive(int(parts[1]))
 
