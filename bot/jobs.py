@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -282,7 +283,7 @@ class JobWorker:
         """Make this host's dead processes' jobs claimable now, and prune old replay keys;
         the jobs reclaimed."""
         reclaimed = await self.reclaim()
-        await self.prune_replays()
+        await self.store.queue.prune_deliveries(SLACK_REPLAY_PREFIX, utcnow() - REPLAY_WINDOW)
         return reclaimed
 
     async def reclaim(self) -> list[int]:
@@ -294,19 +295,21 @@ class JobWorker:
             self._wake.set()
         return reclaimed
 
-    async def prune_replays(self) -> None:
-        """Forget Slack replay keys older than Slack's signature window."""
-        await self.store.queue.prune_deliveries(SLACK_REPLAY_PREFIX, utcnow() - REPLAY_WINDOW)
-
     async def _maintain(self) -> None:
-        """At start (before the first claim waits) and then periodically: the jobs of this
-        host's dead processes (one cheap query, often), old replay keys (every third of the
-        lease)."""
+        """`sweep` at start (before the first claim waits), then every third of the lease;
+        a dead local process's jobs are looked for more often (one cheap query)."""
         every = self.lease.total_seconds() / 3
-        failure = "the job sweep failed; trying again later"
-        await asyncio.gather(
-            repeat_forever(self.reclaim, min(RECLAIM_INTERVAL, every), log, failure),
-            repeat_forever(self.prune_replays, every, log, failure),
+        reclaims = max(1, round(every / RECLAIM_INTERVAL))
+        rounds = itertools.count()
+
+        async def maintain() -> None:
+            if next(rounds) % reclaims == 0:
+                await self.sweep()
+            else:
+                await self.reclaim()
+
+        await repeat_forever(
+            maintain, every / reclaims, log, "the job sweep failed; trying again later"
         )
 
     async def _listen(self) -> None:
