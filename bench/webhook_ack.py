@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -273,45 +274,31 @@ async def wait_ready(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+Delivery = Callable[[int], tuple[bytes, str]]
+
+
+def distinct_deliveries(bodies: list[bytes]) -> Delivery:
+    """Delivery `n`: body `n` (cycling) made distinct, and its signature.
+
+    A resent body is a duplicate, so the JSON object gets one more member at its end, signed
+    from the HMAC state of the common prefix.
+    """
+    prefixes = [body.rstrip()[:-1] for body in bodies]
+    signed = [hmac.new(SECRET.encode(), prefix, hashlib.sha256) for prefix in prefixes]
+
+    def delivery(n: int) -> tuple[bytes, str]:
+        suffix = b', "nixmox_bench": "%s"}' % uuid.uuid4().hex.encode()
+        mac = signed[n % len(bodies)].copy()
+        mac.update(suffix)
+        return prefixes[n % len(bodies)] + suffix, "sha256=" + mac.hexdigest()
+
+    return delivery
+
+
 async def blast(url: str, body: bytes, deliveries: int, concurrency: int) -> float:
     """Send `deliveries` signed deliveries with `concurrency` in flight; return per second."""
-    import aiohttp
-
-    # every delivery is a distinct body (a resent body is a duplicate): the JSON object gets
-    # one more member at its end, signed from the HMAC state of the common prefix
-    prefix = body.rstrip()[:-1]
-    signed_prefix = hmac.new(SECRET.encode(), prefix, hashlib.sha256)
-    ids = iter(range(deliveries))
-    failures: list[int] = []
-
-    def delivery() -> tuple[bytes, str]:
-        suffix = b', "nixmox_bench": "%s"}' % uuid.uuid4().hex.encode()
-        mac = signed_prefix.copy()
-        mac.update(suffix)
-        return prefix + suffix, "sha256=" + mac.hexdigest()
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for _ in ids:
-            data, signature = delivery()
-            headers = {
-                "Content-Type": "application/json",
-                "X-GitHub-Event": "pull_request",
-                "X-GitHub-Delivery": str(uuid.uuid4()),
-                "X-Hub-Signature-256": signature,
-            }
-            async with session.post(url, data=data, headers=headers) as response:
-                answer = await response.read()
-                if response.status != 200 or b'"accepted"' not in answer:
-                    failures.append(response.status)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    if failures:
-        raise RuntimeError(f"{len(failures)} deliveries were not accepted: {failures[:5]}")
-    return deliveries / elapsed
+    rate, _ = await blast_latencies(url, [body], deliveries, concurrency)
+    return rate
 
 
 async def blast_latencies(
@@ -320,15 +307,14 @@ async def blast_latencies(
     """Like `blast`, cycling through `bodies`; the rate and each delivery's ack seconds."""
     import aiohttp
 
+    delivery = distinct_deliveries(bodies)
     ids = iter(range(deliveries))
     latencies: list[float] = []
     failures: list[int] = []
 
     async def sender(session: aiohttp.ClientSession) -> None:
         for n in ids:
-            base = bodies[n % len(bodies)].rstrip()[:-1]
-            data = base + b', "nixmox_bench": "%s"}' % uuid.uuid4().hex.encode()
-            signature = "sha256=" + hmac.new(SECRET.encode(), data, hashlib.sha256).hexdigest()
+            data, signature = delivery(n)
             headers = {
                 "Content-Type": "application/json",
                 "X-GitHub-Event": "pull_request",
