@@ -10,10 +10,10 @@ import shlex
 import shutil
 import signal
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from runners.config import SshConfig
 
@@ -46,7 +46,16 @@ class CommandResult:
         return "\n".join(parts)
 
 
-class Transport(Protocol):
+@dataclass(frozen=True)
+class Launch:
+    """The local process that runs a command: its argv, and its own environment and directory."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+
+
+class Transport(ABC):
     """Runs a command on a host and says how it would run it."""
 
     async def run(
@@ -57,11 +66,31 @@ class Transport(Protocol):
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-    ) -> CommandResult: ...
+    ) -> CommandResult:
+        """Run `command` on `host` with `env` and in `cwd` there; a timeout kills it."""
+        launch = self.launch(host, command, env, cwd)
+        if isinstance(launch, CommandResult):
+            return launch
+        result = await run_process(launch.argv, timeout=timeout, env=launch.env, cwd=launch.cwd)
+        return self.explain(host, result)
 
-    def describe(self, host: str | None, command: Command) -> str: ...
+    @abstractmethod
+    def launch(
+        self, host: str | None, command: Command, env: Mapping[str, str] | None, cwd: Path | None
+    ) -> Launch | CommandResult:
+        """The process to start, or the result when there is nothing that could run."""
 
-    async def close(self) -> None: ...
+    def explain(self, host: str | None, result: CommandResult) -> CommandResult:
+        """The result as the caller sees it (a transport's own failures say so)."""
+        return result
+
+    @abstractmethod
+    def describe(self, host: str | None, command: Command) -> str:
+        """The command line as it would run, for plans and logs."""
+
+    async def close(self) -> None:
+        """Let go of connections (nothing to do for most transports)."""
+        return None
 
 
 def as_shell(command: Command) -> str:
@@ -145,29 +174,20 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-class LocalTransport:
+class LocalTransport(Transport):
     """Runs commands on this machine (tests, and a bot running on the host itself)."""
 
-    async def run(
-        self,
-        host: str | None,
-        command: Command,
-        *,
-        timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> CommandResult:
+    def launch(
+        self, host: str | None, command: Command, env: Mapping[str, str] | None, cwd: Path | None
+    ) -> Launch:
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
-        return await run_process(argv, timeout=timeout, env=env, cwd=cwd)
+        return Launch(argv, env, cwd)
 
     def describe(self, host: str | None, command: Command) -> str:
         return as_shell(command)
 
-    async def close(self) -> None:
-        return None
 
-
-class SshTransport:
+class SshTransport(Transport):
     """OpenSSH in batch mode, one reused master connection per host (ControlMaster)."""
 
     def __init__(self, config: SshConfig | None = None) -> None:
@@ -231,23 +251,21 @@ class SshTransport:
         """The options as one string, for tools that take them so (`NIX_SSHOPTS`)."""
         return shlex.join(self.base_argv()[1:])
 
-    async def run(
-        self,
-        host: str | None,
-        command: Command,
-        *,
-        timeout: float | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> CommandResult:
+    def launch(
+        self, host: str | None, command: Command, env: Mapping[str, str] | None, cwd: Path | None
+    ) -> Launch | CommandResult:
         if not host:
             return CommandResult(2, "", "ssh transport: no host to connect to")
         self._hosts.add(host)
-        result = await run_process(self.argv(host, command, env, cwd), timeout=timeout)
+        return Launch(self.argv(host, command, env, cwd))
+
+    def explain(self, host: str | None, result: CommandResult) -> CommandResult:
         if result.rc == 255:
             # ssh's own failure (connection, authentication), not the remote command's
             detail = result.stderr.strip() or "connection failed"
-            return CommandResult(255, result.stdout, f"ssh {self.destination(host)}: {detail}")
+            return CommandResult(
+                255, result.stdout, f"ssh {self.destination(host or '')}: {detail}"
+            )
         return result
 
     def describe(self, host: str | None, command: Command) -> str:
