@@ -35,7 +35,6 @@ from planner.plan.model import (
     Plan,
     PlanOptions,
     Step,
-    UnknownService,
     finalize,
     invalid_plan,
     manifest_digest,
@@ -189,9 +188,8 @@ def _plan_changes(
         why += base_analysis.errors[0].render()
         plan = full_plan_as_change(head, service, options, base_rev, head_rev, base_problem=why)
         return plan, None
-    if service is not None and service not in analysis.graph:
-        known = ", ".join(sorted(analysis.graph.nodes))
-        raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
+    if service is not None:
+        full.check_service(analysis, service)
 
     diff = diff_manifests(base, head, base_data=memo.dump(base), head_data=memo.dump(head))
     provider = full.auth_provider(head, options)

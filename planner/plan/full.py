@@ -31,6 +31,22 @@ from planner.validate import (
     validate,
 )
 
+__all__ = [
+    "Analysis",
+    "FullPlanNeeds",
+    "analyse",
+    "analyse_errors",
+    "auth_provider",
+    "check_service",
+    "dependency_infos",
+    "full_steps",
+    "nearest_selected",
+    "plan_full",
+    "required_services",
+    "restrict",
+    "service_chain",
+]
+
 
 @dataclass
 class Analysis:
@@ -152,6 +168,13 @@ def full_steps(
     return steps
 
 
+def check_service(analysis: Analysis, service: str) -> None:
+    """Raise `UnknownService` unless `service` is an enabled service of the manifest."""
+    if service not in analysis.graph:
+        known = ", ".join(sorted(analysis.graph.nodes))
+        raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
+
+
 def required_services(analysis: Analysis, service: str) -> set[str]:
     """A service and everything it needs, transitively."""
     return {service, *nx.descendants(analysis.graph, service)}
@@ -173,9 +196,7 @@ def plan_full(
         return invalid_plan(analysis.findings, base=base, head=head)
     services: Iterable[str] = analysis.graph.nodes
     if service is not None:
-        if service not in analysis.graph:
-            known = ", ".join(sorted(analysis.graph.nodes))
-            raise UnknownService(f'no enabled service "{service}" in the manifest (known: {known})')
+        check_service(analysis, service)
         services = required_services(analysis, service)
     steps = full_steps(analysis, services, options)
     plan = finalize(steps, base=base, head=head, warnings=analysis.warnings)

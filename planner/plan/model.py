@@ -15,6 +15,28 @@ from planner.findings import Finding, Severity
 from planner.models import Manifest
 from planner.output import Output
 
+__all__ = [
+    "GLOBAL_PHASES",
+    "NIX_PHASES",
+    "TF_PHASES",
+    "Change",
+    "ChangeKind",
+    "DependencyInfo",
+    "Phase",
+    "Plan",
+    "PlanOptions",
+    "Step",
+    "UnknownService",
+    "canonical_digest",
+    "finalize",
+    "generations",
+    "invalid_plan",
+    "manifest_digest",
+    "parse_step_id",
+    "step_id",
+    "trusted",
+]
+
 if TYPE_CHECKING:
     import networkx
 
