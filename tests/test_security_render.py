@@ -19,6 +19,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from bot.github.comments import finished_text
+from bot.slack.asks import Ask
 from bot.slack.blocks import RequestStatus, RequestView, request_blocks, request_text
 from bot.slack.progress import (
     Byline,
@@ -333,10 +334,8 @@ def test_slack_progress_approval_and_status_escape_every_field() -> None:
     assert_safe_slack(progress_blocks(progress, progress.started_at or _now()))
     assert_safe_slack(progress_text(progress, _now()))
     view = RequestView(
-        DeploymentKind.DEPLOY,
-        target="<!channel>",
+        Ask(DeploymentKind.DEPLOY, "<!channel>", ref="<http://evil|main>"),
         requested_by="<!everyone>",
-        ref="<http://evil|main>",
         head=FENCE_AND_FORGERY,
         error="<@U0> " + FENCE_AND_FORGERY,
         extra=[slack_text(name) for name in HOSTILE],

@@ -24,6 +24,7 @@ from bot.slack.approvals import (
     parse_button_value,
     request_refusal,
 )
+from bot.slack.asks import Ask
 from bot.slack.blocks import RequestStatus, RequestView, request_blocks
 from bot.slack.bot import verify_signature
 from bot.slack.notifier import MessagePacer, SecretRedactor, SlackNotifier
@@ -194,8 +195,7 @@ def big_plan(services: int) -> tuple[Manifest, Plan]:
 def test_approval_message_of_a_huge_plan_stays_within_limits(status: RequestStatus) -> None:
     _, plan = big_plan(600)
     view = RequestView(
-        DeploymentKind.DEPLOY,
-        "all",
+        Ask(DeploymentKind.DEPLOY),
         f"slack:{REQUESTER}",
         head="a" * 40,
         approval_id="a1",

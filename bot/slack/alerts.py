@@ -10,8 +10,9 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from bot.chat_commands import ALL
 from bot.slack.approvals import REFUSAL_TEXT, request_refusal, slack_actor
-from bot.slack.backend import Ask
+from bot.slack.asks import Ask
 from bot.slack.blocks import ActionId, Block, actions, button, code_block, context, section
 from bot.slack.services import SlackServices
 from bot.slack.slash import SlashCommands
@@ -49,7 +50,6 @@ DRIFT_CLEARED = ":white_check_mark: Drift cleared: {kind} on *{subject}*."
 REPORT_ONLY = "Nothing is changed by itself: Redeploy asks for a deployment, approved as usual."
 REDEPLOY_LABEL = "Redeploy"
 REDEPLOY_REFUSED = "slack.request.refused"
-ALL = "all"
 
 
 def when(at: datetime) -> str:

@@ -25,12 +25,12 @@ from bot.gitcache import (
     resolve_ref,
 )
 from bot.request import DeploymentRequest
+from bot.slack.asks import Ask
 from deployments import DeployError, GitSource, RollbackPlan, plan_for_deploy, prepare_rollback
 from planner.models import Manifest
 from planner.plan import Plan
 from planner.revisions import plan_revisions
 from planner.source import PlanningError, UnknownRevision
-from state.approvals import ApprovalRecord
 from state.deployments import DeploymentRecord
 from state.events import DeploymentKind, Subscriber
 
@@ -60,36 +60,6 @@ def ref_refusal(ref: str | None) -> str | None:
     if ref is not None and ref.startswith(PULL_REF_PREFIXES):
         return PULL_REF_REFUSED.format(ref=ref)
     return None
-
-
-@dataclass(frozen=True)
-class Ask:
-    """What a Slack user asked for: deploy or roll back a service (None: everything)."""
-
-    kind: DeploymentKind
-    service: str | None = None
-    ref: str | None = None  # deploy --ref
-    to: str | None = None  # rollback --to (a deployment id or a Git ref)
-    # the drift message's Redeploy: plan the service in full, even at the deployed revision
-    redeploy: bool = False
-
-    @property
-    def target(self) -> str:
-        return self.service or "all"
-
-    def args(self) -> dict[str, Any]:
-        return {"ref": self.ref, "to": self.to, **({"redeploy": True} if self.redeploy else {})}
-
-    @classmethod
-    def from_approval(cls, approval: ApprovalRecord) -> Ask:
-        args = approval.args or {}
-        return cls(
-            kind=DeploymentKind(approval.kind),
-            service=approval.service,
-            ref=args.get("ref"),
-            to=args.get("to"),
-            redeploy=bool(args.get("redeploy")),
-        )
 
 
 @dataclass

@@ -9,10 +9,10 @@ from enum import StrEnum
 from typing import Any
 
 from bot.slack.approvals import SLACK_ACTOR_PREFIX, button_value
+from bot.slack.asks import Ask
 from planner.escape import slack_block, slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from planner.render import render_slack, short_rev
-from state.events import DeploymentKind
 
 Block = dict[str, Any]
 
@@ -147,11 +147,8 @@ class RequestStatus(StrEnum):
 class RequestView:
     """What an approval message shows about one request."""
 
-    kind: DeploymentKind
-    target: str  # a service name or "all"
+    ask: Ask
     requested_by: str
-    ref: str | None = None
-    to: str | None = None
     head: str | None = None
     approval_id: str | None = None
     digest: str | None = None
@@ -161,12 +158,7 @@ class RequestView:
     extra: list[str] = field(default_factory=list)
 
     def title(self) -> str:
-        if self.kind is DeploymentKind.ROLLBACK:
-            what = "everything" if self.target == "all" else self.target
-            to = f" to {self.to}" if self.to else ""
-            return f"Roll back {what}{to}"
-        where = f" @ {self.ref}" if self.ref else ""
-        return f"Deploy {self.target}{where}"
+        return self.ask.title()
 
 
 STATUS_LINES: dict[RequestStatus, str] = {

@@ -16,8 +16,8 @@ from bot.slack.approvals import (
     request_refusal,
     slack_actor,
 )
+from bot.slack.asks import Ask
 from bot.slack.backend import (
-    Ask,
     PlanFailure,
     Planned,
 )
@@ -26,7 +26,7 @@ from bot.slack.blocks import (
     RequestView,
 )
 from bot.slack.names import Audit, JobKind
-from bot.slack.services import SlackServices, ask_json, message_of, view_of, who_of
+from bot.slack.services import SlackServices, message_of, view_of, who_of
 from planner.escape import slack_lines
 from state.approvals import ApprovalRecord, ApprovalState
 from state.events import utcnow
@@ -210,12 +210,12 @@ class ApprovalButtons:
             return
         ask = Ask.from_approval(approval)
         message_channel, ts = message_of(approval, body)
-        view = RequestView(ask.kind, ask.target, slack_actor(user), ref=ask.ref, to=ask.to)
+        view = RequestView(ask, slack_actor(user))
         await self.core.show_request(message_channel, ts, view, RequestStatus.PLANNING)
         await self.core.enqueue(
             JobKind.REQUEST,
             {
-                "ask": ask_json(ask),
+                "ask": ask.to_json(),
                 "kind": ask.kind.value,
                 "user": user,
                 "channel": message_channel,

@@ -15,8 +15,8 @@ from bot.context import BotContext
 from bot.slack.approvals import (
     Policy,
 )
+from bot.slack.asks import Ask
 from bot.slack.backend import (
-    Ask,
     Backend,
     RepoBackend,
 )
@@ -30,7 +30,6 @@ from bot.slack.notifier import MessagePacer, SecretRedactor
 from bot.slack.once import web_api_args
 from planner.escape import slack_lines
 from state.approvals import ApprovalRecord
-from state.events import DeploymentKind
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +133,8 @@ def view_of(approval: ApprovalRecord, resolved_by: str | None = None) -> Request
     args = approval.args or {}
     description = args.get("description")
     return RequestView(
-        kind=DeploymentKind(approval.kind),
-        target=approval.service or "all",
+        Ask.from_approval(approval),
         requested_by=approval.requested_by,
-        ref=args.get("ref"),
-        to=args.get("to"),
         head=args.get("revision") or (approval.plan.head if approval.plan else None),
         approval_id=approval.id,
         digest=approval.digest,
@@ -160,21 +156,6 @@ def message_of(approval: ApprovalRecord, body: dict[str, Any]) -> tuple[str, str
     channel = approval.channel or (body.get("channel") or {}).get("id", "")
     ts = approval.ts or message.get("ts", "")
     return str(channel), str(ts)
-
-
-def ask_json(ask: Ask) -> dict[str, Any]:
-    extra = {"redeploy": True} if ask.redeploy else {}
-    return {"service": ask.service, "ref": ask.ref, "to": ask.to, **extra}
-
-
-def ask_from(kind: str, data: dict[str, Any]) -> Ask:
-    return Ask(
-        DeploymentKind(kind),
-        data.get("service"),
-        ref=data.get("ref"),
-        to=data.get("to"),
-        redeploy=bool(data.get("redeploy")),
-    )
 
 
 def secrets_of(ctx: BotContext) -> list[str]:

@@ -34,8 +34,8 @@ from bot.slack.approvals import (
     request_refusal,
     slack_actor,
 )
+from bot.slack.asks import Ask
 from bot.slack.backend import (
-    Ask,
     PlanFailure,
     RefRefused,
     RepoBackend,
@@ -49,7 +49,7 @@ from bot.slack.blocks import (
     text_blocks,
 )
 from bot.slack.names import Audit, JobKind
-from bot.slack.services import SlackServices, ask_from, ask_json, view_of
+from bot.slack.services import SlackServices, view_of
 from bot.slack.status import history_text, status_text
 from planner.escape import slack_lines
 from planner.plan import Plan
@@ -79,14 +79,6 @@ DEPLOYMENT_LOCK = (
 )
 STORE_UNAVAILABLE = ":x: The state store did not answer; try again in a moment."
 APPROVAL_STEP = "slack-approval"  # the request job's approval, recorded as a job effect
-
-
-def describe(ask: Ask) -> str:
-    if ask.kind is DeploymentKind.ROLLBACK:
-        to = f" to {ask.to}" if ask.to else ""
-        return f"a rollback of {ask.target}{to}"
-    ref = f" @ {ask.ref}" if ask.ref else ""
-    return f"a deployment of {ask.target}{ref}"
 
 
 class SlashCommands:
@@ -127,7 +119,7 @@ class SlashCommands:
             await self.request(ask, user, channel, ack, respond)
         elif isinstance(command, PlanCommand):
             ask = Ask(DeploymentKind.DEPLOY, command.service, ref=command.ref)
-            await ack(text=ACK_PLAN.format(what=describe(ask)), response_type="ephemeral")
+            await ack(text=ACK_PLAN.format(what=ask.description()), response_type="ephemeral")
             self.core.spawn(self.show_plan(ask, respond))
         elif isinstance(command, StatusCommand | HistoryCommand):
             await ack(text=ACK_LOOKUP, response_type="ephemeral")
@@ -167,7 +159,7 @@ class SlashCommands:
         """A deploy or rollback request: check the requester, ack, then plan in a job."""
         refusal = request_refusal(self.core.policy, user)
         if refusal is not None:
-            await self.refuse_request(ack, user, refusal, {"kind": ask.kind.value, **ask_json(ask)})
+            await self.refuse_request(ack, user, refusal, {"kind": ask.kind.value, **ask.to_json()})
             return
         refused_ref = ref_refusal(ask.ref)
         if refused_ref is not None:
@@ -176,13 +168,13 @@ class SlashCommands:
             return
         target = self.core.settings.slack_channel or channel
         await ack(
-            text=ACK_PLANNING.format(what=slack_lines(describe(ask)), channel=target),
+            text=ACK_PLANNING.format(what=slack_lines(ask.description()), channel=target),
             response_type="ephemeral",
         )
         self.core.spawn(self.post_request(ask, user, target, respond))
 
     async def audit_refused_ref(self, user: str, ask: Ask, reason: str) -> None:
-        detail = {"kind": ask.kind.value, **ask_json(ask), "reason": "ref refused", "error": reason}
+        detail = {"kind": ask.kind.value, **ask.to_json(), "reason": "ref refused", "error": reason}
         await self.core.audit(slack_actor(user), Audit.REQUEST_REFUSED, detail)
 
     async def post_request(self, ask: Ask, user: str, channel: str, respond: AsyncRespond) -> None:
@@ -197,14 +189,14 @@ class SlashCommands:
                 return
             except PlanFailure:
                 pass  # an unknown ref: planning says so in the request's message
-        view = RequestView(ask.kind, ask.target, slack_actor(user), ref=ask.ref, to=ask.to)
+        view = RequestView(ask, slack_actor(user))
         posted = await self._post(channel, view, respond)
         if posted is None:
             return
         await self.core.enqueue(
             JobKind.REQUEST,
             {
-                "ask": ask_json(ask),
+                "ask": ask.to_json(),
                 "kind": ask.kind.value,
                 "user": user,
                 "channel": channel,
@@ -276,7 +268,7 @@ class SlashCommands:
         await respond(text=text, response_type="in_channel")
 
     async def run_request_job(self, payload: dict[str, Any]) -> None:
-        ask = ask_from(payload["kind"], payload["ask"])
+        ask = Ask.from_json(payload["kind"], payload["ask"])
         await self.plan_request(ask, payload["user"], payload["channel"], payload["ts"])
 
     async def plan_request(self, ask: Ask, user: str, channel: str, ts: str) -> None:
@@ -288,14 +280,14 @@ class SlashCommands:
             await self.resume_request(earlier, channel, ts)
             return
         actor = slack_actor(user)
-        view = RequestView(ask.kind, ask.target, actor, ref=ask.ref, to=ask.to)
+        view = RequestView(ask, actor)
         try:
             planned = await self.core.backend.plan(ask)
         except PlanFailure as exc:
             view.error = self.core.redactor.text(str(exc))
             await self.core.show_request(channel, ts, view, RequestStatus.FAILED)
             await self.core.audit(
-                actor, Audit.REQUEST_FAILED, {**ask_json(ask), "error": view.error}
+                actor, Audit.REQUEST_FAILED, {**ask.to_json(), "error": view.error}
             )
             return
         plan = planned.plan
@@ -306,13 +298,13 @@ class SlashCommands:
             view.error = f"the manifest has {len(plan.errors)} error(s)"
             await self.core.show_request(channel, ts, view, RequestStatus.FAILED, plan)
             await self.core.audit(
-                actor, Audit.REQUEST_FAILED, {**ask_json(ask), "error": view.error}
+                actor, Audit.REQUEST_FAILED, {**ask.to_json(), "error": view.error}
             )
             return
         if not plan.steps:
             await self.core.show_request(channel, ts, view, RequestStatus.NOTHING_TO_DO, plan)
             await self.core.audit(
-                actor, Audit.REQUEST, {**ask_json(ask), "outcome": "nothing to do"}
+                actor, Audit.REQUEST, {**ask.to_json(), "outcome": "nothing to do"}
             )
             return
         store = self.core.ctx.require_store()
@@ -336,7 +328,7 @@ class SlashCommands:
         await self.core.audit(
             actor,
             Audit.REQUEST,
-            {**ask_json(ask), "approval": approval_id, "digest": plan.digest, "channel": channel},
+            {**ask.to_json(), "approval": approval_id, "digest": plan.digest, "channel": channel},
         )
         if ask.kind is DeploymentKind.DEPLOY:
             await self.show_previews(channel, ts, view, plan)
@@ -360,7 +352,7 @@ class SlashCommands:
         if not isinstance(backend, RepoBackend):
             return  # previews build from the manifest repository's Git cache
         previewed = await preview_for_approval(
-            self.core.ctx, plan, view.head, backend.git.path, complete=view.target == ALL
+            self.core.ctx, plan, view.head, backend.git.path, complete=view.ask.target == ALL
         )
         if previewed is None or view.approval_id is None:
             return
