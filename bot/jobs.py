@@ -196,9 +196,26 @@ class DeliveryIntake:
                 item.future.set_result(result)
 
 
+# this process's part of every name it gives: a restarted container's pid 1 is a new process
+# with an old process's pid, told apart by this
+PROCESS_NONCE = uuid.uuid4().hex[:8]
+_names = itertools.count()
+
+
 def worker_name() -> str:
-    """Unique per process: host, pid and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """Unique per name given: host, pid, and this process's nonce with a count."""
+    return f"{socket.gethostname()}:{os.getpid()}:{PROCESS_NONCE}{next(_names)}"
+
+
+def holder_alive(pid: int, nonce: str) -> bool:
+    """The process that took a `host:pid:nonce` name of this host still runs.
+
+    Our own pid in a name that is not ours is an earlier process (a container restarted with
+    the same pid 1): it is gone.
+    """
+    if pid == os.getpid():
+        return nonce.startswith(PROCESS_NONCE)
+    return pid_alive(pid)
 
 
 def _set_on_close(event: asyncio.Event, _connection: Any) -> None:
@@ -289,7 +306,7 @@ class JobWorker:
     async def reclaim(self) -> list[int]:
         """Make this host's dead processes' jobs claimable now; the jobs reclaimed."""
         host = self.name.split(":", 1)[0]
-        reclaimed = await self.store.queue.reclaim_dead(host, pid_alive, keep=self.name)
+        reclaimed = await self.store.queue.reclaim_dead(host, holder_alive, keep=self.name)
         if reclaimed:
             log.warning("reclaimed job(s) %s of a dead process on %s", reclaimed, host)
             self._wake.set()

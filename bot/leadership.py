@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from bot.jobs import pid_alive, worker_name
+from bot.jobs import holder_alive, worker_name
 from state.events import utcnow
 from state.locks import LockRecord, LockRepository
 from state.queue import dead_holder
@@ -43,7 +43,7 @@ class Leadership:
         on_lead: Transition,
         on_lose: Transition,
         holder: str | None = None,
-        alive: Callable[[int], bool] = pid_alive,
+        alive: Callable[[int, str], bool] = holder_alive,
     ) -> None:
         self.locks = locks
         self.name = name

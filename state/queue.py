@@ -226,9 +226,9 @@ class QueueRepository(Repository):
             await conn.execute(_FINISH, values)
 
     async def reclaim_dead(
-        self, host: str, alive: Callable[[int], bool], *, keep: str | None = None
+        self, host: str, alive: Callable[[int, str], bool], *, keep: str | None = None
     ) -> list[int]:
-        """Jobs running under a dead process of `host` (its pid not `alive`) are claimable now.
+        """Jobs running under a dead process of `host` (not `alive(pid, nonce)`) are claimable now.
 
         Worker names are `host:pid:nonce` (`bot.jobs.worker_name`); `keep` (the caller's own
         name) is never reclaimed. Their lease is ended, so the next claim takes them over.
@@ -362,13 +362,13 @@ def _like_literal(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def dead_holder(holder: str, host: str, alive: Callable[[int], bool]) -> bool:
-    """A `host:pid:nonce` holder (a job worker, a leader) of `host` whose pid is not `alive`
-    (another host's, or an unreadable name: not known dead)."""
+def dead_holder(holder: str, host: str, alive: Callable[[int, str], bool]) -> bool:
+    """A `host:pid:nonce` holder (a job worker, a leader) of `host` that is not `alive(pid,
+    nonce)` (another host's, or an unreadable name: not known dead)."""
     parts = holder.split(":")
     if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
         return False
-    return not alive(int(parts[1]))
+    return not alive(int(parts[1]), parts[2])
 
 
 def _claimable(now: Any) -> sa.ColumnElement[bool]:

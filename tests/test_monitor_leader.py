@@ -182,6 +182,21 @@ async def test_a_dead_process_of_this_host_loses_the_lead_at_once(tmp_path: Path
             await there.leadership.stop()
 
 
+async def test_an_earlier_process_with_this_pid_loses_the_lead_at_once(tmp_path: Path) -> None:
+    """A restarted container's pid 1 finds its own pid in the lock under another nonce."""
+    async with sqlite_store(tmp_path) as store:
+        earlier = f"{socket.gethostname()}:{os.getpid()}:0ld0ne"
+        await store.locks.lead("leader:a", earlier, timedelta(minutes=10))
+        here = contender(store, "leader:a")
+        await here.leadership.start()
+        try:
+            assert here.leadership.leading
+            held = await store.locks.held("leader:a")
+            assert held is not None and held.holder == here.leadership.holder != earlier
+        finally:
+            await here.leadership.stop()
+
+
 # --- two worker applications on one store ---------------------------------------------------
 
 

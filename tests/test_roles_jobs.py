@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from bot.jobs import DEFAULT_LEASE, REPLAY_WINDOW, JobWorker, current_job, pid_alive
+from bot.jobs import (
+    DEFAULT_LEASE,
+    REPLAY_WINDOW,
+    JobWorker,
+    current_job,
+    holder_alive,
+    pid_alive,
+)
 from state.events import utcnow
 from state.queue import JobState
 from state.store import Store
@@ -65,6 +72,26 @@ async def test_a_dead_local_process_jobs_are_reclaimed_at_once(store: Store) -> 
     assert ran == ["dead"]
     job = await store.queue.get(dead.id)
     assert job is not None and job.state is JobState.DONE and job.attempts == 2
+
+
+async def test_jobs_of_an_earlier_process_with_this_pid_are_reclaimed_at_once(
+    store: Store,
+) -> None:
+    """A container restarted with the same pid 1: the old names carry another nonce."""
+    host = socket.gethostname()
+    worker = JobWorker(store)
+    sibling = JobWorker(store)  # another worker of this very process is alive
+    worker.register("work", lambda payload: asyncio.sleep(0))
+    assert worker.name.split(":")[:2] == [host, str(os.getpid())]
+    for who in ("earlier", "sibling"):
+        await worker.enqueue("work", {"who": who})
+    lease = timedelta(minutes=10)
+    earlier = await store.queue.claim(f"{host}:{os.getpid()}:0ld0ne", lease=lease)
+    running = await store.queue.claim(sibling.name, lease=lease)
+    assert earlier and running
+    assert await worker.reclaim() == [earlier.id]
+    assert holder_alive(os.getpid(), sibling.name.split(":")[2])
+    assert not holder_alive(os.getpid(), "0ld0ne")
 
 
 async def test_job_effects_are_recorded_once(store: Store) -> None:
