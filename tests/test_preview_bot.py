@@ -257,7 +257,8 @@ async def test_hosts_all_completes_the_plan_a_slack_approval_deploys(
     lab: dict[str, Any],
 ) -> None:
     """After a first deployment, gitea's port changes and so does postgresql's package: the
-    rules select gitea; the builds of every host add postgresql, which the approval deploys."""
+    rules select gitea; the builds of every host add postgresql, which the approval deploys.
+    Then only gitea's package changes: the builds make the empty plan gitea's deployment."""
     from bot.app import build_app, context_of
     from bot.slack import SLACK_BOT
     from tests.fixtures_slack import (
@@ -311,3 +312,21 @@ async def test_hosts_all_completes_the_plan_a_slack_approval_deploys(
     assert latest.head == head
     steps = {step.id for step in latest.plan.steps}
     assert {"nix:core:postgresql", "verify:postgresql", "nix:service-config:gitea"} <= steps
+
+    # only gitea's package changes, in a file no rule knows: the rules select nothing, the
+    # builds find gitea, and the approval deploys it (not "nothing to do")
+    head = commit_files(
+        manifest_repo,
+        "main",
+        None,
+        "gitea 1.21.1",
+        versions={**VERSIONS, "postgresql": "15.5", "gitea": "1.21.1"},
+        hosts=HOSTS,
+    )
+    summary = await approved_deployment()
+    assert "• *gitea*: 1 package changed" in summary
+    (latest, *_) = await store.deployments.history()
+    assert latest.head == head
+    # (the simulated deployments left postgresql's host on 15.4: it changes as well)
+    assert {"nix:service-config:gitea", "verify:gitea"} <= {step.id for step in latest.plan.steps}
+    assert all(step.reasons for step in latest.plan.steps)

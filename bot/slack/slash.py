@@ -54,7 +54,8 @@ from bot.slack.status import history_text, status_text
 from planner.escape import slack_lines
 from planner.plan import Plan
 from planner.render import render_slack
-from state.approvals import ApprovalState
+from runners.config import PreviewHosts
+from state.approvals import PLANNED_DIGEST, ApprovalState
 from state.events import DeploymentKind
 from state.locks import LockBusy
 
@@ -301,6 +302,9 @@ class SlashCommands:
                 actor, Audit.REQUEST_FAILED, {**ask.to_json(), "error": view.error}
             )
             return
+        previewed, rules_digest = False, plan.digest
+        if not plan.steps and ask.kind is DeploymentKind.DEPLOY and ask.target == ALL:
+            plan, previewed = await self.complete_from_builds(view, plan)
         if not plan.steps:
             await self.core.show_request(channel, ts, view, RequestStatus.NOTHING_TO_DO, plan)
             await self.core.audit(
@@ -315,7 +319,13 @@ class SlashCommands:
             ttl=self.core.policy.ttl,
             plan=plan,
             service=ask.service,
-            args={**ask.args(), "revision": view.head, "description": planned.description},
+            args={
+                **ask.args(),
+                "revision": view.head,
+                "description": planned.description,
+                # an Approve re-plans with the rules: their digest stands for the completed plan
+                **({PLANNED_DIGEST: rules_digest} if plan.digest != rules_digest else {}),
+            },
             channel=channel,
             ts=ts,
         )
@@ -330,8 +340,28 @@ class SlashCommands:
             Audit.REQUEST,
             {**ask.to_json(), "approval": approval_id, "digest": plan.digest, "channel": channel},
         )
-        if ask.kind is DeploymentKind.DEPLOY:
+        if ask.kind is DeploymentKind.DEPLOY and not previewed:
             await self.show_previews(channel, ts, view, plan)
+
+    async def complete_from_builds(self, view: RequestView, plan: Plan) -> tuple[Plan, bool]:
+        """A `deploy all` the rules find nothing for, with the hosts whose built systems change
+        (`[preview] hosts = "all"`: a host can change with no file a rule knows), its summary
+        added to the view; and whether the hosts were previewed."""
+        from bot.slack.previews import preview_for_approval
+
+        backend = self.core.backend
+        hosts = self.core.ctx.settings.preview.hosts
+        if hosts is not PreviewHosts.ALL or not isinstance(backend, RepoBackend):
+            return plan, False
+        previewed = await preview_for_approval(
+            self.core.ctx, plan, view.head, backend.git.path, complete=True
+        )
+        if previewed is None:
+            return plan, False
+        completed, summary = previewed
+        if summary:
+            view.extra = [*view.extra, summary]
+        return completed, True
 
     async def resume_request(self, approval_id: str, channel: str, ts: str) -> None:
         """Show the approval an earlier attempt of the job recorded, instead of a second one
