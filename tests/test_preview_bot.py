@@ -190,7 +190,7 @@ async def test_hosts_all_completes_the_plan_that_apply_checks(
     assert "<details><summary>postgresql: unchanged</summary>" in body
     assert "- `openssl 3.0.1 → 3.0.2`" in body
     digest, _ = digest_in(body)
-    ref = PullRef(7, head, lab["base"], "main", None, False)
+    ref = PullRef(7, head, lab["base"], "main", False)
     fresh = await compute_plan(bot.ctx, ref)  # what `/nixmox apply` compares the comment with
     assert fresh.digest == digest
     assert "nix:service-config:gitea" in fresh.by_id()

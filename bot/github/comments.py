@@ -30,7 +30,7 @@ from bot.chat_commands import (
 )
 from bot.context import BotContext
 from bot.github.client import GitHubClient
-from bot.github.payloads import job_of
+from bot.github.payloads import FetchFrom, job_of
 from bot.github.pulls import (
     PullRef,
     comment_parts,
@@ -136,13 +136,13 @@ class ApplyCheck:
 
 
 @dataclass(frozen=True)
-class CommandJob:
+class CommandJob(FetchFrom):
+    """A `/nixmox` comment on a pull request (the payload of a command job)."""
+
     number: int
     comment_id: int
     user: str
     body: str = ""
-    clone_url: str | None = None
-    installation_id: int | None = None
 
 
 async def permission_of(gh: GitHubClient, repo: Repo, user: str) -> str:

@@ -8,11 +8,21 @@ clear 400 naming the field. The router receives plain dicts (`msgspec.to_builtin
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
 
 Job = TypeVar("Job")
+
+
+@dataclass(frozen=True)
+class FetchFrom:
+    """Where a queued job fetches its commits: the repository's clone URL (None: the
+    configured one) and the App installation whose token reads it (keywords only)."""
+
+    clone_url: str | None = field(default=None, kw_only=True)
+    installation_id: int | None = field(default=None, kw_only=True)
 
 
 class Account(msgspec.Struct):

@@ -21,7 +21,7 @@ from bot.context import BotContext
 from bot.gitcache import GitCache, GitFetchError, Remote, remote_for
 from bot.github.checks import CommitChecks, Report, commit_checks
 from bot.github.client import GitHubClient
-from bot.github.payloads import job_of
+from bot.github.payloads import FetchFrom, job_of
 from bot.github.previews import (
     failed_line,
     newer_head,
@@ -64,16 +64,14 @@ MERGE_BASES_KEPT = 1024  # (base, head) merge bases remembered per process
 
 
 @dataclass(frozen=True)
-class PullRef:
+class PullRef(FetchFrom):
     """A pull request at one head commit (the payload of a plan job)."""
 
     number: int
     head_sha: str
     base_sha: str
     base_ref: str = ""
-    clone_url: str | None = None
     fork: bool = False
-    installation_id: int | None = None
 
     @classmethod
     def from_api(cls, pull: dict[str, Any], installation_id: int | None) -> PullRef:
@@ -168,15 +166,13 @@ async def upsert_plan_comment(
     return ids
 
 
-async def cache_and_remote(
-    ctx: BotContext, clone_url: str | None, installation_id: int | None
-) -> tuple[GitCache, Remote]:
+async def cache_and_remote(ctx: BotContext, job: FetchFrom) -> tuple[GitCache, Remote]:
     """The Git cache clone, and the remote to fetch into it (with the installation's token)."""
     git = ctx.git
     if git is None:
         raise PlanningError("the Git cache is not set up")
-    token = await ctx.require_github().token(installation_id)
-    return git, remote_for(ctx.settings, clone_url, token)
+    token = await ctx.require_github().token(job.installation_id)
+    return git, remote_for(ctx.settings, job.clone_url, token)
 
 
 async def compute_plan(ctx: BotContext, pull: PullRef) -> Plan:
@@ -206,7 +202,7 @@ async def fetched_merge_base(ctx: BotContext, pull: PullRef) -> str | None:
 
 
 async def _fetch_merge_base(ctx: BotContext, pull: PullRef) -> str | None:
-    git, remote = await cache_and_remote(ctx, pull.clone_url, pull.installation_id)
+    git, remote = await cache_and_remote(ctx, pull)
     refs = [f"refs/pull/{pull.number}/head"]
     if pull.base_ref:
         refs.append(f"refs/heads/{pull.base_ref}")

@@ -25,7 +25,7 @@ from bot.context import BotContext
 from bot.gitcache import GitCache, GitFetchError, is_sha, remote_for
 from bot.github.checks import CommitChecks, Report
 from bot.github.client import GitHubClient
-from bot.github.payloads import job_of
+from bot.github.payloads import FetchFrom, job_of
 from bot.github.pulls import (
     archive_plan,
     cache_and_remote,
@@ -239,14 +239,12 @@ async def already_contained(git: GitCache, after: str, deployed: str) -> bool:
 
 
 @dataclass(frozen=True)
-class BranchPush:
+class BranchPush(FetchFrom):
     """A push to a branch other than the default one (the payload of a branch plan job)."""
 
     branch: str
     default_branch: str
     after: str
-    clone_url: str | None = None
-    installation_id: int | None = None
 
 
 async def plan_branch_push(ctx: BotContext, payload: dict[str, Any]) -> None:
@@ -303,7 +301,7 @@ def branch_plan_status(plan: Plan) -> tuple[StatusState, str]:
 
 async def compute_branch_plan(ctx: BotContext, push: BranchPush) -> Plan:
     """Fetch the default branch and the head; plan their merge base → head (shared plan)."""
-    git, remote = await cache_and_remote(ctx, push.clone_url, push.installation_id)
+    git, remote = await cache_and_remote(ctx, push)
     try:
         tip = await git.branch_tip(remote, push.default_branch)
         await git.fetch(remote, [push.after], [f"refs/heads/{push.branch}"])
