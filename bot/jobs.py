@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -233,32 +233,27 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass(eq=False)
 class JobWorker:
     """Runs queued jobs with up to `concurrency` at once."""
 
-    def __init__(
-        self,
-        store: Store,
-        *,
-        metrics: Metrics | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        lease: timedelta = DEFAULT_LEASE,
-        poll_interval: float = DEFAULT_POLL,
-        name: str | None = None,
-    ) -> None:
-        self.store = store
-        self.metrics = metrics
-        self.concurrency = concurrency
-        self.lease = lease
-        self.poll_interval = poll_interval
-        self.name = name or worker_name()
-        self.handlers: dict[str, JobHandler] = {}
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._running = 0
-        self._idle = asyncio.Event()
+    store: Store
+    _: KW_ONLY
+    metrics: Metrics | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    lease: timedelta = DEFAULT_LEASE
+    poll_interval: float = DEFAULT_POLL
+    name: str = field(default_factory=worker_name)
+    handlers: dict[str, JobHandler] = field(default_factory=dict, init=False)
+    intake: DeliveryIntake = field(init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _running: int = field(default=0, init=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
         self._idle.set()
-        self.intake = DeliveryIntake(store)
+        self.intake = DeliveryIntake(self.store)
 
     def register(self, kind: str, handler: JobHandler) -> None:
         if kind in self.handlers:
