@@ -198,9 +198,9 @@ def test_approval_message_of_a_huge_plan_stays_within_limits(status: RequestStat
         Ask(DeploymentKind.DEPLOY),
         f"slack:{REQUESTER}",
         head="a" * 40,
-        approval_id="a1",
-        digest=plan.digest,
-        expires_at=utcnow(),
+        approval=ApprovalRecord(
+            "a1", "deploy", f"slack:{REQUESTER}", ApprovalState.PENDING, plan.digest, utcnow()
+        ),
         resolved_by=f"slack:{APPROVER}",
         error="x" * 5000,
         extra=["undo deployment d1: " + "svc, " * 1000],

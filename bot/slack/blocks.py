@@ -13,6 +13,7 @@ from bot.slack.asks import Ask
 from planner.escape import slack_block, slack_code, slack_lines, slack_text
 from planner.plan import Plan
 from planner.render import render_slack, short_rev
+from state.approvals import ApprovalRecord
 
 Block = dict[str, Any]
 
@@ -145,14 +146,12 @@ class RequestStatus(StrEnum):
 
 @dataclass
 class RequestView:
-    """What an approval message shows about one request."""
+    """What an approval message shows about one request (and its approval, once recorded)."""
 
     ask: Ask
     requested_by: str
     head: str | None = None
-    approval_id: str | None = None
-    digest: str | None = None
-    expires_at: datetime | None = None
+    approval: ApprovalRecord | None = None
     resolved_by: str | None = None
     error: str | None = None
     extra: list[str] = field(default_factory=list)
@@ -192,8 +191,9 @@ def request_blocks(view: RequestView, status: RequestStatus, plan: Plan | None) 
     facts = [f"requested by {mention(view.requested_by)}"]
     if view.head:
         facts.append(f"revision {slack_code(short_rev(view.head))}")
-    if status is RequestStatus.PENDING and view.expires_at:
-        facts.append(f"expires {format_time(view.expires_at)}")
+    approval = view.approval
+    if status is RequestStatus.PENDING and approval is not None:
+        facts.append(f"expires {format_time(approval.expires_at)}")
     if plan is not None:
         room = MAX_BLOCKS - APPROVAL_FRAME_BLOCKS - len(view.extra)
         rendered = render_slack(plan, title=view.title(), max_blocks=room)["blocks"]
@@ -206,8 +206,8 @@ def request_blocks(view: RequestView, status: RequestStatus, plan: Plan | None) 
         error=slack_lines(truncate(view.error or "unknown error", 500)),
     )
     blocks.append(section(line, block_id="nixmox_status"))
-    if status is RequestStatus.PENDING and view.approval_id and view.digest:
-        value = button_value(view.approval_id, view.digest)
+    if status is RequestStatus.PENDING and approval is not None:
+        value = button_value(approval.id, approval.digest)
         blocks.append(
             actions(
                 APPROVAL_ACTIONS_BLOCK,
@@ -215,9 +215,9 @@ def request_blocks(view: RequestView, status: RequestStatus, plan: Plan | None) 
                 button("Cancel", ActionId.CANCEL, value, "danger"),
             )
         )
-    elif status in {RequestStatus.EXPIRED, RequestStatus.PLAN_CHANGED} and view.approval_id:
+    elif status in {RequestStatus.EXPIRED, RequestStatus.PLAN_CHANGED} and approval is not None:
         blocks.append(
-            actions(APPROVAL_ACTIONS_BLOCK, button("Re-plan", ActionId.REPLAN, view.approval_id))
+            actions(APPROVAL_ACTIONS_BLOCK, button("Re-plan", ActionId.REPLAN, approval.id))
         )
     return blocks[:MAX_BLOCKS]
 

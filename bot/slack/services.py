@@ -136,9 +136,7 @@ def view_of(approval: ApprovalRecord, resolved_by: str | None = None) -> Request
         Ask.from_approval(approval),
         requested_by=approval.requested_by,
         head=args.get("revision") or (approval.plan.head if approval.plan else None),
-        approval_id=approval.id,
-        digest=approval.digest,
-        expires_at=approval.expires_at,
+        approval=approval,
         resolved_by=resolved_by or approval.resolved_by,
         extra=[slack_lines(description)] if description else [],
     )

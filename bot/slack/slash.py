@@ -331,9 +331,7 @@ class SlashCommands:
         )
         if job is not None and step is not None:
             await job.record(step, approval_id)
-        approval = await store.approvals.get(approval_id)
-        view.approval_id, view.digest = approval_id, plan.digest
-        view.expires_at = approval.expires_at if approval is not None else None
+        view.approval = await store.approvals.get(approval_id)
         await self.core.show_request(channel, ts, view, RequestStatus.PENDING, plan)
         await self.core.audit(
             actor,
@@ -384,17 +382,18 @@ class SlashCommands:
         previewed = await preview_for_approval(
             self.core.ctx, plan, view.head, backend.git.path, complete=view.ask.target == ALL
         )
-        if previewed is None or view.approval_id is None:
+        if previewed is None or view.approval is None:
             return
         completed, summary = previewed
         approvals = self.core.ctx.require_store().approvals
-        if completed.digest != plan.digest:
-            # the builds found hosts the rules missed: the request now deploys them too
-            if not await approvals.complete_plan(view.approval_id, plan.digest, completed):
-                return  # approved or cancelled meanwhile: that message stays
-            view.digest = completed.digest
-        approval = await approvals.get(view.approval_id)
-        if approval is None or approval.state is not ApprovalState.PENDING:
+        approval_id = view.approval.id
+        # the builds found hosts the rules missed: the request now deploys them too
+        if completed.digest != plan.digest and not await approvals.complete_plan(
+            approval_id, plan.digest, completed
+        ):
+            return  # approved or cancelled meanwhile: that message stays
+        view.approval = await approvals.get(approval_id)
+        if view.approval is None or view.approval.state is not ApprovalState.PENDING:
             return  # approved or cancelled meanwhile: that message stays
         if summary is None and completed is plan:
             return
