@@ -50,15 +50,16 @@ class Ask:
         """The approval message's title: "Deploy vaultwarden @ main", "Roll back everything"."""
         if self.kind is DeploymentKind.ROLLBACK:
             what = "everything" if self.target == ALL else self.target
-            to = f" to {self.to}" if self.to else ""
-            return f"Roll back {what}{to}"
-        where = f" @ {self.ref}" if self.ref else ""
-        return f"Deploy {self.target}{where}"
+            return f"Roll back {what}{self._where()}"
+        return f"Deploy {self.target}{self._where()}"
 
     def description(self) -> str:
         """The request in a sentence: "a deployment of vaultwarden @ main"."""
+        what = "a rollback" if self.kind is DeploymentKind.ROLLBACK else "a deployment"
+        return f"{what} of {self.target}{self._where()}"
+
+    def _where(self) -> str:
+        """` to <deployment or ref>` of a rollback, ` @ <ref>` of a deployment ("" if none)."""
         if self.kind is DeploymentKind.ROLLBACK:
-            to = f" to {self.to}" if self.to else ""
-            return f"a rollback of {self.target}{to}"
-        ref = f" @ {self.ref}" if self.ref else ""
-        return f"a deployment of {self.target}{ref}"
+            return f" to {self.to}" if self.to else ""
+        return f" @ {self.ref}" if self.ref else ""
