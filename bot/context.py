@@ -42,7 +42,7 @@ from state.events import Subscriber
 from state.store import Store
 
 if TYPE_CHECKING:
-    from bot.gitcache import GitCache
+    from bot.gitcache import GitCache, ManifestGit
     from bot.github.client import GitHubClientFactory
     from bot.jobs import JobWorker
     from deployments.monitor import Monitor
@@ -111,6 +111,14 @@ class BotContext:
     def execution(self) -> ExecutionOptions:
         """How this bot runs deployments: from its settings and runner configuration."""
         return ExecutionOptions.from_settings(self.settings, self.runner_config)
+
+    def manifest_git(self, cache: GitCache | None = None) -> ManifestGit:
+        """The bot's Git access to the manifest repository: the shared cache (or `cache`, or
+        one of its own) and, on GitHub, the App installation's token."""
+        from bot.gitcache import ManifestGit
+
+        token = self.github.token if self.github is not None else None
+        return ManifestGit.of(self.settings, cache or self.git, token)
 
     def require_store(self) -> Store:
         if self.store is None:

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from bot.context import CONTEXT, BotContext
-from bot.gitcache import GitFetchError, ManifestGit
+from bot.gitcache import GitFetchError
 from bot.leadership import Leadership
 from deployments.drift import DriftReport
 from deployments.monitor import (
@@ -133,8 +133,7 @@ def repo_source(ctx: BotContext) -> RepoSource | None:
     settings = ctx.settings
     if not (settings.git_remote or settings.repo):
         return None
-    github = ctx.github
-    access = ManifestGit.of(settings, ctx.git, github.token if github else None)
+    access = ctx.manifest_git()
 
     async def source() -> tuple[Path, str] | None:
         try:

@@ -9,6 +9,8 @@ plans through `BotContext.deploy` / `BotContext.rollback` (the deployment core),
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -152,14 +154,11 @@ class RepoBackend:
     @property
     def access(self) -> ManifestGit:
         """The one Git access to the manifest repository (bot.gitcache), with this cache."""
-        github = self.ctx.github
-        return ManifestGit(self.ctx.settings, self.git, github.token if github else None)
+        return self.ctx.manifest_git(self.git)
 
     async def remote(self) -> Remote:
-        try:
+        with git_failures():
             return await self.access.remote()
-        except GitFetchError as exc:
-            raise PlanFailure(str(exc)) from None
 
     async def fetch(self, ref: str | None) -> str:
         """The commit `ref` (default: the remote's default branch) names, fetched into the cache.
@@ -173,26 +172,20 @@ class RepoBackend:
             return await self.default_branch()
         remote = await self.remote()
         names: list[str] = []
-        if SHA_PATTERN.match(ref):
-            sha = ref
-        else:
-            sha, names = await resolve_remote_ref(remote, ref)
-        try:
+        with git_failures():
+            if SHA_PATTERN.match(ref):
+                sha = ref
+            else:
+                sha, names = await resolve_ref(remote, ref)
             await self.git.fetch(remote, [sha], refs=names)
-        except GitFetchError as exc:
-            raise PlanFailure(str(exc)) from None
         if not any(name.startswith(BRANCH_REFS) for name in names):
             await self.require_on_a_branch(remote, sha)  # a commit id or a tag
         return sha
 
     async def default_branch(self) -> str:
         """The head of the remote's default branch, fetched (one Git access: bot.gitcache)."""
-        try:
+        with git_failures():
             return await self.access.default_branch()
-        except UnknownRef as exc:
-            raise PlanFailure(UNKNOWN_REF.format(ref=exc.ref)) from None
-        except GitFetchError as exc:
-            raise PlanFailure(str(exc)) from None
 
     async def check_ref(self, ref: str) -> None:
         """Raise RefRefused when `ref` names code Slack must not deploy."""
@@ -200,11 +193,9 @@ class RepoBackend:
 
     async def require_on_a_branch(self, remote: Remote, sha: str) -> None:
         """RefRefused unless `sha` is in the history of one of the remote's branches."""
-        try:
+        with git_failures():
             heads = await ls_remote(remote, ["--heads"])
             await self.git.fetch(remote, list(heads.values()), refs=list(heads))
-        except GitFetchError as exc:
-            raise PlanFailure(str(exc)) from None
 
         def contained() -> bool:
             return any(self.git.is_ancestor(sha, head) for head in heads.values())
@@ -277,10 +268,12 @@ class RepoBackend:
         )
 
 
-async def resolve_remote_ref(remote: Remote, ref: str | None) -> tuple[str, list[str]]:
-    """`git ls-remote`: the commit of a branch or tag (None: the default branch, HEAD)."""
+@contextlib.contextmanager
+def git_failures() -> Iterator[None]:
+    """The manifest repository's Git errors as the PlanFailure a request's message shows (their
+    messages carry no credentials)."""
     try:
-        return await resolve_ref(remote, ref)
+        yield
     except UnknownRef as exc:
         raise PlanFailure(UNKNOWN_REF.format(ref=exc.ref)) from None
     except GitFetchError as exc:
