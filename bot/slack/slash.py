@@ -345,21 +345,29 @@ class SlashCommands:
         """A `deploy all` the rules find nothing for, with the hosts whose built systems change
         (`[preview] hosts = "all"`: a host can change with no file a rule knows), its summary
         added to the view; and whether the hosts were previewed."""
-        from bot.slack.previews import preview_for_approval
-
-        backend = self.core.backend
-        hosts = self.core.ctx.settings.preview.hosts
-        if hosts is not PreviewHosts.ALL or not isinstance(backend, RepoBackend):
-            return plan, False
-        previewed = await preview_for_approval(
-            self.core.ctx, plan, view.head, backend.git.path, complete=True
-        )
+        if self.core.ctx.settings.preview.hosts is not PreviewHosts.ALL:
+            return plan, False  # only the selected hosts are built: an empty plan selects none
+        previewed = await self.previewed(view, plan, complete=True)
         if previewed is None:
             return plan, False
         completed, summary = previewed
         if summary:
             view.extra = [*view.extra, summary]
         return completed, True
+
+    async def previewed(
+        self, view: RequestView, plan: Plan, *, complete: bool
+    ) -> tuple[Plan, str | None] | None:
+        """The request's plan (completed from the head's builds, when `complete`) and the
+        hosts' summary; None when previews are off or there is no repository to build from."""
+        from bot.slack.previews import preview_for_approval
+
+        backend = self.core.backend
+        if not isinstance(backend, RepoBackend):
+            return None  # previews build from the manifest repository's Git cache
+        return await preview_for_approval(
+            self.core.ctx, plan, view.head, backend.git.path, complete=complete
+        )
 
     async def resume_request(self, approval_id: str, channel: str, ts: str) -> None:
         """Show the approval an earlier attempt of the job recorded, instead of a second one
@@ -374,14 +382,7 @@ class SlashCommands:
 
     async def show_previews(self, channel: str, ts: str, view: RequestView, plan: Plan) -> None:
         """Add the per-host summary to a pending request's message once the builds are done."""
-        from bot.slack.previews import preview_for_approval
-
-        backend = self.core.backend
-        if not isinstance(backend, RepoBackend):
-            return  # previews build from the manifest repository's Git cache
-        previewed = await preview_for_approval(
-            self.core.ctx, plan, view.head, backend.git.path, complete=view.ask.target == ALL
-        )
+        previewed = await self.previewed(view, plan, complete=view.ask.target == ALL)
         if previewed is None or view.approval is None:
             return
         completed, summary = previewed
