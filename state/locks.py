@@ -241,12 +241,15 @@ class LockRepository(Repository):
 
     async def all(self) -> list[LockRecord]:
         """The locks in force (expired leases are not listed)."""
+        return await self._in_force()
+
+    async def _in_force(self, *where: sa.ColumnElement[bool]) -> list[LockRecord]:
         now = utcnow()
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
                     locks.select()
-                    .where(sa.or_(locks.c.expires_at.is_(None), locks.c.expires_at >= now))
+                    .where(sa.or_(locks.c.expires_at.is_(None), locks.c.expires_at >= now), *where)
                     .order_by(locks.c.service)
                 )
             ).all()
@@ -267,7 +270,8 @@ class LockRepository(Repository):
 
     async def held(self, name: str) -> LockRecord | None:
         """The lock on `name` in force (None: free, or its lease ran out)."""
-        return next((lock for lock in await self.all() if lock.service == name), None)
+        found = await self._in_force(locks.c.service == name)
+        return found[0] if found else None
 
     async def take_over(self, name: str, dead: str, holder: str, lease: timedelta) -> bool:
         """Replace the leased lock `name` of `dead` (a holder known to be gone) by `holder`'s."""
