@@ -104,6 +104,20 @@ def slack_overrides(fake: FakeSlack) -> dict[str, Any]:
     }
 
 
+def slack_process_env(fake: FakeSlack, **settings: str) -> dict[str, str]:
+    """The environment of a `nixmox` process with Slack on against the fake, and `settings`
+    (none of this process's own NIXMOX_* settings leak in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXMOX_")}
+    env.update(
+        NIXMOX_SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        NIXMOX_SLACK_BOT_TOKEN=DEFAULT_TOKEN,
+        NIXMOX_SLACK_API_URL=fake.api_url,
+        NIXMOX_SLACK_CHANNEL=CHANNEL,
+        **settings,
+    )
+    return env
+
+
 def sign(body: bytes, timestamp: int, secret: str = SIGNING_SECRET) -> dict[str, str]:
     """Slack's request headers for `body`."""
     signature = SignatureVerifier(secret).generate_signature(timestamp=str(timestamp), body=body)

@@ -30,15 +30,15 @@ from runners.config import RunnerConfig, SimulateConfig
 from runners.registry import RunnerKind, build_runners
 from state.health import DriftRecord
 from state.store import Store
-from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
+from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_github import ManifestRepo
 from tests.fixtures_slack import (
     APPROVER,
     CHANNEL,
     PROGRESS_INTERVAL,
     REQUESTER,
-    SIGNING_SECRET,
     SlackDriver,
+    slack_process_env,
     slack_settings,
 )
 from tests.homelab import Homelab
@@ -180,14 +180,7 @@ async def test_serve_alerts_once_then_recovers_and_metrics_go_0_then_1(
 ) -> None:
     lab = Homelab(tmp_path, interval=0, retries=2)  # the monitor checks every 0.5 s
     await asyncio.to_thread(lab.deploy)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXMOX_")}
-    env.update(
-        NIXMOX_SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        NIXMOX_SLACK_BOT_TOKEN=DEFAULT_TOKEN,
-        NIXMOX_SLACK_API_URL=fake_slack.api_url,
-        NIXMOX_SLACK_CHANNEL=CHANNEL,
-        NIXMOX_DRIFT_INTERVAL="1",
-    )
+    env = slack_process_env(fake_slack, NIXMOX_DRIFT_INTERVAL="1")
     server = Server(lab.config, env, tmp_path / "serve.log")
     seen: list[str] = []
     try:

@@ -34,9 +34,9 @@ from bot.monitoring import MONITOR_LOCK
 from bot.roles import Role
 from runners.config import RunnerConfig
 from state.store import Store
-from tests.fakes.slack import DEFAULT_TOKEN, FakeSlack, Message
+from tests.fakes.slack import FakeSlack, Message
 from tests.fixtures_pg import _psql
-from tests.fixtures_slack import CHANNEL, SIGNING_SECRET, slack_overrides
+from tests.fixtures_slack import CHANNEL, slack_overrides, slack_process_env
 from tests.homelab import MANIFEST, Homelab
 from tests.test_serve import NIXMOX, free_port
 
@@ -353,15 +353,7 @@ async def test_a_sigkilled_leader_process_is_replaced_and_the_survivor_alerts_on
 ) -> None:
     lab = await asyncio.to_thread(lab_on, tmp_path, None)
     url = f"sqlite+aiosqlite:///{lab.root / 'state.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXMOX_")}
-    env.update(
-        NIXMOX_SLACK_SIGNING_SECRET=SIGNING_SECRET,
-        NIXMOX_SLACK_BOT_TOKEN=DEFAULT_TOKEN,
-        NIXMOX_SLACK_API_URL=fake_slack.api_url,
-        NIXMOX_SLACK_CHANNEL=CHANNEL,
-        NIXMOX_DRIFT_INTERVAL="3600",
-        NIXMOX_MONITOR_LEASE="3",
-    )
+    env = slack_process_env(fake_slack, NIXMOX_DRIFT_INTERVAL="3600", NIXMOX_MONITOR_LEASE="3")
     leader = WorkerProcess.start(lab, env, "leader")
     try:
         async with aiohttp.ClientSession() as session:
