@@ -120,7 +120,9 @@ class SlashCommands:
             await self.request(ask, user, channel, ack, respond)
         elif isinstance(command, PlanCommand):
             ask = Ask(DeploymentKind.DEPLOY, command.service, ref=command.ref)
-            await ack(text=ACK_PLAN.format(what=ask.description()), response_type="ephemeral")
+            await ack(
+                text=ACK_PLAN.format(what=slack_lines(ask.description())), response_type="ephemeral"
+            )
             self.core.spawn(self.show_plan(ask, respond))
         elif isinstance(command, StatusCommand | HistoryCommand):
             await ack(text=ACK_LOOKUP, response_type="ephemeral")
